@@ -1,0 +1,880 @@
+"""
+nanoelastic: NVIDIA Nemotron 3 Nano Elastic (30B / 23B / 12B in one checkpoint) in one readable file.
+
+What differs from a vanilla decoder-only transformer (all of it in this file, top to bottom):
+  1. Hybrid layers. 52 pre-norm residual layers, each ONE mixer: Mamba-2 (M), mixture-of-experts FFN (E)
+     or grouped-query attention (*), in the order of `hybrid_override_pattern`. No layer has both an
+     attention and an FFN part.
+  2. No positional encoding at all: the Mamba layers carry order; attention is plain causal GQA.
+  3. Mamba-2 mixer: in_proj -> causal depthwise conv -> selective state space scan (chunked SSD for
+     prefill, an O(1) recurrence step for decode) -> gated RMSNorm in groups -> out_proj.
+  4. MoE: sigmoid router whose score bias only chooses the top-6 of 128 experts; the unbiased scores are
+     renormalised and scaled by 2.5; experts are relu^2 MLPs without a gate; one shared expert always on.
+  5. FP8: ModelOpt per-tensor FP8 weights stay float8_e4m3fn in memory and are dequantised on use by
+     the one `linear()` seam below; nothing else in the model knows about FP8.
+  6. Nested sizes: the 23B and 12B models are prefixes of the 30B's hidden (D) and routed-FFN (F) axes.
+     A size is the same module tree whose tensors are prefix *views* (table NESTED_AXES): no copies.
+  7. Caches: KV for attention layers, conv + SSM state for Mamba layers; all of them have the same shape
+     at every size, so one cache serves every size and the size can change mid-generation.
+
+Shapes use B = batch, T = new tokens, L = cached + new tokens, D = hidden (d when nested), V = vocab,
+H = heads, P = head dim, N = SSM state, G = groups, E = experts, F = expert FFN width (f when nested).
+../shared/SPEC.md (in the repo's sibling folder) has every equation and tensor name used here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import os
+import re
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Iterator, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class NanoElasticError(ValueError):
+    """Bad input: a missing file, a wrong shape, an unknown size, a prompt too long... One clear line."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# 1. Config: HF config.json field names, kept verbatim
+
+LAYER_TYPES = {  # every spelling seen in config.json -> the name used here
+    "M": "mamba", "mamba": "mamba", "linear_attention": "mamba",
+    "*": "attention", "attention": "attention", "full_attention": "attention",
+    "E": "moe", "moe": "moe",
+    "-": "mlp", "mlp": "mlp",
+}
+OLD_SPELLINGS = {  # older config.json spellings -> HF's current field names
+    "mamba_n_groups": "n_groups", "mamba_d_conv": "conv_kernel", "mamba_chunk_size": "chunk_size",
+    "mamba_dt_limit": "time_step_limit", "mamba_conv_bias": "use_conv_bias", "mamba_d_state": "ssm_state_size",
+}
+
+
+@dataclass
+class Config:
+    vocab_size: int = 131072
+    hidden_size: int = 2688
+    layers_block_type: list = field(default_factory=lambda: [
+        LAYER_TYPES[c] for c in "MEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEMEM*EMEMEMEME"])
+    # attention
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 2
+    head_dim: int = 128
+    # Mamba-2
+    mamba_num_heads: int = 64
+    mamba_head_dim: int = 64
+    ssm_state_size: int = 128
+    n_groups: int = 8
+    conv_kernel: int = 4
+    use_conv_bias: bool = True
+    chunk_size: int = 128
+    time_step_limit: tuple = (0.0, math.inf)
+    # MoE (and the dense MLP of '-' layers, unused by this model)
+    n_routed_experts: int = 128
+    num_experts_per_tok: int = 6
+    moe_intermediate_size: int = 1856
+    moe_shared_expert_intermediate_size: int = 3712
+    intermediate_size: int = 1856
+    routed_scaling_factor: float = 2.5
+    norm_topk_prob: bool = True
+    n_group: int = 1
+    topk_group: int = 1
+    mlp_hidden_act: str = "relu2"
+    # the rest
+    layer_norm_epsilon: float = 1e-5
+    tie_word_embeddings: bool = False
+    max_position_embeddings: int = 262144
+    bos_token_id: int = 1
+    eos_token_id: int | list = 2
+    pad_token_id: int = 0
+
+    # Derived widths: computed from heads, never from `expand`.
+    @property
+    def mamba_inner(self) -> int:  # H * P
+        return self.mamba_num_heads * self.mamba_head_dim
+
+    @property
+    def conv_dim(self) -> int:  # x | B | C channels that go through the conv
+        return self.mamba_inner + 2 * self.n_groups * self.ssm_state_size
+
+    @property
+    def in_proj_dim(self) -> int:  # z | xBC | dt
+        return self.mamba_inner + self.conv_dim + self.mamba_num_heads
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Config":
+        d = {OLD_SPELLINGS.get(k, k): v for k, v in d.items()}
+        layers = d.get("layers_block_type") or d.get("hybrid_override_pattern")
+        if layers is None:
+            raise NanoElasticError("config has neither hybrid_override_pattern nor layers_block_type")
+        unknown = sorted({t for t in layers if t not in LAYER_TYPES})
+        if unknown:
+            raise NanoElasticError(f"config: unknown layer types {unknown}")
+        d["layers_block_type"] = [LAYER_TYPES[t] for t in layers]
+        if d.get("time_step_limit") is not None:
+            d["time_step_limit"] = tuple(float(v) for v in d["time_step_limit"])
+        known = {f.name for f in fields(cls)}
+        cfg = cls(**{k: v for k, v in d.items() if k in known and v is not None})
+        if cfg.mlp_hidden_act != "relu2":
+            raise NanoElasticError(f"config: mlp_hidden_act {cfg.mlp_hidden_act!r} is not supported (relu2)")
+        if cfg.mamba_num_heads % cfg.n_groups or cfg.num_attention_heads % cfg.num_key_value_heads:
+            raise NanoElasticError("config: heads must divide evenly into groups / KV heads")
+        return cfg
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "Config":
+        path = Path(path)
+        if not path.is_file():
+            raise NanoElasticError(f"missing config: {path}")
+        try:
+            return cls.from_dict(json.loads(path.read_text()))
+        except json.JSONDecodeError as e:
+            raise NanoElasticError(f"{path} is not valid JSON: {e}") from None
+
+    def to_dict(self) -> dict:
+        """The config.json of a checkpoint of this config (HF nemotron_h field names)."""
+        d = asdict(self)
+        pattern = {v: k for k, v in LAYER_TYPES.items() if len(k) == 1}
+        d["hybrid_override_pattern"] = "".join(pattern[t] for t in d.pop("layers_block_type"))
+        d["time_step_limit"] = list(self.time_step_limit)
+        return {"architectures": ["NemotronHForCausalLM"], "model_type": "nemotron_h",
+                "num_hidden_layers": len(self.layers_block_type), **d}
+
+    def sliced(self, d: int, f: int) -> "Config":
+        """The config of the nested model of hidden width d and routed-expert FFN width f (SPEC §5)."""
+        return Config(**{**self.__dict__, "hidden_size": d, "moe_intermediate_size": f, "intermediate_size": f})
+
+
+# ----------------------------------------------------------------------------------------------------
+# 2. Nested sizes: one table of SPEC §5, used by the model's views and by slice.py
+
+SIZE_PRESETS = {"30B": (2688, 1856), "23B": (2304, 1600), "12B": (1920, 960)}  # name -> (hidden, expert FFN)
+
+# For each tensor, which of its trailing axes shrink: "d" = hidden, "f" = routed-expert (or dense MLP) FFN,
+# "." = unchanged. A stacked expert tensor [E, F, D] matches on its last two axes. Tensors not listed
+# (conv1d, A_log, D, dt_bias, the Mamba gated-norm weight, e_score_correction_bias, every *_scale) keep
+# their shape at every size.
+NESTED_AXES = [
+    (r"embeddings\.weight|lm_head\.weight", ".d"),
+    (r"(q|k|v)_proj\.weight|in_proj\.weight|gate\.weight|shared_experts\.up_proj\.weight", ".d"),
+    (r"out_proj\.weight|o_proj\.weight|shared_experts\.down_proj\.weight", "d."),
+    (r"layers\.\d+\.norm\.weight|norm_f\.weight", "d"),
+    (r"experts\.(\d+\.)?up_proj\.weight|mixer\.up_proj\.weight", "fd"),  # routed experts, dense MLP
+    (r"experts\.(\d+\.)?down_proj\.weight|mixer\.down_proj\.weight", "df"),
+]
+
+
+def nested_axes(name: str) -> str:
+    """The NESTED_AXES entry of a tensor name ('' when no axis shrinks)."""
+    for pattern, axes in NESTED_AXES:
+        if re.search(rf"(^|\.)({pattern})$", name):
+            return axes
+    return ""
+
+
+def nested_view(name: str, t: Tensor, d: int, f: int) -> Tensor:
+    """The prefix view of tensor `name` at nested size (d, f): t[..., :f, :d] and so on. Never a copy."""
+    axes = nested_axes(name)
+    index = (...,) + tuple({"d": slice(0, d), "f": slice(0, f), ".": slice(None)}[a] for a in axes)
+    return t[index] if axes else t
+
+
+def parse_size(size: str | None, config: Config) -> tuple[int, int]:
+    """'30B' | '23B' | '12B' | 'HIDDENxFFN' | None (= the checkpoint's own size) -> (d, f), validated."""
+    full = (config.hidden_size, config.moe_intermediate_size)
+    if size is None:
+        return full
+    if size in SIZE_PRESETS:
+        d, f = SIZE_PRESETS[size]
+    elif re.fullmatch(r"\d+x\d+", str(size)):
+        d, f = map(int, size.split("x"))
+    else:
+        raise NanoElasticError(f"unknown size {size!r}: use one of {', '.join(SIZE_PRESETS)} or HIDDENxFFN (e.g. 2304x1600)")
+    if not (0 < d <= full[0] and 0 < f <= full[1]):
+        raise NanoElasticError(
+            f"size {size} = hidden {d} x expert FFN {f} does not fit in this checkpoint ({full[0]}x{full[1]})")
+    return d, f
+
+
+# ----------------------------------------------------------------------------------------------------
+# 3. The linear() seam: the one place that knows about FP8
+
+def linear(x: Tensor, weight: Tensor, weight_scale: Tensor | None = None) -> Tensor:
+    """x @ weight^T. An FP8 weight (weight_scale given) is dequantised on use: weight.float() * scale."""
+    if weight_scale is not None:
+        weight = (weight.float() * weight_scale).to(x.dtype)
+    return F.linear(x, weight)
+
+
+class Linear(nn.Module):
+    """Bias-free Linear. FP8 exactly when the checkpoint gave it a weight_scale (set at load time);
+    input_scale is kept for W8A8 kernels. Stacked experts use a weight [E, out, in] and scales [E]."""
+
+    def __init__(self, in_features: int, out_features: int, experts: int | None = None):
+        super().__init__()
+        shape = (out_features, in_features) if experts is None else (experts, out_features, in_features)
+        self.weight = nn.Parameter(torch.empty(shape), requires_grad=False)
+        self.register_buffer("weight_scale", None)
+        self.register_buffer("input_scale", None)
+
+    def forward(self, x: Tensor, expert: int | None = None) -> Tensor:
+        if expert is None:
+            return linear(x, self.weight, self.weight_scale)
+        scale = None if self.weight_scale is None else self.weight_scale[expert]
+        return linear(x, self.weight[expert], scale)
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float, groups: int = 1) -> Tensor:
+    """weight * x / sqrt(mean(x^2) + eps), statistics in fp32, over `groups` equal slices of the channels."""
+    xf = x.float().unflatten(-1, (groups, -1))
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (weight.float() * xf.flatten(-2)).to(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(dim), requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 4. Mamba-2: the chunked SSD scan (prefill) and its O(1) recurrence step (decode)
+
+def segsum(a: Tensor) -> Tensor:
+    """[..., Q] -> [..., Q, Q]: out[i, j] = a[j+1] + ... + a[i] for j <= i, and -inf above the diagonal.
+    A masked cumsum rather than a difference of cumsums, which would lose precision to cancellation."""
+    Q = a.shape[-1]
+    tril = torch.ones(Q, Q, dtype=torch.bool, device=a.device).tril
+    a = a[..., None].expand(*a.shape, Q)  # a[..., i, j] = a_i
+    out = a.masked_fill(~tril(-1), 0).cumsum(-2)  # sum of a_k over j < k <= i
+    return out.masked_fill(~tril(0), -math.inf)
+
+
+def ssd_chunked(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk: int,
+                initial_state: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """The selective scan S_t = exp(dt_t A) S_{t-1} + dt_t x_t B_t^T,  y_t = S_t C_t, by chunks (SSD).
+
+    x [B, T, H, P], dt [B, T, H] (after softplus), A [H] (negative), B and C [B, T, G, N]; all fp32.
+    initial_state [B, H, P, N] or None (zeros). Returns y [B, T, H, P] (without the D skip) and the
+    final state [B, H, P, N]. Head h reads group h // (H / G).
+    """
+    b, T, H, P = x.shape
+    G, N = B.shape[-2:]
+    pad = -T % chunk
+    # Reshape into chunks of Q = chunk tokens; the zero-padded tail has dt = 0, so it changes nothing.
+    x, dt, B, C = (F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)).unflatten(1, (-1, chunk)) for t in (x, dt, B, C))
+    x = x.unflatten(3, (G, H // G))  # [b, c, l, G, R, P]: the R = H/G heads of each group side by side
+    a = (dt * A).permute(0, 3, 1, 2).unflatten(1, (G, H // G))  # log-decay per step, [b, G, R, c, l]
+    a_cum = a.cumsum(-1)
+    xdt = x * dt.unflatten(3, (G, H // G))[..., None]  # dt_t x_t, [b, c, l, G, R, P]
+
+    # 1. Within each chunk (the quadratic, attention-like part): y_i = sum_{j<=i} (C_i . B_j) L_ij dt_j x_j,
+    #    with the decay mask L_ij = exp(a_{j+1} + ... + a_i).
+    L = torch.exp(segsum(a))  # [b, G, R, c, l, s]
+    CB = torch.einsum("bclgn,bcsgn->bgcls", C, B)  # [b, G, c, l, s]
+    y_diag = torch.einsum("bgcls,bgrcls,bcsgrp->bclgrp", CB, L, xdt)
+
+    # 2. The state each chunk adds by its end: sum_j exp(a_{j+1} + ... + a_last) dt_j x_j B_j^T.
+    decay_to_end = torch.exp(a_cum[..., -1:] - a_cum)  # [b, G, R, c, l]
+    states = torch.einsum("bcsgn,bgrcs,bcsgrp->bcgrpn", B, decay_to_end, xdt)
+
+    # 3. Between chunks: the state entering chunk c is the decayed sum of all earlier chunks' states
+    #    and of the initial state (a recurrence over c, written as one segsum matmul).
+    if initial_state is None:
+        initial_state = x.new_zeros(b, H, P, N)
+    states = torch.cat([initial_state.unflatten(1, (G, H // G))[:, None], states], dim=1)  # [b, c+1, G, R, P, N]
+    chunk_decay = torch.exp(segsum(F.pad(a_cum[..., -1], (1, 0))))  # [b, G, R, c+1, c+1]
+    states = torch.einsum("bgrzc,bcgrpn->bzgrpn", chunk_decay, states)
+    states, final_state = states[:, :-1], states[:, -1]
+
+    # 4. Each chunk's entering state, read out at every position: y_i += exp(a_1 + ... + a_i) S C_i.
+    y_off = torch.einsum("bclgn,bcgrpn,bgrcl->bclgrp", C, states, torch.exp(a_cum))
+
+    y = (y_diag + y_off).flatten(3, 4).flatten(1, 2)[:, :T]  # [b, T, H, P]
+    return y, final_state.flatten(1, 2)
+
+
+def ssd_step(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor) -> Tensor:
+    """One step of the same recurrence, updating state [B, H, P, N] in place.
+    x [B, H, P], dt [B, H], B and C [B, G, N]; returns y [B, H, P]."""
+    H, G = x.shape[1], B.shape[1]
+    B, C = B.repeat_interleave(H // G, dim=1), C.repeat_interleave(H // G, dim=1)  # [B, H, N]
+    state.mul_(torch.exp(dt * A)[..., None, None]).add_((dt[..., None] * x)[..., None] * B[:, :, None, :])
+    return torch.einsum("bhpn,bhn->bhp", state, C)
+
+
+class Mamba2Mixer(nn.Module):
+    def __init__(self, config: Config, layer_idx: int):
+        super().__init__()
+        c = config
+        self.config, self.layer_idx = c, layer_idx
+        self.in_proj = Linear(c.hidden_size, c.in_proj_dim)
+        self.conv1d = nn.Conv1d(c.conv_dim, c.conv_dim, c.conv_kernel, groups=c.conv_dim, bias=c.use_conv_bias)
+        self.conv1d.requires_grad_(False)
+        self.dt_bias = nn.Parameter(torch.empty(c.mamba_num_heads), requires_grad=False)
+        self.A_log = nn.Parameter(torch.empty(c.mamba_num_heads), requires_grad=False)
+        self.D = nn.Parameter(torch.empty(c.mamba_num_heads), requires_grad=False)
+        self.norm = RMSNorm(c.mamba_inner, c.layer_norm_epsilon)
+        self.out_proj = Linear(c.mamba_inner, c.hidden_size)
+
+    def forward(self, u: Tensor, cache: Cache | None = None) -> Tensor:  # u [B, T, D] -> [B, T, D]
+        c = self.config
+        b, T, _ = u.shape
+        H, P, G, N, K = c.mamba_num_heads, c.mamba_head_dim, c.n_groups, c.ssm_state_size, c.conv_kernel
+        z, xBC, dt = self.in_proj(u).split([c.mamba_inner, c.conv_dim, H], dim=-1)
+
+        # Causal depthwise conv over xBC, continuing from the cached last K-1 inputs (zeros at the start).
+        conv_state, ssm_state = cache.layers[self.layer_idx] if cache is not None else (None, None)
+        past = conv_state if conv_state is not None else xBC.new_zeros(b, c.conv_dim, K - 1)
+        xBC = torch.cat([past, xBC.transpose(1, 2)], dim=-1)  # [B, C, K-1+T]
+        if conv_state is not None:
+            conv_state.copy_(xBC[:, :, -(K - 1):])
+        xBC = F.silu(F.conv1d(xBC, self.conv1d.weight, self.conv1d.bias, groups=c.conv_dim)).transpose(1, 2)
+        x, B, C = xBC.split([c.mamba_inner, G * N, G * N], dim=-1)
+
+        # Discretisation in fp32; time_step_limit is (0, inf), i.e. no clamp, unless the config says otherwise.
+        dt = F.softplus(dt.float() + self.dt_bias.float()).clamp(*c.time_step_limit)  # [B, T, H]
+        A = -torch.exp(self.A_log.float())  # [H]
+        x, B, C = x.float().unflatten(-1, (H, P)), B.float().unflatten(-1, (G, N)), C.float().unflatten(-1, (G, N))
+        if ssm_state is not None and T == 1:
+            y = ssd_step(ssm_state, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0])[:, None]
+        else:
+            y, final_state = ssd_chunked(x, dt, A, B, C, c.chunk_size, ssm_state)
+            if ssm_state is not None:
+                ssm_state.copy_(final_state)
+        y = y + self.D.float()[:, None] * x  # the D skip connection
+
+        # Gated RMSNorm: gate first, then normalise in G groups of H*P/G channels.
+        y = y.flatten(2) * F.silu(z.float())
+        y = rms_norm(y, self.norm.weight, self.norm.eps, groups=G)
+        return self.out_proj(y.to(u.dtype))
+
+
+# ----------------------------------------------------------------------------------------------------
+# 5. Attention: GQA, no positional encoding, KV cache indexed by position
+
+class Attention(nn.Module):
+    def __init__(self, config: Config, layer_idx: int):
+        super().__init__()
+        c = config
+        self.config, self.layer_idx = c, layer_idx
+        self.q_proj = Linear(c.hidden_size, c.num_attention_heads * c.head_dim)
+        self.k_proj = Linear(c.hidden_size, c.num_key_value_heads * c.head_dim)
+        self.v_proj = Linear(c.hidden_size, c.num_key_value_heads * c.head_dim)
+        self.o_proj = Linear(c.num_attention_heads * c.head_dim, c.hidden_size)
+
+    def forward(self, x: Tensor, cache: Cache | None = None) -> Tensor:  # x [B, T, D] -> [B, T, D]
+        b, T, _ = x.shape
+        hd = self.config.head_dim
+        q = self.q_proj(x).unflatten(-1, (-1, hd)).transpose(1, 2)  # [B, Hq, T, hd]
+        k = self.k_proj(x).unflatten(-1, (-1, hd)).transpose(1, 2)  # [B, Hkv, T, hd]
+        v = self.v_proj(x).unflatten(-1, (-1, hd)).transpose(1, 2)
+        start = 0
+        if cache is not None:  # write the new keys/values at their positions, attend over all so far
+            start = cache.length
+            k_cache, v_cache = cache.layers[self.layer_idx]  # [B, Hkv, max_len, hd]
+            k_cache[:, :, start:start + T] = k
+            v_cache[:, :, start:start + T] = v
+            k, v = k_cache[:, :, :start + T], v_cache[:, :, :start + T]
+        # Query i sits at position start + i and sees keys 0..start + i.
+        mask = None
+        if T > 1:
+            mask = torch.arange(start + T, device=x.device) <= torch.arange(start, start + T, device=x.device)[:, None]
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=hd ** -0.5, enable_gqa=True)
+        return self.o_proj(o.transpose(1, 2).flatten(2))
+
+
+# ----------------------------------------------------------------------------------------------------
+# 6. MoE: sigmoid router with selection-only bias, top-k relu^2 experts grouped by expert, shared expert
+
+class MLP(nn.Module):
+    """down(relu(up(x))^2): the shared expert, and the dense FFN of '-' layers."""
+
+    def __init__(self, hidden: int, ffn: int):
+        super().__init__()
+        self.up_proj = Linear(hidden, ffn)
+        self.down_proj = Linear(ffn, hidden)
+
+    def forward(self, x: Tensor, cache: Cache | None = None) -> Tensor:
+        return self.down_proj(F.relu(self.up_proj(x)).square())
+
+
+class Router(nn.Module):
+    def __init__(self, config: Config):
+        super().__init__()
+        self.config = config
+        self.weight = nn.Parameter(torch.empty(config.n_routed_experts, config.hidden_size), requires_grad=False)
+        self.e_score_correction_bias = nn.Parameter(torch.empty(config.n_routed_experts), requires_grad=False)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:  # x [n, D] -> weights [n, k] fp32, experts [n, k]
+        c = self.config
+        scores = torch.sigmoid(F.linear(x.float(), self.weight.float()))  # [n, E]
+        choice = scores + self.e_score_correction_bias.float()  # the bias chooses experts, nothing more
+        if c.n_group > 1:  # group-limited routing: keep the topk_group groups with the best top-2 sums
+            groups = choice.unflatten(-1, (c.n_group, -1))
+            best = groups.topk(2, dim=-1).values.sum(-1).topk(c.topk_group, dim=-1).indices
+            keep = torch.zeros_like(groups[..., 0], dtype=torch.bool).scatter_(1, best, True)
+            choice = groups.masked_fill(~keep[..., None], -math.inf).flatten(1)
+        experts = choice.topk(c.num_experts_per_tok, dim=-1).indices
+        weights = scores.gather(1, experts)
+        if c.norm_topk_prob:
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        return weights * c.routed_scaling_factor, experts
+
+
+class Experts(nn.Module):
+    """All routed experts, stacked at load time: up_proj.weight [E, F, D], down_proj.weight [E, D, F]."""
+
+    def __init__(self, config: Config):
+        super().__init__()
+        E, D, Fe = config.n_routed_experts, config.hidden_size, config.moe_intermediate_size
+        self.up_proj = Linear(D, Fe, experts=E)
+        self.down_proj = Linear(Fe, D, experts=E)
+
+    def forward(self, x: Tensor, weights: Tensor, experts: Tensor) -> Tensor:  # x [n, D] -> [n, D]
+        # Group the n*k (token, expert) pairs by expert, run each expert once on its tokens, scatter back.
+        order = experts.flatten().argsort(stable=True)
+        tokens, pair_weights = order // experts.shape[1], weights.flatten()[order]
+        counts = torch.bincount(experts.flatten(), minlength=self.up_proj.weight.shape[0]).tolist()
+        out = torch.zeros_like(x, dtype=torch.float32)
+        for e, (idx, w) in enumerate(zip(tokens.split(counts), pair_weights.split(counts))):
+            if len(idx):
+                h = F.relu(self.up_proj(x[idx], expert=e)).square()
+                out.index_add_(0, idx, self.down_proj(h, expert=e).float() * w[:, None])
+        return out.to(x.dtype)
+
+
+class MoE(nn.Module):
+    def __init__(self, config: Config):
+        super().__init__()
+        self.gate = Router(config)
+        self.experts = Experts(config)
+        self.shared_experts = MLP(config.hidden_size, config.moe_shared_expert_intermediate_size)
+
+    def forward(self, x: Tensor, cache: Cache | None = None) -> Tensor:  # x [B, T, D] -> [B, T, D]
+        flat = x.flatten(0, 1)
+        weights, experts = self.gate(flat)
+        return self.experts(flat, weights, experts).view_as(x) + self.shared_experts(x)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 7. Cache and model
+
+class Cache:
+    """Preallocated decode state for every layer, the same shapes at every nested size:
+    attention: K and V [B, Hkv, max_len, hd] (compute dtype); Mamba: conv [B, C, K-1], SSM [B, H, P, N] fp32.
+    `length` tokens are in it; a model call with the cache continues from there."""
+
+    def __init__(self, config: Config, batch_size: int, max_len: int, device, dtype):
+        c = config
+        self.batch_size, self.max_len, self.length = batch_size, max_len, 0
+        self.interrupted = False  # set while a step is half-written (Ctrl-C), see Model.forward
+        self.layers = []
+        for kind in c.layers_block_type:
+            if kind == "attention":
+                kv = (batch_size, c.num_key_value_heads, max_len, c.head_dim)
+                self.layers.append((torch.zeros(kv, device=device, dtype=dtype),
+                                    torch.zeros(kv, device=device, dtype=dtype)))
+            elif kind == "mamba":
+                self.layers.append((
+                    torch.zeros(batch_size, c.conv_dim, c.conv_kernel - 1, device=device, dtype=dtype),
+                    torch.zeros(batch_size, c.mamba_num_heads, c.mamba_head_dim, c.ssm_state_size,
+                                device=device, dtype=torch.float32)))
+            else:
+                self.layers.append(None)
+
+    def reset(self) -> None:
+        """Empty the cache (keeping its memory): what a re-prefill starts from."""
+        for state in self.layers:
+            for t in state or ():
+                t.zero_()
+        self.length, self.interrupted = 0, False
+
+
+def _with_views(module: nn.Module, prefix: str, d: int, f: int, config: Config) -> nn.Module:
+    """A shallow copy of `module` and its children whose parameters are nested_view()s of the originals:
+    the module code runs unchanged and reads only the nested prefix of every weight."""
+    clone = copy.copy(module)
+    clone._parameters = {n: p if p is None else nested_view(prefix + n, p, d, f) for n, p in module._parameters.items()}
+    clone._buffers = dict(module._buffers)
+    clone._modules = {n: _with_views(m, f"{prefix}{n}.", d, f, config) for n, m in module._modules.items()}
+    if hasattr(clone, "config"):
+        clone.config = config
+    if isinstance(clone, Model):
+        clone._nested = {}
+    return clone
+
+
+MIXERS = {"mamba": Mamba2Mixer, "attention": Attention, "moe": lambda c, i: MoE(c),
+          "mlp": lambda c, i: MLP(c.hidden_size, c.intermediate_size)}
+
+
+class Block(nn.Module):
+    def __init__(self, config: Config, layer_idx: int):
+        super().__init__()
+        self.norm = RMSNorm(config.hidden_size, config.layer_norm_epsilon)
+        self.mixer = MIXERS[config.layers_block_type[layer_idx]](config, layer_idx)
+
+    def forward(self, h: Tensor, cache: Cache | None) -> Tensor:
+        return h + self.mixer(self.norm(h), cache)
+
+
+class Backbone(nn.Module):
+    def __init__(self, config: Config):
+        super().__init__()
+        self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size).requires_grad_(False)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(len(config.layers_block_type)))
+        self.norm_f = RMSNorm(config.hidden_size, config.layer_norm_epsilon)
+
+
+class Model(nn.Module):
+    def __init__(self, config: Config):
+        super().__init__()
+        self.config = config
+        self.backbone = Backbone(config)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size)
+        self._nested = {}  # (d, f) -> this module tree with prefix views of every tensor
+
+    # -- nested sizes ------------------------------------------------------------------------------
+
+    def nested(self, size: str | None) -> "Model":
+        """This model at a nested size: the same module tree, every tensor a prefix view (NESTED_AXES)."""
+        d, f = parse_size(size, self.config)
+        if (d, f) == (self.config.hidden_size, self.config.moe_intermediate_size):
+            return self
+        if (d, f) not in self._nested:
+            self._nested[(d, f)] = _with_views(self, "", d, f, self.config.sliced(d, f))
+        return self._nested[(d, f)]
+
+    def _apply(self, fn, recurse=True):  # .to() / .cuda() make new tensors: forget views of the old ones
+        self._nested = {}
+        return super()._apply(fn, recurse)
+
+    # -- running -------------------------------------------------------------------------------------
+
+    def new_cache(self, batch_size: int, max_len: int) -> Cache:
+        if max_len > self.config.max_position_embeddings:
+            raise NanoElasticError(f"max_len {max_len} > max_position_embeddings {self.config.max_position_embeddings}")
+        w = self.lm_head.weight
+        dtype = self.backbone.embeddings.weight.dtype
+        return Cache(self.config, batch_size, max_len, w.device, dtype)
+
+    @torch.no_grad()
+    def forward(self, tokens: Tensor, cache: Cache | None = None, size: str | None = None,
+                last_only: bool = False) -> Tensor:
+        """tokens [B, T] -> fp32 logits [B, T, V] ([B, 1, V] with last_only), at nested `size`."""
+        model = self.nested(size)
+        V = self.config.vocab_size
+        if not isinstance(tokens, Tensor) or tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
+            raise NanoElasticError("tokens must be an integer tensor of shape [batch, seq_len]")
+        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= V):
+            raise NanoElasticError(f"token id out of range: {int(tokens.min())}..{int(tokens.max())} not in 0..{V - 1}")
+        if cache is not None:
+            if cache.interrupted:
+                raise NanoElasticError("this cache was interrupted in the middle of a step: reset it and prefill again")
+            if tokens.shape[0] != cache.batch_size:
+                raise NanoElasticError(f"batch size {tokens.shape[0]} != the cache's {cache.batch_size}")
+            if cache.length + tokens.shape[1] > cache.max_len:
+                raise NanoElasticError(f"cache overflow: {cache.length} cached + {tokens.shape[1]} new tokens > max_len {cache.max_len}")
+            cache.interrupted = True
+        h = model.backbone.embeddings.weight[tokens.to(model.lm_head.weight.device)]  # [B, T, d], no positions
+        for layer in model.backbone.layers:
+            h = layer(h, cache)
+        if last_only:
+            h = h[:, -1:]
+        logits = model.lm_head(model.backbone.norm_f(h)).float()
+        if cache is not None:
+            cache.length += tokens.shape[1]
+            cache.interrupted = False
+        return logits
+
+    # -- loading -------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None,
+                        dtype: torch.dtype | None = None, verbose: bool = True) -> "Model":
+        """Load an HF-format checkpoint folder (SPEC.md §4): FP8 or BF16, sharded or not.
+        dtype is the compute dtype (bfloat16 by default; float32 for exact tests). FP8 weights stay FP8."""
+        path = Path(path)
+        if not path.is_dir():
+            raise NanoElasticError(f"checkpoint folder not found: {path}")
+        config = Config.from_file(path / "config.json")
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        with torch.device("meta"):
+            model = cls(config)
+        _load_checkpoint(model, path, device, dtype or torch.bfloat16, verbose)
+        return model
+
+    # -- sizes ---------------------------------------------------------------------------------------
+
+    def num_params(self, size: str | None = None) -> tuple[int, int]:
+        """(total, active per token) parameters at `size`; active counts k of the E routed experts."""
+        model, c = self.nested(size), self.config
+        total = sum(p.numel() for p in model.parameters())
+        idle = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n and "shared" not in n)
+        return total, total - idle + idle * c.num_experts_per_tok // c.n_routed_experts
+
+
+# ----------------------------------------------------------------------------------------------------
+# 8. Checkpoint I/O: HF safetensors shards + index, per-expert tensors, FP8 scales
+
+EXPERT_TENSOR = re.compile(r"(.*\.experts)\.(\d+)\.(up_proj|down_proj)\.(weight|weight_scale|input_scale)")
+FP32_TENSORS = ("gate.weight", "e_score_correction_bias", "A_log", ".D", "dt_bias")  # kept fp32: tiny, used in fp32
+IGNORED_TENSORS = re.compile(r"mtp\..*|.*\.(k_proj\.k_scale|v_proj\.v_scale)")  # MTP head; FP8-KV scales (our KV is not FP8)
+
+
+def _weight_map(path: Path) -> dict[str, Path]:
+    """tensor name -> shard file, from model.safetensors.index.json (or a single model.safetensors)."""
+    from safetensors import safe_open
+
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            names = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise NanoElasticError(f"{index} is not a valid safetensors index ({e})") from None
+        weight_map = {name: path / shard for name, shard in names.items()}
+    elif (path / "model.safetensors").is_file():
+        with safe_open(path / "model.safetensors", "pt") as f:
+            weight_map = {name: path / "model.safetensors" for name in f.keys()}
+    else:
+        raise NanoElasticError(f"no model.safetensors.index.json or model.safetensors in {path}")
+    for shard in sorted(set(weight_map.values())):
+        if not shard.is_file():
+            raise NanoElasticError(f"missing shard: {shard} (named in the index)")
+    return weight_map
+
+
+def _load_checkpoint(model: Model, path: Path, device: torch.device, dtype: torch.dtype, verbose: bool) -> None:
+    """Fill a meta-device model from the checkpoint, one shard and one tensor at a time, straight to
+    `device`. Every name, shape and FP8 pairing is checked from the shard headers before anything loads."""
+    from safetensors import safe_open
+
+    weight_map = _weight_map(path)
+    params = dict(model.named_parameters())
+    linears = {name: m for name, m in model.named_modules() if isinstance(m, Linear)}
+    E = model.config.n_routed_experts
+
+    # 1. Map every checkpoint tensor to (target tensor of the model, expert index or None).
+    plan, unexpected = {}, []
+    for name in weight_map:
+        if IGNORED_TENSORS.fullmatch(name):
+            continue
+        m = EXPERT_TENSOR.fullmatch(name)
+        target, expert = (f"{m[1]}.{m[3]}.{m[4]}", int(m[2])) if m else (name, None)
+        owner, _, leaf = target.rpartition(".")
+        known = target in params or (owner in linears and leaf in ("weight_scale", "input_scale"))
+        stacked = owner in linears and linears[owner].weight.dim() == 3
+        if known and stacked == (expert is not None) and (expert or 0) < E:
+            plan[name] = (target, expert)
+        else:
+            unexpected.append(name)
+    if unexpected:
+        more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
+        raise NanoElasticError(f"unexpected tensor in checkpoint: {unexpected[0]}{more}")
+    found = set(plan.values())
+    for target in params:
+        stacked = ".experts." in target  # (the shared expert's name has "shared_experts.")
+        for e in range(E) if stacked else [None]:
+            if (target, e) not in found:
+                missing = target.replace(".experts.", f".experts.{e}.") if stacked else target
+                raise NanoElasticError(f"missing tensor in checkpoint: {missing}")
+    fp8 = {target.rpartition(".")[0] for target, _ in found if target.endswith(".weight_scale")}
+    for owner in fp8:  # a stacked FP8 Linear needs a scale for every expert
+        if linears[owner].weight.dim() == 3 and any((f"{owner}.weight_scale", e) not in found for e in range(E)):
+            raise NanoElasticError(f"{owner}: some experts have a weight_scale and some do not")
+
+    # 2. Check shapes and dtypes from the headers (nothing is read yet).
+    by_shard = {}
+    for name, (target, expert) in plan.items():
+        by_shard.setdefault(weight_map[name], []).append(name)
+    total_bytes = 0
+    for shard, names in by_shard.items():
+        with safe_open(shard, "pt") as f:
+            for name in names:
+                target, expert = plan[name]
+                owner, _, leaf = target.rpartition(".")
+                sl = f.get_slice(name)
+                shape, st_dtype = list(sl.get_shape()), sl.get_dtype()
+                if leaf in ("weight_scale", "input_scale"):
+                    expected = "a scalar"
+                    ok = math.prod(shape) == 1
+                else:
+                    want = list(params[target].shape[1:] if expert is not None else params[target].shape)
+                    expected, ok = want, shape == want
+                if not ok:
+                    raise NanoElasticError(f"wrong shape for {name}: {shape}, expected {expected}")
+                if owner in fp8 and leaf == "weight" and st_dtype != "F8_E4M3":
+                    raise NanoElasticError(f"{name} has a weight_scale but is {st_dtype}, not F8_E4M3")
+                if owner not in fp8 and st_dtype.startswith("F8"):
+                    raise NanoElasticError(f"{name} is FP8 but has no weight_scale")
+                total_bytes += math.prod(shape) * _DTYPE_BYTES.get(st_dtype, 4)
+
+    # 3. Load shard by shard, tensor by tensor, straight to the device.
+    def assign(target: str, tensor: Tensor) -> None:
+        owner, _, leaf = target.rpartition(".")
+        module = model.get_submodule(owner)
+        if leaf in module._parameters:
+            module._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
+        else:
+            module._buffers[leaf] = tensor
+
+    stacks = {}  # stacked expert tensors being filled
+    done_tensors, done_bytes, t0, last_print = 0, 0, time.time(), 0.0
+    for shard, names in sorted(by_shard.items()):
+        with safe_open(shard, "pt", device=str(device)) as f:
+            for name in names:
+                target, expert = plan[name]
+                owner, _, leaf = target.rpartition(".")
+                t = f.get_tensor(name)
+                done_bytes += t.numel() * t.element_size()
+                if leaf in ("weight_scale", "input_scale"):
+                    t = t.float().reshape(())
+                elif t.dtype != torch.float8_e4m3fn:
+                    t = t.to(torch.float32 if target.endswith(FP32_TENSORS) else dtype)
+                if expert is None:
+                    assign(target, t)
+                else:
+                    if target not in stacks:
+                        stacks[target] = torch.empty((E, *t.shape), dtype=t.dtype, device=device)
+                        assign(target, stacks[target])
+                    stacks[target][expert] = t
+                done_tensors += 1
+                if verbose and (time.time() - last_print > 0.5 or done_tensors == len(plan)):
+                    last_print = time.time()
+                    print(f"\rloading {path.name}: {done_tensors}/{len(plan)} tensors, "
+                          f"{done_bytes / 1e9:.2f}/{total_bytes / 1e9:.2f} GB", end="", file=sys.stderr, flush=True)
+    if verbose:
+        print(f" in {time.time() - t0:.1f} s", file=sys.stderr)
+
+
+_DTYPE_BYTES = {"F8_E4M3": 1, "BF16": 2, "F16": 2, "F32": 4, "F64": 8, "I64": 8, "I32": 4}
+
+
+def fp8_quantize(w: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-tensor FP8 as ModelOpt does it: scale = amax / 448, w_q = e4m3(w / scale)."""
+    scale = w.abs().max().float().clamp(min=1e-12) / 448.0
+    return (w.float() / scale).clamp(-448, 448).to(torch.float8_e4m3fn), scale
+
+
+def fp8_recipe(config: Config) -> set[str]:
+    """Which Linears the FP8 release quantizes (SPEC §4, inferred): all routed and shared experts, and the
+    in/out_proj of every Mamba layer that does not sit right before an attention layer."""
+    kinds = config.layers_block_type
+    names = set()
+    for i, kind in enumerate(kinds):
+        p = f"backbone.layers.{i}.mixer"
+        if kind == "moe":
+            names |= {f"{p}.shared_experts.up_proj", f"{p}.shared_experts.down_proj"}
+            names |= {f"{p}.experts.{j}.{w}" for j in range(config.n_routed_experts) for w in ("up_proj", "down_proj")}
+        elif kind == "mamba" and (i + 1 == len(kinds) or kinds[i + 1] != "attention"):
+            names |= {f"{p}.in_proj", f"{p}.out_proj"}
+    return names
+
+
+def random_checkpoint_tensors(config: Config, fp8: bool = True, seed: int = 0) -> Iterator[tuple[str, Tensor]]:
+    """Random tensors of `config` under their checkpoint names and dtypes (FP8 recipe or all BF16),
+    scaled so that activations stay O(1) through the layers, one tensor at a time."""
+    with torch.device("meta"):
+        shapes = Model(config)
+    g = torch.Generator().manual_seed(seed)
+    quantized = fp8_recipe(config) if fp8 else set()
+    n_layers = len(config.layers_block_type)
+
+    def randn(*shape, std=1.0):
+        return torch.randn(*shape, generator=g) * std
+
+    for name, p in shapes.named_parameters():
+        owner, _, leaf = name.rpartition(".")
+        if ".experts." in name:  # stacked experts [E, out, in] are stored one tensor per expert
+            experts, proj = owner.rsplit(".", 1)
+            per_tensor = [(f"{experts}.{j}.{proj}", p.shape[1:]) for j in range(p.shape[0])]
+        else:
+            per_tensor = [(owner, p.shape)]
+        for owner, shape in per_tensor:
+            full = f"{owner}.{leaf}"
+            if leaf == "A_log":
+                t = torch.log(torch.rand(shape, generator=g) * 15 + 1)
+            elif leaf == "dt_bias":  # softplus(dt_bias) log-uniform in [1e-3, 1e-1]
+                dt = torch.exp(torch.rand(shape, generator=g) * math.log(100) + math.log(1e-3))
+                t = dt + torch.log(-torch.expm1(-dt))
+            elif leaf == "D" or full.endswith("norm.weight") or full.endswith("norm_f.weight"):
+                t = 1 + randn(*shape, std=0.1)
+            elif leaf == "e_score_correction_bias":
+                t = torch.rand(shape, generator=g) * 0.1
+            elif leaf == "bias":  # conv1d
+                t = randn(*shape, std=0.1)
+            elif "embeddings" in full:
+                t = randn(*shape)
+            elif "conv1d" in full:
+                t = randn(*shape, std=0.5)
+            else:  # projections: std 1/sqrt(fan_in), and 1/sqrt(layers) more for those that write the residual
+                std = shape[-1] ** -0.5
+                if owner.endswith(("out_proj", "o_proj", "down_proj")):
+                    std /= math.sqrt(n_layers)
+                if owner == "lm_head":
+                    std *= 4  # peaked logits: greedy decoding is not a coin toss between near-ties
+                t = randn(*shape, std=std)
+            if owner in quantized and leaf == "weight":
+                q, scale = fp8_quantize(t)
+                yield full, q
+                yield f"{owner}.weight_scale", scale.reshape(())
+                yield f"{owner}.input_scale", torch.rand((), generator=g) * 0.05 + 0.01
+            else:
+                yield full, t.float() if full.endswith(FP32_TENSORS) else t.to(torch.bfloat16)
+
+
+def write_random_checkpoint(path: str | Path, config: Config, fp8: bool = True, shards: int = 2, seed: int = 0) -> Path:
+    """Write a random checkpoint of `config` in the exact on-disk format of the real one (SPEC §4):
+    config.json, generation_config.json, `shards` safetensors shards and their index. Written into a
+    temporary folder and renamed at the end, so an interrupted run leaves nothing half-written."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.mkdir(parents=True)
+    try:
+        tensors = dict(random_checkpoint_tensors(config, fp8, seed))
+        sizes = {n: t.numel() * t.element_size() for n, t in tensors.items()}
+        budget = sum(sizes.values()) / shards
+        groups, acc = [[]], 0
+        for name in tensors:  # consecutive tensors, about equal bytes per shard
+            if acc >= budget * len(groups) and len(groups) < shards:
+                groups.append([])
+            groups[-1].append(name)
+            acc += sizes[name]
+        weight_map = {}
+        for k, names in enumerate(groups, 1):
+            shard = f"model-{k:05d}-of-{len(groups):05d}.safetensors"
+            save_file({n: tensors[n].contiguous() for n in names}, tmp / shard, metadata={"format": "pt"})
+            weight_map.update({n: shard for n in names})
+        index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+        (tmp / "generation_config.json").write_text(json.dumps(
+            {"bos_token_id": config.bos_token_id, "eos_token_id": [2, 11], "pad_token_id": config.pad_token_id}))
+        if fp8:
+            (tmp / "hf_quant_config.json").write_text(json.dumps(
+                {"producer": {"name": "nanoelastic (random)"}, "quantization": {"quant_algo": "FP8"}}))
+        if path.exists():
+            raise NanoElasticError(f"{path} already exists")
+        tmp.rename(path)
+    finally:
+        if tmp.exists():
+            import shutil
+            shutil.rmtree(tmp)
+    return path
