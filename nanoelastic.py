@@ -878,3 +878,166 @@ def write_random_checkpoint(path: str | Path, config: Config, fp8: bool = True, 
             import shutil
             shutil.rmtree(tmp)
     return path
+
+
+# ----------------------------------------------------------------------------------------------------
+# 9. Generation: prefill, decode, sample, and change size mid-stream
+
+class Token(NamedTuple):
+    id: int
+    size: str | None  # the nested size that produced it (None = the checkpoint's full size)
+
+
+@dataclass
+class Switch:
+    """Change size during a generation: right after `on_token` appears (e.g. </think>), or once `after`
+    new tokens are out (a thinking budget; then `on_token`, if set, is forced first, closing the thought).
+    mode "transplant" keeps the caches the old size filled (free, approximate); "reprefill" rebuilds them
+    with the new size from all tokens so far (exact, costs one prefill)."""
+    size: str | None
+    on_token: int | None = None
+    after: int | None = None
+    mode: str = "transplant"
+
+    def __post_init__(self):
+        if self.mode not in ("transplant", "reprefill"):
+            raise NanoElasticError(f"unknown switch mode {self.mode!r}: use transplant or reprefill")
+        if self.on_token is None and self.after is None:
+            raise NanoElasticError("a Switch needs on_token, after, or both")
+
+
+def sample(logits: Tensor, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+           generator: torch.Generator | None = None) -> Tensor:
+    """logits [V] fp32 -> token id (0-d tensor). temperature 0 = greedy. No host sync."""
+    if temperature <= 0:
+        return logits.argmax()
+    logits = logits / temperature
+    if 0 < top_k < logits.numel():
+        logits = logits.masked_fill(logits < logits.topk(top_k).values[-1], -math.inf)
+    if top_p < 1.0:  # keep the smallest set of most likely tokens whose probability reaches top_p
+        probs, order = logits.softmax(-1).sort(descending=True)
+        drop = probs.cumsum(-1) - probs >= top_p  # the tokens after the set; the first is always kept
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), -math.inf)
+    probs = logits.softmax(-1)
+    # Sampling by argmax(p / Exp(1)) draws from p (the exponential race) without a host sync.
+    return (probs / torch.empty_like(probs).exponential_(1, generator=generator)).argmax()
+
+
+def generate(model: Model, prompt: list[int] | Tensor, max_new_tokens: int, *, size: str | None = None,
+             switch: Switch | None = None, stop_tokens: tuple[int, ...] = (2, 11), temperature: float = 0.0,
+             top_p: float = 1.0, top_k: int = 0, seed: int | None = None, cache: Cache | None = None,
+             prefill_chunk: int = 8192) -> Iterator[Token]:
+    """Stream the continuation of `prompt` one Token at a time, stopping after a stop token or
+    max_new_tokens. A `cache` already holding a prefix of `prompt` (an earlier turn) is continued; its
+    first cache.length tokens must be prompt's. Ctrl-C ends the stream (the program goes on)."""
+    prompt = [int(t) for t in prompt]
+    c = model.config
+    for s in (size, switch.size if switch else None):
+        parse_size(s, c)  # unknown or too large sizes fail before any work
+    if not prompt:
+        raise NanoElasticError("empty prompt")
+    if max_new_tokens < 0:
+        raise NanoElasticError("max_new_tokens must be >= 0")
+    if cache is None:
+        if len(prompt) >= c.max_position_embeddings:
+            raise NanoElasticError(f"prompt too long: {len(prompt)} tokens, the model takes {c.max_position_embeddings - 1}")
+        cache = model.new_cache(1, min(len(prompt) + max_new_tokens, c.max_position_embeddings))
+    elif cache.interrupted or cache.length >= len(prompt):
+        cache.reset()
+    if len(prompt) + max_new_tokens > cache.max_len:
+        raise NanoElasticError(f"prompt too long: {len(prompt)} + {max_new_tokens} new tokens > {cache.max_len}")
+    device = model.lm_head.weight.device
+    generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
+
+    def prefill(tokens: list[int], size: str | None) -> Tensor:  # the new tokens in pieces; last logits
+        for i in range(0, len(tokens), prefill_chunk):
+            piece = torch.tensor([tokens[i:i + prefill_chunk]], device=device)
+            logits = model(piece, cache, size, last_only=True)
+        return logits[0, -1]
+
+    tokens = list(prompt)
+    try:
+        logits = prefill(tokens[cache.length:], size)
+        for n in range(1, max_new_tokens + 1):
+            budget = switch.after if switch is not None and switch.after is not None else math.inf
+            if n > budget and switch.on_token is not None:
+                token = switch.on_token  # budget control: the thought is closed for the model
+            else:
+                token = int(sample(logits, temperature, top_p, top_k, generator))
+            tokens.append(token)
+            yield Token(token, size)
+            if token in stop_tokens or n == max_new_tokens:
+                return
+            if switch is not None and (token == switch.on_token or (switch.on_token is None and n >= budget)):
+                size, mode, switch = switch.size, switch.mode, None
+                if mode == "reprefill":
+                    cache.reset()
+                    logits = prefill(tokens, size)
+                    continue
+            logits = model(torch.tensor([[token]], device=device), cache, size, last_only=True)[0, -1]
+    except KeyboardInterrupt:
+        return
+
+
+# ----------------------------------------------------------------------------------------------------
+# 10. Command line: a demo on a random checkpoint, or a raw completion from a real one
+
+DEMO_CONFIG = Config(vocab_size=512, hidden_size=256, layers_block_type=[LAYER_TYPES[c] for c in "MEM*EMEME"],
+                     num_attention_heads=8, num_key_value_heads=2, head_dim=32, mamba_num_heads=16,
+                     mamba_head_dim=16, ssm_state_size=32, n_groups=4, chunk_size=32, n_routed_experts=16,
+                     num_experts_per_tok=4, moe_intermediate_size=128, intermediate_size=128,
+                     moe_shared_expert_intermediate_size=256, max_position_embeddings=4096)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+    import tempfile
+
+    ap = argparse.ArgumentParser(description="Run Nemotron 3 Nano Elastic. Without --ckpt: a demo on a small "
+                                 "random checkpoint (random weights: the tokens are noise, the mechanics are real).")
+    ap.add_argument("--ckpt", help="checkpoint folder (HF format, FP8 or BF16)")
+    ap.add_argument("--size", help="30B, 23B, 12B or HIDDENxFFN (default: the checkpoint's own)")
+    ap.add_argument("--switch-to", help="change to this size after --switch-after tokens")
+    ap.add_argument("--switch-after", type=int, default=16)
+    ap.add_argument("--switch-mode", default="transplant", choices=["transplant", "reprefill"])
+    ap.add_argument("--prompt", default="The three nested models of Nemotron Elastic are")
+    ap.add_argument("--max-new-tokens", type=int, default=48)
+    ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device")
+    args = ap.parse_args(argv)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.ckpt:
+            model = Model.from_pretrained(args.ckpt, device=args.device)
+            from tokenizers import Tokenizer
+            tok_file = Path(args.ckpt) / "tokenizer.json"
+            if not tok_file.is_file():
+                raise NanoElasticError(f"missing tokenizer: {tok_file}")
+            tokenizer = Tokenizer.from_file(str(tok_file))
+            prompt, decode = tokenizer.encode(args.prompt, add_special_tokens=False).ids, lambda t: tokenizer.decode([t])
+        else:
+            print("demo: random weights, so the tokens are noise; sizes, caches and the switch are real")
+            model = Model.from_pretrained(write_random_checkpoint(Path(tmp) / "random-fp8", DEMO_CONFIG),
+                                          device=args.device, dtype=torch.float32)
+            args.size, args.switch_to = args.size or "192x96", args.switch_to or "256x128"
+            prompt, decode = list(range(1, 33)), lambda t: f"[{t}]"
+        switch = Switch(args.switch_to, after=args.switch_after, mode=args.switch_mode) if args.switch_to else None
+        phases = {}  # size -> [tokens, seconds]
+        t = time.time()
+        for token in generate(model, prompt, args.max_new_tokens, size=args.size, switch=switch,
+                              temperature=args.temperature, seed=args.seed):
+            now = time.time()
+            phase = phases.setdefault(token.size or "full", [0, 0.0])
+            phase[0], phase[1], t = phase[0] + 1, phase[1] + now - t, now
+            print(decode(token.id), end="", flush=True)
+        print()
+        for size, (n, s) in phases.items():
+            print(f"{size}: {n} tokens, {n / s:.1f} tokens/s (first includes the prefill)")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except NanoElasticError as e:
+        sys.exit(f"error: {e}")
