@@ -754,12 +754,13 @@ def _load_checkpoint(model: Model, path: Path, device: torch.device, dtype: torc
                         assign(target, stacks[target])
                     stacks[target][expert] = t
                 done_tensors += 1
-                if verbose and (time.time() - last_print > 0.5 or done_tensors == len(plan)):
+                if verbose and sys.stderr.isatty() and time.time() - last_print > 0.25:
                     last_print = time.time()
                     print(f"\rloading {path.name}: {done_tensors}/{len(plan)} tensors, "
                           f"{done_bytes / 1e9:.2f}/{total_bytes / 1e9:.2f} GB", end="", file=sys.stderr, flush=True)
     if verbose:
-        print(f" in {time.time() - t0:.1f} s", file=sys.stderr)
+        print(f"\rloaded {path.name}: {done_tensors} tensors, {done_bytes / 1e9:.2f} GB in {time.time() - t0:.1f} s",
+              file=sys.stderr)
 
 
 _DTYPE_BYTES = {"F8_E4M3": 1, "BF16": 2, "F16": 2, "F32": 4, "F64": 8, "I64": 8, "I32": 4}

@@ -1,0 +1,548 @@
+"""Tests for nanoelastic.py on small random checkpoints written in the real on-disk format (CPU, fp32).
+
+The references: the sequential recurrence for the chunked scan, transformers' NemotronHForCausalLM for
+the whole model (fed the same dequantised, sliced weights), materialised copies for the nested views.
+"""
+
+import copy
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import nanoelastic as ne
+from nanoelastic import Config, Model, NanoElasticError, Switch, generate
+
+ROOT = Path(__file__).parent
+
+
+def small_config(pattern: str, **kw) -> Config:
+    """Awkward on purpose: head_dim != hidden / heads, GQA, several SSM groups, top-k > 1, chunk 8 so a
+    prompt spans several chunks and ends mid-chunk, a Mamba layer right before every attention layer."""
+    base = dict(vocab_size=97, hidden_size=48, layers_block_type=[ne.LAYER_TYPES[c] for c in pattern],
+                num_attention_heads=4, num_key_value_heads=2, head_dim=20, mamba_num_heads=8, mamba_head_dim=6,
+                ssm_state_size=8, n_groups=2, chunk_size=8, n_routed_experts=8, num_experts_per_tok=3,
+                moe_intermediate_size=24, intermediate_size=24, moe_shared_expert_intermediate_size=40,
+                max_position_embeddings=64)
+    return Config(**{**base, **kw})
+
+
+CONFIGS = {
+    "A": small_config("MEM*EME*M"),
+    # group-limited routing (n_group 2, topk_group 1), a dense '-' layer, conv without bias, starts with E
+    "B": small_config("EM*-EM*E", n_group=2, topk_group=1, use_conv_bias=False, num_experts_per_tok=2),
+}
+SIZES = [None, "40x16", "32x8"]  # full, and two nested sizes (hidden x expert FFN)
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpt")
+    return {(name, fp8): ne.write_random_checkpoint(root / f"{name}-{'fp8' if fp8 else 'bf16'}", cfg, fp8=fp8,
+                                                     shards=3, seed=len(name) + fp8)
+            for name, cfg in CONFIGS.items() for fp8 in (True, False)}
+
+
+@pytest.fixture(scope="session")
+def models(checkpoints):
+    return {key: Model.from_pretrained(path, device="cpu", dtype=torch.float32, verbose=False)
+            for key, path in checkpoints.items()}
+
+
+MODEL_KEYS = [(name, fp8) for name in CONFIGS for fp8 in (True, False)]
+KEY_IDS = [f"{n}-{'fp8' if f else 'bf16'}" for n, f in MODEL_KEYS]
+
+
+def tokens(B, T, seed=0, vocab=97):
+    return torch.randint(0, vocab, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+# ---------------------------------------------------------------------------------------------------
+# config and sizes
+
+def test_config_reads_both_spellings():
+    new = {"hybrid_override_pattern": "M*E-", "n_groups": 4, "conv_kernel": 3, "chunk_size": 64,
+           "hidden_size": 64, "mamba_num_heads": 8, "mamba_head_dim": 16, "ssm_state_size": 16, "expand": 7}
+    old = {"layers_block_type": ["mamba", "attention", "moe", "mlp"], "mamba_n_groups": 4, "mamba_d_conv": 3,
+           "mamba_chunk_size": 64, "hidden_size": 64, "mamba_num_heads": 8, "mamba_head_dim": 16,
+           "ssm_state_size": 16, "expand": 7}
+    hf_list = {**old, "layers_block_type": ["linear_attention", "full_attention", "moe", "mlp"]}
+    a, b, c = Config.from_dict(new), Config.from_dict(old), Config.from_dict(hf_list)
+    assert a == b == c
+    assert a.layers_block_type == ["mamba", "attention", "moe", "mlp"]
+    assert (a.n_groups, a.conv_kernel, a.chunk_size) == (4, 3, 64)
+    assert a.mamba_inner == 128  # heads x head_dim, not expand x hidden = 448
+    assert a.conv_dim == 128 + 2 * 4 * 16 and a.in_proj_dim == 128 + a.conv_dim + 8
+    assert a.time_step_limit == (0.0, math.inf)
+    assert Config.from_dict(a.to_dict()) == a  # config.json round trip
+    with pytest.raises(NanoElasticError, match="unknown layer types"):
+        Config.from_dict({"hybrid_override_pattern": "MX"})
+
+
+@pytest.mark.parametrize("size,total,active", [("30B", 31.58, 3.58), ("23B", 23.59, 2.91), ("12B", 12.43, 2.08)])
+def test_real_configs_param_counts(size, total, active):
+    with torch.device("meta"):
+        model = Model(Config())  # the defaults are the real 30B config.json
+    n_total, n_active = model.num_params(size)
+    assert round(n_total / 1e9, 2) == total
+    assert round(n_active / 1e9, 2) == active
+    # The sliced config builds the same model directly, and its full size is the nested size.
+    d, f = ne.SIZE_PRESETS[size]
+    with torch.device("meta"):
+        sliced = Model(Config().sliced(d, f))
+    assert sliced.num_params() == (n_total, n_active)
+
+
+def test_sizes_are_validated():
+    cfg = CONFIGS["A"]
+    assert ne.parse_size(None, cfg) == (48, 24)
+    assert ne.parse_size("40x16", cfg) == (40, 16)
+    for bad, msg in [("XL", "unknown size"), ("23B", "does not fit"), ("49x8", "does not fit"),
+                     ("40x25", "does not fit"), ("0x8", "does not fit")]:
+        with pytest.raises(NanoElasticError, match=msg):
+            ne.parse_size(bad, cfg)
+    assert ne.parse_size("23B", Config()) == (2304, 1600)
+    with pytest.raises(NanoElasticError, match="does not fit"):
+        ne.parse_size("30B", Config().sliced(2304, 1600))
+
+
+def test_nested_table_matches_spec():
+    expect = {  # SPEC §5, one tensor of each row
+        "backbone.embeddings.weight": ".d", "lm_head.weight": ".d", "backbone.layers.3.mixer.q_proj.weight": ".d",
+        "backbone.layers.0.mixer.in_proj.weight": ".d", "backbone.layers.1.mixer.gate.weight": ".d",
+        "backbone.layers.1.mixer.shared_experts.up_proj.weight": ".d",
+        "backbone.layers.0.mixer.out_proj.weight": "d.", "backbone.layers.3.mixer.o_proj.weight": "d.",
+        "backbone.layers.1.mixer.shared_experts.down_proj.weight": "d.",
+        "backbone.layers.7.norm.weight": "d", "backbone.norm_f.weight": "d",
+        "backbone.layers.1.mixer.experts.5.up_proj.weight": "fd", "backbone.layers.1.mixer.experts.up_proj.weight": "fd",
+        "backbone.layers.1.mixer.experts.5.down_proj.weight": "df",
+        "backbone.layers.0.mixer.conv1d.weight": "", "backbone.layers.0.mixer.A_log": "",
+        "backbone.layers.0.mixer.norm.weight": "", "backbone.layers.1.mixer.gate.e_score_correction_bias": "",
+        "backbone.layers.1.mixer.experts.5.up_proj.weight_scale": "", "backbone.layers.0.mixer.in_proj.input_scale": "",
+    }
+    for name, axes in expect.items():
+        assert ne.nested_axes(name) == axes, name
+    w = torch.zeros(8, 6, 5)
+    v = ne.nested_view("x.experts.up_proj.weight", w, d=3, f=4)
+    assert v.shape == (8, 4, 3) and v.data_ptr() == w.data_ptr()
+
+
+# ---------------------------------------------------------------------------------------------------
+# the scan
+
+@pytest.mark.parametrize("T,chunk", [(1, 4), (13, 4), (16, 8), (37, 16)])
+@pytest.mark.parametrize("with_state", [False, True])
+def test_chunked_scan_equals_recurrence(T, chunk, with_state):
+    g = torch.Generator().manual_seed(T)
+    b, H, P, G, N = 2, 6, 5, 3, 7
+    x = torch.randn(b, T, H, P, generator=g, dtype=torch.float64)
+    dt = torch.nn.functional.softplus(torch.randn(b, T, H, generator=g, dtype=torch.float64))
+    A = -torch.rand(H, generator=g, dtype=torch.float64) * 2
+    B = torch.randn(b, T, G, N, generator=g, dtype=torch.float64)
+    C = torch.randn(b, T, G, N, generator=g, dtype=torch.float64)
+    s0 = torch.randn(b, H, P, N, generator=g, dtype=torch.float64) if with_state else None
+
+    y, final = ne.ssd_chunked(x, dt, A, B, C, chunk, s0)
+
+    # The sequential recurrence written out, independent of ssd_step: S = exp(dt A) S + dt x B^T, y = S C.
+    S = s0.clone() if with_state else torch.zeros(b, H, P, N, dtype=torch.float64)
+    heads_group = torch.arange(H) // (H // G)
+    ys = []
+    for t in range(T):
+        Bh, Ch = B[:, t, heads_group], C[:, t, heads_group]  # [b, H, N]
+        S = torch.exp(dt[:, t] * A)[..., None, None] * S + (dt[:, t, :, None] * x[:, t])[..., None] * Bh[:, :, None]
+        ys.append(torch.einsum("bhpn,bhn->bhp", S, Ch))
+    torch.testing.assert_close(y, torch.stack(ys, 1), rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(final, S, rtol=1e-9, atol=1e-9)
+
+    # The decode step reproduces the same recurrence in place.
+    state = s0.clone() if with_state else torch.zeros(b, H, P, N, dtype=torch.float64)
+    for t in range(T):
+        y_t = ne.ssd_step(state, x[:, t], dt[:, t], A, B[:, t], C[:, t])
+        torch.testing.assert_close(y_t, ys[t], rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(state, S, rtol=1e-9, atol=1e-9)
+
+
+# ---------------------------------------------------------------------------------------------------
+# loading
+
+def test_fp8_stays_fp8(models, checkpoints):
+    fp8, bf16 = models[("A", True)], models[("A", False)]
+    experts = fp8.backbone.layers[1].mixer.experts
+    assert experts.up_proj.weight.dtype == torch.float8_e4m3fn and experts.up_proj.weight.shape == (8, 24, 48)
+    assert experts.up_proj.weight_scale.shape == (8,) and experts.up_proj.input_scale.shape == (8,)
+    mamba_before_attention, mamba = fp8.backbone.layers[2].mixer, fp8.backbone.layers[0].mixer
+    assert mamba.in_proj.weight.dtype == torch.float8_e4m3fn and mamba.in_proj.input_scale is not None
+    assert mamba_before_attention.in_proj.weight.dtype == torch.float32  # BF16 in the recipe
+    assert mamba_before_attention.in_proj.weight_scale is None
+    assert fp8.backbone.layers[3].mixer.q_proj.weight.dtype == torch.float32
+    assert fp8.backbone.layers[1].mixer.gate.weight.dtype == torch.float32
+    assert all(m.weight_scale is None for m in bf16.modules() if isinstance(m, ne.Linear))
+    # The loaded FP8 model holds about the bytes of the checkpoint's FP8 tensors, not 4x (fp32) of them.
+    fp8_bytes = sum(p.numel() for p in fp8.parameters() if p.dtype == torch.float8_e4m3fn)
+    index = json.loads((checkpoints[("A", True)] / "model.safetensors.index.json").read_text())
+    assert fp8_bytes > 0.5 * index["metadata"]["total_size"]
+
+
+def test_checkpoint_layout(checkpoints):
+    path = checkpoints[("A", True)]
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    shards = set(index["weight_map"].values())
+    assert len(shards) == 3 and all((path / s).is_file() for s in shards)
+    names = index["weight_map"]
+    assert "backbone.layers.1.mixer.experts.7.down_proj.weight" in names
+    assert "backbone.layers.1.mixer.experts.7.down_proj.weight_scale" in names
+    assert "backbone.layers.0.mixer.in_proj.input_scale" in names
+    assert "backbone.layers.2.mixer.in_proj.weight_scale" not in names  # Mamba right before attention
+    assert json.loads((path / "config.json").read_text())["hybrid_override_pattern"] == "MEM*EME*M"
+
+
+def test_single_file_and_mtp_and_kv_scales(tmp_path, checkpoints, models):
+    """A one-file checkpoint loads too; mtp.* tensors and FP8-KV scales are ignored."""
+    from safetensors.torch import load_file, save_file
+    src = checkpoints[("A", True)]
+    tensors = {}
+    for shard in sorted(src.glob("*.safetensors")):
+        tensors.update(load_file(shard))
+    tensors["mtp.layers.0.norm.weight"] = torch.ones(48)
+    tensors["backbone.layers.3.mixer.k_proj.k_scale"] = torch.tensor(0.1)
+    dst = tmp_path / "one"
+    dst.mkdir()
+    save_file(tensors, dst / "model.safetensors")
+    (dst / "config.json").write_text((src / "config.json").read_text())
+    model = Model.from_pretrained(dst, device="cpu", dtype=torch.float32, verbose=False)
+    t = tokens(1, 11)
+    torch.testing.assert_close(model(t), models[("A", True)](t), rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# caches
+
+@pytest.mark.parametrize("key", MODEL_KEYS, ids=KEY_IDS)
+@pytest.mark.parametrize("size", SIZES)
+def test_prefill_in_pieces_then_decode_equals_full_forward(models, key, size):
+    model = models[key]
+    t = tokens(2, 29, seed=1)
+    full = model(t, size=size)
+    cache = model.new_cache(2, 32)
+    pieces = [model(t[:, :5], cache, size), model(t[:, 5:19], cache, size)]  # 19 = 2 chunks + 3
+    pieces += [model(t[:, i:i + 1], cache, size) for i in range(19, 29)]
+    assert cache.length == 29
+    torch.testing.assert_close(torch.cat(pieces, 1), full, rtol=1e-4, atol=1e-4)
+    last = model(t[:, :1], model.new_cache(2, 4), size, last_only=True)
+    assert last.shape == (2, 1, 97) and last.dtype == torch.float32
+
+
+def test_one_cache_serves_every_size(models):
+    model = models[("A", True)]
+    caches = [model.new_cache(1, 8) for _ in SIZES]
+    for cache, size in zip(caches, SIZES):
+        model(tokens(1, 8), cache, size)
+    for small in caches[1:]:
+        for a, b in zip(caches[0].layers, small.layers):
+            assert (a is None) == (b is None)
+            for x, y in zip(a or (), b or ()):
+                assert x.shape == y.shape and x.dtype == y.dtype and not torch.equal(x, y)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the peer implementation: transformers' NemotronHForCausalLM on the same weights
+
+def to_transformers(model: Model, size: str | None):
+    """transformers' NemotronHForCausalLM with the dequantised weights and config of `size`."""
+    from transformers import NemotronHConfig, NemotronHForCausalLM
+
+    sized = model.nested(size)
+    hf_config = sized.config.to_dict()
+    # transformers 5 clamps dt at time_step_min (0.001 in the real config) in its chunked prefill path only;
+    # mamba_ssm, vLLM, mlx-lm and the model's own remote code use (0, inf). Take that floor out here.
+    hf_config["time_step_min"] = 1e-30
+    hf = NemotronHForCausalLM(NemotronHConfig(**hf_config)).eval()
+    state = {}
+    linears = {n: m for n, m in sized.named_modules() if isinstance(m, ne.Linear)}
+    for name, t in sized.named_parameters():
+        t = t.float()
+        owner = name.rpartition(".")[0]
+        if owner in linears and linears[owner].weight_scale is not None:
+            scale = linears[owner].weight_scale
+            t = t * (scale[:, None, None] if t.dim() == 3 else scale)
+        hf_name = name.replace("backbone.", "model.", 1)
+        if ".experts." in hf_name and "shared" not in hf_name:
+            hf_name = hf_name.removesuffix(".weight")  # transformers' stacked experts are bare Parameters
+        state[hf_name] = t.contiguous()
+    missing, unexpected = hf.load_state_dict(state, strict=False)
+    assert not missing and not unexpected, (missing, unexpected)
+    return hf
+
+
+@pytest.mark.parametrize("key", MODEL_KEYS, ids=KEY_IDS)
+@pytest.mark.parametrize("size", SIZES)
+def test_matches_transformers(models, key, size):
+    model = models[key]
+    hf = to_transformers(model, size)
+    t = tokens(2, 21, seed=2)
+    with torch.no_grad():
+        ref = hf(t).logits
+    torch.testing.assert_close(model(t, size=size), ref, rtol=1e-4, atol=1e-4)
+    # Identical greedy generations (transformers with its own hybrid cache).
+    prompt = tokens(1, 13, seed=3)
+    with torch.no_grad():
+        hf_out = hf.generate(prompt, max_new_tokens=12, do_sample=False, eos_token_id=2, pad_token_id=0)
+    ours = [tok.id for tok in generate(model, prompt[0], 12, size=size, stop_tokens=(2,))]
+    assert ours == hf_out[0, 13:].tolist()
+
+
+# ---------------------------------------------------------------------------------------------------
+# nested sizes are views
+
+@pytest.mark.parametrize("size", SIZES[1:])
+def test_views_equal_materialized_copies(models, size):
+    model = models[("A", True)]
+    d, f = ne.parse_size(size, model.config)
+    views = model.nested(size)
+    assert model.nested(size) is views  # built once per size
+    storage = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    view_params = list(views.parameters())
+    assert all(p.untyped_storage().data_ptr() in storage for p in view_params)  # no copies
+    assert sum(p.numel() for p in view_params) < sum(p.numel() for p in model.parameters())  # fewer bytes read
+    assert views.backbone.layers[1].mixer.experts.up_proj.weight.shape == (8, f, d)
+
+    # The same size, materialised: a model of the sliced config holding contiguous copies.
+    with torch.device("meta"):
+        copied = Model(model.config.sliced(d, f))
+    modules = dict(copied.named_modules())
+    for name, p in views.named_parameters():
+        owner, _, leaf = name.rpartition(".")
+        modules[owner]._parameters[leaf] = torch.nn.Parameter(p.contiguous().clone(), requires_grad=False)
+    for name, b in views.named_buffers():
+        owner, _, leaf = name.rpartition(".")
+        modules[owner]._buffers[leaf] = b.clone()
+    assert all(p.is_contiguous() for p in copied.parameters())
+    t = tokens(2, 19, seed=4)
+    torch.testing.assert_close(model(t, size=size), copied(t), rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------
+# generation and the size switch
+
+def greedy(model, prompt, n, size, cache=None):
+    """Plain greedy decoding by hand: prefill, then one token at a time (the last one is not fed)."""
+    cache = cache or model.new_cache(1, len(prompt) + n)
+    logits = model(torch.tensor([prompt]), cache, size)[0, -1]
+    out = [int(logits.argmax())]
+    while len(out) < n:
+        out.append(int(model(torch.tensor([[out[-1]]]), cache, size)[0, -1].argmax()))
+    return out, cache
+
+
+def test_generate_greedy_matches_manual_decoding(models):
+    model = models[("A", True)]
+    prompt = tokens(1, 10, seed=5)[0].tolist()
+    expected, _ = greedy(model, prompt, 8, "40x16")
+    stream = list(generate(model, prompt, 8, size="40x16", stop_tokens=()))
+    assert [t.id for t in stream] == expected and all(t.size == "40x16" for t in stream)
+
+
+def test_transplant_keeps_the_caches(models):
+    model = models[("A", True)]
+    prompt = tokens(1, 10, seed=6)[0].tolist()
+    cache = model.new_cache(1, 30)
+    stream = list(generate(model, prompt, 9, size="32x8", stop_tokens=(), cache=cache,
+                           switch=Switch(None, after=4, mode="transplant")))
+    assert [t.size for t in stream] == ["32x8"] * 4 + [None] * 5
+    assert cache.length == len(prompt) + 8  # the one cache went on through the switch
+    # By hand: the small size fills the cache, then the full size continues from that same cache.
+    small, by_hand = greedy(model, prompt, 4, "32x8", model.new_cache(1, 30))
+    first_logits = model(torch.tensor([[small[-1]]]), copy.deepcopy(by_hand), None)[0, -1]
+    rest, _ = greedy(model, [small[-1]], 5, None, by_hand)  # (greedy's prefill of one token = a decode step)
+    assert int(first_logits.argmax()) == rest[0]
+    assert [t.id for t in stream] == small + rest
+    # ... which is not what the full size computes from scratch: the transplanted states are the small model's.
+    scratch = model(torch.tensor([prompt + small]))[0, -1]
+    assert not torch.allclose(first_logits, scratch, atol=1e-3)
+
+
+def test_reprefill_equals_new_size_from_scratch(models):
+    model = models[("B", True)]
+    prompt = tokens(1, 10, seed=7)[0].tolist()
+    stream = list(generate(model, prompt, 9, size="32x8", stop_tokens=(),
+                           switch=Switch("40x16", after=4, mode="reprefill")))
+    thought = [t.id for t in stream[:4]]
+    assert thought == greedy(model, prompt, 4, "32x8")[0]
+    answer, _ = greedy(model, prompt + thought, 5, "40x16")
+    assert [t.id for t in stream[4:]] == answer and all(t.size == "40x16" for t in stream[4:])
+
+
+def test_switch_on_token_and_budget(models):
+    model = models[("A", False)]
+    prompt = tokens(1, 10, seed=8)[0].tolist()
+    free, _ = greedy(model, prompt, 8, "32x8")
+    # on_token: switch right after the token appears (here: the third token the small size writes).
+    marker = free[2]
+    stream = list(generate(model, prompt, 8, size="32x8", stop_tokens=(), switch=Switch(None, on_token=marker)))
+    first = free.index(marker)
+    assert [t.size for t in stream] == ["32x8"] * (first + 1) + [None] * (7 - first)
+    # budget: after 3 tokens the closing token is forced, then the size changes.
+    closer = next(t for t in range(97) if t not in free[:3])
+    stream = list(generate(model, prompt, 8, size="32x8", stop_tokens=(),
+                           switch=Switch(None, on_token=closer, after=3)))
+    assert [t.id for t in stream][:4] == free[:3] + [closer]
+    assert [t.size for t in stream] == ["32x8"] * 4 + [None] * 4
+    # stop tokens end the stream and are yielded
+    stream = list(generate(model, prompt, 8, size="32x8", stop_tokens=(free[1],)))
+    assert [t.id for t in stream] == free[:free.index(free[1]) + 1]
+
+
+def test_sampling():
+    logits = torch.tensor([0.0, 1.0, 2.0, 3.0, -1.0])
+    g = lambda s: torch.Generator().manual_seed(s)
+    assert int(ne.sample(logits)) == 3  # greedy
+    assert all(int(ne.sample(logits, 1.0, top_k=1, generator=g(s))) == 3 for s in range(20))
+    assert all(int(ne.sample(logits, 1.0, top_p=0.1, generator=g(s))) == 3 for s in range(20))
+    draws = [int(ne.sample(logits, 1.0, top_k=2, generator=g(s))) for s in range(400)]
+    assert set(draws) == {2, 3}
+    assert abs(draws.count(3) / 400 - 1 / (1 + math.exp(-1))) < 0.08  # p(3) = e^3 / (e^2 + e^3)
+    # top_p 0.9: the tokens 3, 2, 1 (0.64 + 0.24 + 0.09 = 0.97 reaches 0.9 only with 1)
+    draws = {int(ne.sample(logits, 1.0, top_p=0.9, generator=g(s))) for s in range(300)}
+    assert draws == {1, 2, 3}
+    # seeded generation is reproducible, and differs between seeds
+    seeded = [int(ne.sample(logits * 0.1, 1.0, generator=g(s))) for s in range(30)]
+    assert seeded == [int(ne.sample(logits * 0.1, 1.0, generator=g(s))) for s in range(30)]
+    assert len(set(seeded)) > 1
+
+
+def test_seeded_generation_is_reproducible(models):
+    model = models[("A", True)]
+    prompt = tokens(1, 6, seed=9)[0].tolist()
+    run = lambda seed: [t.id for t in generate(model, prompt, 10, temperature=1.0, top_p=0.95, seed=seed, stop_tokens=())]
+    assert run(1) == run(1) and run(1) != run(2)
+
+
+def test_generate_continues_a_cache(models):
+    """A chat turn: the cache holds the earlier prompt; only the new tokens are prefilled."""
+    model = models[("A", True)]
+    prompt = tokens(1, 20, seed=10)[0].tolist()
+    cache = model.new_cache(1, 40)
+    model(torch.tensor([prompt[:12]]), cache)
+    continued = [t.id for t in generate(model, prompt, 6, cache=cache, stop_tokens=())]
+    assert continued == [t.id for t in generate(model, prompt, 6, stop_tokens=())]
+
+
+def test_ctrl_c_stops_the_generation(models, monkeypatch):
+    model = models[("A", True)]
+    prompt = tokens(1, 6, seed=11)[0].tolist()
+    cache = model.new_cache(1, 30)
+    calls = {"n": 0}
+    real_forward = ne.Attention.forward
+
+    def interrupted(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2 * 3 + 1:  # two attention layers: inside the fourth model call
+            raise KeyboardInterrupt
+        return real_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(ne.Attention, "forward", interrupted)
+    stream = list(generate(model, prompt, 10, cache=cache, stop_tokens=()))  # no exception escapes
+    assert len(stream) == 3
+    monkeypatch.setattr(ne.Attention, "forward", real_forward)
+    with pytest.raises(NanoElasticError, match="interrupted"):
+        model(torch.tensor([[1]]), cache)
+    # generate() itself rebuilds an interrupted cache from the prompt
+    again = [t.id for t in generate(model, prompt, 5, cache=cache, stop_tokens=())]
+    assert again == [t.id for t in generate(model, prompt, 5, stop_tokens=())]
+
+
+# ---------------------------------------------------------------------------------------------------
+# clear errors
+
+def test_bad_input_errors(models, checkpoints, tmp_path):
+    model = models[("A", True)]
+    cases = [
+        (lambda: model(tokens(1, 4), size="XL"), "unknown size 'XL'"),
+        (lambda: model(tokens(1, 4), size="23B"), "does not fit"),
+        (lambda: model(torch.tensor([[0, 97]])), "token id out of range"),
+        (lambda: model(torch.tensor([0, 1])), r"shape \[batch, seq_len\]"),
+        (lambda: model(tokens(1, 5), model.new_cache(1, 4)), "cache overflow"),
+        (lambda: model(tokens(2, 2), model.new_cache(1, 4)), "batch size"),
+        (lambda: list(generate(model, [], 4)), "empty prompt"),
+        (lambda: list(generate(model, list(range(64)), 4)), "prompt too long"),
+        (lambda: list(generate(model, [1, 2], 80)), "prompt too long"),
+        (lambda: list(generate(model, [1, 2], 4, switch=Switch("12B", after=1))), "does not fit"),
+        (lambda: Switch(None, after=1, mode="swap"), "unknown switch mode"),
+        (lambda: Model.from_pretrained(tmp_path / "nowhere"), "checkpoint folder not found"),
+    ]
+    for call, message in cases:
+        with pytest.raises(NanoElasticError, match=message):
+            call()
+
+
+def broken_copy(src: Path, dst: Path, edit=None, drop_file=None) -> Path:
+    """A copy of checkpoint src with tensors changed by edit(dict) or a file removed."""
+    import shutil
+    from safetensors.torch import load_file, save_file
+    shutil.copytree(src, dst)
+    if drop_file:
+        (dst / drop_file).unlink()
+    if edit:
+        index = json.loads((dst / "model.safetensors.index.json").read_text())
+        for shard in sorted(set(index["weight_map"].values())):
+            tensors = load_file(dst / shard)
+            edit(tensors)
+            save_file(tensors, dst / shard)
+            index["weight_map"] = {k: v for k, v in index["weight_map"].items() if v != shard}
+            index["weight_map"].update({k: shard for k in tensors})
+        (dst / "model.safetensors.index.json").write_text(json.dumps(index))
+    return dst
+
+
+def test_bad_checkpoint_errors(checkpoints, tmp_path):
+    src = checkpoints[("A", True)]
+    expert = "backbone.layers.1.mixer.experts.3.up_proj.weight"
+
+    def reshape(t):
+        if "backbone.layers.0.mixer.in_proj.weight" in t:
+            t["backbone.layers.0.mixer.in_proj.weight"] = torch.zeros(5, 5, dtype=torch.float8_e4m3fn)
+
+    def drop(t):
+        t.pop(expert, None)
+
+    def extra(t):
+        if expert in t:
+            t["backbone.layers.1.mixer.experts.8.up_proj.weight"] = t[expert].clone()
+
+    def unscaled(t):
+        t.pop(expert.replace("weight", "weight_scale"), None)
+
+    cases = [
+        (dict(drop_file="config.json"), "missing config"),
+        (dict(drop_file="model-00002-of-00003.safetensors"), "missing shard"),
+        (dict(edit=reshape), r"wrong shape for backbone.layers.0.mixer.in_proj.weight: \[5, 5\], expected \[136, 48\]"),
+        (dict(edit=drop), f"missing tensor in checkpoint: {expert}"),
+        (dict(edit=extra), "unexpected tensor in checkpoint: backbone.layers.1.mixer.experts.8.up_proj.weight"),
+        (dict(edit=unscaled), "some experts have a weight_scale and some do not"),
+    ]
+    for i, (how, message) in enumerate(cases):
+        with pytest.raises(NanoElasticError, match=message):
+            Model.from_pretrained(broken_copy(src, tmp_path / str(i), **how), device="cpu", verbose=False)
+
+
+def test_writer_is_atomic(tmp_path):
+    path = ne.write_random_checkpoint(tmp_path / "ck", CONFIGS["A"], shards=2)
+    with pytest.raises(NanoElasticError, match="already exists"):
+        ne.write_random_checkpoint(path, CONFIGS["A"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]  # no temporary folder left behind
+
+
+def test_demo_runs():
+    out = subprocess.run([sys.executable, str(ROOT / "nanoelastic.py"), "--max-new-tokens", "20",
+                          "--switch-after", "8"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "192x96: 8 tokens" in out.stdout and "256x128: 12 tokens" in out.stdout
+    bad = subprocess.run([sys.executable, str(ROOT / "nanoelastic.py"), "--size", "99B"],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 1 and bad.stderr.strip().splitlines()[-1] == \
+        "error: unknown size '99B': use one of 30B, 23B, 12B or HIDDENxFFN (e.g. 2304x1600)"
