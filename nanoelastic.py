@@ -24,7 +24,6 @@ H = heads, P = head dim, N = SSM state, G = groups, E = experts, F = expert FFN 
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import math
@@ -127,6 +126,8 @@ class Config:
         cfg = cls(**{k: v for k, v in d.items() if k in known and v is not None})
         if cfg.mlp_hidden_act != "relu2":
             raise NanoElasticError(f"config: mlp_hidden_act {cfg.mlp_hidden_act!r} is not supported (relu2)")
+        if cfg.tie_word_embeddings:
+            raise NanoElasticError("config: tie_word_embeddings is not supported (this model has its own lm_head)")
         if cfg.mamba_num_heads % cfg.n_groups or cfg.num_attention_heads % cfg.num_key_value_heads:
             raise NanoElasticError("config: heads must divide evenly into groups / KV heads")
         return cfg
@@ -390,11 +391,13 @@ class Attention(nn.Module):
             k_cache[:, :, start:start + T] = k
             v_cache[:, :, start:start + T] = v
             k, v = k_cache[:, :, :start + T], v_cache[:, :, :start + T]
-        # Query i sits at position start + i and sees keys 0..start + i.
+        # Query i sits at position start + i and sees keys 0..start + i (a plain causal mask when start = 0;
+        # a single decoded token sees everything).
         mask = None
-        if T > 1:
+        if T > 1 and start > 0:
             mask = torch.arange(start + T, device=x.device) <= torch.arange(start, start + T, device=x.device)[:, None]
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=hd ** -0.5, enable_gqa=True)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=T > 1 and start == 0,
+                                           scale=hd ** -0.5, enable_gqa=True)
         return self.o_proj(o.transpose(1, 2).flatten(2))
 
 
@@ -841,29 +844,37 @@ def random_checkpoint_tensors(config: Config, fp8: bool = True, seed: int = 0) -
 
 def write_random_checkpoint(path: str | Path, config: Config, fp8: bool = True, shards: int = 2, seed: int = 0) -> Path:
     """Write a random checkpoint of `config` in the exact on-disk format of the real one (SPEC §4):
-    config.json, generation_config.json, `shards` safetensors shards and their index. Written into a
-    temporary folder and renamed at the end, so an interrupted run leaves nothing half-written."""
+    config.json, generation_config.json, `shards` safetensors shards and their index. Streams: about one
+    shard in memory. Written into a temporary folder renamed at the end: an interruption leaves nothing."""
+    import shutil
     from safetensors.torch import save_file
 
     path = Path(path)
+    if path.exists():
+        raise NanoElasticError(f"{path} already exists")
+    with torch.device("meta"):
+        approx_bytes = sum(p.numel() for p in Model(config).parameters()) * (1 if fp8 else 2)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.mkdir(parents=True)
     try:
-        tensors = dict(random_checkpoint_tensors(config, fp8, seed))
-        sizes = {n: t.numel() * t.element_size() for n, t in tensors.items()}
-        budget = sum(sizes.values()) / shards
-        groups, acc = [[]], 0
-        for name in tensors:  # consecutive tensors, about equal bytes per shard
-            if acc >= budget * len(groups) and len(groups) < shards:
-                groups.append([])
-            groups[-1].append(name)
-            acc += sizes[name]
-        weight_map = {}
-        for k, names in enumerate(groups, 1):
-            shard = f"model-{k:05d}-of-{len(groups):05d}.safetensors"
-            save_file({n: tensors[n].contiguous() for n in names}, tmp / shard, metadata={"format": "pt"})
-            weight_map.update({n: shard for n in names})
-        index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
+        shard_of, files, pending, total = {}, [], {}, 0
+
+        def flush():
+            files.append(tmp / f"part-{len(files)}")
+            save_file(pending, files[-1], metadata={"format": "pt"})
+            shard_of.update(dict.fromkeys(pending, len(files) - 1))
+            pending.clear()
+
+        for name, t in random_checkpoint_tensors(config, fp8, seed):
+            pending[name] = t.contiguous()
+            total += t.numel() * t.element_size()
+            if total >= approx_bytes / shards * (len(files) + 1) and len(files) < shards - 1:
+                flush()
+        flush()
+        names = [f"model-{k:05d}-of-{len(files):05d}.safetensors" for k in range(1, len(files) + 1)]
+        for file, name in zip(files, names):
+            file.rename(tmp / name)
+        index = {"metadata": {"total_size": total}, "weight_map": {n: names[k] for n, k in shard_of.items()}}
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
         (tmp / "generation_config.json").write_text(json.dumps(
@@ -871,13 +882,9 @@ def write_random_checkpoint(path: str | Path, config: Config, fp8: bool = True, 
         if fp8:
             (tmp / "hf_quant_config.json").write_text(json.dumps(
                 {"producer": {"name": "nanoelastic (random)"}, "quantization": {"quant_algo": "FP8"}}))
-        if path.exists():
-            raise NanoElasticError(f"{path} already exists")
         tmp.rename(path)
     finally:
-        if tmp.exists():
-            import shutil
-            shutil.rmtree(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
     return path
 
 
