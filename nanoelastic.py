@@ -681,7 +681,7 @@ def _load_checkpoint(model: Model, path: Path, device: torch.device, dtype: torc
         target, expert = (f"{m[1]}.{m[3]}.{m[4]}", int(m[2])) if m else (name, None)
         owner, _, leaf = target.rpartition(".")
         known = target in params or (owner in linears and leaf in ("weight_scale", "input_scale"))
-        stacked = owner in linears and linears[owner].weight.dim() == 3
+        stacked = ".experts." in target  # routed experts are stacked; "shared_experts." does not match
         if known and stacked == (expert is not None) and (expert or 0) < E:
             plan[name] = (target, expert)
         else:
@@ -691,14 +691,14 @@ def _load_checkpoint(model: Model, path: Path, device: torch.device, dtype: torc
         raise NanoElasticError(f"unexpected tensor in checkpoint: {unexpected[0]}{more}")
     found = set(plan.values())
     for target in params:
-        stacked = ".experts." in target  # (the shared expert's name has "shared_experts.")
+        stacked = ".experts." in target
         for e in range(E) if stacked else [None]:
             if (target, e) not in found:
                 missing = target.replace(".experts.", f".experts.{e}.") if stacked else target
                 raise NanoElasticError(f"missing tensor in checkpoint: {missing}")
     fp8 = {target.rpartition(".")[0] for target, _ in found if target.endswith(".weight_scale")}
     for owner in fp8:  # a stacked FP8 Linear needs a scale for every expert
-        if linears[owner].weight.dim() == 3 and any((f"{owner}.weight_scale", e) not in found for e in range(E)):
+        if ".experts." in owner and any((f"{owner}.weight_scale", e) not in found for e in range(E)):
             raise NanoElasticError(f"{owner}: some experts have a weight_scale and some do not")
 
     # 2. Check shapes and dtypes from the headers (nothing is read yet).
