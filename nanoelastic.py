@@ -25,6 +25,7 @@ H = heads, P = head dim, N = SSM state, G = groups, E = experts, F = expert FFN 
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
 import os
@@ -208,8 +209,38 @@ def parse_size(size: str | None, config: Config) -> tuple[int, int]:
 
 
 # ----------------------------------------------------------------------------------------------------
-# 3. The linear() seam: the one place that knows about FP8
+# 3. Kernels seam, the linear() seam (the one place that knows about FP8), RMSNorm
+#
+# The functions marked @kernel are the plain-torch references; kernels.py has a Triton function of the same
+# name and signature for each. NANOELASTIC_KERNELS: unset = Triton on CUDA tensors; "torch" = references
+# everywhere; "triton" = Triton everywhere (CPU tensors need TRITON_INTERPRET=1).
 
+try:
+    import kernels
+except ImportError:  # no Triton (e.g. macOS): the references run everywhere
+    kernels = None
+
+
+def use_kernels(t: Tensor) -> bool:
+    mode = os.environ.get("NANOELASTIC_KERNELS", "")
+    if mode not in ("", "torch", "triton"):
+        raise NanoElasticError(f"NANOELASTIC_KERNELS={mode!r}: use 'torch' or 'triton', or leave it unset")
+    if mode == "triton" and kernels is None:
+        raise NanoElasticError("NANOELASTIC_KERNELS=triton but Triton is not installed")
+    return mode == "triton" or (mode == "" and t.is_cuda and kernels is not None)
+
+
+def kernel(reference):
+    """Route a call to kernels.<same name> when use_kernels(its first tensor); `.reference` is the torch one."""
+    @functools.wraps(reference)
+    def routed(*args, **kwargs):
+        fn = getattr(kernels, reference.__name__) if use_kernels(args[0]) else reference
+        return fn(*args, **kwargs)
+    routed.reference = reference
+    return routed
+
+
+@kernel
 def linear(x: Tensor, weight: Tensor, weight_scale: Tensor | None = None) -> Tensor:
     """x @ weight^T. An FP8 weight (weight_scale given) is dequantised on use: weight.float() * scale."""
     if weight_scale is not None:
@@ -228,16 +259,16 @@ class Linear(nn.Module):
         self.register_buffer("weight_scale", None)
         self.register_buffer("input_scale", None)
 
-    def forward(self, x: Tensor, expert: int | None = None) -> Tensor:
-        if expert is None:
-            return linear(x, self.weight, self.weight_scale)
-        scale = None if self.weight_scale is None else self.weight_scale[expert]
-        return linear(x, self.weight[expert], scale)
+    def forward(self, x: Tensor) -> Tensor:
+        return linear(x, self.weight, self.weight_scale)
 
 
-def rms_norm(x: Tensor, weight: Tensor, eps: float, groups: int = 1) -> Tensor:
-    """weight * x / sqrt(mean(x^2) + eps), statistics in fp32, over `groups` equal slices of the channels."""
-    xf = x.float().unflatten(-1, (groups, -1))
+@kernel
+def rms_norm(x: Tensor, weight: Tensor, eps: float, groups: int = 1, gate: Tensor | None = None) -> Tensor:
+    """weight * x / sqrt(mean(x^2) + eps), statistics in fp32, over `groups` equal slices of the channels.
+    With a gate (the Mamba output norm), x is first multiplied by silu(gate)."""
+    xf = x.float() if gate is None else x.float() * F.silu(gate.float())
+    xf = xf.unflatten(-1, (groups, -1))
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return (weight.float() * xf.flatten(-2)).to(x.dtype)
 
@@ -265,6 +296,7 @@ def segsum(a: Tensor) -> Tensor:
     return out.masked_fill(~tril(0), -math.inf)
 
 
+@kernel
 def ssd_chunked(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk: int,
                 initial_state: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """The selective scan S_t = exp(dt_t A) S_{t-1} + dt_t x_t B_t^T,  y_t = S_t C_t, by chunks (SSD).
@@ -318,6 +350,39 @@ def ssd_step(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tens
     return torch.einsum("bhpn,bhn->bhp", state, C)
 
 
+def causal_conv(xBC: Tensor, conv_state: Tensor | None, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """silu(causal depthwise conv) over xBC [B, T, C], continuing from the cached last K-1 inputs (zeros at
+    the start); conv_state [B, C, K-1] becomes the last K-1 inputs."""
+    b, T, ch = xBC.shape
+    K = weight.shape[-1]
+    past = conv_state if conv_state is not None else xBC.new_zeros(b, ch, K - 1)
+    xBC = torch.cat([past, xBC.transpose(1, 2)], dim=-1)  # [B, C, K-1+T]
+    if conv_state is not None:
+        conv_state.copy_(xBC[:, :, -(K - 1):])
+    return F.silu(F.conv1d(xBC, weight, bias, groups=ch)).transpose(1, 2)
+
+
+def discretise(dt: Tensor, dt_bias: Tensor, A_log: Tensor, dt_limit: tuple[float, float]) -> tuple[Tensor, Tensor]:
+    """Raw dt [..., H] -> softplus(dt + dt_bias) in fp32, and A = -exp(A_log) [H]. time_step_limit is (0, inf),
+    i.e. no clamp, unless the config says otherwise."""
+    return F.softplus(dt.float() + dt_bias.float()).clamp(*dt_limit), -torch.exp(A_log.float())
+
+
+@kernel
+def mamba_step(xBC: Tensor, dt: Tensor, conv_state: Tensor, ssm_state: Tensor, conv_weight: Tensor,
+               conv_bias: Tensor | None, dt_bias: Tensor, A_log: Tensor, D: Tensor, n_groups: int,
+               dt_limit: tuple[float, float]) -> Tensor:
+    """The decode step of one token after in_proj: xBC [B, C] and raw dt [B, H] -> y [B, H*P] fp32 (with the
+    D skip, before the gated norm). conv_state [B, C, K-1] and ssm_state [B, H, P, N] are updated in place."""
+    H, P, N = ssm_state.shape[1:]
+    xBC = causal_conv(xBC[:, None], conv_state, conv_weight, conv_bias)[:, 0]
+    x, B, C = xBC.float().split([H * P, n_groups * N, n_groups * N], dim=-1)
+    dt, A = discretise(dt, dt_bias, A_log, dt_limit)
+    x = x.unflatten(-1, (H, P))
+    y = ssd_step(ssm_state, x, dt, A, B.unflatten(-1, (n_groups, N)), C.unflatten(-1, (n_groups, N)))
+    return (y + D.float()[:, None] * x).flatten(1)
+
+
 class Mamba2Mixer(nn.Module):
     def __init__(self, config: Config, layer_idx: int):
         super().__init__()
@@ -334,34 +399,24 @@ class Mamba2Mixer(nn.Module):
 
     def forward(self, u: Tensor, cache: Cache | None = None) -> Tensor:  # u [B, T, D] -> [B, T, D]
         c = self.config
-        b, T, _ = u.shape
-        H, P, G, N, K = c.mamba_num_heads, c.mamba_head_dim, c.n_groups, c.ssm_state_size, c.conv_kernel
+        T = u.shape[1]
+        H, P, G, N = c.mamba_num_heads, c.mamba_head_dim, c.n_groups, c.ssm_state_size
         z, xBC, dt = self.in_proj(u).split([c.mamba_inner, c.conv_dim, H], dim=-1)
-
-        # Causal depthwise conv over xBC, continuing from the cached last K-1 inputs (zeros at the start).
         conv_state, ssm_state = cache.layers[self.layer_idx] if cache is not None else (None, None)
-        past = conv_state if conv_state is not None else xBC.new_zeros(b, c.conv_dim, K - 1)
-        xBC = torch.cat([past, xBC.transpose(1, 2)], dim=-1)  # [B, C, K-1+T]
-        if conv_state is not None:
-            conv_state.copy_(xBC[:, :, -(K - 1):])
-        xBC = F.silu(F.conv1d(xBC, self.conv1d.weight, self.conv1d.bias, groups=c.conv_dim)).transpose(1, 2)
-        x, B, C = xBC.split([c.mamba_inner, G * N, G * N], dim=-1)
-
-        # Discretisation in fp32; time_step_limit is (0, inf), i.e. no clamp, unless the config says otherwise.
-        dt = F.softplus(dt.float() + self.dt_bias.float()).clamp(*c.time_step_limit)  # [B, T, H]
-        A = -torch.exp(self.A_log.float())  # [H]
-        x, B, C = x.float().unflatten(-1, (H, P)), B.float().unflatten(-1, (G, N)), C.float().unflatten(-1, (G, N))
-        if ssm_state is not None and T == 1:
-            y = ssd_step(ssm_state, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0])[:, None]
-        else:
-            y, final_state = ssd_chunked(x, dt, A, B, C, c.chunk_size, ssm_state)
+        if ssm_state is not None and T == 1:  # decode: one fused step
+            y = mamba_step(xBC[:, 0], dt[:, 0], conv_state, ssm_state, self.conv1d.weight, self.conv1d.bias,
+                           self.dt_bias, self.A_log, self.D, G, c.time_step_limit)[:, None]
+        else:  # prefill: conv, then the chunked scan from the cached state
+            xBC = causal_conv(xBC, conv_state, self.conv1d.weight, self.conv1d.bias)
+            x, B, C = xBC.float().split([c.mamba_inner, G * N, G * N], dim=-1)
+            dt, A = discretise(dt, self.dt_bias, self.A_log, c.time_step_limit)
+            x = x.unflatten(-1, (H, P))
+            y, final_state = ssd_chunked(x, dt, A, B.unflatten(-1, (G, N)), C.unflatten(-1, (G, N)), c.chunk_size, ssm_state)
             if ssm_state is not None:
                 ssm_state.copy_(final_state)
-        y = y + self.D.float()[:, None] * x  # the D skip connection
-
-        # Gated RMSNorm: gate first, then normalise in G groups of H*P/G channels.
-        y = y.flatten(2) * F.silu(z.float())
-        y = rms_norm(y, self.norm.weight, self.norm.eps, groups=G)
+            y = (y + self.D.float()[:, None] * x).flatten(2)  # the D skip connection
+        # Gated RMSNorm: gate y * silu(z) first, then normalise in G groups of H*P/G channels.
+        y = rms_norm(y, self.norm.weight, self.norm.eps, groups=G, gate=z)
         return self.out_proj(y.to(u.dtype))
 
 
@@ -439,6 +494,23 @@ class Router(nn.Module):
         return weights * c.routed_scaling_factor, experts
 
 
+@kernel
+def moe_experts(x: Tensor, weights: Tensor, experts: Tensor, up_weight: Tensor, up_scale: Tensor | None,
+                down_weight: Tensor, down_scale: Tensor | None) -> Tensor:
+    """x [n, D], routing weights [n, k] fp32, chosen experts [n, k] -> sum_j weights_j down_j(relu(up_j(x))^2)
+    [n, D], with stacked up_weight [E, F, D], down_weight [E, D, F] and FP8 scales [E] (or None)."""
+    # Group the n*k (token, expert) pairs by expert, run each expert once on its tokens, scatter back.
+    order = experts.flatten().argsort(stable=True)
+    tokens, pair_weights = order // experts.shape[1], weights.flatten()[order]
+    counts = torch.bincount(experts.flatten(), minlength=up_weight.shape[0]).tolist()  # a host sync: fine here
+    out = torch.zeros_like(x, dtype=torch.float32)
+    for e, (idx, w) in enumerate(zip(tokens.split(counts), pair_weights.split(counts))):
+        if len(idx):
+            h = F.relu(linear(x[idx], up_weight[e], None if up_scale is None else up_scale[e])).square()
+            out.index_add_(0, idx, linear(h, down_weight[e], None if down_scale is None else down_scale[e]).float() * w[:, None])
+    return out.to(x.dtype)
+
+
 class Experts(nn.Module):
     """All routed experts, stacked at load time: up_proj.weight [E, F, D], down_proj.weight [E, D, F]."""
 
@@ -449,16 +521,8 @@ class Experts(nn.Module):
         self.down_proj = Linear(Fe, D, experts=E)
 
     def forward(self, x: Tensor, weights: Tensor, experts: Tensor) -> Tensor:  # x [n, D] -> [n, D]
-        # Group the n*k (token, expert) pairs by expert, run each expert once on its tokens, scatter back.
-        order = experts.flatten().argsort(stable=True)
-        tokens, pair_weights = order // experts.shape[1], weights.flatten()[order]
-        counts = torch.bincount(experts.flatten(), minlength=self.up_proj.weight.shape[0]).tolist()
-        out = torch.zeros_like(x, dtype=torch.float32)
-        for e, (idx, w) in enumerate(zip(tokens.split(counts), pair_weights.split(counts))):
-            if len(idx):
-                h = F.relu(self.up_proj(x[idx], expert=e)).square()
-                out.index_add_(0, idx, self.down_proj(h, expert=e).float() * w[:, None])
-        return out.to(x.dtype)
+        up, down = self.up_proj, self.down_proj
+        return moe_experts(x, weights, experts, up.weight, up.weight_scale, down.weight, down.weight_scale)
 
 
 class MoE(nn.Module):

@@ -1,0 +1,376 @@
+"""
+kernels.py: Triton kernels for nanoelastic's hot paths.
+
+Each public function here has the signature and the result of the plain-torch function of the same name
+in nanoelastic.py, which is the reference (the spec); nanoelastic routes calls here on CUDA tensors:
+
+    NANOELASTIC_KERNELS unset    Triton on CUDA tensors, torch references elsewhere
+    NANOELASTIC_KERNELS=torch    torch references everywhere
+    NANOELASTIC_KERNELS=triton   Triton everywhere; on CPU tensors under TRITON_INTERPRET=1 (how CI tests them)
+
+    linear        x @ W^T, W FP8 (x per-tensor scale) or BF16, read through nested prefix views with their
+                  strides: no copy, no dequantised weight in memory
+    moe_experts   top-k routed experts, up -> relu^2 -> down x routing weight, over stacked [E, out, in]
+                  weights; tokens grouped by expert on the device, no host synchronisation (graph-capturable)
+    ssd_chunked   the chunked Mamba-2 scan for prefill: chunk states, state passing, chunk outputs
+    mamba_step    the decode step: conv-state update + conv + SSM state update + output, in place
+    rms_norm      RMSNorm in groups, with the Mamba gate y * silu(z) fused
+
+All accumulate in fp32. Block sizes are fixed heuristics (no autotuning, so the interpreter stays fast).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+
+def _pow2(n: int, least: int = 16) -> int:
+    return max(least, triton.next_power_of_2(n))
+
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _dot_args(dtype: torch.dtype) -> dict:
+    """tl.dot operands in the compute dtype; fp32 ones without TF32 rounding. The interpreter's tl.dot
+    mis-reads bfloat16 operands (Triton 3.9), so under it they are upcast to fp32 first."""
+    if dtype == torch.float32 or _INTERPRET:
+        return dict(DOT_DTYPE=tl.float32, PRECISION="ieee")
+    return dict(DOT_DTYPE={torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype], PRECISION="tf32")
+
+
+# ----------------------------------------------------------------------------------------------------
+# 1. One matmul kernel for linear() and for both halves of the MoE
+#
+# out[row] = epilogue(scale * A[a_row] @ W[expert]^T). Plain linear: row = a_row = out_row, one expert.
+# MoE: rows are the (token, expert) pairs sorted by expert, each expert's group padded to BLOCK_M rows so
+# that every row block has one expert (pair = -1 marks padding). The up half gathers A rows by token and
+# applies relu^2; the down half scatters to out rows by pair and multiplies by the routing weight.
+
+@triton.jit
+def _matmul_kernel(a_ptr, w_ptr, scale_ptr, out_ptr, pair_ptr, block_expert_ptr, pair_weight_ptr,
+                   M, N, K, TOP_K,
+                   stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_om, stride_on,
+                   GROUPED: tl.constexpr, GATHER_A: tl.constexpr, SCATTER_OUT: tl.constexpr,
+                   RELU2: tl.constexpr, HAS_SCALE: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    expert = 0
+    w_base = w_ptr
+    if GROUPED:
+        expert = tl.load(block_expert_ptr + pid_m)
+        if expert < 0:  # past the last used block: the grid is sized for the worst case
+            return
+        w_base += expert.to(tl.int64) * stride_we
+        pair = tl.load(pair_ptr + rows)
+        valid = pair >= 0
+        a_rows = pair // TOP_K if GATHER_A else rows
+        out_rows = pair if SCATTER_OUT else rows
+    else:
+        valid = rows < M
+        a_rows, out_rows = rows, rows
+    a_rows = tl.where(valid, a_rows, 0)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        a = tl.load(a_ptr + a_rows[:, None].to(tl.int64) * stride_am + ks[None, :] * stride_ak,
+                    mask=valid[:, None] & (ks[None, :] < K), other=0.0)
+        w = tl.load(w_base + cols[None, :] * stride_wn + ks[:, None] * stride_wk,  # [BLOCK_K, BLOCK_N] = W^T
+                    mask=(cols[None, :] < N) & (ks[:, None] < K), other=0.0)
+        acc = tl.dot(a.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=PRECISION)  # FP8 -> BF16 is exact
+
+    if HAS_SCALE:
+        acc = acc * tl.load(scale_ptr + expert)
+    if RELU2:
+        acc = tl.maximum(acc, 0.0)
+        acc = acc * acc
+    if SCATTER_OUT:
+        acc = acc * tl.load(pair_weight_ptr + tl.where(valid, pair, 0), mask=valid, other=0.0)[:, None]
+    out = out_ptr + out_rows[:, None].to(tl.int64) * stride_om + cols[None, :] * stride_on
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=valid[:, None] & (cols[None, :] < N))
+
+
+def _blocks(rows: int) -> dict:
+    """Decode (a few rows): thin row blocks, narrow column blocks so that many programs stream the weight.
+    Prefill: square tiles that reuse each loaded weight tile across many rows."""
+    if rows <= 16:
+        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, num_warps=4)
+    if rows <= 64:
+        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, num_warps=4)
+    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
+
+
+def linear(x: Tensor, weight: Tensor, weight_scale: Tensor | None = None) -> Tensor:
+    """x [..., K] @ weight[N, K]^T (* weight_scale for FP8) -> [..., N] in x.dtype. weight may be a strided view."""
+    K, N = x.shape[-1], weight.shape[0]
+    a = x.reshape(-1, K)
+    M = a.shape[0]
+    out = torch.empty(M, N, device=x.device, dtype=x.dtype)
+    cfg = _blocks(M)
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]))
+    _matmul_kernel[grid](a, weight, weight_scale if weight_scale is not None else out, out, out, out, out,
+                         M, N, K, 1, a.stride(0), a.stride(1), 0, weight.stride(0), weight.stride(1),
+                         out.stride(0), out.stride(1), GROUPED=False, GATHER_A=False, SCATTER_OUT=False,
+                         RELU2=False, HAS_SCALE=weight_scale is not None, **_dot_args(x.dtype), **cfg)
+    return out.view(*x.shape[:-1], N)
+
+
+def moe_experts(x: Tensor, weights: Tensor, experts: Tensor, up_weight: Tensor, up_scale: Tensor | None,
+                down_weight: Tensor, down_scale: Tensor | None) -> Tensor:
+    """x [n, d], routing weights [n, k] fp32 and experts [n, k] -> [n, d] in x.dtype:
+    sum_j weights[:, j] * down[e_j](relu(up[e_j](x))^2), up_weight [E, f, d] and down_weight [E, d, f]
+    possibly nested views. Only device ops: the grid is sized for the worst case, unused blocks exit."""
+    n, top_k = experts.shape
+    E, f, d = up_weight.shape
+    pairs = n * top_k
+    cfg = _blocks(pairs // min(E, pairs) + 1)  # rows per expert on average
+    BM = cfg["BLOCK_M"]
+
+    # Sort the (token, expert) pairs by expert; each expert's group starts at a multiple of BM.
+    flat = experts.flatten()
+    sorted_experts, pair_of_sorted = flat.sort(stable=True)
+    counts = torch.zeros(E, device=x.device, dtype=torch.int64).scatter_add_(0, flat, torch.ones_like(flat))
+    padded = (counts + BM - 1) // BM * BM
+    padded_end = padded.cumsum(0)
+    rank = torch.arange(pairs, device=x.device) - (counts.cumsum(0) - counts)[sorted_experts]
+    blocks = triton.cdiv(pairs, BM) + min(E, pairs)  # >= sum over experts of ceil(count / BM)
+    pair_of_row = torch.full((blocks * BM,), -1, device=x.device, dtype=torch.int64)
+    pair_of_row[(padded_end - padded)[sorted_experts] + rank] = pair_of_sorted
+    block_expert = torch.searchsorted(padded_end, torch.arange(blocks, device=x.device) * BM, right=True)
+    block_expert = torch.where(block_expert < E, block_expert, -1)
+
+    common = dict(GROUPED=True, **_dot_args(x.dtype), **cfg)
+    h = torch.empty(blocks * BM, f, device=x.device, dtype=x.dtype)  # rows in sorted, padded order
+    _matmul_kernel[(blocks, triton.cdiv(f, cfg["BLOCK_N"]))](
+        x, up_weight, up_scale if up_scale is not None else h, h, pair_of_row, block_expert, h,
+        pairs, f, d, top_k, x.stride(0), x.stride(1), *up_weight.stride(), h.stride(0), h.stride(1),
+        GATHER_A=True, SCATTER_OUT=False, RELU2=True, HAS_SCALE=up_scale is not None, **common)
+    out = torch.empty(pairs, d, device=x.device, dtype=torch.float32)  # every pair's row is written once
+    _matmul_kernel[(blocks, triton.cdiv(d, cfg["BLOCK_N"]))](
+        h, down_weight, down_scale if down_scale is not None else h, out, pair_of_row, block_expert,
+        weights.float().contiguous(), pairs, d, f, top_k, h.stride(0), h.stride(1), *down_weight.stride(),
+        out.stride(0), out.stride(1),
+        GATHER_A=False, SCATTER_OUT=True, RELU2=False, HAS_SCALE=down_scale is not None, **common)
+    return out.view(n, top_k, d).sum(1).to(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 2. The chunked SSD scan (prefill), in three kernels over (batch x head, chunk):
+#    a. each chunk's own end state, b. states passed between chunks (sequential in c), c. the outputs.
+# Within a chunk the decay from step j to step i is exp(cum_i - cum_j), cum the cumulative sum of dt*A.
+
+@triton.jit
+def _ssd_chunk_state_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, states_ptr, log_decay_ptr,
+                            T, H, P, N, HEADS_PER_GROUP, CHUNK, n_chunks,
+                            s_xb, s_xt, s_xh, s_dtb, s_dtt, s_Bb, s_Bt, s_Bg,
+                            BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+    bh, c = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    g = h // HEADS_PER_GROUP
+    ls = tl.arange(0, BLOCK_L)
+    t = c * CHUNK + ls
+    in_chunk = (ls < CHUNK) & (t < T)
+    ps, ns = tl.arange(0, BLOCK_P), tl.arange(0, BLOCK_N)
+    dt = tl.load(dt_ptr + b * s_dtb + t * s_dtt + h, mask=in_chunk, other=0.0)
+    log_a = dt * tl.load(A_ptr + h)
+    cum = tl.cumsum(log_a, axis=0)
+    total = tl.sum(log_a, axis=0)
+    coef = tl.where(in_chunk, tl.exp(total - cum) * dt, 0.0)  # dt_j * decay from j to the chunk's end
+    x = tl.load(x_ptr + b * s_xb + t[:, None] * s_xt + h * s_xh + ps[None, :],
+                mask=in_chunk[:, None] & (ps[None, :] < P), other=0.0)
+    Bm = tl.load(B_ptr + b * s_Bb + t[:, None] * s_Bt + g * s_Bg + ns[None, :],
+                 mask=in_chunk[:, None] & (ns[None, :] < N), other=0.0)
+    state = tl.dot(tl.trans(x * coef[:, None]), Bm, input_precision="ieee")  # [P, N]
+    out = states_ptr + ((bh * n_chunks + c) * P + ps[:, None]) * N + ns[None, :]
+    tl.store(out, state, mask=(ps[:, None] < P) & (ns[None, :] < N))
+    tl.store(log_decay_ptr + bh * n_chunks + c, total)
+
+
+@triton.jit
+def _ssd_state_passing_kernel(states_ptr, log_decay_ptr, init_ptr, final_ptr, n_chunks, PN,
+                              HAS_INIT: tl.constexpr, BLOCK: tl.constexpr):
+    """states[c] := the state entering chunk c (it held the state chunk c adds); final = after the last."""
+    bh, blk = tl.program_id(0), tl.program_id(1)
+    offs = blk * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < PN
+    state = tl.zeros((BLOCK,), dtype=tl.float32)
+    if HAS_INIT:
+        state = tl.load(init_ptr + bh * PN + offs, mask=mask, other=0.0)
+    for c in range(n_chunks):
+        ptr = states_ptr + (bh * n_chunks + c) * PN + offs
+        added = tl.load(ptr, mask=mask, other=0.0)
+        tl.store(ptr, state, mask=mask)
+        state = state * tl.exp(tl.load(log_decay_ptr + bh * n_chunks + c)) + added
+    tl.store(final_ptr + bh * PN + offs, state, mask=mask)
+
+
+@triton.jit
+def _ssd_chunk_scan_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, states_ptr, y_ptr,
+                           T, H, P, N, HEADS_PER_GROUP, CHUNK, n_chunks,
+                           s_xb, s_xt, s_xh, s_dtb, s_dtt, s_Bb, s_Bt, s_Bg, s_yb, s_yt, s_yh,
+                           BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+    bh, c = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    g = h // HEADS_PER_GROUP
+    ls = tl.arange(0, BLOCK_L)
+    t = c * CHUNK + ls
+    in_chunk = (ls < CHUNK) & (t < T)
+    ps, ns = tl.arange(0, BLOCK_P), tl.arange(0, BLOCK_N)
+    dt = tl.load(dt_ptr + b * s_dtb + t * s_dtt + h, mask=in_chunk, other=0.0)
+    cum = tl.cumsum(dt * tl.load(A_ptr + h), axis=0)
+    x = tl.load(x_ptr + b * s_xb + t[:, None] * s_xt + h * s_xh + ps[None, :],
+                mask=in_chunk[:, None] & (ps[None, :] < P), other=0.0)
+    bc_offs = b * s_Bb + t[:, None] * s_Bt + g * s_Bg + ns[None, :]
+    bc_mask = in_chunk[:, None] & (ns[None, :] < N)
+    Bm = tl.load(B_ptr + bc_offs, mask=bc_mask, other=0.0)
+    Cm = tl.load(C_ptr + bc_offs, mask=bc_mask, other=0.0)
+
+    # Within the chunk: y_i = sum_{j <= i} (C_i . B_j) exp(cum_i - cum_j) dt_j x_j
+    causal = ls[:, None] >= ls[None, :]
+    decay = tl.exp(tl.where(causal, cum[:, None] - cum[None, :], float("-inf")))
+    scores = tl.dot(Cm, tl.trans(Bm), input_precision="ieee") * decay * dt[None, :]
+    y = tl.dot(scores, x, input_precision="ieee")
+    # From the state entering the chunk: y_i += exp(cum_i) S C_i
+    state = tl.load(states_ptr + ((bh * n_chunks + c) * P + ps[None, :]) * N + ns[:, None],  # S^T [N, P]
+                    mask=(ps[None, :] < P) & (ns[:, None] < N), other=0.0)
+    y += tl.dot(Cm, state, input_precision="ieee") * tl.exp(cum)[:, None]
+    tl.store(y_ptr + b * s_yb + t[:, None] * s_yt + h * s_yh + ps[None, :], y,
+             mask=in_chunk[:, None] & (ps[None, :] < P))
+
+
+def ssd_chunked(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk: int,
+                initial_state: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """x [b, T, H, P], dt [b, T, H], A [H], B and C [b, T, G, N] (fp32) -> y [b, T, H, P], final state [b, H, P, N]."""
+    b, T, H, P = x.shape
+    G, N = B.shape[-2:]
+    x, dt, B, C = (t.float().contiguous() for t in (x, dt, B, C))
+    n_chunks = triton.cdiv(T, chunk)
+    states = torch.empty(b * H, n_chunks, P, N, device=x.device, dtype=torch.float32)
+    log_decay = torch.empty(b * H, n_chunks, device=x.device, dtype=torch.float32)
+    y = torch.empty_like(x)
+    final = torch.empty(b, H, P, N, device=x.device, dtype=torch.float32)
+    blocks = dict(BLOCK_L=_pow2(chunk), BLOCK_P=_pow2(P), BLOCK_N=_pow2(N), num_warps=8 if chunk >= 128 else 4)
+    dims = (T, H, P, N, H // G, chunk, n_chunks, *x.stride()[:3], *dt.stride()[:2], *B.stride()[:3])
+    _ssd_chunk_state_kernel[(b * H, n_chunks)](x, dt, A.float(), B, states, log_decay, *dims, **blocks)
+    init = initial_state.float().contiguous() if initial_state is not None else final
+    _ssd_state_passing_kernel[(b * H, triton.cdiv(P * N, 1024))](
+        states, log_decay, init, final, n_chunks, P * N, HAS_INIT=initial_state is not None, BLOCK=1024)
+    _ssd_chunk_scan_kernel[(b * H, n_chunks)](x, dt, A.float(), B, C, states, y, *dims, *y.stride()[:3], **blocks)
+    return y, final
+
+
+# ----------------------------------------------------------------------------------------------------
+# 3. The Mamba-2 decode step: (a) conv over the cached K-1 inputs + the new one, shifting the conv state;
+#    (b) per head: dt, the state update S = exp(dt A) S + dt x B^T, the output y = S C + D x.
+
+@triton.jit
+def _conv_step_kernel(xBC_ptr, conv_state_ptr, w_ptr, bias_ptr, out_ptr, CH,
+                      s_xb, s_sb, s_sc, s_sk, s_wc, s_wk,
+                      K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+    b, blk = tl.program_id(0), tl.program_id(1)
+    ch = blk * BLOCK + tl.arange(0, BLOCK)
+    mask = ch < CH
+    new = tl.load(xBC_ptr + b * s_xb + ch, mask=mask, other=0.0).to(tl.float32)
+    acc = new * tl.load(w_ptr + ch * s_wc + (K - 1) * s_wk, mask=mask, other=0.0).to(tl.float32)
+    state = conv_state_ptr + b * s_sb + ch * s_sc
+    for k in tl.static_range(K - 1):  # oldest first; shift left as we go
+        past = tl.load(state + k * s_sk, mask=mask, other=0.0)
+        acc += past.to(tl.float32) * tl.load(w_ptr + ch * s_wc + k * s_wk, mask=mask, other=0.0).to(tl.float32)
+        if k > 0:
+            tl.store(state + (k - 1) * s_sk, past, mask=mask)
+    tl.store(state + (K - 2) * s_sk, new.to(conv_state_ptr.dtype.element_ty), mask=mask)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + ch, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + b * CH + ch, acc * tl.sigmoid(acc), mask=mask)  # silu
+
+
+@triton.jit
+def _ssm_step_kernel(xBC_ptr, dt_ptr, dt_bias_ptr, A_log_ptr, D_ptr, state_ptr, y_ptr,
+                     CH, H, P, N, HEADS_PER_GROUP, GN, dt_min, dt_max,
+                     s_dtb, s_sb, s_sh, s_sp,
+                     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+    b, h = tl.program_id(0), tl.program_id(1)
+    g = h // HEADS_PER_GROUP
+    ps, ns = tl.arange(0, BLOCK_P), tl.arange(0, BLOCK_N)
+    pm, nm = ps < P, ns < N
+    raw = tl.load(dt_ptr + b * s_dtb + h).to(tl.float32) + tl.load(dt_bias_ptr + h).to(tl.float32)
+    dt = tl.where(raw > 20.0, raw, tl.log(1.0 + tl.exp(raw)))  # softplus, as torch's threshold 20
+    dt = tl.minimum(tl.maximum(dt, dt_min), dt_max)
+    A = -tl.exp(tl.load(A_log_ptr + h).to(tl.float32))
+    row = xBC_ptr + b * CH
+    x = tl.load(row + h * P + ps, mask=pm, other=0.0)
+    Bv = tl.load(row + H * P + g * N + ns, mask=nm, other=0.0)
+    Cv = tl.load(row + H * P + GN + g * N + ns, mask=nm, other=0.0)
+    sp = state_ptr + b * s_sb + h * s_sh + ps[:, None] * s_sp + ns[None, :]
+    state = tl.load(sp, mask=pm[:, None] & nm[None, :], other=0.0)
+    state = state * tl.exp(dt * A) + (dt * x)[:, None] * Bv[None, :]
+    tl.store(sp, state, mask=pm[:, None] & nm[None, :])
+    y = tl.sum(state * Cv[None, :], axis=1) + tl.load(D_ptr + h).to(tl.float32) * x
+    tl.store(y_ptr + b * H * P + h * P + ps, y, mask=pm)
+
+
+def mamba_step(xBC: Tensor, dt: Tensor, conv_state: Tensor, ssm_state: Tensor, conv_weight: Tensor,
+               conv_bias: Tensor | None, dt_bias: Tensor, A_log: Tensor, D: Tensor, n_groups: int,
+               dt_limit: tuple[float, float]) -> Tensor:
+    """xBC [b, C] and raw dt [b, H] of one token -> y [b, H*P] fp32; conv_state [b, C, K-1] and
+    ssm_state [b, H, P, N] (fp32) are updated in place."""
+    b, CH = xBC.shape
+    H, P, N = ssm_state.shape[1:]
+    K = conv_state.shape[-1] + 1
+    xBC = xBC.contiguous()
+    conv_out = torch.empty(b, CH, device=xBC.device, dtype=torch.float32)
+    w = conv_weight.view(CH, K)
+    _conv_step_kernel[(b, triton.cdiv(CH, 256))](
+        xBC, conv_state, w, conv_bias if conv_bias is not None else w, conv_out, CH,
+        xBC.stride(0), *conv_state.stride(), *w.stride(), K=K, HAS_BIAS=conv_bias is not None, BLOCK=256)
+    y = torch.empty(b, H * P, device=xBC.device, dtype=torch.float32)
+    _ssm_step_kernel[(b, H)](
+        conv_out, dt, dt_bias, A_log, D, ssm_state, y, CH, H, P, N, H // n_groups, n_groups * N,
+        float(dt_limit[0]), float(min(dt_limit[1], 3.0e38)), dt.stride(0), *ssm_state.stride()[:3],
+        BLOCK_P=_pow2(P, 1), BLOCK_N=_pow2(N, 1))
+    return y
+
+
+# ----------------------------------------------------------------------------------------------------
+# 4. RMSNorm in groups, optionally gated: weight * g / sqrt(mean(g^2) + eps), g = x * silu(gate) or x
+
+@triton.jit
+def _rms_norm_kernel(x_ptr, gate_ptr, w_ptr, out_ptr, n_rows, width, eps, s_x, s_gate, s_out,
+                     HAS_GATE: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    cols = tl.program_id(1) * width + tl.arange(0, BLOCK)  # one group of `width` channels
+    mask = (rows[:, None] < n_rows) & (tl.arange(0, BLOCK)[None, :] < width)
+    rows = rows.to(tl.int64)[:, None]
+    x = tl.load(x_ptr + rows * s_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_GATE:
+        z = tl.load(gate_ptr + rows * s_gate + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        x = x * z * tl.sigmoid(z)
+    rstd = tl.rsqrt(tl.sum(x * x, axis=1) / width + eps)
+    w = tl.load(w_ptr + cols, mask=cols < (tl.program_id(1) + 1) * width, other=0.0).to(tl.float32)
+    tl.store(out_ptr + rows * s_out + cols[None, :], (x * rstd[:, None] * w[None, :]).to(out_ptr.dtype.element_ty),
+             mask=mask)
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float, groups: int = 1, gate: Tensor | None = None) -> Tensor:
+    """x [..., C] (times silu(gate) first, if given) normalised over `groups` equal slices -> x.dtype."""
+    C = x.shape[-1]
+    rows = x.reshape(-1, C)
+    z = gate.reshape(-1, C) if gate is not None else rows
+    rows, z = (t if t.stride(-1) == 1 else t.contiguous() for t in (rows, z))
+    out = torch.empty(rows.shape, device=x.device, dtype=x.dtype)
+    width = C // groups
+    block = _pow2(width, 1)
+    block_rows = max(1, min(16, 4096 // block))  # narrow rows: several per program
+    grid = (triton.cdiv(rows.shape[0], block_rows), groups)
+    _rms_norm_kernel[grid](rows, z, weight, out, rows.shape[0], width, eps, rows.stride(0), z.stride(0), out.stride(0),
+                           HAS_GATE=gate is not None, BLOCK_ROWS=block_rows, BLOCK=block,
+                           num_warps=4 if width <= 4096 else 8)
+    return out.view(x.shape)

@@ -1,0 +1,274 @@
+"""
+Tests of kernels.py: every Triton kernel against its plain-torch reference in nanoelastic.py (the function's
+`.reference`), at awkward shapes (non-multiples of every block size, strided nested views, batch > 1, FP8 and
+BF16 weights), by relative error against an fp32 reference; then the whole model with kernels against the
+model with references. Without CUDA the kernels run on the CPU under TRITON_INTERPRET=1 at small shapes;
+on a GPU the same tests run on CUDA and add the real model shapes.
+
+    TRITON_INTERPRET=1 python -m pytest -q test_kernels.py
+"""
+
+import os
+
+import pytest
+import torch
+
+import kernels
+import nanoelastic as ne
+from test_nanoelastic import CONFIGS
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+assert CUDA or kernels._INTERPRET, "without a GPU, run the kernel tests with TRITON_INTERPRET=1"
+
+# Relative error allowed: fp32 data differs only in summation order; bf16 data is rounded to 8 bits.
+TOL = {torch.float32: 2e-5, torch.bfloat16: 1.5e-2}
+
+
+def rel_err(out, ref):
+    out, ref = out.double().cpu(), ref.double().cpu()
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def rand(*shape, dtype=torch.float32, gen=None):
+    return torch.randn(*shape, generator=gen).to(device=DEVICE, dtype=dtype)
+
+
+def weight(rows, cols, fp8, dtype, gen, nested=None):
+    """A weight as the model holds it (FP8 + fp32 scale, or `dtype`), optionally a nested prefix view."""
+    w = torch.randn(rows, cols, generator=gen) / cols ** 0.5
+    if fp8:
+        w, scale = ne.fp8_quantize(w)
+        w, scale = w.to(DEVICE), scale.to(DEVICE)
+    else:
+        w, scale = w.to(DEVICE, dtype), None
+    if nested:
+        w = w[:nested[0], :nested[1]]
+    return w, scale
+
+
+def dequant(w, scale):  # per-tensor scale, or one per stacked expert
+    if scale is None:
+        return w.float()
+    return w.float() * (scale.view(-1, 1, 1) if scale.dim() else scale)
+
+
+@pytest.fixture(autouse=True)
+def triton_everywhere(monkeypatch):
+    monkeypatch.setenv("NANOELASTIC_KERNELS", "triton")
+
+
+# ------------------------------------------------------------------------------------------------------
+# linear: FP8 x per-tensor scale or BF16, contiguous or nested views; decode rows and prefill rows
+
+LINEAR_SHAPES = [(1, 70, 33), (3, 40, 100), (17, 129, 65), (70, 48, 97), (300, 40, 33)]  # (rows, in, out)
+if CUDA:  # the real 30B's in_proj, lm_head and down projections at decode and prefill row counts
+    LINEAR_SHAPES += [(1, 2688, 18560), (32, 4096, 2688), (4096, 2688, 18560), (1, 2688, 131072)]
+
+
+@pytest.mark.parametrize("rows,k,n", LINEAR_SHAPES)
+@pytest.mark.parametrize("fp8", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear(rows, k, n, fp8, dtype):
+    gen = torch.Generator().manual_seed(rows * 1000 + k)
+    w, scale = weight(n + 5, k + 7, fp8, dtype, gen, nested=(n, k))  # a strided prefix view
+    x = rand(2, rows, k, dtype=dtype, gen=gen)[1]
+    out = kernels.linear(x, w, scale)
+    ref = x.float() @ dequant(w, scale).T
+    assert out.shape == (rows, n) and out.dtype == dtype
+    assert rel_err(out, ref) < TOL[dtype]
+    # The reference itself agrees, and a contiguous copy of the view gives the very same result.
+    assert rel_err(ne.linear.reference(x.float(), w if fp8 else w.float(), scale), ref) < TOL[torch.float32]
+    assert torch.equal(out, kernels.linear(x, w.contiguous(), scale))
+
+
+def test_linear_reads_any_strides():
+    gen = torch.Generator().manual_seed(0)
+    w = rand(40, 24, gen=gen).T  # stride (1, 24): a column-major weight
+    x = rand(5, 40, gen=gen)
+    assert rel_err(kernels.linear(x, w), x @ w.T) < TOL[torch.float32]
+
+
+# ------------------------------------------------------------------------------------------------------
+# MoE: grouped by expert on the device, relu^2, routing weights fused, nested views [:, :f, :d]
+
+MOE_SHAPES = [(1, 1), (1, 3), (5, 3), (64, 3), (23, 6)]  # (tokens, top-k); 64 x 3 takes the 64-row blocks
+if CUDA:
+    MOE_SHAPES += [(1, 6), (32, 6), (4096, 6)]
+
+
+def moe_inputs(n, k, fp8, dtype, E=8, d_full=48, f_full=24, nested=(40, 16), seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    if CUDA and n > 64:  # real expert shapes
+        E, d_full, f_full, nested = 128, 2688, 1856, (2048, 1280)
+    d, f = nested
+    up = [weight(f_full, d_full, fp8, dtype, gen) for _ in range(E)]
+    down = [weight(d_full, f_full, fp8, dtype, gen) for _ in range(E)]
+    stack = lambda ws: (torch.stack([w for w, _ in ws]), None if not fp8 else torch.stack([s for _, s in ws]))
+    (up_w, up_s), (down_w, down_s) = stack(up), stack(down)
+    x = rand(n, d, dtype=dtype, gen=gen)
+    experts = torch.stack([torch.randperm(E, generator=gen)[:k] for _ in range(n)]).to(DEVICE)
+    if n >= 5:
+        experts[experts == 1] = 0  # an expert nobody chose, beside one chosen often
+    weights = torch.rand(n, k, generator=gen).to(DEVICE)
+    return x, weights, experts, up_w[:, :f, :d], up_s, down_w[:, :d, :f], down_s
+
+
+@pytest.mark.parametrize("n,k", MOE_SHAPES)
+@pytest.mark.parametrize("fp8", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_moe_experts(n, k, fp8, dtype):
+    x, weights, experts, up_w, up_s, down_w, down_s = moe_inputs(n, k, fp8, dtype, seed=n * 10 + k)
+    out = kernels.moe_experts(x, weights, experts, up_w, up_s, down_w, down_s)
+    # fp32 reference: each token through each of its experts, written out directly.
+    up, down = dequant(up_w, up_s), dequant(down_w, down_s)
+    h = torch.relu(torch.einsum("nd,nkfd->nkf", x.float(), up[experts])).square()
+    ref = torch.einsum("nkf,nkdf,nk->nd", h, down[experts], weights)
+    assert out.shape == x.shape and out.dtype == dtype
+    assert rel_err(out, ref) < TOL[dtype]
+    f32 = (lambda w: w) if fp8 else (lambda w: w.float())
+    ref_fn = ne.moe_experts.reference(x.float(), weights, experts, f32(up_w), up_s, f32(down_w), down_s)
+    assert rel_err(ref_fn, ref) < TOL[torch.float32]
+
+
+def test_moe_experts_has_no_host_sync(monkeypatch):
+    """Graph capture needs a sync-free MoE: forbid every way a tensor's value can reach the host."""
+    args = moe_inputs(5, 3, True, torch.float32)
+    expected = kernels.moe_experts(*args)
+    launches = []
+    if kernels._INTERPRET:  # the interpreter copies tensors to the host to run a kernel: check all around it
+        monkeypatch.setattr(kernels, "_matmul_kernel", type("Launch", (), {
+            "__getitem__": lambda self, grid: lambda *a, **k: launches.append(grid)})())
+
+    def sync(*_, **__):
+        raise AssertionError("host synchronisation in moe_experts")
+    for method in ("item", "tolist", "__bool__", "__int__", "__index__", "__float__", "nonzero", "numpy", "cpu"):
+        monkeypatch.setattr(torch.Tensor, method, sync)
+    with pytest.raises(AssertionError, match="host synchronisation"):
+        ne.moe_experts.reference(*args)  # the guard works: the reference syncs (bincount().tolist())
+    if CUDA:
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = kernels.moe_experts(*args)
+    finally:
+        if CUDA:
+            torch.cuda.set_sync_debug_mode("default")
+    monkeypatch.undo()
+    if kernels._INTERPRET:
+        assert len(launches) == 2  # up and down
+    else:
+        torch.testing.assert_close(out, expected)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Mamba-2: the chunked scan, and the fused decode step
+
+SSD_SHAPES = [  # (batch, T, heads, head dim, groups, state, chunk)
+    (1, 1, 4, 6, 1, 8, 8), (2, 21, 4, 6, 2, 8, 8), (1, 16, 8, 16, 2, 16, 16), (1, 37, 2, 5, 1, 3, 16)]
+if CUDA:
+    SSD_SHAPES += [(1, 8192, 64, 64, 8, 128, 128), (2, 1000, 64, 64, 8, 128, 128)]
+
+
+@pytest.mark.parametrize("b,T,H,P,G,N,chunk", SSD_SHAPES)
+@pytest.mark.parametrize("initial", [False, True])
+def test_ssd_chunked(b, T, H, P, G, N, chunk, initial):
+    gen = torch.Generator().manual_seed(T * 7 + H)
+    x, B, C = rand(b, T, H, P, gen=gen), rand(b, T, G, N, gen=gen), rand(b, T, G, N, gen=gen)
+    dt = torch.nn.functional.softplus(rand(b, T, H, gen=gen) - 1)
+    A = -torch.rand(H, generator=gen).to(DEVICE) * 4
+    init = rand(b, H, P, N, gen=gen) if initial else None
+    y, final = kernels.ssd_chunked(x, dt, A, B, C, chunk, init)
+    y_ref, final_ref = ne.ssd_chunked.reference(x, dt, A, B, C, chunk, init)
+    assert y.shape == y_ref.shape and final.shape == final_ref.shape
+    tol = 1e-4 if T > 1000 else TOL[torch.float32]  # long chunks: exp of differences of cumulative sums
+    assert rel_err(y, y_ref) < tol and rel_err(final, final_ref) < tol
+
+
+STEP_SHAPES = [(1, 4, 6, 1, 8, 4), (3, 4, 6, 2, 8, 4), (2, 2, 5, 1, 3, 2)]  # (batch, H, P, G, N, conv kernel)
+if CUDA:
+    STEP_SHAPES += [(1, 64, 64, 8, 128, 4), (32, 64, 64, 8, 128, 4)]
+
+
+@pytest.mark.parametrize("b,H,P,G,N,K", STEP_SHAPES)
+@pytest.mark.parametrize("dtype,bias", [(torch.float32, True), (torch.bfloat16, True), (torch.float32, False)])
+def test_mamba_step(b, H, P, G, N, K, dtype, bias):
+    gen = torch.Generator().manual_seed(b * 100 + H)
+    ch = H * P + 2 * G * N
+    xBC, dt = rand(b, ch, dtype=dtype, gen=gen), rand(b, H, dtype=dtype, gen=gen)
+    conv_state, ssm_state = rand(b, ch, K - 1, dtype=dtype, gen=gen), rand(b, H, P, N, gen=gen)
+    conv_w, conv_b = rand(ch, 1, K, dtype=dtype, gen=gen), rand(ch, dtype=dtype, gen=gen) if bias else None
+    dt_bias, A_log, D = rand(H, gen=gen), rand(H, gen=gen), rand(H, gen=gen)
+    states_ref = conv_state.clone(), ssm_state.clone()
+    args = (conv_w, conv_b, dt_bias, A_log, D, G, (0.0, float("inf")))
+    y = kernels.mamba_step(xBC, dt, conv_state, ssm_state, *args)
+    # fp32 reference from the same inputs (the reference rounds its conv to the data dtype; this one doesn't)
+    f32 = lambda t: None if t is None else t.float()
+    ref_conv, ref_ssm = states_ref[0].float(), states_ref[1]
+    y_ref = ne.mamba_step.reference(xBC.float(), dt.float(), ref_conv, ref_ssm, f32(conv_w), f32(conv_b), *args[2:])
+    assert y.shape == (b, H * P) and y.dtype == torch.float32
+    assert rel_err(y, y_ref) < TOL[dtype] and rel_err(ssm_state, ref_ssm) < TOL[dtype]
+    assert torch.equal(conv_state.float(), ref_conv)  # the shifted window holds the inputs exactly
+
+
+# ------------------------------------------------------------------------------------------------------
+# RMSNorm: plain, in groups, gated; strided rows
+
+NORM_SHAPES = [(1, 48, 1), (7, 40, 1), (5, 48, 4), (3, 1000, 2)]  # (rows, channels, groups)
+if CUDA:
+    NORM_SHAPES += [(1, 2688, 1), (8192, 2688, 1), (8192, 4096, 8)]
+
+
+@pytest.mark.parametrize("rows,C,groups", NORM_SHAPES)
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm(rows, C, groups, gated, dtype):
+    gen = torch.Generator().manual_seed(rows + C)
+    x = rand(rows, C + 3, dtype=dtype, gen=gen)[:, :C]  # rows with a stride wider than C
+    z = rand(rows, C, dtype=dtype, gen=gen) if gated else None
+    w = rand(C, gen=gen).to(dtype)
+    out = kernels.rms_norm(x, w, 1e-5, groups, z)
+    ref = ne.rms_norm.reference(x.float(), w.float(), 1e-5, groups, None if z is None else z.float())
+    assert out.shape == x.shape and out.dtype == dtype
+    assert rel_err(out, ref) < TOL[dtype]
+
+
+# ------------------------------------------------------------------------------------------------------
+# Routing, and the whole model with kernels == with references
+
+def test_routing(monkeypatch):
+    x, w = torch.randn(2, 8), torch.randn(3, 8)
+
+    def boom(*_, **__):
+        raise RuntimeError("kernel called")
+    monkeypatch.setattr(kernels, "linear", boom)
+    with pytest.raises(RuntimeError, match="kernel called"):
+        ne.linear(x, w)  # NANOELASTIC_KERNELS=triton: kernels even on CPU tensors
+    monkeypatch.setenv("NANOELASTIC_KERNELS", "torch")
+    ne.linear(x, w)
+    monkeypatch.delenv("NANOELASTIC_KERNELS")
+    assert ne.use_kernels(x.to(DEVICE)) == CUDA  # unset: kernels exactly on CUDA tensors
+    monkeypatch.setenv("NANOELASTIC_KERNELS", "cuda")
+    with pytest.raises(ne.NanoElasticError, match="NANOELASTIC_KERNELS='cuda'"):
+        ne.linear(x, w)
+
+
+@pytest.mark.parametrize("name,fp8,size", [("A", True, "40x16"), ("B", False, None)])
+def test_model_with_kernels_matches_references(tmp_path, monkeypatch, name, fp8, size):
+    path = ne.write_random_checkpoint(tmp_path / "ckpt", CONFIGS[name], fp8=fp8, shards=2, seed=3)
+    model = ne.Model.from_pretrained(path, device=DEVICE, dtype=torch.float32, verbose=False)
+    tokens = torch.randint(0, CONFIGS[name].vocab_size, (1, 12), generator=torch.Generator().manual_seed(1))
+
+    def run():  # prefill 10 tokens, decode 2: every kernel is used
+        cache = model.new_cache(1, 16)
+        prefill = model(tokens[:, :10], cache, size=size)
+        steps = [model(tokens[:, i:i + 1], cache, size=size) for i in (10, 11)]
+        return torch.cat([prefill, *steps], dim=1), cache
+
+    logits, cache = run()
+    monkeypatch.setenv("NANOELASTIC_KERNELS", "torch")
+    logits_ref, cache_ref = run()
+    assert rel_err(logits, logits_ref) < 1e-5
+    assert torch.equal(logits.argmax(-1), logits_ref.argmax(-1))
+    for state, state_ref in zip(cache.layers, cache_ref.layers):  # KV, conv and SSM states
+        for t, t_ref in zip(state or (), state_ref or ()):
+            assert rel_err(t, t_ref) < 1e-5
