@@ -439,18 +439,24 @@ class Attention(nn.Module):
         q = self.q_proj(x).unflatten(-1, (-1, hd)).transpose(1, 2)  # [B, Hq, T, hd]
         k = self.k_proj(x).unflatten(-1, (-1, hd)).transpose(1, 2)  # [B, Hkv, T, hd]
         v = self.v_proj(x).unflatten(-1, (-1, hd)).transpose(1, 2)
-        start = 0
-        if cache is not None:  # write the new keys/values at their positions, attend over all so far
-            start = cache.length
+        start, mask = 0, None
+        if cache is not None and T == 1:
+            # Decode: write at the device-side position and attend over the whole cache, masked. No host
+            # sync and fixed shapes, so the decode step can be captured in a CUDA graph.
             k_cache, v_cache = cache.layers[self.layer_idx]  # [B, Hkv, max_len, hd]
+            k_cache.index_copy_(2, cache.position.view(1), k)
+            v_cache.index_copy_(2, cache.position.view(1), v)
+            k, v = k_cache, v_cache
+            mask = (torch.arange(cache.max_len, device=x.device) <= cache.position)[None]  # [1, max_len]
+        elif cache is not None:  # prefill: write the new keys/values at their positions, attend over all so far
+            start = cache.length
+            k_cache, v_cache = cache.layers[self.layer_idx]
             k_cache[:, :, start:start + T] = k
             v_cache[:, :, start:start + T] = v
             k, v = k_cache[:, :, :start + T], v_cache[:, :, :start + T]
-        # Query i sits at position start + i and sees keys 0..start + i (a plain causal mask when start = 0;
-        # a single decoded token sees everything).
-        mask = None
-        if T > 1 and start > 0:
-            mask = torch.arange(start + T, device=x.device) <= torch.arange(start, start + T, device=x.device)[:, None]
+            # Query i sits at position start + i and sees keys 0..start + i (plain causal when start = 0).
+            if start > 0:
+                mask = torch.arange(start + T, device=x.device) <= torch.arange(start, start + T, device=x.device)[:, None]
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=T > 1 and start == 0,
                                            scale=hd ** -0.5, enable_gqa=True)
         return self.o_proj(o.transpose(1, 2).flatten(2))
@@ -544,11 +550,14 @@ class MoE(nn.Module):
 class Cache:
     """Preallocated decode state for every layer, the same shapes at every nested size:
     attention: K and V [B, Hkv, max_len, hd] (compute dtype); Mamba: conv [B, C, K-1], SSM [B, H, P, N] fp32.
-    `length` tokens are in it; a model call with the cache continues from there."""
+    `length` tokens are in it (and in `position`, on the device, for the graph-captured decode step);
+    a model call with the cache continues from there."""
 
     def __init__(self, config: Config, batch_size: int, max_len: int, device, dtype):
         c = config
         self.batch_size, self.max_len, self.length = batch_size, max_len, 0
+        self.position = torch.zeros((), dtype=torch.int64, device=device)
+        self.graphs = {}  # size -> the CUDA-graph decode step on this cache's tensors (Model.decode_graph)
         self.interrupted = False  # set while a step is half-written (Ctrl-C), see Model.forward
         self.layers = []
         for kind in c.layers_block_type:
@@ -569,6 +578,7 @@ class Cache:
         for state in self.layers:
             for t in state or ():
                 t.zero_()
+        self.position.zero_()
         self.length, self.interrupted = 0, False
 
 
@@ -658,16 +668,62 @@ class Model(nn.Module):
             if cache.length + tokens.shape[1] > cache.max_len:
                 raise NanoElasticError(f"cache overflow: {cache.length} cached + {tokens.shape[1]} new tokens > max_len {cache.max_len}")
             cache.interrupted = True
-        h = model.backbone.embeddings.weight[tokens.to(model.lm_head.weight.device)]  # [B, T, d], no positions
-        for layer in model.backbone.layers:
-            h = layer(h, cache)
-        if last_only:
-            h = h[:, -1:]
-        logits = model.lm_head(model.backbone.norm_f(h)).float()
+        logits = model.run(tokens.to(model.lm_head.weight.device), cache, last_only)
         if cache is not None:
             cache.length += tokens.shape[1]
             cache.interrupted = False
         return logits
+
+    @torch.no_grad()
+    def run(self, tokens: Tensor, cache: Cache | None = None, last_only: bool = False) -> Tensor:
+        """The network itself, without forward()'s checks and host-side bookkeeping (cache.length).
+        With one new token per row and a cache, nothing in it waits for the host."""
+        h = self.backbone.embeddings.weight[tokens]  # [B, T, d], no positions
+        for layer in self.backbone.layers:
+            h = layer(h, cache)
+        if last_only:
+            h = h[:, -1:]
+        logits = self.lm_head(self.backbone.norm_f(h)).float()
+        if cache is not None:
+            cache.position += tokens.shape[1]
+        return logits
+
+    def decode_graph(self, cache: Cache, size: str | None = None):
+        """The decode step at `size` on `cache`, captured once in a CUDA graph: step(tokens [B, 1]) -> fp32
+        logits [B, V] (a static buffer that the next step overwrites). One graph launch per token instead of
+        hundreds of kernel launches. Needs the Triton kernels: the torch MoE reference syncs with the host."""
+        key = parse_size(size, self.config)
+        if key in cache.graphs:
+            return cache.graphs[key]
+        model = self.nested(size)
+        tokens = torch.zeros(cache.batch_size, 1, dtype=torch.int64, device=cache.position.device)
+        # Warm up (Triton compiles, SDPA picks its kernel) on a scratch cache: the real one must not change.
+        scratch = self.new_cache(cache.batch_size, cache.max_len)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                model.run(tokens, scratch)
+        torch.cuda.current_stream().wait_stream(stream)
+        del scratch
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):  # records the kernels on cache's tensors; runs nothing
+            logits = model.run(tokens, cache)[:, -1]
+
+        def step(new_tokens: Tensor) -> Tensor:
+            if cache.interrupted:
+                raise NanoElasticError("this cache was interrupted in the middle of a step: reset it and prefill again")
+            if cache.length + 1 > cache.max_len:
+                raise NanoElasticError(f"cache overflow: {cache.length} cached + 1 new token > max_len {cache.max_len}")
+            tokens.copy_(new_tokens)
+            cache.interrupted = True
+            graph.replay()
+            cache.length += 1
+            cache.interrupted = False
+            return logits
+
+        cache.graphs[key] = step
+        return step
 
     # -- loading -------------------------------------------------------------------------------------
 
@@ -1027,6 +1083,12 @@ def generate(model: Model, prompt: list[int] | Tensor, max_new_tokens: int, *, s
             logits = model(piece, cache, size, last_only=True)
         return logits[0, -1]
 
+    def decode(token: int, size: str | None) -> Tensor:  # on a GPU with the kernels: the CUDA-graph step
+        t = torch.tensor([[token]], device=device)
+        if device.type == "cuda" and use_kernels(t):
+            return model.decode_graph(cache, size)(t)[0]
+        return model(t, cache, size, last_only=True)[0, -1]
+
     tokens = list(prompt)
     try:
         logits = prefill(tokens[cache.length:], size)
@@ -1046,7 +1108,7 @@ def generate(model: Model, prompt: list[int] | Tensor, max_new_tokens: int, *, s
                     cache.reset()
                     logits = prefill(tokens, size)
                     continue
-            logits = model(torch.tensor([[token]], device=device), cache, size, last_only=True)[0, -1]
+            logits = decode(token, size)
     except KeyboardInterrupt:
         return
 

@@ -131,31 +131,43 @@ def test_moe_experts(n, k, fp8, dtype):
     assert rel_err(ref_fn, ref) < TOL[torch.float32]
 
 
+def record_launches(monkeypatch):
+    """Under the interpreter (which itself copies tensors to the host to run a kernel), replace every kernel
+    launch by a record of its name, so that a test can check everything around the kernels for host syncs."""
+    launches = []
+    for name in dir(kernels) if kernels._INTERPRET else ():
+        if name.endswith("_kernel"):
+            monkeypatch.setattr(kernels, name, type("Launch", (), {
+                "__getitem__": lambda self, grid, name=name: lambda *a, **k: launches.append(name)})())
+    return launches
+
+
+def forbid_host_syncs(monkeypatch):
+    """Make every Python-level way for a tensor's value to reach the host raise (and CUDA's own check)."""
+    def sync(*_, **__):
+        raise AssertionError("host synchronisation")
+    for method in ("item", "tolist", "__bool__", "__int__", "__index__", "__float__", "nonzero", "numpy", "cpu"):
+        monkeypatch.setattr(torch.Tensor, method, sync)
+    if CUDA:
+        torch.cuda.set_sync_debug_mode("error")
+
+
 def test_moe_experts_has_no_host_sync(monkeypatch):
     """Graph capture needs a sync-free MoE: forbid every way a tensor's value can reach the host."""
     args = moe_inputs(5, 3, True, torch.float32)
     expected = kernels.moe_experts(*args)
-    launches = []
-    if kernels._INTERPRET:  # the interpreter copies tensors to the host to run a kernel: check all around it
-        monkeypatch.setattr(kernels, "_matmul_kernel", type("Launch", (), {
-            "__getitem__": lambda self, grid: lambda *a, **k: launches.append(grid)})())
-
-    def sync(*_, **__):
-        raise AssertionError("host synchronisation in moe_experts")
-    for method in ("item", "tolist", "__bool__", "__int__", "__index__", "__float__", "nonzero", "numpy", "cpu"):
-        monkeypatch.setattr(torch.Tensor, method, sync)
-    with pytest.raises(AssertionError, match="host synchronisation"):
-        ne.moe_experts.reference(*args)  # the guard works: the reference syncs (bincount().tolist())
-    if CUDA:
-        torch.cuda.set_sync_debug_mode("error")
+    launches = record_launches(monkeypatch)
+    forbid_host_syncs(monkeypatch)
     try:
+        with pytest.raises(AssertionError, match="host synchronisation"):
+            ne.moe_experts.reference(*args)  # the guard works: the reference syncs (bincount().tolist())
         out = kernels.moe_experts(*args)
     finally:
         if CUDA:
             torch.cuda.set_sync_debug_mode("default")
     monkeypatch.undo()
     if kernels._INTERPRET:
-        assert len(launches) == 2  # up and down
+        assert launches == ["_matmul_kernel"] * 2  # up and down
     else:
         torch.testing.assert_close(out, expected)
 
@@ -272,3 +284,44 @@ def test_model_with_kernels_matches_references(tmp_path, monkeypatch, name, fp8,
     for state, state_ref in zip(cache.layers, cache_ref.layers):  # KV, conv and SSM states
         for t, t_ref in zip(state or (), state_ref or ()):
             assert rel_err(t, t_ref) < 1e-5
+
+
+def test_decode_step_has_no_host_sync(tmp_path, monkeypatch):
+    """The decode step (Model.run, one token, with a cache) must not wait for the host, so that a CUDA graph
+    can capture it. Under the interpreter the kernel launches themselves are replaced (the interpreter
+    copies tensors to the host); on a GPU they run, under torch.cuda's sync check."""
+    path = ne.write_random_checkpoint(tmp_path / "ckpt", CONFIGS["A"], fp8=True, shards=1)
+    model = ne.Model.from_pretrained(path, device=DEVICE, dtype=torch.float32, verbose=False)
+    cache = model.new_cache(2, 16)
+    model(torch.randint(0, 97, (2, 5)).to(DEVICE), cache)
+    launches = record_launches(monkeypatch)
+    token = torch.tensor([[3], [4]], device=DEVICE)
+    forbid_host_syncs(monkeypatch)
+    try:
+        with pytest.raises(AssertionError, match="host synchronisation"):
+            model(token, cache)  # the guard works: forward() checks token ids on the host
+        model.nested("40x16").run(token, cache)
+        model.run(token, cache)
+    finally:
+        if CUDA:
+            torch.cuda.set_sync_debug_mode("default")
+        monkeypatch.undo()
+    assert int(cache.position) == 7
+    if kernels._INTERPRET:
+        assert {"_matmul_kernel", "_conv_step_kernel", "_ssm_step_kernel", "_rms_norm_kernel"} <= set(launches)
+
+
+if CUDA:  # CUDA graphs exist only there
+    def test_decode_graph_matches_eager(tmp_path):
+        path = ne.write_random_checkpoint(tmp_path / "ckpt", CONFIGS["A"], fp8=True, shards=1)
+        model = ne.Model.from_pretrained(path, device="cuda", dtype=torch.float32, verbose=False)
+        tokens = torch.randint(0, 97, (2, 9), device="cuda")
+        eager, graphed = model.new_cache(2, 16), model.new_cache(2, 16)
+        for cache in (eager, graphed):
+            model(tokens[:, :5], cache, size="40x16")
+        for i in range(5, 9):
+            size = "40x16" if i < 7 else None  # a size switch between graph steps
+            expected = model(tokens[:, i:i + 1], eager, size=size)[:, -1]
+            got = model.decode_graph(graphed, size)(tokens[:, i:i + 1])
+            assert rel_err(got, expected) < 1e-5
+        assert graphed.length == eager.length == 9 and int(graphed.position) == 9
