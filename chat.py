@@ -1,0 +1,547 @@
+"""
+chat.py: chat with Nemotron 3 Nano Elastic, thinking with one nested size and answering with another.
+
+    python chat.py --think 23B --answer 30B     # a multi-turn chat with the real checkpoint
+    python chat.py --demo                       # the same on a small random checkpoint: no GPU, no download
+    python chat.py --prompt "What is 17 * 23?"  # one-shot (a prompt piped on stdin works the same way)
+
+The model thinks with the --think size until it writes </think> (or the --max-think budget runs out and
+</think> is written for it), then the same cache carries on with the --answer size: "transplant" keeps the
+caches as the thinking size left them, "reprefill" rebuilds them with the answering size (SPEC.md §5).
+Prompts are the checkpoint's own chat template (render_chat below), tokenized by its tokenizer.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import unicodedata
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+import nanoelastic as ne
+from nanoelastic import NanoElasticError
+
+HF_REPOS = ("nvidia/NVIDIA-Nemotron-Labs-3-Elastic-30B-A3B-FP8", "nvidia/NVIDIA-Nemotron-Labs-3-Elastic-30B-A3B-BF16")
+MAX_CONTEXT = 65536  # tokens the chat's one cache holds (KV is about 6 KB a token on the real model)
+PREFILL_CHUNK = 8192
+
+HELP = """commands:
+  /think SIZE     think with SIZE (30B, 23B, 12B or HIDDENxFFN)
+  /answer SIZE    answer with SIZE
+  /switch MODE    transplant (keep the caches, free) or reprefill (rebuild them with the answer size, exact)
+  /nothink        thinking off (again: on)
+  /clear          forget the conversation
+  /help           this list
+  /exit           leave (or Ctrl-D); Ctrl-C stops a reply and keeps the conversation"""
+
+
+# ----------------------------------------------------------------------------------------------------
+# 1. The chat format: the checkpoint's chat template (../shared/reference/nemotron3-nano-chat-template.jinja,
+#    SPEC.md §6) in plain Python, for conversations without tools. test_chat.py renders many conversations
+#    both ways and requires identical strings.
+
+def render_chat(messages: list[dict], add_generation_prompt: bool = False, enable_thinking: bool = True,
+                truncate_history_thinking: bool = True) -> str:
+    system, turns = "", messages
+    if messages and messages[0]["role"] == "system":
+        system, turns = messages[0]["content"], messages[1:]
+    last_user = max((i for i, m in enumerate(turns) if m["role"] == "user"), default=-1)
+    text = f"<|im_start|>system\n{system}<|im_end|>\n"  # always, even when empty
+    for i, m in enumerate(turns):
+        if m["role"] == "tool" or m.get("tool_calls"):
+            raise NanoElasticError("render_chat renders conversations without tools")
+        if m["role"] == "assistant":
+            content = assistant_content(m, cut_thinking=truncate_history_thinking and i < last_user)
+            text += f"<|im_start|>assistant\n{content}<|im_end|>\n"
+        else:
+            text += f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n"
+    if add_generation_prompt:
+        text += "<|im_start|>assistant\n<think>\n" if enable_thinking else "<|im_start|>assistant\n<think></think>"
+    return text
+
+
+def assistant_content(message: dict, cut_thinking: bool) -> str:
+    """An assistant turn's text: its thinking in <think> tags (empty tags when it has none), then the answer.
+    Turns before the last user turn keep only the answer (cut_thinking)."""
+    reasoning, content = message.get("reasoning_content"), message.get("content") or ""
+    if isinstance(reasoning, str) and reasoning.strip():
+        content = f"<think>\n{reasoning}\n</think>\n{content}"
+    elif "<think>" not in content and "</think>" not in content:
+        content = "<think></think>" + content
+    if cut_thinking and "<think>" in content and "</think>" in content:
+        content = "<think></think>" + content.split("</think>")[-1]
+    return content.strip()
+
+
+# ----------------------------------------------------------------------------------------------------
+# 2. Checkpoint and tokenizer
+
+def hf_cache_checkpoint() -> Path | None:
+    """The downloaded snapshot of the FP8 (else BF16) release in the Hugging Face cache, if any."""
+    hub = os.environ.get("HF_HUB_CACHE") or Path(os.environ.get("HF_HOME") or Path.home() / ".cache/huggingface") / "hub"
+    for repo in HF_REPOS:
+        folder = Path(hub) / f"models--{repo.replace('/', '--')}"
+        main = folder / "refs" / "main"
+        snapshots = [folder / "snapshots" / main.read_text().strip()] if main.is_file() else []
+        snapshots += sorted((folder / "snapshots").glob("*"), key=lambda p: p.stat().st_mtime, reverse=True)
+        for snapshot in snapshots:
+            if (snapshot / "config.json").is_file():
+                return snapshot
+    return None
+
+
+def find_checkpoint(ckpt: str | None) -> Path:
+    """--ckpt, else $NANOELASTIC_CKPT, else the Hugging Face cache."""
+    path = ckpt or os.environ.get("NANOELASTIC_CKPT") or hf_cache_checkpoint()
+    if path is None:
+        raise NanoElasticError(
+            f"no checkpoint found (--ckpt DIR, $NANOELASTIC_CKPT, or the Hugging Face cache): download one with "
+            f"`hf download {HF_REPOS[0]}` (about 32 GB), or try `python chat.py --demo` (no GPU, no download)")
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise NanoElasticError(f"{path} is not a checkpoint folder (no config.json); try `python chat.py --demo`")
+    return path
+
+
+@dataclass
+class ChatTokenizer:
+    """The checkpoint's tokenizer.json and the special ids the chat needs, read from it."""
+    tokenizer: object  # tokenizers.Tokenizer
+    think_end: int  # </think>: where thinking stops and the size switches
+    stop: tuple[int, ...]  # <|im_end|> and </s>: the reply is over
+
+    @classmethod
+    def load(cls, ckpt: Path) -> "ChatTokenizer":
+        from tokenizers import Tokenizer
+        file = ckpt / "tokenizer.json"
+        if not file.is_file():
+            raise NanoElasticError(f"missing tokenizer: {file}")
+        tokenizer = Tokenizer.from_file(str(file))
+        needed = ("<|im_start|>", "<|im_end|>", "<think>", "</think>")
+        ids = {t: tokenizer.token_to_id(t) for t in needed + ("</s>",)}
+        missing = [t for t in needed if ids[t] is None]
+        if missing:
+            raise NanoElasticError(f"{file} has no {', '.join(missing)}: not the chat tokenizer of this model")
+        stop = tuple(ids[t] for t in ("<|im_end|>", "</s>") if ids[t] is not None)
+        return cls(tokenizer, ids["</think>"], stop)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids  # the template has no BOS
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids)
+
+
+class TextStream:
+    """Token ids in, printable text out, one token at a time. A byte-level BPE token can hold part of a
+    UTF-8 character, so text ending in a half character (U+FFFD) is held back, but never more than 3
+    tokens: a half character has at most 3 bytes, so what comes before them is final (invalid bytes, which
+    random weights write plenty of, would otherwise hold everything back). Decoding restarts from the last
+    released token, so each step decodes a few tokens, not the whole reply."""
+
+    def __init__(self, tokenizer: ChatTokenizer):
+        self.tokenizer, self.ids, self.start, self.done = tokenizer, [], 0, 0  # ids[start:done] already shown
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        shown = self.tokenizer.decode(self.ids[self.start:self.done])
+        for end in (len(self.ids), len(self.ids) - 3):
+            text = self.tokenizer.decode(self.ids[self.start:max(end, self.done)])
+            if len(text) > len(shown) and (end < len(self.ids) or not text.endswith("\ufffd")):
+                self.start, self.done = self.done, end
+                return text[len(shown):]
+        return ""
+
+    def flush(self) -> str:  # the end of the stream: whatever is left, half characters included
+        shown = self.tokenizer.decode(self.ids[self.start:self.done])
+        text = self.tokenizer.decode(self.ids[self.start:])
+        self.start = self.done = len(self.ids)
+        return text[len(shown):]
+
+
+# ----------------------------------------------------------------------------------------------------
+# 3. The demo: a small random checkpoint with nested sizes and a byte-level tokenizer, made on the fly
+
+DEMO_SIZES = {"30B": "256x128", "23B": "192x96", "12B": "128x64"}  # stand-ins inside the demo's 256x128
+DEMO_SPECIAL = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+
+
+def demo_tokenizer():
+    """Byte-level BPE without merges: the chat's special tokens, then one token per byte, in byte order."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    # GPT-2's byte -> character map that ByteLevel uses (printable bytes stand for themselves)
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    unprintable = [b for b in range(256) if b not in printable]
+    char = {b: chr(b) for b in printable} | {b: chr(256 + i) for i, b in enumerate(unprintable)}
+    vocab = {t: i for i, t in enumerate(DEMO_SPECIAL + [char[b] for b in range(256)])}
+    tokenizer = Tokenizer(models.BPE(vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens(DEMO_SPECIAL)
+    return tokenizer
+
+
+def demo_config() -> ne.Config:
+    return replace(ne.DEMO_CONFIG, vocab_size=demo_tokenizer().get_vocab_size())
+
+
+def write_demo_checkpoint(path: str | Path) -> Path:
+    """ne.DEMO_CONFIG (vocab cut to the byte-level tokenizer), random FP8 weights, and a tokenizer.json."""
+    path = ne.write_random_checkpoint(path, demo_config())
+    demo_tokenizer().save(str(path / "tokenizer.json"))
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------
+# 4. The chat: one conversation, one cache, a reply streamed phase by phase
+
+@dataclass
+class Settings:
+    think: str = "30B"
+    answer: str = "30B"
+    switch: str = "transplant"
+    thinking: bool = True
+    max_think: int | None = None
+    max_new_tokens: int = 8192
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    system: str | None = None
+
+
+@dataclass
+class Phase:  # thinking or answering, as the status line reports it
+    label: str
+    size: str
+    stream: TextStream
+    tokens: int = 0  # of text (not </think>, not the stop token)
+    steps: int = 0  # decode steps timed (every token but the reply's first, whose time is the time to first token)
+    seconds: float = 0.0
+    started: bool = False  # some text is out (the model opens a phase with a newline: not shown)
+
+
+@dataclass
+class Snapshot:  # the cache right after a conversation's history was prefilled (see Chat.prefill_history)
+    ids: list[int]
+    size: str
+    states: list  # per layer: (K, V) up to len(ids), (conv, SSM), or None
+
+
+class Chat:
+    def __init__(self, model: ne.Model, tokenizer: ChatTokenizer, settings: Settings,
+                 size_names: dict[str, str] | None = None, color: bool = False, out=sys.stdout):
+        self.model, self.tokenizer, self.settings, self.out = model, tokenizer, settings, out
+        self.size_names = size_names or {}  # what the user calls a size -> what the model calls it (the demo)
+        self.color = color  # dim the thinking (a terminal)
+        self.at_line_start = True
+        self.messages: list[dict] = []
+        self.cache = model.new_cache(1, min(model.config.max_position_embeddings, MAX_CONTEXT))
+        self.snapshot: Snapshot | None = None
+        self.turn = 0
+
+    def model_size(self, size: str) -> str:
+        """The size the model knows; unknown or too large sizes fail here, with parse_size's message."""
+        size = self.size_names.get(size, size)
+        ne.parse_size(size, self.model.config)
+        return size
+
+    def write(self, text: str, dim: bool = False) -> None:
+        if text:
+            self.out.write(f"\x1b[2m{text}\x1b[0m" if dim and self.color else text)
+            self.out.flush()
+
+    # -- multi-turn cache reuse ---------------------------------------------------------------------
+    # The template cuts earlier turns' thinking out of the history, so the next prompt is NOT the last
+    # prompt plus what was generated, and Mamba state cannot be rewound to a common prefix. What does
+    # carry over is the rendered history up to the last user turn (everything before the generation
+    # prompt): each turn prefills that, keeps a copy of the cache there (Mamba states and the KV
+    # prefix: small), and the next turn starts from the copy when it is a prefix of its own history
+    # and was made at the same size. Otherwise the history is prefilled from scratch. Either way the
+    # cache the reply starts from equals a fresh prefill of the whole prompt at the starting size.
+
+    def prefill_history(self, history: list[int], size: str) -> None:
+        saved, cache = self.snapshot, self.cache
+        if saved and saved.size == size and len(saved.ids) <= len(history) and history[:len(saved.ids)] == saved.ids:
+            self.restore(saved)
+        else:
+            cache.reset()
+        device = self.model.lm_head.weight.device
+        for i in range(cache.length, len(history), PREFILL_CHUNK):
+            self.model(torch.tensor([history[i:i + PREFILL_CHUNK]], device=device), cache, size, last_only=True)
+        n = cache.length  # attention: the first n positions of K and V; Mamba: the whole (small) state
+        self.snapshot = Snapshot(list(history), size, [
+            None if state is None else tuple(t[:, :, :n].clone() if kind == "attention" else t.clone() for t in state)
+            for kind, state in zip(self.model.config.layers_block_type, cache.layers)])
+
+    def restore(self, saved: Snapshot) -> None:
+        for kind, copies, state in zip(self.model.config.layers_block_type, saved.states, self.cache.layers):
+            for copy, t in zip(copies or (), state or ()):
+                (t[:, :, :copy.shape[2]] if kind == "attention" else t).copy_(copy)
+        self.cache.length, self.cache.interrupted = len(saved.ids), False
+
+    def clear(self) -> None:
+        self.messages, self.snapshot = [], None
+        self.cache.reset()
+
+    # -- one reply ------------------------------------------------------------------------------------
+
+    def reply(self, text: str) -> bool:
+        """Stream the reply to `text`, then its status line; False when Ctrl-C stopped it. A stopped reply
+        stays in the conversation as far as it got (the next turn can say "go on"; /clear forgets it)."""
+        st, tok = self.settings, self.tokenizer
+        start_size = self.model_size(st.think if st.thinking else st.answer)
+        end_size = self.model_size(st.answer)
+        switch = None
+        if st.thinking and (start_size != end_size or st.max_think is not None):
+            mode = st.switch if start_size != end_size else "transplant"  # the same size: nothing to rebuild
+            switch = ne.Switch(end_size, on_token=tok.think_end, after=st.max_think, mode=mode)
+
+        system = [{"role": "system", "content": st.system}] if st.system is not None else []
+        messages = self.messages + [{"role": "user", "content": text}]
+        history = tok.encode(render_chat(system + messages))
+        prompt = tok.encode(render_chat(system + messages, add_generation_prompt=True, enable_thinking=st.thinking))
+        max_new = min(st.max_new_tokens, self.cache.max_len - len(prompt))
+        if max_new <= 0:
+            raise NanoElasticError(f"the conversation fills the context ({self.cache.max_len} tokens): /clear starts a new one")
+
+        think, answer = Phase("think", st.think, TextStream(tok)), Phase("answer", st.answer, TextStream(tok))
+        phase = think if st.thinking else answer
+        stopped, first_token, count = False, None, 0
+        t0 = last = time.perf_counter()
+        try:
+            # (history is a prefix of prompt: the generation prompt starts with a special token)
+            self.prefill_history(history if prompt[:len(history)] == history else [], start_size)
+            self.start_phase(phase)
+            seed = None if st.seed is None else st.seed + self.turn
+            for token in ne.generate(self.model, prompt, max_new, size=start_size, switch=switch,
+                                     stop_tokens=tok.stop, temperature=st.temperature, top_p=st.top_p,
+                                     seed=seed, cache=self.cache, prefill_chunk=PREFILL_CHUNK):
+                now, count = time.perf_counter(), count + 1
+                if first_token is None:
+                    first_token = now - t0
+                else:
+                    phase.steps, phase.seconds = phase.steps + 1, phase.seconds + now - last
+                last = now
+                if token.id in tok.stop:
+                    stopped = True
+                    break
+                if phase is think and token.id == tok.think_end:
+                    self.show(think, think.stream.flush())
+                    phase = answer
+                    self.start_phase(answer)
+                    continue
+                phase.tokens += 1
+                self.show(phase, phase.stream.push(token.id))
+        except KeyboardInterrupt:  # Ctrl-C outside generate(), which ends its stream itself on one inside
+            pass
+        interrupted = not stopped and count < max_new
+        self.show(phase, phase.stream.flush())
+        self.write("" if self.at_line_start else "\n")
+        if interrupted:
+            self.write("[stopped]\n")
+        elif not stopped:
+            self.write(f"[cut at {max_new} tokens: --max-new-tokens]\n")
+        switched = switch.mode if switch is not None and start_size != end_size else None
+        self.write(self.status(think if st.thinking else None, answer, first_token, switched) + "\n")
+        self.at_line_start = True
+        thought, said = tok.decode(think.stream.ids), tok.decode(answer.stream.ids)
+        self.messages = messages + [{"role": "assistant", "content": said, "reasoning_content": thought}]
+        self.turn += 1
+        return not interrupted
+
+    def start_phase(self, phase: Phase) -> None:
+        self.write(("" if self.at_line_start else "\n") + f"[{phase.label} {phase.size}] ", dim=phase.label == "think")
+        self.at_line_start = False
+
+    def show(self, phase: Phase, text: str) -> None:
+        text = printable(text)
+        if not phase.started:
+            text = text.lstrip()
+            phase.started = bool(text)
+        if text:
+            self.write(text, dim=phase.label == "think")
+            self.at_line_start = text.endswith("\n")
+
+    def status(self, think: Phase | None, answer: Phase, first_token: float | None, switched: str | None) -> str:
+        parts = []
+        for p in (think, answer):
+            if p is not None:
+                rate = f"{p.steps / p.seconds:.1f} tok/s" if p.seconds > 0 else "- tok/s"
+                budget = " (budget)" if p is think and p.tokens == self.settings.max_think else ""
+                parts.append(f"{p.label} {p.size}: {p.tokens} tok{budget}, {rate}")
+        parts.append("first token " + (f"{first_token:.2f} s" if first_token is not None else "-"))
+        parts.append(f"switch {switched}" if switched else "no switch")
+        return "[" + " | ".join(parts) + "]"
+
+
+def printable(text: str) -> str:
+    """Control characters (random weights write plenty) would move the cursor or change colours: show U+FFFD."""
+    return "".join(c if c in "\n\t" or unicodedata.category(c) != "Cc" else "\ufffd" for c in text)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 5. The REPL and the command line
+
+def command(chat: Chat, line: str) -> bool:
+    """Run one /command; False means leave."""
+    name, _, arg = line.partition(" ")
+    arg, st = arg.strip(), chat.settings
+    if name in ("/exit", "/quit"):
+        return False
+    if name == "/help":
+        print(HELP)
+    elif name in ("/think", "/answer"):
+        if not arg:
+            raise NanoElasticError(f"{name} needs a size: 30B, 23B, 12B or HIDDENxFFN")
+        chat.model_size(arg)
+        setattr(st, name[1:], arg)
+        print(f"think {st.think}, answer {st.answer}")
+    elif name == "/switch":
+        if arg not in ("transplant", "reprefill"):
+            raise NanoElasticError(f"unknown switch mode {arg!r}: use transplant or reprefill")
+        st.switch = arg
+        print(f"switch {arg}")
+    elif name == "/nothink":
+        st.thinking = not st.thinking
+        print("thinking " + ("on" if st.thinking else "off"))
+    elif name == "/clear":
+        chat.clear()
+        print("conversation cleared")
+    else:
+        raise NanoElasticError(f"unknown command {name}: /help lists them")
+    return True
+
+
+def repl(chat: Chat, echo: bool) -> None:
+    """Read a line, answer it; until /exit, Ctrl-D, or Ctrl-C at the prompt."""
+    if not echo:
+        try:
+            import readline  # noqa: F401  (line editing and history for input())
+        except ImportError:
+            pass
+    while True:
+        try:
+            line = input("> ")
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return
+        if echo:  # input from a pipe: show it, so the transcript reads like a conversation
+            print(line)
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            if line.startswith("/"):
+                if not command(chat, line):
+                    return
+            else:
+                chat.reply(line)
+        except NanoElasticError as e:
+            print(f"error: {e}")
+        except KeyboardInterrupt:  # a second Ctrl-C while a stopped reply was being wrapped up
+            print()
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, like every other error here
+        sys.exit(f"{self.prog}: error: {message} (see --help)")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = Parser(prog="chat.py", description="Chat with Nemotron 3 Nano Elastic: think with one nested size, "
+                "answer with another, switching when the model writes </think>.", epilog=HELP,
+                formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ckpt", metavar="DIR", help="checkpoint folder (default: $NANOELASTIC_CKPT, else the "
+                    "Hugging Face cache of nvidia/NVIDIA-Nemotron-Labs-3-Elastic-30B-A3B-FP8 or -BF16)")
+    ap.add_argument("--demo", action="store_true", help="a small random checkpoint (random weights: the text is "
+                    "noise); with --ckpt DIR it is kept in DIR (written there when missing)")
+    ap.add_argument("--think", metavar="SIZE", help="size that thinks: 30B, 23B, 12B or HIDDENxFFN (default 30B; demo 23B)")
+    ap.add_argument("--answer", default="30B", metavar="SIZE", help="size that answers")
+    ap.add_argument("--switch", default="transplant", choices=["transplant", "reprefill"],
+                    help="at </think>: keep the caches (transplant) or rebuild them with the answer size")
+    ap.add_argument("--no-think", action="store_true", help="answer without thinking")
+    ap.add_argument("--max-think", type=int, metavar="N", help="thinking budget: after N tokens, </think> is "
+                    "written for the model and the size switches (demo: 16)")
+    ap.add_argument("--max-new-tokens", type=int, metavar="N", help="per reply, thinking included (default 8192; demo 64)")
+    ap.add_argument("--temperature", type=float, default=1.0, metavar="T",
+                    help="default 1.0 with --top-p 1.0: the model card's advice for reasoning; 0 = greedy")
+    ap.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling")
+    ap.add_argument("--seed", type=int, help="for reproducible sampling (demo: 1)")
+    ap.add_argument("--system", metavar="TEXT", help="system prompt")
+    ap.add_argument("--prompt", metavar="TEXT", help="answer this and exit")
+    ap.add_argument("--interactive", action="store_true", help="chat line by line even when stdin is not a terminal")
+    args = ap.parse_args(argv)
+    for name in ("max_think", "max_new_tokens"):
+        if getattr(args, name) is not None and getattr(args, name) < (0 if name == "max_think" else 1):
+            ap.error(f"--{name.replace('_', '-')} must be {'>= 0' if name == 'max_think' else '>= 1'}")
+    if args.temperature < 0 or not 0 < args.top_p <= 1:
+        ap.error("--temperature must be >= 0 and --top-p in (0, 1]")
+    return args
+
+
+def load(args: argparse.Namespace, tmp: str) -> tuple[ne.Model, ChatTokenizer, dict[str, str]]:
+    """The checkpoint's model and tokenizer, and the size names that differ from the model's (the demo)."""
+    if args.demo:
+        path = Path(args.ckpt) if args.ckpt else Path(tmp) / "demo"
+        if not path.exists():
+            write_demo_checkpoint(path)
+        elif ne.Config.from_file(path / "config.json") != demo_config():
+            raise NanoElasticError(f"{path} is not a demo checkpoint (its config is not the demo's)")
+    else:
+        path = find_checkpoint(args.ckpt)
+    tokenizer = ChatTokenizer.load(path)
+    config = ne.Config.from_file(path / "config.json")
+    size_names = DEMO_SIZES if args.demo else {}
+    for size in (args.think, args.answer):  # before the (long) load
+        ne.parse_size(size_names.get(size, size), config)
+    if args.demo and not torch.cuda.is_available():
+        torch.set_num_threads(1)  # tiny matrices: more threads only add overhead
+    model = ne.Model.from_pretrained(path, dtype=torch.float32 if args.demo else None, verbose=not args.demo)
+    return model, tokenizer, size_names
+
+
+def main(argv: list[str] | None = None) -> int:
+    import tempfile
+
+    args = parse_args(argv)
+    prompt = args.prompt
+    if prompt is None and not args.interactive and not sys.stdin.isatty():
+        prompt = sys.stdin.read()
+    if prompt is not None and not prompt.strip():
+        raise NanoElasticError("empty prompt")
+    args.think = args.think or ("23B" if args.demo else "30B")
+    if args.demo:  # the switch must show: the 23B thinks (above), and not for long
+        args.max_think = 16 if args.max_think is None else args.max_think
+        args.max_new_tokens = args.max_new_tokens or 64
+        args.seed = 1 if args.seed is None else args.seed  # reproducible; with seed 1 the first reply shows the switch
+    settings = Settings(args.think, args.answer, args.switch, not args.no_think, args.max_think,
+                        args.max_new_tokens or 8192, args.temperature, args.top_p, args.seed, args.system)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model, tokenizer, size_names = load(args, tmp)
+        color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+        chat = Chat(model, tokenizer, settings, size_names, color)
+        if args.demo:
+            print(f"DEMO: random weights, so the text is noise; the sizes, caches and switch are real.\n"
+                  f"30B/23B/12B stand for the nested sizes {'/'.join(DEMO_SIZES.values())} of a small random checkpoint.\n"
+                  f"Random weights rarely write </think>: thinking stops after {settings.max_think} tokens (--max-think).")
+        if prompt is not None:
+            return 0 if chat.reply(prompt.strip()) else 130
+        thinking = f"think {settings.think}, answer {settings.answer}, switch {settings.switch}"
+        print(f"nanoelastic chat: {thinking if settings.thinking else 'answer ' + settings.answer + ', thinking off'}."
+              f" /help for commands, Ctrl-D to leave.")
+        repl(chat, echo=not sys.stdin.isatty())
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.stdout.reconfigure(errors="replace")  # a terminal that cannot show a character shows '?'
+        sys.exit(main())
+    except NanoElasticError as e:
+        sys.exit(f"chat.py: error: {e}")

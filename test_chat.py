@@ -1,0 +1,305 @@
+"""Tests for chat.py: the chat template against the checkpoint's own (jinja2), streaming decode, the
+multi-turn cache, and chat.py driven as a user drives it (a subprocess: --prompt, piped stdin, the REPL,
+Ctrl-C, bad input) on the demo's random checkpoint with its byte-level tokenizer."""
+
+import io
+import itertools
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import chat
+import nanoelastic as ne
+
+ROOT = Path(__file__).parent
+TEMPLATE = ROOT.parent / "shared" / "reference" / "nemotron3-nano-chat-template.jinja"
+STATUS = re.compile(r"^\[(think|answer) .*\]$", re.M)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the chat format
+
+def conversations():
+    """Many conversations, hand-made and random: with and without system, multi-turn, assistant turns with
+    reasoning_content (blank too), with think tags in the content (whole, only open, only close), empty or
+    None content, surrounding whitespace, a system turn in the middle, a final assistant turn."""
+    yield [{"role": "user", "content": "Hi"}]
+    yield [{"role": "system", "content": ""}, {"role": "user", "content": "Hi"}]
+    yield [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
+           {"role": "assistant", "content": "4", "reasoning_content": "Add them."}, {"role": "user", "content": "3+3?"}]
+    rng = random.Random(0)
+    texts = ["", " ", "Hello", "  padded \n", "two\nlines", "naïve 漢字 🙂", "x<think>y", "a</think>b",
+             "<think>\nhm\n</think>\nok", "<think></think>done", "so: {{ not jinja }} {% raw %}"]
+    for _ in range(400):
+        messages = [{"role": "system", "content": rng.choice(texts)}] if rng.random() < 0.5 else []
+        for turn in range(rng.randint(1, 4)):
+            messages.append({"role": "user" if rng.random() < 0.9 else "system", "content": rng.choice(texts)})
+            if turn < 3 or rng.random() < 0.3:
+                reply = {"role": "assistant", "content": rng.choice(texts + [None])}
+                if rng.random() < 0.5:
+                    reply["reasoning_content"] = rng.choice(texts + [None])
+                messages.append(reply)
+        if rng.random() < 0.6 and messages[-1]["role"] == "assistant":
+            messages.pop()
+        yield messages
+
+
+def test_render_matches_the_checkpoint_template():
+    import jinja2
+
+    env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)  # as transformers renders chat templates
+    template = env.from_string(TEMPLATE.read_text())
+    n = 0
+    for messages, gen, thinking, truncate in itertools.product(list(conversations()), [True, False], [True, False],
+                                                               [True, False]):
+        options = dict(add_generation_prompt=gen, enable_thinking=thinking, truncate_history_thinking=truncate)
+        assert chat.render_chat(messages, **options) == template.render(messages=messages, **options), (messages, options)
+        n += 1
+    assert n > 3000
+    # the shape SPEC §6 describes, spelled out once
+    two_turns = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "\n4", "reasoning_content": "add"},
+                 {"role": "user", "content": "and 3+3?"}]
+    assert chat.render_chat(two_turns, add_generation_prompt=True) == (
+        "<|im_start|>system\n<|im_end|>\n<|im_start|>user\n2+2?<|im_end|>\n"
+        "<|im_start|>assistant\n<think></think>\n\n4<|im_end|>\n<|im_start|>user\nand 3+3?<|im_end|>\n"
+        "<|im_start|>assistant\n<think>\n")
+
+
+# ---------------------------------------------------------------------------------------------------
+# the demo checkpoint, its tokenizer, streaming
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The demo model's matrices are tiny: more threads only add overhead (as chat.py --demo knows)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def demo_ckpt(tmp_path_factory):
+    return chat.write_demo_checkpoint(tmp_path_factory.mktemp("chat") / "demo")
+
+
+@pytest.fixture(scope="session")
+def demo_model(demo_ckpt):
+    return ne.Model.from_pretrained(demo_ckpt, device="cpu", dtype=torch.float32, verbose=False)
+
+
+def test_tokenizer_ids_come_from_tokenizer_json(demo_ckpt):
+    tok = chat.ChatTokenizer.load(demo_ckpt)
+    vocab = json.loads((demo_ckpt / "tokenizer.json").read_text())["model"]["vocab"]
+    assert tok.think_end == vocab["</think>"] and tok.stop == (vocab["<|im_end|>"], vocab["</s>"])
+    text = chat.render_chat([{"role": "user", "content": "é!"}], add_generation_prompt=True)
+    ids = tok.encode(text)
+    assert ids[0] == vocab["<|im_start|>"] and ids[-2:] == [vocab["<think>"], vocab["Ċ"]]  # no BOS; "\n" is Ċ
+    assert ids.count(vocab["<|im_end|>"]) == 2 and tok.tokenizer.decode(ids, skip_special_tokens=False) == text
+    assert len(vocab) == chat.demo_config().vocab_size  # every id the model can write decodes
+
+
+def test_stream_releases_whole_characters(demo_ckpt):
+    tok = chat.ChatTokenizer.load(demo_ckpt)
+    text = "naïve 漢字 🙂 ok"
+    ids = tok.encode(text)
+    assert len(ids) == len(text.encode())  # one token a byte: characters span several tokens
+    stream = chat.TextStream(tok)
+    pieces = [stream.push(i) for i in ids]
+    assert "".join(pieces) + stream.flush() == text
+    assert "\ufffd" not in "".join(pieces) and pieces.count("") == len(ids) - len(text)  # held back mid-character
+    cut = chat.TextStream(tok)  # a stream that ends mid-character shows what it has
+    assert "".join(cut.push(i) for i in tok.encode("a🙂")[:3]) == "a" and cut.flush() == "\ufffd"
+
+
+def test_history_cache_reuse_equals_a_fresh_prefill(demo_model, demo_ckpt):
+    """Turn 2 starts from turn 1's saved cache (history up to turn 1's user message) and prefills only the
+    rest: the same cache as prefilling the whole history afresh. Tokens after </think> come from the
+    answer size; the thinking is dimmed on a terminal."""
+    tok = chat.ChatTokenizer.load(demo_ckpt)
+    out = io.StringIO()
+    seed = quiet_seed(demo_model, tok, "first question", "12B", 3, system="Be brief.")
+    settings = chat.Settings(think="12B", answer="30B", max_think=3, max_new_tokens=6, seed=seed, system="Be brief.")
+    talk = chat.Chat(demo_model, tok, settings, chat.DEMO_SIZES, color=True, out=out)
+    sizes = []
+    real_generate = ne.generate
+
+    def recording(*args, **kwargs):
+        for token in real_generate(*args, **kwargs):
+            sizes.append(token.size)
+            yield token
+
+    ne.generate = recording
+    try:
+        talk.reply("first question")
+    finally:
+        ne.generate = real_generate
+    first = talk.snapshot
+    think_n = sizes.index(chat.DEMO_SIZES["30B"])
+    assert set(sizes[:think_n]) == {chat.DEMO_SIZES["12B"]} and set(sizes[think_n:]) == {chat.DEMO_SIZES["30B"]}
+    assert "\x1b[2m[think 12B] \x1b[0m" in out.getvalue() and "[answer 30B] " in out.getvalue()
+
+    talk.reply("second question")
+    history = tok.encode(chat.render_chat([{"role": "system", "content": "Be brief."}] + talk.messages[:3]))
+    assert talk.snapshot.ids == history and history[:len(first.ids)] == first.ids  # a prefix: reused
+    fresh = chat.Chat(demo_model, tok, settings, chat.DEMO_SIZES, out=io.StringIO())
+    fresh.prefill_history(history, chat.DEMO_SIZES["12B"])
+    for reused, scratch in zip(talk.snapshot.states, fresh.snapshot.states):
+        for a, b in zip(reused or (), scratch or ()):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert len(talk.messages) == 4 and talk.messages[1]["role"] == "assistant"
+
+
+# ---------------------------------------------------------------------------------------------------
+# chat.py as a user runs it
+
+def run(*args, input="", env=None, timeout=120):
+    """python chat.py ARGS with stdin from a pipe; no real checkpoint can be found by accident."""
+    environ = {k: v for k, v in os.environ.items() if k != "NANOELASTIC_CKPT"}
+    environ.update(PYTHONUNBUFFERED="1", HF_HOME=str(ROOT / ".no-hf-home"), HF_HUB_CACHE=str(ROOT / ".no-hf-home"))
+    return subprocess.run([sys.executable, str(ROOT / "chat.py"), *args], input=input, capture_output=True,
+                          text=True, env={**environ, **(env or {})}, timeout=timeout, cwd=ROOT)
+
+
+def quiet_seed(model, tok, text, size, n, system=None):
+    """A seed whose first n sampled tokens neither stop the reply nor close the thought: random weights
+    write them now and then, which would cut short what a test wants to see."""
+    messages = [{"role": "system", "content": system}] if system is not None else []
+    prompt = tok.encode(chat.render_chat(messages + [{"role": "user", "content": text}], add_generation_prompt=True))
+    for seed in range(20):
+        ids = [t.id for t in ne.generate(model, prompt, n, size=chat.DEMO_SIZES[size], stop_tokens=tok.stop,
+                                         temperature=1.0, seed=seed)]
+        if not set(ids) & {*tok.stop, tok.think_end}:
+            return seed
+    raise AssertionError("no quiet seed")
+
+
+def test_one_shot_thinks_small_then_answers_large_after_the_budget(demo_ckpt, demo_model):
+    seed = quiet_seed(demo_model, chat.ChatTokenizer.load(demo_ckpt), "What is 17 * 23?", "12B", 5)
+    r = run("--demo", "--ckpt", str(demo_ckpt), "--prompt", "What is 17 * 23?", "--think", "12B", "--answer", "30B",
+            "--max-think", "5", "--max-new-tokens", "10", "--seed", str(seed))
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert r.stdout.startswith("DEMO: random weights, so the text is noise")
+    think, answer = r.stdout.index("[think 12B] "), r.stdout.index("\n[answer 30B] ")
+    assert think < answer
+    assert re.search(r"^\[think 12B: 5 tok \(budget\), [\d.]+ tok/s \| answer 30B: \d+ tok, [\d.]+ tok/s \| "
+                     r"first token [\d.]+ s \| switch transplant\]$", r.stdout, re.M), r.stdout
+
+
+def test_piped_prompt_switches_where_the_model_writes_think_end(demo_ckpt, demo_model, tmp_path):
+    """Random weights rarely write </think>, so this checkpoint's tokenizer calls </think> the token the
+    model writes 4th (the model and the prompt's ids are unchanged): the switch must come right there,
+    before the budget, in reprefill mode too."""
+    tok, text = chat.ChatTokenizer.load(demo_ckpt), "Hello there"
+    seed = quiet_seed(demo_model, tok, text, "23B", 4)
+    prompt = tok.encode(chat.render_chat([{"role": "user", "content": text}], add_generation_prompt=True))
+    ids = [t.id for t in ne.generate(demo_model, prompt, 4, size=chat.DEMO_SIZES["23B"], temperature=1.0, seed=seed)]
+    fourth = ids[3]
+    assert fourth >= len(chat.DEMO_SPECIAL) and fourth not in prompt + ids[:3], "pick another position"
+    ckpt = Path(shutil.copytree(demo_ckpt, tmp_path / "early-thinker"))
+    tokenizer = json.loads((ckpt / "tokenizer.json").read_text())
+    vocab = tokenizer["model"]["vocab"]
+    byte = next(t for t, i in vocab.items() if i == fourth)
+    vocab[byte], vocab["</think>"] = tok.think_end, fourth
+    next(t for t in tokenizer["added_tokens"] if t["content"] == "</think>")["id"] = fourth
+    (ckpt / "tokenizer.json").write_text(json.dumps(tokenizer))
+
+    r = run("--demo", "--ckpt", str(ckpt), "--max-think", "8", "--max-new-tokens", "8", "--switch", "reprefill",
+            "--seed", str(seed), input=text + "\n")
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert re.search(r"^\[think 23B: 3 tok, [\d.]+ tok/s \| answer 30B: \d+ tok, .*\| switch reprefill\]$",
+                     r.stdout, re.M), r.stdout
+    assert r.stdout.index("[think 23B] ") < r.stdout.index("\n[answer 30B] ")
+
+
+def test_repl_commands(demo_ckpt):
+    lines = ["/help", "/think 12B", "/answer 23B", "/switch reprefill", "hello", "/nothink", "again",
+             "/think 99B", "/switch sideways", "/frobnicate", "/clear", "", "/exit", "not read"]
+    r = run("--demo", "--ckpt", str(demo_ckpt), "--interactive", "--max-think", "2", "--max-new-tokens", "4",
+            input="\n".join(lines) + "\n")
+    out = r.stdout
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    for expected in ["/nothink        thinking off", "think 12B, answer 30B", "think 12B, answer 23B",
+                     "switch reprefill", "thinking off", "error: unknown size '99B'",
+                     "error: unknown switch mode 'sideways'", "error: unknown command /frobnicate", "conversation cleared"]:
+        assert expected in out, expected
+    statuses = STATUS.findall(out)
+    assert statuses == ["think", "answer"], out  # two replies, and nothing after /exit
+    first, second = [line for line in out.splitlines() if STATUS.match(line)]
+    assert first.startswith("[think 12B: ") and "| answer 23B: " in first and first.endswith("| switch reprefill]")
+    assert second.startswith("[answer 23B: ") and second.endswith("| no switch]") and "[think" not in out.split("> again")[1]
+
+
+class Reader:
+    """Collects a process's stdout in the background so a test can wait for text to appear."""
+
+    def __init__(self, stream):
+        self.text, self.stream = "", stream
+        threading.Thread(target=self.run, daemon=True).start()
+
+    def run(self):
+        for chunk in iter(lambda: os.read(self.stream.fileno(), 4096), b""):
+            self.text += chunk.decode(errors="replace")
+
+    def wait_for(self, pattern, count=1, timeout=60):
+        end = time.time() + timeout
+        while len(re.findall(pattern, self.text, re.M)) < count:
+            assert time.time() < end, f"no {pattern!r} in:\n{self.text}"
+            time.sleep(0.05)
+
+
+def test_ctrl_c_stops_a_reply_and_the_chat_goes_on(demo_ckpt, demo_model):
+    seed = quiet_seed(demo_model, chat.ChatTokenizer.load(demo_ckpt), "Tell me a long story", "23B", 12)
+    proc = subprocess.Popen([sys.executable, str(ROOT / "chat.py"), "--demo", "--ckpt", str(demo_ckpt), "--interactive",
+                             "--max-think", "3000", "--max-new-tokens", "3000", "--seed", str(seed)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, cwd=ROOT)
+    out = Reader(proc.stdout)
+    try:
+        proc.stdin.write(b"Tell me a long story\n")
+        proc.stdin.flush()
+        out.wait_for(r"\[think 23B\] \S{3}")  # streaming
+        proc.send_signal(signal.SIGINT)
+        out.wait_for(r"^\[stopped\]\n\[think 23B: \d+ tok, .*\]$")
+        proc.stdin.write(b"/help\nGo on\n")  # the chat still answers: commands, and a reply that streams
+        proc.stdin.flush()
+        out.wait_for(r"^commands:")
+        out.wait_for(r"\[think 23B\] ", count=2)
+        proc.send_signal(signal.SIGINT)  # stops the second reply, or (had it ended) leaves at the prompt
+        out.wait_for(STATUS.pattern, count=2)
+        proc.stdin.close()  # Ctrl-D
+        assert proc.wait(timeout=30) == 0
+    finally:
+        proc.kill()
+    assert proc.stderr.read() == b""
+    assert "Traceback" not in out.text
+
+
+def test_bad_input_is_one_line_error(demo_ckpt, tmp_path):
+    no_tokenizer = ne.write_random_checkpoint(tmp_path / "no-tokenizer", chat.demo_config())
+    cases = [  # (arguments, stdin, what the one line says)
+        (["--demo", "--ckpt", str(demo_ckpt), "--think", "40B", "--prompt", "hi"], "", "unknown size '40B'"),
+        (["--prompt", "hi"], "", "no checkpoint found.*hf download nvidia/.*python chat.py --demo"),
+        (["--ckpt", str(tmp_path / "nowhere"), "--prompt", "hi"], "", "is not a checkpoint folder"),
+        (["--demo", "--ckpt", str(demo_ckpt)], "", "empty prompt"),  # stdin is a pipe holding nothing
+        (["--ckpt", str(no_tokenizer), "--prompt", "hi"], "", "missing tokenizer: .*tokenizer.json"),
+    ]
+    procs = [(subprocess.Popen([sys.executable, str(ROOT / "chat.py"), *args], stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                               env={**{k: v for k, v in os.environ.items() if k != "NANOELASTIC_CKPT"},
+                                    "HF_HOME": str(tmp_path), "HF_HUB_CACHE": str(tmp_path)}), stdin, message)
+             for args, stdin, message in cases]  # all at once: each spends its time importing torch
+    for proc, stdin, message in procs:
+        out, err = proc.communicate(stdin, timeout=120)
+        assert proc.returncode != 0 and "Traceback" not in err, err
+        assert err.count("\n") == 1 and re.match(f"chat.py: error: .*{message}", err), (message, err)
