@@ -283,6 +283,7 @@ class Chat:
             for copy, t in zip(copies or (), state or ()):
                 (t[:, :, :copy.shape[2]] if kind == "attention" else t).copy_(copy)
         self.cache.length, self.cache.interrupted = len(saved.ids), False
+        self.cache.position.fill_(len(saved.ids))  # the device-side copy of length (the decode step's)
 
     def clear(self) -> None:
         self.messages, self.snapshot = [], None

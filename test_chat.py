@@ -129,7 +129,7 @@ def test_history_cache_reuse_equals_a_fresh_prefill(demo_model, demo_ckpt):
     tok = chat.ChatTokenizer.load(demo_ckpt)
     out = io.StringIO()
     seed = quiet_seed(demo_model, tok, "first question", "12B", 3, system="Be brief.")
-    settings = chat.Settings(think="12B", answer="30B", max_think=3, max_new_tokens=6, seed=seed, system="Be brief.")
+    settings = chat.Settings(think="12B", answer="30B", max_think=3, max_new_tokens=24, seed=seed, system="Be brief.")
     talk = chat.Chat(demo_model, tok, settings, chat.DEMO_SIZES, color=True, out=out)
     sizes = []
     real_generate = ne.generate
@@ -158,6 +158,10 @@ def test_history_cache_reuse_equals_a_fresh_prefill(demo_model, demo_ckpt):
         for a, b in zip(reused or (), scratch or ()):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     assert len(talk.messages) == 4 and talk.messages[1]["role"] == "assistant"
+    # and the reply from the reused cache is the reply of a chat that prefills the whole history afresh
+    fresh.messages, fresh.turn = talk.messages[:2], 1  # (the turn number goes into the seed)
+    fresh.reply("second question")
+    assert fresh.messages == talk.messages
 
 
 # ---------------------------------------------------------------------------------------------------
