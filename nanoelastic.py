@@ -782,10 +782,17 @@ def _weight_map(path: Path) -> dict[str, Path]:
     return weight_map
 
 
-def _load_checkpoint(model: Model, path: Path, device: torch.device, dtype: torch.dtype, verbose: bool) -> None:
-    """Fill a meta-device model from the checkpoint, one shard and one tensor at a time, straight to
-    `device`. Every name, shape and FP8 pairing is checked from the shard headers before anything loads."""
-    from safetensors import safe_open
+class CheckedCheckpoint(NamedTuple):
+    weight_map: dict[str, Path]  # every tensor name in the checkpoint -> its shard (IGNORED_TENSORS too)
+    plan: dict[str, tuple[str, int | None]]  # every other name -> (model tensor, expert index or None)
+    total_bytes: int  # of the planned tensors
+
+
+def check_checkpoint(model: Model, path: Path) -> CheckedCheckpoint:
+    """Check a checkpoint folder against a (meta-device) model of its config from the index and the shard
+    headers alone, reading no tensor data: every tensor present, none unexpected, every shape, every FP8
+    weight paired with its weight_scale. Used by from_pretrained and by slice.py before either writes."""
+    from safetensors import SafetensorError, safe_open
 
     weight_map = _weight_map(path)
     params = dict(model.named_parameters())
@@ -827,7 +834,11 @@ def _load_checkpoint(model: Model, path: Path, device: torch.device, dtype: torc
         by_shard.setdefault(weight_map[name], []).append(name)
     total_bytes = 0
     for shard, names in by_shard.items():
-        with safe_open(shard, "pt") as f:
+        try:
+            header = safe_open(shard, "pt")
+        except SafetensorError as e:  # a truncated download, a file that is not safetensors
+            raise NanoElasticError(f"{shard} is not a valid safetensors file ({e})") from None
+        with header as f:
             for name in names:
                 target, expert = plan[name]
                 owner, _, leaf = target.rpartition(".")
@@ -845,9 +856,22 @@ def _load_checkpoint(model: Model, path: Path, device: torch.device, dtype: torc
                     raise NanoElasticError(f"{name} has a weight_scale but is {st_dtype}, not F8_E4M3")
                 if owner not in fp8 and st_dtype.startswith("F8"):
                     raise NanoElasticError(f"{name} is FP8 but has no weight_scale")
-                total_bytes += math.prod(shape) * _DTYPE_BYTES.get(st_dtype, 4)
+                total_bytes += math.prod(shape) * SAFETENSORS_DTYPES.get(st_dtype, torch.float32).itemsize
+    return CheckedCheckpoint(weight_map, plan, total_bytes)
 
-    # 3. Load shard by shard, tensor by tensor, straight to the device.
+
+def _load_checkpoint(model: Model, path: Path, device: torch.device, dtype: torch.dtype, verbose: bool) -> None:
+    """Fill a meta-device model from the checkpoint, one shard and one tensor at a time, straight to
+    `device`. Every name, shape and FP8 pairing is checked from the shard headers before anything loads."""
+    from safetensors import safe_open
+
+    weight_map, plan, total_bytes = check_checkpoint(model, path)
+    E = model.config.n_routed_experts
+    by_shard = {}
+    for name in plan:
+        by_shard.setdefault(weight_map[name], []).append(name)
+
+    # Load shard by shard, tensor by tensor, straight to the device.
     def assign(target: str, tensor: Tensor) -> None:
         owner, _, leaf = target.rpartition(".")
         module = model.get_submodule(owner)
@@ -886,7 +910,8 @@ def _load_checkpoint(model: Model, path: Path, device: torch.device, dtype: torc
               file=sys.stderr)
 
 
-_DTYPE_BYTES = {"F8_E4M3": 1, "BF16": 2, "F16": 2, "F32": 4, "F64": 8, "I64": 8, "I32": 4}
+SAFETENSORS_DTYPES = {"F8_E4M3": torch.float8_e4m3fn, "BF16": torch.bfloat16, "F16": torch.float16,
+                      "F32": torch.float32, "F64": torch.float64, "I64": torch.int64, "I32": torch.int32}
 
 
 def fp8_quantize(w: Tensor) -> tuple[Tensor, Tensor]:
