@@ -742,6 +742,19 @@ class Model(nn.Module):
         _load_checkpoint(model, path, device, dtype or torch.bfloat16, verbose)
         return model
 
+    @classmethod
+    def from_random(cls, config: Config, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+                    fp8: bool = True, seed: int = 0) -> "Model":
+        """A model of `config` with the random weights of write_random_checkpoint() (FP8 recipe or all BF16),
+        made directly on `device`, no disk: what bench.py measures the real 52-layer shapes with."""
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        with torch.device("meta"):
+            model = cls(config)
+        stacks = {}
+        for name, t in random_checkpoint_tensors(config, fp8, seed, device):
+            _place(model, stacks, *_model_tensor(name), t, dtype or torch.bfloat16)
+        return model
+
     # -- sizes ---------------------------------------------------------------------------------------
 
     def num_params(self, size: str | None = None) -> tuple[int, int]:
@@ -788,6 +801,32 @@ class CheckedCheckpoint(NamedTuple):
     total_bytes: int  # of the planned tensors
 
 
+def _model_tensor(name: str) -> tuple[str, int | None]:
+    """Checkpoint name -> (the model's tensor, expert index): per-expert tensors go into stacked ones."""
+    m = EXPERT_TENSOR.fullmatch(name)
+    return (f"{m[1]}.{m[3]}.{m[4]}", int(m[2])) if m else (name, None)
+
+
+def _place(model: Model, stacks: dict, target: str, expert: int | None, t: Tensor, dtype: torch.dtype) -> None:
+    """Put one checkpoint tensor (already on its device) into a meta-device model: FP8 weights stay FP8,
+    scales become fp32 scalars, FP32_TENSORS fp32, the rest `dtype`; experts fill stacked [E, ...] tensors."""
+    owner, _, leaf = target.rpartition(".")
+    if leaf in ("weight_scale", "input_scale"):
+        t = t.float().reshape(())
+    elif t.dtype != torch.float8_e4m3fn:
+        t = t.to(torch.float32 if target.endswith(FP32_TENSORS) else dtype)
+    if expert is not None:
+        if target not in stacks:
+            stacks[target] = torch.empty((model.config.n_routed_experts, *t.shape), dtype=t.dtype, device=t.device)
+        stacks[target][expert] = t
+        t = stacks[target]
+    module = model.get_submodule(owner)
+    if leaf in module._parameters:
+        module._parameters[leaf] = nn.Parameter(t, requires_grad=False)
+    else:
+        module._buffers[leaf] = t
+
+
 def check_checkpoint(model: Model, path: Path) -> CheckedCheckpoint:
     """Check a checkpoint folder against a (meta-device) model of its config from the index and the shard
     headers alone, reading no tensor data: every tensor present, none unexpected, every shape, every FP8
@@ -804,8 +843,7 @@ def check_checkpoint(model: Model, path: Path) -> CheckedCheckpoint:
     for name in weight_map:
         if IGNORED_TENSORS.fullmatch(name):
             continue
-        m = EXPERT_TENSOR.fullmatch(name)
-        target, expert = (f"{m[1]}.{m[3]}.{m[4]}", int(m[2])) if m else (name, None)
+        target, expert = _model_tensor(name)
         owner, _, leaf = target.rpartition(".")
         known = target in params or (owner in linears and leaf in ("weight_scale", "input_scale"))
         stacked = ".experts." in target  # routed experts are stacked; "shared_experts." does not match
@@ -866,40 +904,19 @@ def _load_checkpoint(model: Model, path: Path, device: torch.device, dtype: torc
     from safetensors import safe_open
 
     weight_map, plan, total_bytes = check_checkpoint(model, path)
-    E = model.config.n_routed_experts
     by_shard = {}
     for name in plan:
         by_shard.setdefault(weight_map[name], []).append(name)
 
     # Load shard by shard, tensor by tensor, straight to the device.
-    def assign(target: str, tensor: Tensor) -> None:
-        owner, _, leaf = target.rpartition(".")
-        module = model.get_submodule(owner)
-        if leaf in module._parameters:
-            module._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
-        else:
-            module._buffers[leaf] = tensor
-
     stacks = {}  # stacked expert tensors being filled
     done_tensors, done_bytes, t0, last_print = 0, 0, time.time(), 0.0
     for shard, names in sorted(by_shard.items()):
         with safe_open(shard, "pt", device=str(device)) as f:
             for name in names:
-                target, expert = plan[name]
-                owner, _, leaf = target.rpartition(".")
                 t = f.get_tensor(name)
                 done_bytes += t.numel() * t.element_size()
-                if leaf in ("weight_scale", "input_scale"):
-                    t = t.float().reshape(())
-                elif t.dtype != torch.float8_e4m3fn:
-                    t = t.to(torch.float32 if target.endswith(FP32_TENSORS) else dtype)
-                if expert is None:
-                    assign(target, t)
-                else:
-                    if target not in stacks:
-                        stacks[target] = torch.empty((E, *t.shape), dtype=t.dtype, device=device)
-                        assign(target, stacks[target])
-                    stacks[target][expert] = t
+                _place(model, stacks, *plan[name], t, dtype)
                 done_tensors += 1
                 if verbose and sys.stderr.isatty() and time.time() - last_print > 0.25:
                     last_print = time.time()
@@ -935,17 +952,18 @@ def fp8_recipe(config: Config) -> set[str]:
     return names
 
 
-def random_checkpoint_tensors(config: Config, fp8: bool = True, seed: int = 0) -> Iterator[tuple[str, Tensor]]:
+def random_checkpoint_tensors(config: Config, fp8: bool = True, seed: int = 0,
+                              device: str | torch.device = "cpu") -> Iterator[tuple[str, Tensor]]:
     """Random tensors of `config` under their checkpoint names and dtypes (FP8 recipe or all BF16),
-    scaled so that activations stay O(1) through the layers, one tensor at a time."""
+    scaled so that activations stay O(1) through the layers, one tensor at a time, made on `device`."""
     with torch.device("meta"):
         shapes = Model(config)
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(device).manual_seed(seed)
     quantized = fp8_recipe(config) if fp8 else set()
     n_layers = len(config.layers_block_type)
 
     def randn(*shape, std=1.0):
-        return torch.randn(*shape, generator=g) * std
+        return torch.randn(*shape, generator=g, device=g.device) * std
 
     for name, p in shapes.named_parameters():
         owner, _, leaf = name.rpartition(".")
@@ -957,14 +975,14 @@ def random_checkpoint_tensors(config: Config, fp8: bool = True, seed: int = 0) -
         for owner, shape in per_tensor:
             full = f"{owner}.{leaf}"
             if leaf == "A_log":
-                t = torch.log(torch.rand(shape, generator=g) * 15 + 1)
+                t = torch.log(torch.rand(shape, generator=g, device=g.device) * 15 + 1)
             elif leaf == "dt_bias":  # softplus(dt_bias) log-uniform in [1e-3, 1e-1]
-                dt = torch.exp(torch.rand(shape, generator=g) * math.log(100) + math.log(1e-3))
+                dt = torch.exp(torch.rand(shape, generator=g, device=g.device) * math.log(100) + math.log(1e-3))
                 t = dt + torch.log(-torch.expm1(-dt))
             elif leaf == "D" or full.endswith("norm.weight") or full.endswith("norm_f.weight"):
                 t = 1 + randn(*shape, std=0.1)
             elif leaf == "e_score_correction_bias":
-                t = torch.rand(shape, generator=g) * 0.1
+                t = torch.rand(shape, generator=g, device=g.device) * 0.1
             elif leaf == "bias":  # conv1d
                 t = randn(*shape, std=0.1)
             elif "embeddings" in full:
@@ -982,7 +1000,7 @@ def random_checkpoint_tensors(config: Config, fp8: bool = True, seed: int = 0) -
                 q, scale = fp8_quantize(t)
                 yield full, q
                 yield f"{owner}.weight_scale", scale.reshape(())
-                yield f"{owner}.input_scale", torch.rand((), generator=g) * 0.05 + 0.01
+                yield f"{owner}.input_scale", torch.rand((), generator=g, device=g.device) * 0.05 + 0.01
             else:
                 yield full, t.float() if full.endswith(FP32_TENSORS) else t.to(torch.bfloat16)
 

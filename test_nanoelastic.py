@@ -568,3 +568,15 @@ def test_readme_python_example_runs(tmp_path):
     scope = {}
     exec(compile(code, "README.md", "exec"), scope)
     assert scope["logits"].shape[-1] == ne.DEMO_CONFIG.vocab_size and scope["t"].size in ("192x96", "256x128")
+
+
+def test_from_random_is_the_random_checkpoint_without_the_disk(checkpoints):
+    """Model.from_random (what bench.py builds the full-size model with) holds exactly the tensors that
+    write_random_checkpoint + from_pretrained give for the same seed, in the same dtypes and places."""
+    loaded = ne.Model.from_pretrained(checkpoints[("A", True)], device="cpu", dtype=torch.float32, verbose=False)
+    made = ne.Model.from_random(CONFIGS["A"], device="cpu", dtype=torch.float32, fp8=True, seed=len("A") + True)
+    tensors = lambda m: dict(m.named_parameters()) | dict(m.named_buffers())
+    a, b = tensors(loaded), tensors(made)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert a[name].dtype == b[name].dtype and torch.equal(a[name].float(), b[name].float()), name
