@@ -121,7 +121,10 @@ class ChatTokenizer:
         file = ckpt / "tokenizer.json"
         if not file.is_file():
             raise NanoElasticError(f"missing tokenizer: {file}")
-        tokenizer = Tokenizer.from_file(str(file))
+        try:
+            tokenizer = Tokenizer.from_file(str(file))
+        except Exception as e:  # the Rust side's message, e.g. "expected value at line 1 column 1"
+            raise NanoElasticError(f"{file}: {e}") from None
         needed = ("<|im_start|>", "<|im_end|>", "<think>", "</think>")
         ids = {t: tokenizer.token_to_id(t) for t in needed + ("</s>",)}
         missing = [t for t in needed if ids[t] is None]
@@ -523,14 +526,15 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings(args.think, args.answer, args.switch, not args.no_think, args.max_think,
                         args.max_new_tokens or 8192, args.temperature, args.top_p, args.seed, args.system)
 
+    if args.demo:
+        print(f"DEMO: random weights, so the text is noise; the sizes, caches and switch are real.\n"
+              f"30B/23B/12B stand for the nested sizes {'/'.join(DEMO_SIZES.values())} of a small random checkpoint.\n"
+              f"Random weights rarely write </think>: thinking stops after {settings.max_think} tokens (--max-think).",
+              flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         model, tokenizer, size_names = load(args, tmp)
         color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
         chat = Chat(model, tokenizer, settings, size_names, color)
-        if args.demo:
-            print(f"DEMO: random weights, so the text is noise; the sizes, caches and switch are real.\n"
-                  f"30B/23B/12B stand for the nested sizes {'/'.join(DEMO_SIZES.values())} of a small random checkpoint.\n"
-                  f"Random weights rarely write </think>: thinking stops after {settings.max_think} tokens (--max-think).")
         if prompt is not None:
             return 0 if chat.reply(prompt.strip()) else 130
         thinking = f"think {settings.think}, answer {settings.answer}, switch {settings.switch}"
@@ -546,3 +550,5 @@ if __name__ == "__main__":
         sys.exit(main())
     except NanoElasticError as e:
         sys.exit(f"chat.py: error: {e}")
+    except KeyboardInterrupt:  # Ctrl-C while loading, or in a one-shot reply's last lines
+        sys.exit(130)

@@ -164,6 +164,26 @@ def test_history_cache_reuse_equals_a_fresh_prefill(demo_model, demo_ckpt):
     assert fresh.messages == talk.messages
 
 
+def test_checkpoint_from_flag_then_environment_then_hf_cache(monkeypatch, tmp_path, demo_ckpt):
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.delenv("NANOELASTIC_CKPT", raising=False)
+    with pytest.raises(ne.NanoElasticError, match="no checkpoint found"):
+        chat.find_checkpoint(None)
+    bf16 = tmp_path / "hub" / "models--nvidia--NVIDIA-Nemotron-Labs-3-Elastic-30B-A3B-BF16"
+    shutil.copytree(demo_ckpt, bf16 / "snapshots" / "0123abc")  # no refs/main: the newest snapshot
+    assert chat.find_checkpoint(None) == bf16 / "snapshots" / "0123abc"
+    fp8 = tmp_path / "hub" / "models--nvidia--NVIDIA-Nemotron-Labs-3-Elastic-30B-A3B-FP8"
+    (fp8 / "snapshots" / "old").mkdir(parents=True)  # an unfinished download: no config.json
+    shutil.copytree(demo_ckpt, fp8 / "snapshots" / "4567def")
+    (fp8 / "refs").mkdir()
+    (fp8 / "refs" / "main").write_text("4567def")
+    assert chat.find_checkpoint(None) == fp8 / "snapshots" / "4567def"  # FP8 before BF16
+    monkeypatch.setenv("NANOELASTIC_CKPT", str(demo_ckpt))
+    assert chat.find_checkpoint(None) == demo_ckpt
+    assert chat.find_checkpoint(str(bf16 / "snapshots" / "0123abc")) == bf16 / "snapshots" / "0123abc"
+
+
 # ---------------------------------------------------------------------------------------------------
 # chat.py as a user runs it
 
