@@ -232,7 +232,7 @@ class Phase:  # thinking or answering, as the status line reports it
 class Snapshot:  # the cache right after a conversation's history was prefilled (see Chat.prefill_history)
     ids: list[int]
     size: str
-    states: list  # per layer: (K, V) up to len(ids), (conv, SSM), or None
+    states: tuple  # Cache.snapshot()
 
 
 class Chat:
@@ -270,23 +270,13 @@ class Chat:
     def prefill_history(self, history: list[int], size: str) -> None:
         saved, cache = self.snapshot, self.cache
         if saved and saved.size == size and len(saved.ids) <= len(history) and history[:len(saved.ids)] == saved.ids:
-            self.restore(saved)
+            cache.restore(saved.states)
         else:
             cache.reset()
         device = self.model.lm_head.weight.device
         for i in range(cache.length, len(history), PREFILL_CHUNK):
             self.model(torch.tensor([history[i:i + PREFILL_CHUNK]], device=device), cache, size, last_only=True)
-        n = cache.length  # attention: the first n positions of K and V; Mamba: the whole (small) state
-        self.snapshot = Snapshot(list(history), size, [
-            None if state is None else tuple(t[:, :, :n].clone() if kind == "attention" else t.clone() for t in state)
-            for kind, state in zip(self.model.config.layers_block_type, cache.layers)])
-
-    def restore(self, saved: Snapshot) -> None:
-        for kind, copies, state in zip(self.model.config.layers_block_type, saved.states, self.cache.layers):
-            for copy, t in zip(copies or (), state or ()):
-                (t[:, :, :copy.shape[2]] if kind == "attention" else t).copy_(copy)
-        self.cache.length, self.cache.interrupted = len(saved.ids), False
-        self.cache.position.fill_(len(saved.ids))  # the device-side copy of length (the decode step's)
+        self.snapshot = Snapshot(list(history), size, cache.snapshot())
 
     def clear(self) -> None:
         self.messages, self.snapshot = [], None

@@ -441,13 +441,14 @@ class Attention(nn.Module):
         v = self.v_proj(x).unflatten(-1, (-1, hd)).transpose(1, 2)
         start, mask = 0, None
         if cache is not None and T == 1:
-            # Decode: write at the device-side position and attend over the whole cache, masked. No host
-            # sync and fixed shapes, so the decode step can be captured in a CUDA graph.
+            # Decode: write at the device-side position, attend over a window of the cache that holds it,
+            # masked. No host sync and, in a CUDA graph, a fixed window (Model.decode_graph).
             k_cache, v_cache = cache.layers[self.layer_idx]  # [B, Hkv, max_len, hd]
             k_cache.index_copy_(2, cache.position.view(1), k)
             v_cache.index_copy_(2, cache.position.view(1), v)
-            k, v = k_cache, v_cache
-            mask = (torch.arange(cache.max_len, device=x.device) <= cache.position)[None]  # [1, max_len]
+            window = cache.window or cache.length + 1
+            k, v = k_cache[:, :, :window], v_cache[:, :, :window]
+            mask = (torch.arange(window, device=x.device) <= cache.position)[None]  # [1, window]
         elif cache is not None:  # prefill: write the new keys/values at their positions, attend over all so far
             start = cache.length
             k_cache, v_cache = cache.layers[self.layer_idx]
@@ -557,8 +558,10 @@ class Cache:
         c = config
         self.batch_size, self.max_len, self.length = batch_size, max_len, 0
         self.position = torch.zeros((), dtype=torch.int64, device=device)
+        self.window = None  # KV positions a decoded token attends over: length + 1, or fixed in a CUDA graph
         self.graphs = {}  # size -> the CUDA-graph decode step on this cache's tensors (Model.decode_graph)
         self.interrupted = False  # set while a step is half-written (Ctrl-C), see Model.forward
+        self.kinds = c.layers_block_type
         self.layers = []
         for kind in c.layers_block_type:
             if kind == "attention":
@@ -580,6 +583,21 @@ class Cache:
                 t.zero_()
         self.position.zero_()
         self.length, self.interrupted = 0, False
+
+    def snapshot(self) -> tuple[int, list]:
+        """A copy of the state after the first `length` tokens: KV up to there, conv and SSM states (small).
+        Mamba states cannot be rewound, so this is how to go back to a prefix (chat.py, per turn)."""
+        n = self.length
+        return n, [None if state is None else tuple(t[:, :, :n].clone() if kind == "attention" else t.clone()
+                                                    for t in state) for kind, state in zip(self.kinds, self.layers)]
+
+    def restore(self, snapshot: tuple[int, list]) -> None:
+        n, states = snapshot
+        for kind, saved, state in zip(self.kinds, states, self.layers):
+            for copy, t in zip(saved or (), state or ()):
+                (t[:, :, :n] if kind == "attention" else t).copy_(copy)
+        self.position.fill_(n)
+        self.length, self.interrupted = n, False
 
 
 def _with_views(module: nn.Module, prefix: str, d: int, f: int, config: Config) -> nn.Module:
@@ -689,32 +707,47 @@ class Model(nn.Module):
         return logits
 
     def decode_graph(self, cache: Cache, size: str | None = None):
-        """The decode step at `size` on `cache`, captured once in a CUDA graph: step(tokens [B, 1]) -> fp32
-        logits [B, V] (a static buffer that the next step overwrites). One graph launch per token instead of
-        hundreds of kernel launches. Needs the Triton kernels: the torch MoE reference syncs with the host."""
+        """The decode step at `size` on `cache` as CUDA graphs: step(tokens [B, 1]) -> fp32 logits [B, V]
+        (a static buffer that the next step overwrites). One graph launch per token instead of hundreds of
+        kernel launches. A graph attends over a fixed window of the KV cache, so there is one per window
+        (powers of two from 256 up to max_len), each captured the first time the cache reaches it.
+        Needs the Triton kernels: the torch MoE reference syncs with the host."""
         key = parse_size(size, self.config)
         if key in cache.graphs:
             return cache.graphs[key]
-        model = self.nested(size)
-        tokens = torch.zeros(cache.batch_size, 1, dtype=torch.int64, device=cache.position.device)
-        # Warm up (Triton compiles, SDPA picks its kernel) on a scratch cache: the real one must not change.
-        scratch = self.new_cache(cache.batch_size, cache.max_len)
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                model.run(tokens, scratch)
-        torch.cuda.current_stream().wait_stream(stream)
-        del scratch
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):  # records the kernels on cache's tensors; runs nothing
-            logits = model.run(tokens, cache)[:, -1]
+        model, graphs = self.nested(size), {}  # window -> (graph, static tokens, static logits)
+        pool = torch.cuda.graph_pool_handle()  # the graphs of one size share their memory
+
+        def capture(window: int):
+            tokens = torch.zeros(cache.batch_size, 1, dtype=torch.int64, device=cache.position.device)
+            # Warm up (Triton compiles, SDPA picks its kernel) on a scratch cache: the real one must not change.
+            scratch = self.new_cache(cache.batch_size, cache.max_len)
+            scratch.window = window
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    model.run(tokens, scratch)
+            torch.cuda.current_stream().wait_stream(stream)
+            del scratch
+            graph = torch.cuda.CUDAGraph()
+            cache.window = window
+            try:
+                with torch.cuda.graph(graph, pool=pool):  # records the kernels on cache's tensors; runs nothing
+                    logits = model.run(tokens, cache)[:, -1]
+            finally:
+                cache.window = None
+            return graph, tokens, logits
 
         def step(new_tokens: Tensor) -> Tensor:
             if cache.interrupted:
                 raise NanoElasticError("this cache was interrupted in the middle of a step: reset it and prefill again")
             if cache.length + 1 > cache.max_len:
                 raise NanoElasticError(f"cache overflow: {cache.length} cached + 1 new token > max_len {cache.max_len}")
+            window = min(cache.max_len, max(256, 1 << cache.length.bit_length()))  # > length
+            if window not in graphs:
+                graphs[window] = capture(window)
+            graph, tokens, logits = graphs[window]
             tokens.copy_(new_tokens)
             cache.interrupted = True
             graph.replay()
