@@ -9,8 +9,8 @@ bench.py: measured speed of nanoelastic on the device it runs on, as a table and
 Every number is measured here, beside what it is compared with: the device's ceilings (a device-to-device
 copy for bandwidth, a large matmul for FLOP/s) and, for kernels, the torch reference. Correctness is
 checked before anything is timed. Decode reads its bytes from the weights the step really touches (the
-chosen experts, not all 128), the KV cache (the whole of it: the graph-captured step reads it masked) and
-the Mamba states; the achieved bandwidth is those bytes over the step time.
+chosen experts, not all 128), the KV cache (all of it: these caches are shorter than the smallest window
+a decode graph attends over) and the Mamba states; the achieved bandwidth is those bytes over the step time.
 """
 
 from __future__ import annotations
