@@ -15,6 +15,7 @@ in nanoelastic.py, which is the reference (the spec); nanoelastic routes calls h
     ssd_chunked   the chunked Mamba-2 scan for prefill: chunk states, state passing, chunk outputs
     mamba_step    the decode step: conv-state update + conv + SSM state update + output, in place
     rms_norm      RMSNorm in groups, with the Mamba gate y * silu(z) fused
+    add_rms_norm  the residual add fused with the next layer's RMSNorm
 
 All accumulate in fp32. Block sizes are fixed heuristics (no autotuning, so the interpreter stays fast).
 """
@@ -340,37 +341,55 @@ def mamba_step(xBC: Tensor, dt: Tensor, conv_state: Tensor, ssm_state: Tensor, c
 
 
 # ----------------------------------------------------------------------------------------------------
-# 4. RMSNorm in groups, optionally gated: weight * g / sqrt(mean(g^2) + eps), g = x * silu(gate) or x
+# 4. RMSNorm in groups: weight * g / sqrt(mean(g^2) + eps), where g = x * silu(gate) (the Mamba output norm),
+#    or g = x + update, also stored (the residual add fused with the next layer's norm), or g = x
 
 @triton.jit
-def _rms_norm_kernel(x_ptr, gate_ptr, w_ptr, out_ptr, n_rows, width, eps, s_x, s_gate, s_out,
-                     HAS_GATE: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK: tl.constexpr):
+def _rms_norm_kernel(x_ptr, other_ptr, w_ptr, out_ptr, sum_ptr, n_rows, width, eps, s_x, s_other, s_out,
+                     GATE: tl.constexpr, ADD: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     cols = tl.program_id(1) * width + tl.arange(0, BLOCK)  # one group of `width` channels
     mask = (rows[:, None] < n_rows) & (tl.arange(0, BLOCK)[None, :] < width)
     rows = rows.to(tl.int64)[:, None]
-    x = tl.load(x_ptr + rows * s_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    if HAS_GATE:
-        z = tl.load(gate_ptr + rows * s_gate + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        x = x * z * tl.sigmoid(z)
+    x = tl.load(x_ptr + rows * s_x + cols[None, :], mask=mask, other=0.0)
+    if GATE or ADD:
+        other = tl.load(other_ptr + rows * s_other + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if ADD:  # the sum is rounded to the data type, as the residual stream is
+        x = (x.to(tl.float32) + other).to(sum_ptr.dtype.element_ty)
+        tl.store(sum_ptr + rows * s_out + cols[None, :], x, mask=mask)
+    x = x.to(tl.float32)
+    if GATE:
+        x = x * other * tl.sigmoid(other)
     rstd = tl.rsqrt(tl.sum(x * x, axis=1) / width + eps)
     w = tl.load(w_ptr + cols, mask=cols < (tl.program_id(1) + 1) * width, other=0.0).to(tl.float32)
     tl.store(out_ptr + rows * s_out + cols[None, :], (x * rstd[:, None] * w[None, :]).to(out_ptr.dtype.element_ty),
              mask=mask)
 
 
-def rms_norm(x: Tensor, weight: Tensor, eps: float, groups: int = 1, gate: Tensor | None = None) -> Tensor:
-    """x [..., C] (times silu(gate) first, if given) normalised over `groups` equal slices -> x.dtype."""
+def _norm(x: Tensor, weight: Tensor, eps: float, groups: int, other: Tensor | None, add: bool) -> tuple[Tensor, Tensor]:
     C = x.shape[-1]
     rows = x.reshape(-1, C)
-    z = gate.reshape(-1, C) if gate is not None else rows
-    rows, z = (t if t.stride(-1) == 1 else t.contiguous() for t in (rows, z))
+    other = other.reshape(-1, C) if other is not None else rows
+    rows, other = (t if t.stride(-1) == 1 else t.contiguous() for t in (rows, other))
     out = torch.empty(rows.shape, device=x.device, dtype=x.dtype)
+    total = torch.empty_like(out) if add else out
     width = C // groups
     block = _pow2(width, 1)
     block_rows = max(1, min(16, 4096 // block))  # narrow rows: several per program
     grid = (triton.cdiv(rows.shape[0], block_rows), groups)
-    _rms_norm_kernel[grid](rows, z, weight, out, rows.shape[0], width, eps, rows.stride(0), z.stride(0), out.stride(0),
-                           HAS_GATE=gate is not None, BLOCK_ROWS=block_rows, BLOCK=block,
-                           num_warps=4 if width <= 4096 else 8)
-    return out.view(x.shape)
+    _rms_norm_kernel[grid](rows, other, weight, out, total, rows.shape[0], width, eps, rows.stride(0), other.stride(0),
+                           out.stride(0), GATE=other is not rows and not add, ADD=add, BLOCK_ROWS=block_rows,
+                           BLOCK=block, num_warps=4 if width <= 4096 else 8)
+    return out.view(x.shape), total.view(x.shape)
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float, groups: int = 1, gate: Tensor | None = None) -> Tensor:
+    """x [..., C] (times silu(gate) first, if given) normalised over `groups` equal slices -> x.dtype."""
+    return _norm(x, weight, eps, groups, gate, add=False)[0]
+
+
+def add_rms_norm(h: Tensor, update: Tensor | None, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """(rms_norm(h + update), h + update) in one pass; update None: (rms_norm(h), h)."""
+    if update is None:
+        return rms_norm(h, weight, eps), h
+    return _norm(h, weight, eps, 1, update, add=True)

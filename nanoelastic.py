@@ -273,14 +273,19 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float, groups: int = 1, gate: Tenso
     return (weight.float() * xf.flatten(-2)).to(x.dtype)
 
 
-class RMSNorm(nn.Module):
+@kernel
+def add_rms_norm(h: Tensor, update: Tensor | None, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """The residual add fused with the next norm: (rms_norm(h + update), h + update); update may be None."""
+    if update is not None:
+        h = h + update
+    return rms_norm(h, weight, eps), h
+
+
+class RMSNorm(nn.Module):  # holds the weight; applied by rms_norm / add_rms_norm where the add or gate fuses
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(dim), requires_grad=False)
         self.eps = eps
-
-    def forward(self, x: Tensor) -> Tensor:
-        return rms_norm(x, self.weight, self.eps)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -619,13 +624,12 @@ MIXERS = {"mamba": Mamba2Mixer, "attention": Attention, "moe": lambda c, i: MoE(
 
 
 class Block(nn.Module):
+    """h = h + mixer(norm(h)); Model.run does the add together with the next block's norm (add_rms_norm)."""
+
     def __init__(self, config: Config, layer_idx: int):
         super().__init__()
         self.norm = RMSNorm(config.hidden_size, config.layer_norm_epsilon)
         self.mixer = MIXERS[config.layers_block_type[layer_idx]](config, layer_idx)
-
-    def forward(self, h: Tensor, cache: Cache | None) -> Tensor:
-        return h + self.mixer(self.norm(h), cache)
 
 
 class Backbone(nn.Module):
@@ -696,12 +700,14 @@ class Model(nn.Module):
     def run(self, tokens: Tensor, cache: Cache | None = None, last_only: bool = False) -> Tensor:
         """The network itself, without forward()'s checks and host-side bookkeeping (cache.length).
         With one new token per row and a cache, nothing in it waits for the host."""
-        h = self.backbone.embeddings.weight[tokens]  # [B, T, d], no positions
-        for layer in self.backbone.layers:
-            h = layer(h, cache)
+        h, update = self.backbone.embeddings.weight[tokens], None  # [B, T, d], no positions
+        for layer in self.backbone.layers:  # h = h + mixer(norm(h)), the add fused with the next norm
+            x, h = add_rms_norm(h, update, layer.norm.weight, layer.norm.eps)
+            update = layer.mixer(x, cache)
         if last_only:
-            h = h[:, -1:]
-        logits = self.lm_head(self.backbone.norm_f(h)).float()
+            h, update = h[:, -1:], update[:, -1:]
+        x, _ = add_rms_norm(h, update, self.backbone.norm_f.weight, self.backbone.norm_f.eps)
+        logits = self.lm_head(x).float()
         if cache is not None:
             cache.position += tokens.shape[1]
         return logits

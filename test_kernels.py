@@ -325,3 +325,17 @@ if CUDA:  # CUDA graphs exist only there
             got = model.decode_graph(graphed, size)(tokens[:, i:i + 1])
             assert rel_err(got, expected) < 1e-5
         assert graphed.length == eager.length == 9 and int(graphed.position) == 9
+
+
+@pytest.mark.parametrize("rows,C", [(1, 48), (9, 40), (33, 1000)] + ([(1, 2688), (8192, 2688)] if CUDA else []))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_add_rms_norm(rows, C, dtype):
+    gen = torch.Generator().manual_seed(rows + C)
+    h, update = rand(rows, C, dtype=dtype, gen=gen), rand(2, rows, C, dtype=dtype, gen=gen)[1]
+    w = rand(C, gen=gen).to(dtype)
+    out, total = kernels.add_rms_norm(h, update, w, 1e-5)
+    assert total.dtype == dtype and rel_err(total, h.float() + update.float()) < TOL[dtype]  # the residual stream
+    ref = ne.rms_norm.reference(total.float(), w.float(), 1e-5)
+    assert out.dtype == dtype and rel_err(out, ref) < TOL[dtype]
+    out_first, same = kernels.add_rms_norm(h, None, w, 1e-5)  # the first layer: nothing to add yet
+    assert same is h and rel_err(out_first, ne.rms_norm.reference(h.float(), w.float(), 1e-5)) < TOL[dtype]
