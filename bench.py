@@ -16,6 +16,7 @@ a decode graph attends over) and the Mamba states; the achieved bandwidth is tho
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import sys
@@ -292,6 +293,9 @@ def bench_model(small: bool, ceil: dict, batches: list[int]) -> dict:
             sliced = contiguous_copy(model, size)
             decode.append(bench_decode(sliced, None, batch, steps, prompt, ceil, f"{name} (sliced copy)"))
             del sliced
+            gc.collect()  # a cache's decode graphs refer back to it: free the copy before making the next
+            if CUDA:
+                torch.cuda.empty_cache()
     chunk = 8192
     prefill = [bench_prefill(model, None, n, chunk) for n in ((128, 512) if small else (2048, 8192, 32768))]
     switch = bench_switch(model, sizes[1], sizes[0], 256 if small else 4096, chunk)
