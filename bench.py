@@ -160,12 +160,7 @@ def contiguous_copy(model: ne.Model, size: str) -> ne.Model:
     with torch.device("meta"):
         copy = ne.Model(view.config)
     for name, t in chain(view.named_parameters(), view.named_buffers()):
-        owner, _, leaf = name.rpartition(".")
-        module = copy.get_submodule(owner)
-        if leaf in module._parameters:
-            module._parameters[leaf] = torch.nn.Parameter(t.contiguous().clone(), requires_grad=False)
-        else:
-            module._buffers[leaf] = t.clone()
+        ne.assign_tensor(copy, name, t.contiguous().clone())
     return copy
 
 
@@ -201,13 +196,6 @@ def decode_bytes(model: ne.Model, cache: ne.Cache, batch: int, touched: dict[int
     return total
 
 
-def decode_step_fn(model: ne.Model, cache: ne.Cache, size: str):
-    """The decode step generate() uses: the CUDA graph on a GPU, the eager forward elsewhere."""
-    if CUDA and ne.use_kernels(cache.position):
-        return model.decode_graph(cache, size)
-    return lambda tokens: model(tokens, cache, size)[:, -1]
-
-
 def bench_decode(model: ne.Model, size: str | None, batch: int, steps: int, prompt: int, ceil: dict, label: str) -> dict:
     view = model.nested(size)
     cache = model.new_cache(batch, prompt + steps + 8)
@@ -216,7 +204,7 @@ def bench_decode(model: ne.Model, size: str | None, batch: int, steps: int, prom
     model(tokens, cache, size)
     touched = experts_touched(view, cache, tokens[:, -1:])
     nbytes = decode_bytes(view, cache, batch, touched)
-    step = decode_step_fn(model, cache, size)
+    step = model.decode_step(cache, size)
     token = tokens[:, -1:]
     for _ in range(3):  # warm up (and capture the graph)
         token = step(token).argmax(-1, keepdim=True)
@@ -240,8 +228,7 @@ def bench_prefill(model: ne.Model, size: str | None, length: int, chunk: int) ->
 
     def prefill():
         cache.reset()
-        for i in range(0, length, chunk):  # in pieces, as generate() does
-            model(tokens[:, i:i + chunk], cache, size, last_only=True)
+        model.prefill(tokens, cache, size, chunk)  # in pieces, as generate() does
     seconds = timed(prefill, 2 if CUDA else 1, warmup=1)
     return {"length": length, "tok_per_s": length / seconds, "seconds": seconds}
 
@@ -251,7 +238,7 @@ def bench_switch(model: ne.Model, think: str, answer: str, thought: int, chunk: 
     step at the new size on the same cache; re-prefill = rebuilding the cache at the new size."""
     cache = model.new_cache(1, thought + 16)
     tokens = torch.randint(0, model.config.vocab_size, (1, thought), device=DEVICE)
-    think_step, answer_step = decode_step_fn(model, cache, think), decode_step_fn(model, cache, answer)
+    think_step, answer_step = model.decode_step(cache, think), model.decode_step(cache, answer)
     token = tokens[:, -1:]
 
     def transplant():
@@ -268,8 +255,7 @@ def bench_switch(model: ne.Model, think: str, answer: str, thought: int, chunk: 
 
     def reprefill():
         cache.reset()
-        for i in range(0, thought, chunk):
-            model(tokens[:, i:i + chunk], cache, answer, last_only=True)
+        model.prefill(tokens, cache, answer, chunk)
     transplant()  # warm up
     t_transplant = sorted(transplant() for _ in range(3))[1]
     t_reprefill = timed(reprefill, 2 if CUDA else 1, warmup=1)

@@ -273,9 +273,9 @@ class Chat:
             cache.restore(saved.states)
         else:
             cache.reset()
-        device = self.model.lm_head.weight.device
-        for i in range(cache.length, len(history), PREFILL_CHUNK):
-            self.model(torch.tensor([history[i:i + PREFILL_CHUNK]], device=device), cache, size, last_only=True)
+        if len(history) > cache.length:
+            new = torch.tensor([history[cache.length:]], device=self.model.lm_head.weight.device)
+            self.model.prefill(new, cache, size, PREFILL_CHUNK)
         self.snapshot = Snapshot(list(history), size, cache.snapshot())
 
     def clear(self) -> None:

@@ -169,26 +169,38 @@ def moe_experts(x: Tensor, weights: Tensor, experts: Tensor, up_weight: Tensor, 
 # Within a chunk the decay from step j to step i is exp(cum_i - cum_j), cum the cumulative sum of dt*A.
 
 @triton.jit
+def _ssd_chunk_inputs(x_ptr, dt_ptr, A_ptr, B_ptr, T, H, P, N, HEADS_PER_GROUP, CHUNK,
+                      s_xb, s_xt, s_xh, s_dtb, s_dtt, s_Bb, s_Bt, s_Bg,
+                      BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+    """What both chunk kernels read for this program's (batch x head, chunk): dt [L], its cumulative log
+    decay cum [L], x [L, P], B [L, N] (zero past the chunk and past T), and the offsets of B's rows."""
+    bh, c = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    ls, ps, ns = tl.arange(0, BLOCK_L), tl.arange(0, BLOCK_P), tl.arange(0, BLOCK_N)
+    t = c * CHUNK + ls
+    in_chunk = (ls < CHUNK) & (t < T)
+    dt = tl.load(dt_ptr + b * s_dtb + t * s_dtt + h, mask=in_chunk, other=0.0)
+    cum = tl.cumsum(dt * tl.load(A_ptr + h), axis=0)
+    x = tl.load(x_ptr + b * s_xb + t[:, None] * s_xt + h * s_xh + ps[None, :],
+                mask=in_chunk[:, None] & (ps[None, :] < P), other=0.0)
+    bc_offs = b * s_Bb + t[:, None] * s_Bt + (h // HEADS_PER_GROUP) * s_Bg + ns[None, :]
+    bc_mask = in_chunk[:, None] & (ns[None, :] < N)
+    Bm = tl.load(B_ptr + bc_offs, mask=bc_mask, other=0.0)
+    return in_chunk, dt, cum, x, Bm, bc_offs, bc_mask
+
+
+@triton.jit
 def _ssd_chunk_state_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, states_ptr, log_decay_ptr,
                             T, H, P, N, HEADS_PER_GROUP, CHUNK, n_chunks,
                             s_xb, s_xt, s_xh, s_dtb, s_dtt, s_Bb, s_Bt, s_Bg,
                             BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+    in_chunk, dt, cum, x, Bm, _, _ = _ssd_chunk_inputs(
+        x_ptr, dt_ptr, A_ptr, B_ptr, T, H, P, N, HEADS_PER_GROUP, CHUNK, s_xb, s_xt, s_xh, s_dtb, s_dtt,
+        s_Bb, s_Bt, s_Bg, BLOCK_L, BLOCK_P, BLOCK_N)
     bh, c = tl.program_id(0), tl.program_id(1)
-    b, h = bh // H, bh % H
-    g = h // HEADS_PER_GROUP
-    ls = tl.arange(0, BLOCK_L)
-    t = c * CHUNK + ls
-    in_chunk = (ls < CHUNK) & (t < T)
     ps, ns = tl.arange(0, BLOCK_P), tl.arange(0, BLOCK_N)
-    dt = tl.load(dt_ptr + b * s_dtb + t * s_dtt + h, mask=in_chunk, other=0.0)
-    log_a = dt * tl.load(A_ptr + h)
-    cum = tl.cumsum(log_a, axis=0)
-    total = tl.sum(log_a, axis=0)
+    total = tl.sum(dt * tl.load(A_ptr + bh % H), axis=0)  # the chunk's whole log decay
     coef = tl.where(in_chunk, tl.exp(total - cum) * dt, 0.0)  # dt_j * decay from j to the chunk's end
-    x = tl.load(x_ptr + b * s_xb + t[:, None] * s_xt + h * s_xh + ps[None, :],
-                mask=in_chunk[:, None] & (ps[None, :] < P), other=0.0)
-    Bm = tl.load(B_ptr + b * s_Bb + t[:, None] * s_Bt + g * s_Bg + ns[None, :],
-                 mask=in_chunk[:, None] & (ns[None, :] < N), other=0.0)
     state = tl.dot(tl.trans(x * coef[:, None]), Bm, input_precision="ieee")  # [P, N]
     out = states_ptr + ((bh * n_chunks + c) * P + ps[:, None]) * N + ns[None, :]
     tl.store(out, state, mask=(ps[:, None] < P) & (ns[None, :] < N))
@@ -218,21 +230,14 @@ def _ssd_chunk_scan_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, states_ptr, y_ptr
                            T, H, P, N, HEADS_PER_GROUP, CHUNK, n_chunks,
                            s_xb, s_xt, s_xh, s_dtb, s_dtt, s_Bb, s_Bt, s_Bg, s_yb, s_yt, s_yh,
                            BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+    in_chunk, dt, cum, x, Bm, bc_offs, bc_mask = _ssd_chunk_inputs(
+        x_ptr, dt_ptr, A_ptr, B_ptr, T, H, P, N, HEADS_PER_GROUP, CHUNK, s_xb, s_xt, s_xh, s_dtb, s_dtt,
+        s_Bb, s_Bt, s_Bg, BLOCK_L, BLOCK_P, BLOCK_N)
+    Cm = tl.load(C_ptr + bc_offs, mask=bc_mask, other=0.0)
     bh, c = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
-    g = h // HEADS_PER_GROUP
-    ls = tl.arange(0, BLOCK_L)
+    ls, ps, ns = tl.arange(0, BLOCK_L), tl.arange(0, BLOCK_P), tl.arange(0, BLOCK_N)
     t = c * CHUNK + ls
-    in_chunk = (ls < CHUNK) & (t < T)
-    ps, ns = tl.arange(0, BLOCK_P), tl.arange(0, BLOCK_N)
-    dt = tl.load(dt_ptr + b * s_dtb + t * s_dtt + h, mask=in_chunk, other=0.0)
-    cum = tl.cumsum(dt * tl.load(A_ptr + h), axis=0)
-    x = tl.load(x_ptr + b * s_xb + t[:, None] * s_xt + h * s_xh + ps[None, :],
-                mask=in_chunk[:, None] & (ps[None, :] < P), other=0.0)
-    bc_offs = b * s_Bb + t[:, None] * s_Bt + g * s_Bg + ns[None, :]
-    bc_mask = in_chunk[:, None] & (ns[None, :] < N)
-    Bm = tl.load(B_ptr + bc_offs, mask=bc_mask, other=0.0)
-    Cm = tl.load(C_ptr + bc_offs, mask=bc_mask, other=0.0)
 
     # Within the chunk: y_i = sum_{j <= i} (C_i . B_j) exp(cum_i - cum_j) dt_j x_j
     causal = ls[:, None] >= ls[None, :]

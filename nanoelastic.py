@@ -589,6 +589,20 @@ class Cache:
         self.position.zero_()
         self.length, self.interrupted = 0, False
 
+    def begin(self, batch_size: int, new_tokens: int) -> None:
+        """Check that a step of `new_tokens` per row fits, and mark the cache as mid-step until end()."""
+        if self.interrupted:
+            raise NanoElasticError("this cache was interrupted in the middle of a step: reset it and prefill again")
+        if batch_size != self.batch_size:
+            raise NanoElasticError(f"batch size {batch_size} != the cache's {self.batch_size}")
+        if self.length + new_tokens > self.max_len:
+            raise NanoElasticError(f"cache overflow: {self.length} cached + {new_tokens} new tokens > max_len {self.max_len}")
+        self.interrupted = True
+
+    def end(self, new_tokens: int) -> None:
+        self.length += new_tokens
+        self.interrupted = False
+
     def snapshot(self) -> tuple[int, list]:
         """A copy of the state after the first `length` tokens: KV up to there, conv and SSM states (small).
         Mamba states cannot be rewound, so this is how to go back to a prefix (chat.py, per turn)."""
@@ -683,18 +697,27 @@ class Model(nn.Module):
         if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= V):
             raise NanoElasticError(f"token id out of range: {int(tokens.min())}..{int(tokens.max())} not in 0..{V - 1}")
         if cache is not None:
-            if cache.interrupted:
-                raise NanoElasticError("this cache was interrupted in the middle of a step: reset it and prefill again")
-            if tokens.shape[0] != cache.batch_size:
-                raise NanoElasticError(f"batch size {tokens.shape[0]} != the cache's {cache.batch_size}")
-            if cache.length + tokens.shape[1] > cache.max_len:
-                raise NanoElasticError(f"cache overflow: {cache.length} cached + {tokens.shape[1]} new tokens > max_len {cache.max_len}")
-            cache.interrupted = True
+            cache.begin(*tokens.shape)
         logits = model.run(tokens.to(model.lm_head.weight.device), cache, last_only)
         if cache is not None:
-            cache.length += tokens.shape[1]
-            cache.interrupted = False
+            cache.end(tokens.shape[1])
         return logits
+
+    def prefill(self, tokens: Tensor, cache: Cache, size: str | None = None, chunk: int = 8192) -> Tensor:
+        """Feed tokens [B, T] into `cache` in pieces of `chunk` tokens (bounded activation memory)
+        -> fp32 logits [B, V] of the last token."""
+        if tokens.shape[-1] == 0:
+            raise NanoElasticError("nothing to prefill: no new tokens")
+        for i in range(0, tokens.shape[1], chunk):
+            logits = self(tokens[:, i:i + chunk], cache, size, last_only=True)
+        return logits[:, -1]
+
+    def decode_step(self, cache: Cache, size: str | None = None):
+        """The decode step: step(tokens [B, 1]) -> fp32 logits [B, V]. On a GPU with the kernels, the CUDA
+        graphs of decode_graph(); elsewhere forward()."""
+        if cache.position.is_cuda and use_kernels(cache.position):
+            return self.decode_graph(cache, size)
+        return lambda tokens: self(tokens, cache, size, last_only=True)[:, -1]
 
     @torch.no_grad()
     def run(self, tokens: Tensor, cache: Cache | None = None, last_only: bool = False) -> Tensor:
@@ -746,19 +769,14 @@ class Model(nn.Module):
             return graph, tokens, logits
 
         def step(new_tokens: Tensor) -> Tensor:
-            if cache.interrupted:
-                raise NanoElasticError("this cache was interrupted in the middle of a step: reset it and prefill again")
-            if cache.length + 1 > cache.max_len:
-                raise NanoElasticError(f"cache overflow: {cache.length} cached + 1 new token > max_len {cache.max_len}")
+            cache.begin(*new_tokens.shape)
             window = min(cache.max_len, max(256, 1 << cache.length.bit_length()))  # > length
             if window not in graphs:
-                graphs[window] = capture(window)
+                graphs[window] = capture(window)  # on a scratch cache and then recorded: cache is unchanged
             graph, tokens, logits = graphs[window]
             tokens.copy_(new_tokens)
-            cache.interrupted = True
             graph.replay()
-            cache.length += 1
-            cache.interrupted = False
+            cache.end(1)
             return logits
 
         cache.graphs[key] = step
@@ -859,6 +877,12 @@ def _place(model: Model, stacks: dict, target: str, expert: int | None, t: Tenso
             stacks[target] = torch.empty((model.config.n_routed_experts, *t.shape), dtype=t.dtype, device=t.device)
         stacks[target][expert] = t
         t = stacks[target]
+    assign_tensor(model, target, t)
+
+
+def assign_tensor(model: nn.Module, name: str, t: Tensor) -> None:
+    """Make `t` the parameter or buffer `name` of `model` (e.g. in place of a meta tensor)."""
+    owner, _, leaf = name.rpartition(".")
     module = model.get_submodule(owner)
     if leaf in module._parameters:
         module._parameters[leaf] = nn.Parameter(t, requires_grad=False)
@@ -1004,6 +1028,9 @@ def random_checkpoint_tensors(config: Config, fp8: bool = True, seed: int = 0,
     def randn(*shape, std=1.0):
         return torch.randn(*shape, generator=g, device=g.device) * std
 
+    def rand(shape=()):
+        return torch.rand(shape, generator=g, device=g.device)
+
     for name, p in shapes.named_parameters():
         owner, _, leaf = name.rpartition(".")
         if ".experts." in name:  # stacked experts [E, out, in] are stored one tensor per expert
@@ -1014,14 +1041,14 @@ def random_checkpoint_tensors(config: Config, fp8: bool = True, seed: int = 0,
         for owner, shape in per_tensor:
             full = f"{owner}.{leaf}"
             if leaf == "A_log":
-                t = torch.log(torch.rand(shape, generator=g, device=g.device) * 15 + 1)
+                t = torch.log(rand(shape) * 15 + 1)
             elif leaf == "dt_bias":  # softplus(dt_bias) log-uniform in [1e-3, 1e-1]
-                dt = torch.exp(torch.rand(shape, generator=g, device=g.device) * math.log(100) + math.log(1e-3))
+                dt = torch.exp(rand(shape) * math.log(100) + math.log(1e-3))
                 t = dt + torch.log(-torch.expm1(-dt))
             elif leaf == "D" or full.endswith("norm.weight") or full.endswith("norm_f.weight"):
                 t = 1 + randn(*shape, std=0.1)
             elif leaf == "e_score_correction_bias":
-                t = torch.rand(shape, generator=g, device=g.device) * 0.1
+                t = rand(shape) * 0.1
             elif leaf == "bias":  # conv1d
                 t = randn(*shape, std=0.1)
             elif "embeddings" in full:
@@ -1039,7 +1066,7 @@ def random_checkpoint_tensors(config: Config, fp8: bool = True, seed: int = 0,
                 q, scale = fp8_quantize(t)
                 yield full, q
                 yield f"{owner}.weight_scale", scale.reshape(())
-                yield f"{owner}.input_scale", torch.rand((), generator=g, device=g.device) * 0.05 + 0.01
+                yield f"{owner}.input_scale", rand() * 0.05 + 0.01
             else:
                 yield full, t.float() if full.endswith(FP32_TENSORS) else t.to(torch.bfloat16)
 
@@ -1160,16 +1187,10 @@ def generate(model: Model, prompt: list[int] | Tensor, max_new_tokens: int, *, s
     generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
 
     def prefill(tokens: list[int], size: str | None) -> Tensor:  # the new tokens in pieces; last logits
-        for i in range(0, len(tokens), prefill_chunk):
-            piece = torch.tensor([tokens[i:i + prefill_chunk]], device=device)
-            logits = model(piece, cache, size, last_only=True)
-        return logits[0, -1]
+        return model.prefill(torch.tensor([tokens], device=device), cache, size, prefill_chunk)[0]
 
-    def decode(token: int, size: str | None) -> Tensor:  # on a GPU with the kernels: the CUDA-graph step
-        t = torch.tensor([[token]], device=device)
-        if device.type == "cuda" and use_kernels(t):
-            return model.decode_graph(cache, size)(t)[0]
-        return model(t, cache, size, last_only=True)[0, -1]
+    def decode(token: int, size: str | None) -> Tensor:
+        return model.decode_step(cache, size)(torch.tensor([[token]], device=device))[0]
 
     tokens = list(prompt)
     try:
