@@ -17,15 +17,24 @@ from __future__ import annotations
 
 import argparse
 import gc
+import hashlib
 import json
 import math
+import os
+import re
 import sys
 import time
+from collections import Counter
+from contextlib import contextmanager
+from decimal import Decimal
 from itertools import chain
+from pathlib import Path
 
+import numpy as np
 import torch
 
 import nanoelastic as ne
+from nanoelastic import NanoElasticError
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -308,7 +317,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--small", action="store_true", help="small config and shapes (CPU)")
     p.add_argument("--batch", type=int, nargs="+", default=None, help="decode batch sizes (default 1 8 32)")
     p.add_argument("--json", metavar="FILE", help="also write the JSON here")
+    add_budget_args(p)
     args = p.parse_args(argv)
+    if args.budget:
+        return run_budget(args, argv)
     if not CUDA and not args.small:
         p.error("no GPU here: the full-size benchmark needs one (try --small)")
     device_name = torch.cuda.get_device_name() if CUDA else f"CPU ({torch.get_num_threads()} threads)"
@@ -341,6 +353,400 @@ def main(argv: list[str] | None = None) -> dict:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
     return result
+
+
+
+# ----------------------------------------------------------------------------------------------------
+# 5. Budget control: accuracy against latency of think/answer sizes and thinking budgets, on a user's
+#    problems (python bench.py --budget PROBLEMS.jsonl). Each problem is one chat turn, as chat.py replies:
+#    the THINK size thinks until it writes </think> or the budget forces it, then the ANSWER size answers.
+
+BUDGET_CONFIGS = "30B:30B,23B:30B,23B:23B,12B:30B,12B:12B"
+BUDGET_THINK = "512,2048,8192"
+ANSWER_ROOM = 4096  # default --max-new-tokens: the largest budget plus this much for the answer
+DEMO_THINK, DEMO_MAX_NEW = "8,32", 64  # the demo's: random weights are slow on a CPU and never stop
+NUMBER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|-?\.\d+")  # 1,000 and 3.5 are one number each
+DECIMAL = re.compile(r"-?(?:\d+(?:\.\d*)?|\.\d+)")
+
+
+def add_budget_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("budget control (--budget PROBLEMS.jsonl: accuracy against latency)")
+    g.add_argument("--budget", metavar="PROBLEMS.jsonl", help='one {"question": ..., "answer": ...} a line: '
+                   "solve each with every --configs at every --think-budgets")
+    g.add_argument("--configs", default=BUDGET_CONFIGS, metavar="T:A,...", help="THINK:ANSWER sizes (default %(default)s)")
+    g.add_argument("--think-budgets", metavar="N,...", help=f"thinking budgets: after N tokens </think> is written for "
+                   f"the model (default {BUDGET_THINK}; demo {DEMO_THINK})")
+    g.add_argument("--switch", default="transplant", choices=["transplant", "reprefill"],
+                   help="at </think>: keep the caches (transplant) or rebuild them with the answer size")
+    g.add_argument("--max-new-tokens", type=int, metavar="N", help="per reply, thinking included "
+                   f"(default: the largest budget + {ANSWER_ROOM}; demo {DEMO_MAX_NEW})")
+    g.add_argument("--limit", type=int, metavar="N", help="the first N problems only")
+    g.add_argument("--temperature", type=float, default=1.0, metavar="T",
+                   help="default 1.0 with --top-p 1.0: the model card's advice for reasoning; 0 = greedy")
+    g.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling")
+    g.add_argument("--seed", type=int, default=0, help="problem i samples with seed + i (default 0): reproducible")
+    g.add_argument("--ckpt", metavar="DIR", help="checkpoint folder, found as chat.py finds it")
+    g.add_argument("--demo", action="store_true", help="chat.py's small random checkpoint: accuracy is meaningless")
+    g.add_argument("--out", default="budget_results", metavar="DIR", help="results.jsonl (one line per reply "
+                   "done: a rerun goes on from there), results.json and frontier.png (default %(default)s)")
+
+
+def fail(message: str):
+    raise SystemExit(f"bench.py: error: {message}")
+
+
+# -- grading -----------------------------------------------------------------------------------------
+
+def boxed(text: str) -> str | None:
+    """The content of the last \\boxed{...} whose braces balance (a cut-off last one falls back to the one before)."""
+    for m in reversed(list(re.finditer(r"\\boxed\s*\{", text))):
+        depth = 1
+        for j in range(m.end(), len(text)):
+            depth += {"{": 1, "}": -1}.get(text[j], 0)
+            if depth == 0:
+                return text[m.end():j]
+    return None
+
+
+def extract_answer(text: str) -> str | None:
+    """The final answer of a reply: the last \\boxed{...}, else the last number, else None."""
+    found = boxed(text)
+    if found is None:
+        numbers = NUMBER.findall(text)
+        found = numbers[-1] if numbers else None
+    return found
+
+
+def normalize(answer: str) -> str:
+    """Spaces, $, \\text{}, thin spaces, % and a trailing period out; 1,000 -> 1000."""
+    s = re.sub(r"\\(?:text|textbf|mathrm)\{([^{}]*)\}", r"\1", answer)
+    for old, new in (("\\dfrac", "\\frac"), ("\\tfrac", "\\frac"), ("{,}", ","), ("\\!", ""), ("\\,", ""),
+                     ("\\%", ""), ("%", ""), ("$", "")):
+        s = s.replace(old, new)
+    s = re.sub(r"\s+", "", s).rstrip(".")
+    return s.replace(",", "") if NUMBER.fullmatch(s) else s
+
+
+def is_correct(predicted: str | None, reference) -> bool:
+    """Equal after normalize(); as numbers when both are (1000 == 1000.0). A boxed reference counts by its box."""
+    if predicted is None:
+        return False
+    reference = str(reference)
+    a, b = normalize(predicted), normalize(boxed(reference) or reference)
+    if DECIMAL.fullmatch(a) and DECIMAL.fullmatch(b):
+        return Decimal(a) == Decimal(b)
+    return a == b
+
+
+# -- one problem -------------------------------------------------------------------------------------
+
+def load_problems(path: str, limit: int | None) -> list[dict]:
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError as e:
+        fail(f"cannot read {path}: {e.strerror}")
+    except UnicodeDecodeError:
+        fail(f"{path} is not UTF-8 text")
+    problems = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            p = json.loads(line)
+        except json.JSONDecodeError as e:
+            fail(f"{path} line {n}: not JSON ({e.msg})")
+        if not (isinstance(p, dict) and isinstance(p.get("question"), str) and p["question"].strip()
+                and isinstance(p.get("answer"), (str, int, float)) and not isinstance(p["answer"], bool)):
+            fail(f'{path} line {n}: expected {{"question": "...", "answer": ...}} (a non-empty question, a text or number answer)')
+        problems.append({"question": p["question"], "answer": str(p["answer"])})
+    if not problems:
+        fail(f"{path} holds no problems")
+    return problems[:limit]
+
+
+def solve(model: ne.Model, tokenizer, cache: ne.Cache, prompt: list[int], think: str, answer: str, budget: int,
+          args: argparse.Namespace, seed: int) -> tuple[dict, list[ne.Token]]:
+    """One reply to `prompt` (chat.render_chat's, thinking on), timed: think at `think` (a model size), answer
+    at `answer`. Returns its measurements and its tokens. Ctrl-C (which ends generate()'s stream) raises
+    KeyboardInterrupt: a cut reply is not a result."""
+    mode = args.switch if think != answer else "transplant"  # the same size: nothing to rebuild
+    switch = ne.Switch(answer, on_token=tokenizer.think_end, after=budget, mode=mode)
+    cache.reset()
+    tokens, times = [], []
+    t0 = time.perf_counter()
+    for token in ne.generate(model, prompt, args.max_new_tokens, size=think, switch=switch,
+                             stop_tokens=tokenizer.stop, temperature=args.temperature, top_p=args.top_p,
+                             seed=seed, cache=cache):
+        tokens.append(token)
+        times.append(time.perf_counter() - t0)
+    ids = [t.id for t in tokens]
+    finished = bool(ids) and ids[-1] in tokenizer.stop
+    if not finished and len(ids) < args.max_new_tokens:
+        raise KeyboardInterrupt
+    body = ids[:-1] if finished else ids
+    end = body.index(tokenizer.think_end) if tokenizer.think_end in body else len(body)  # </think>
+    thought, said = body[:end], body[end + 1:]
+    last = len(ids) - 1
+    think_steps = min(end, last)  # decode steps of each phase (the first token's time is the first token's)
+    reply = tokenizer.decode(said)
+    predicted = extract_answer(reply)
+    return {"predicted": predicted, "think_tokens": len(thought), "answer_tokens": len(said),
+            "budget_hit": end < len(body) and len(thought) >= budget, "finished": finished,
+            "latency_s": times[-1], "first_token_s": times[0],
+            "think_steps": think_steps, "think_s": times[think_steps] - times[0],
+            "answer_steps": last - think_steps, "answer_s": times[last] - times[think_steps],
+            "reply": reply}, tokens
+
+
+# -- the run -----------------------------------------------------------------------------------------
+
+def parse_configs(text: str) -> list[tuple[str, str]]:
+    configs = [tuple(c.strip().split(":")) for c in text.split(",") if c.strip()]
+    if not configs or any(len(c) != 2 or not all(c) for c in configs):
+        fail(f"--configs {text!r}: expected THINK:ANSWER pairs separated by commas, e.g. 23B:30B,12B:12B")
+    return list(dict.fromkeys(configs))
+
+
+def parse_budgets(text: str) -> list[int]:
+    try:
+        budgets = [int(b) for b in text.split(",") if b.strip()]
+    except ValueError:
+        budgets = []
+    if not budgets or min(budgets) < 0:
+        fail(f"--think-budgets {text!r}: expected token counts >= 0 separated by commas, e.g. 512,2048")
+    return sorted(set(budgets))
+
+
+def read_results(path: Path) -> dict[tuple, dict]:
+    """The replies done so far, by key. A line cut by a crash mid-write is dropped (and cut from the file)."""
+    if not path.exists():
+        return {}
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        data = data[:data.rfind(b"\n") + 1]
+        with open(path, "r+b") as f:
+            f.truncate(len(data))
+    done = {}
+    for line in data.decode("utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+            done[tuple(record["key"])] = record
+        except (json.JSONDecodeError, KeyError, TypeError):
+            fail(f"{path} has a line that is not one of this script's results: move the file away")
+    return done
+
+
+def write_atomic(path: Path, write) -> None:
+    """write(temp_path), then rename over path: readers see the old file or the new one, never half of one."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def summarize(records: list[dict], configs: list[tuple[str, str]], budgets: list[int]) -> list[dict]:
+    """One row per (configuration, budget) with results, and which rows are on the Pareto frontier: no other
+    row is as fast and at least as accurate."""
+    rows = []
+    for think, answer in configs:
+        for budget in budgets:
+            rs = [r for r in records if (r["think"], r["answer"], r["budget"]) == (think, answer, budget)]
+            if not rs:
+                continue
+            latency = [r["latency_s"] for r in rs]
+            rate = lambda phase: (sum(r[f"{phase}_steps"] for r in rs) / seconds
+                                  if (seconds := sum(r[f"{phase}_s"] for r in rs)) > 0 else None)
+            rows.append({"think": think, "answer": answer, "budget": budget, "problems": len(rs),
+                         "accuracy": sum(r["correct"] for r in rs) / len(rs),
+                         "latency_mean_s": sum(latency) / len(rs), "latency_p90_s": float(np.percentile(latency, 90)),
+                         "first_token_mean_s": sum(r["first_token_s"] for r in rs) / len(rs),
+                         "think_tokens_mean": sum(r["think_tokens"] for r in rs) / len(rs),
+                         "answer_tokens_mean": sum(r["answer_tokens"] for r in rs) / len(rs),
+                         "think_tok_per_s": rate("think"), "answer_tok_per_s": rate("answer"),
+                         "budget_hit": sum(r["budget_hit"] for r in rs) / len(rs),
+                         "unfinished": sum(not r["finished"] for r in rs)})
+    best = -1.0
+    for row in sorted(rows, key=lambda r: (r["latency_mean_s"], -r["accuracy"])):
+        row["frontier"] = row["accuracy"] > best
+        best = max(best, row["accuracy"])
+    return rows
+
+
+def plot_frontier(rows: list[dict], path: Path, title: str) -> str:
+    """Accuracy against mean latency, a line per configuration through its budgets, the frontier dashed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "no plot: matplotlib is not installed (pip install matplotlib); the table and JSON are written"
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
+    for think, answer in dict.fromkeys((r["think"], r["answer"]) for r in rows):
+        rs = [r for r in rows if (r["think"], r["answer"]) == (think, answer)]
+        ax.plot([r["latency_mean_s"] for r in rs], [100 * r["accuracy"] for r in rs], "o-",
+                label=f"think {think} → answer {answer}")
+        for r in rs:
+            ax.annotate(str(r["budget"]), (r["latency_mean_s"], 100 * r["accuracy"]), fontsize=7,
+                        textcoords="offset points", xytext=(4, 4))
+    front = sorted((r for r in rows if r["frontier"]), key=lambda r: r["latency_mean_s"])
+    ax.plot([r["latency_mean_s"] for r in front], [100 * r["accuracy"] for r in front], "k--",
+            drawstyle="steps-post", linewidth=1, label="Pareto frontier")
+    ax.set_xlabel("mean latency per problem (s)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png"))
+    plt.close(fig)
+    return f"plot: {path}"
+
+
+def budget_table(rows: list[dict]) -> str:
+    rows = [{**r, "config": f"{r['think']}:{r['answer']}", "accuracy_pct": 100 * r["accuracy"],
+             "budget_hit_pct": 100 * r["budget_hit"], "on_frontier": "*" if r["frontier"] else ""} for r in rows]
+    return table(rows, [
+        ("config", "think:answer", "s"), ("budget", "budget", "d"), ("problems", "n", "d"),
+        ("accuracy_pct", "acc %", ".1f"), ("latency_mean_s", "latency s", ".2f"), ("latency_p90_s", "p90 s", ".2f"),
+        ("think_tokens_mean", "think tok", ".0f"), ("answer_tokens_mean", "answer tok", ".0f"),
+        ("think_tok_per_s", "think tok/s", ".1f"), ("answer_tok_per_s", "answer tok/s", ".1f"),
+        ("budget_hit_pct", "budget hit %", ".0f"), ("on_frontier", "frontier", "s")])
+
+
+@contextmanager
+def locked(folder: Path):
+    """Hold folder/.lock: two runs appending to the same results.jsonl would interleave their lines."""
+    with open(folder / ".lock", "w") as lock:
+        try:
+            import fcntl
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except ImportError:  # not on Unix: no lock
+            pass
+        except OSError:
+            fail(f"another bench.py --budget run is writing to {folder}")
+        yield
+
+
+def run_budget(args: argparse.Namespace, argv: list[str] | None) -> dict:
+    import chat
+    configs = parse_configs(args.configs)
+    budgets = parse_budgets(args.think_budgets or (DEMO_THINK if args.demo else BUDGET_THINK))
+    args.max_new_tokens = args.max_new_tokens or (DEMO_MAX_NEW if args.demo else max(budgets) + ANSWER_ROOM)
+    if args.max_new_tokens < 1 or (args.limit is not None and args.limit < 1):
+        fail("--max-new-tokens and --limit must be >= 1")
+    if args.temperature < 0 or not 0 < args.top_p <= 1:
+        fail("--temperature must be >= 0 and --top-p in (0, 1]")
+    problems = load_problems(args.budget, args.limit)
+    try:
+        size_names = chat.DEMO_SIZES if args.demo else {}
+        ckpt = None if args.demo else chat.find_checkpoint(args.ckpt)
+        config = chat.demo_config() if args.demo else ne.Config.from_file(ckpt / "config.json")
+        for size in {s for c in configs for s in c}:  # every size, before the (long) load
+            ne.parse_size(size_names.get(size, size), config)
+    except NanoElasticError as e:
+        fail(str(e))
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        fail(f"--out {out} is a file, not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    if args.demo:
+        print("DEMO: random weights, so accuracy is meaningless; the sizes, the budgets, the switch and the timing "
+              f"are real. 30B/23B/12B stand for the nested sizes {'/'.join(chat.DEMO_SIZES.values())}.", flush=True)
+
+    # A reply's key: everything that decides it. A rerun reuses the replies whose key it asks for again.
+    settings = {"checkpoint": "demo" if args.demo else str(ckpt.resolve()), "switch": args.switch,
+                "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed,
+                "max_new_tokens": args.max_new_tokens}
+    problem_ids = [hashlib.sha1(json.dumps([p["question"], p["answer"]]).encode()).hexdigest()[:12] for p in problems]
+    key = lambda think, answer, budget, i: (*settings.values(), think, answer, budget, i, problem_ids[i])
+    wanted = [(t, a, b, i) for t, a in configs for b in budgets for i in range(len(problems))]
+    results = out / "results.jsonl"
+    with locked(out):
+        done = read_results(results)
+        todo = [w for w in wanted if key(*w) not in done]
+        print(f"{len(configs)} configurations x {len(budgets)} budgets x {len(problems)} problems = {len(wanted)} "
+              f"replies" + (f", {len(wanted) - len(todo)} already in {results}" if len(todo) < len(wanted) else ""),
+              file=sys.stderr, flush=True)
+        try:
+            interrupted = not solve_all(args, problems, todo, key, size_names, results, done)
+        except NanoElasticError as e:
+            fail(str(e))
+    records = [done[key(*w)] for w in wanted if key(*w) in done]
+    rows = summarize(records, configs, budgets)
+
+    device_name = torch.cuda.get_device_name() if CUDA else "CPU"
+    result = {"date": time.strftime("%Y-%m-%d"), "device": device_name, "torch": torch.__version__,
+              "command": " ".join(["python", "bench.py", *(argv if argv is not None else sys.argv[1:])]),
+              "demo": args.demo, "problems_file": str(args.budget), "problems": len(problems),
+              "complete": len(records) == len(wanted), "settings": settings, "budget_bench": rows}
+    write_atomic(out / "results.json", lambda tmp: tmp.write_text(json.dumps(result, indent=1)))
+    print(("\nDEMO (random weights: accuracy is meaningless)\n" if args.demo else "\n") + budget_table(rows))
+    title = (f"{Path(args.budget).name}: {len(problems)} problems, switch {args.switch}, {device_name}"
+             + ("\nDEMO: random weights, accuracy is meaningless" if args.demo else ""))
+    print(plot_frontier(rows, out / "frontier.png", title) if rows else "no plot: no results yet")
+    print(f"results: {out / 'results.json'}")
+    if interrupted:
+        print(f"interrupted: {len(records)} of {len(wanted)} replies are kept in {results}; the same command "
+              f"goes on from there", file=sys.stderr)
+        raise SystemExit(130)
+    return result
+
+
+def solve_all(args, problems, todo, key, size_names, results: Path, done: dict) -> bool:
+    """Solve each (think, answer, budget, problem) of todo, appending each result to `results` as it
+    completes (flushed to disk) and to `done`. False when Ctrl-C or SIGTERM stopped it."""
+    import signal
+    import tempfile
+    from argparse import Namespace
+
+    import chat
+    if not todo:
+        return True
+    group_of = lambda k: tuple(k[:-2])  # (settings, think, answer, budget)
+    tally = Counter()  # per group: replies, correct ones
+    for k, r in done.items():
+        tally[group_of(k), "n"] += 1
+        tally[group_of(k), "correct"] += r["correct"]
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+    previous = signal.signal(signal.SIGTERM, stop)  # like Ctrl-C: what is done stays done
+    try:
+        with tempfile.TemporaryDirectory() as tmp, open(results, "a", encoding="utf-8") as log:
+            think, answer = todo[0][:2]
+            model, tokenizer, _ = chat.load(Namespace(demo=args.demo, ckpt=args.ckpt, think=think, answer=answer), tmp)
+            prompts = [tokenizer.encode(chat.render_chat([{"role": "user", "content": p["question"]}],
+                                                         add_generation_prompt=True)) for p in problems]
+            max_len = max(map(len, prompts)) + args.max_new_tokens
+            if max_len > model.config.max_position_embeddings:
+                fail(f"the longest prompt ({max(map(len, prompts))} tokens) + --max-new-tokens {args.max_new_tokens} "
+                     f"> the model's {model.config.max_position_embeddings} positions")
+            cache = model.new_cache(1, max_len)  # one cache for every reply (and its CUDA graphs)
+            t_start = time.perf_counter()
+            for n, (think, answer, budget, i) in enumerate(todo, 1):
+                measured, _ = solve(model, tokenizer, cache, prompts[i], size_names.get(think, think),
+                                    size_names.get(answer, answer), budget, args, args.seed + i)
+                k = key(think, answer, budget, i)
+                record = {"key": list(k), "think": think, "answer": answer, "budget": budget, "problem": i,
+                          "reference": problems[i]["answer"],
+                          "correct": is_correct(measured["predicted"], problems[i]["answer"]), **measured}
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+                os.fsync(log.fileno())
+                done[k] = record
+                tally[group_of(k), "n"] += 1
+                tally[group_of(k), "correct"] += record["correct"]
+                count, correct = tally[group_of(k), "n"], tally[group_of(k), "correct"]
+                print(f"{think}:{answer} budget {budget}: {count}/{len(problems)} problems, accuracy "
+                      f"{100 * correct / count:.0f}% | {n}/{len(todo)} replies in {time.perf_counter() - t_start:.0f} s",
+                      file=sys.stderr, flush=True)
+    except KeyboardInterrupt:
+        return False
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return True
 
 
 if __name__ == "__main__":
