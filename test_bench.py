@@ -3,11 +3,14 @@ with the torch references), and the byte accounting that the bandwidth figures r
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
+from argparse import Namespace
 
 import bench
 import nanoelastic as ne
@@ -60,3 +63,240 @@ def test_decode_bytes_counts_what_a_step_reads():
 def test_bench_without_gpu_says_so():
     run = subprocess.run([sys.executable, "bench.py"], capture_output=True, text=True, timeout=120)
     assert run.returncode != 0 and "no GPU here" in run.stderr and "Traceback" not in run.stderr
+
+
+# ----------------------------------------------------------------------------------------------------
+# bench.py --budget: grading, the switch at the budget, resume, the JSON and the plot (on the demo)
+
+@pytest.mark.parametrize("text, expected", [
+    ("so the answer is \\boxed{42}.", "42"),
+    ("\\boxed{1} then \\boxed{2}", "2"),  # the last box
+    ("\\boxed{\\frac{1}{2}}", "\\frac{1}{2}"),  # nested braces
+    ("\\boxed{\\text{(B)}} done", "\\text{(B)}"),
+    ("\\boxed{7} and then \\boxed{\\frac{3}{", "7"),  # a cut-off last box: the one before
+    ("\\boxed {5}", "5"),
+    ("\\boxed{}", ""),
+    ("12 apples and 30 pears, 42 in all.", "42"),  # no box: the last number
+    ("costs 1,000 dollars", "1,000"),
+    ("the list 1, 2, 3", "3"),
+    ("x = -3.5 or .5", ".5"),
+    ("it is -7", "-7"),
+    ("no numbers here", None),
+    ("", None),
+    ("3.14 then \\boxed{\\sqrt{2}} then 5", "\\sqrt{2}"),  # a box wins over later numbers
+])
+def test_extract_answer(text, expected):
+    assert bench.extract_answer(text) == expected
+
+
+@pytest.mark.parametrize("predicted, reference, correct", [
+    ("1,000", "1000", True), ("1000.0", "1000", True), ("1000", "1,000", True), ("1 000", "1000", True),
+    ("$42$", "42", True), ("42.", "42", True), ("42", 42, True), ("0.5", ".5", True), ("-3", "-3.0", True),
+    ("\\text{(B)}", "(B)", True), ("\\dfrac{1}{2}", "\\frac{1}{2}", True), ("\\frac {1} {2}", "\\frac{1}{2}", True),
+    ("50\\%", "50", True), ("1\\,000", "1000", True), ("12", "The answer is \\boxed{12}.", True),
+    ("9007199254740993", "9007199254740992", False),  # exact, not float, equality
+    ("41", "42", False), ("1,00", "100", False), ("(A)", "(B)", False), ("", "0", False), (None, "42", False),
+    ("0.333", "\\frac{1}{3}", False),
+])
+def test_is_correct(predicted, reference, correct):
+    assert bench.is_correct(predicted, reference) is correct
+
+
+def test_summarize_and_the_pareto_frontier():
+    def record(think, budget, correct, latency):
+        return {"think": think, "answer": "30B", "budget": budget, "correct": correct, "latency_s": latency,
+                "first_token_s": 0.1, "think_tokens": budget, "answer_tokens": 3, "think_steps": budget,
+                "think_s": budget / 100, "answer_steps": 3, "answer_s": 0.3, "budget_hit": True, "finished": True}
+    records = ([record("12B", 8, c, t) for c, t in ((True, 1.0), (False, 2.0))]  # 50 %, 1.5 s
+               + [record("23B", 8, c, t) for c, t in ((True, 1.0), (True, 3.0))]  # 100 %, 2 s
+               + [record("23B", 16, c, t) for c, t in ((True, 3.0), (False, 3.0))]  # 50 %, 3 s: dominated
+               + [record("12B", 16, False, t) for t in (1.0, 1.0)])  # 0 %, 1 s: the fastest
+    rows = bench.summarize(records, [("12B", "30B"), ("23B", "30B")], [8, 16])
+    by = {(r["think"], r["budget"]): r for r in rows}
+    assert by["12B", 8]["accuracy"] == 0.5 and by["23B", 8]["accuracy"] == 1.0
+    assert by["12B", 8]["latency_mean_s"] == 1.5 and by["12B", 8]["latency_p90_s"] == pytest.approx(1.9)
+    assert by["23B", 16]["think_tok_per_s"] == pytest.approx(100) and by["23B", 16]["answer_tok_per_s"] == pytest.approx(10)
+    assert {k for k, r in by.items() if r["frontier"]} == {("12B", 16), ("12B", 8), ("23B", 8)}
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """chat.py's demo model and tokenizer, as bench.py --budget --demo loads them."""
+    import chat
+    model, tokenizer, names = chat.load(Namespace(demo=True, ckpt=None, think="23B", answer="30B"),
+                                        str(tmp_path_factory.mktemp("demo")))
+    return model, tokenizer, names
+
+
+@pytest.mark.parametrize("switch", ["transplant", "reprefill"])
+def test_budget_switches_size_at_the_budget_for_every_configuration(demo, switch):
+    import chat
+    model, tokenizer, names = demo
+    args = Namespace(switch=switch, max_new_tokens=12, temperature=1.0, top_p=1.0)  # seeded below
+    prompt = tokenizer.encode(chat.render_chat([{"role": "user", "content": "What is 17 * 23?"}],
+                                               add_generation_prompt=True))
+    cache, budget = model.new_cache(1, len(prompt) + 12), 4
+    for think, answer in bench.parse_configs(bench.BUDGET_CONFIGS):
+        record, tokens = bench.solve(model, tokenizer, cache, prompt, names[think], names[answer], budget, args, 0)
+        ids = [t.id for t in tokens]
+        assert tokenizer.think_end not in ids[:budget] and ids[budget] == tokenizer.think_end  # forced after 4
+        assert [t.size for t in tokens] == [names[think]] * (budget + 1) + [names[answer]] * (len(tokens) - budget - 1)
+        assert len(tokens) > budget + 1  # the answer phase happened
+        assert record["think_tokens"] == budget and record["budget_hit"]
+        assert record["answer_tokens"] == len(ids) - budget - 1 - record["finished"]
+        assert record["think_steps"] + record["answer_steps"] == len(ids) - 1 and record["latency_s"] > 0
+        assert record["reply"] == tokenizer.decode(ids[budget + 1:len(ids) - record["finished"]])
+
+
+def write_problems(path, n=3):
+    path.write_text("".join(json.dumps({"question": f"What is {a} * 7?", "answer": a * 7}) + "\n" for a in range(2, 2 + n)))
+    return path
+
+
+BUDGET_ARGS = ["--demo", "--configs", "23B:30B,12B:12B", "--think-budgets", "2,4", "--max-new-tokens", "8", "--limit", "2"]
+TIMING = ("latency_s", "first_token_s", "think_s", "answer_s")
+
+
+def without_timing(record):
+    return {k: v for k, v in record.items() if k not in TIMING and not k.endswith(("_mean_s", "_p90_s", "tok_per_s"))}
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_budget_run_interrupted_and_resumed_equals_an_uninterrupted_run(tmp_path, monkeypatch, capsys):
+    problems = write_problems(tmp_path / "problems.jsonl")
+    whole = bench.main(["--budget", str(problems), "--out", str(tmp_path / "whole"), *BUDGET_ARGS])
+    assert whole["complete"] and len(whole["budget_bench"]) == 4
+    assert len(read_jsonl(tmp_path / "whole" / "results.jsonl")) == 8
+    out = capsys.readouterr().out
+    assert "DEMO (random weights: accuracy is meaningless)" in out and "23B:30B" in out and "12B:12B" in out
+
+    graded, is_correct = [], bench.is_correct  # each reply is graded once, right before it is written
+
+    def interrupt_after(k):
+        def grade(*a):
+            if len(graded) == k:
+                raise KeyboardInterrupt
+            graded.append(a)
+            return is_correct(*a)
+        return grade
+    resumed = ["--budget", str(problems), "--out", str(tmp_path / "resumed"), *BUDGET_ARGS]
+    monkeypatch.setattr(bench, "is_correct", interrupt_after(3))
+    with pytest.raises(SystemExit) as stopped:
+        bench.main(resumed)
+    assert stopped.value.code == 130
+    partial = json.loads((tmp_path / "resumed" / "results.json").read_text())
+    assert not partial["complete"] and sum(r["problems"] for r in partial["budget_bench"]) == 3
+    with open(tmp_path / "resumed" / "results.jsonl", "a") as f:
+        f.write('{"key": ["demo", "transpl')  # a line cut by a crash mid-write: dropped
+    graded.clear()
+    monkeypatch.setattr(bench, "is_correct", interrupt_after(100))
+    again = bench.main(resumed)
+    assert len(graded) == 8 - 3  # the done replies were not recomputed
+    records = read_jsonl(tmp_path / "resumed" / "results.jsonl")
+    assert len(records) == 8 and len({tuple(r["key"]) for r in records}) == 8
+    reference = {tuple(r["key"]): without_timing(r) for r in read_jsonl(tmp_path / "whole" / "results.jsonl")}
+    assert {tuple(r["key"]): without_timing(r) for r in records} == reference  # seeded sampling: same replies
+    assert [without_timing(r) for r in again["budget_bench"]] == [without_timing(r) for r in whole["budget_bench"]]
+    graded.clear()
+    bench.main(resumed)  # all done: nothing to compute, the summary written again
+    assert graded == [] and json.loads((tmp_path / "resumed" / "results.json").read_text())["complete"]
+
+
+def test_budget_json_and_plot(tmp_path, capsys):
+    problems = write_problems(tmp_path / "problems.jsonl", n=2)
+    out = tmp_path / "out"
+    result = bench.main(["--budget", str(problems), "--out", str(out), *BUDGET_ARGS, "--switch", "reprefill"])
+    assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(result))
+    assert result["demo"] and result["problems"] == 2 and result["settings"]["switch"] == "reprefill"
+    rows = result["budget_bench"]
+    assert [(r["think"], r["answer"], r["budget"]) for r in rows] == [
+        ("23B", "30B", 2), ("23B", "30B", 4), ("12B", "12B", 2), ("12B", "12B", 4)]
+    for r in rows:
+        assert r["problems"] == 2 and 0 <= r["accuracy"] <= 1 and r["latency_p90_s"] >= r["latency_mean_s"] > 0  # 2 problems
+        assert r["think_tokens_mean"] == r["budget"] and r["budget_hit"] == 1  # random weights never close a thought
+        assert r["think_tok_per_s"] > 0 and r["answer_tok_per_s"] > 0
+        dominated = any(o["latency_mean_s"] <= r["latency_mean_s"] and o["accuracy"] >= r["accuracy"]
+                        and (o["latency_mean_s"], o["accuracy"]) != (r["latency_mean_s"], r["accuracy"]) for o in rows)
+        assert r["frontier"] == (not dominated)
+    stdout = capsys.readouterr().out
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:  # the optional dependency is missing: the table and JSON are there, one line says why
+        assert "no plot: matplotlib is not installed" in stdout and not (out / "frontier.png").exists()
+    else:
+        assert (out / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"plot: {out}" in stdout
+    assert not list(out.glob(".*.tmp"))  # the temporary files of the atomic writes are gone
+
+
+def test_budget_without_matplotlib_writes_table_and_json(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    problems = write_problems(tmp_path / "problems.jsonl", n=1)
+    out = tmp_path / "out"
+    bench.main(["--budget", str(problems), "--out", str(out), *BUDGET_ARGS, "--configs", "12B:12B"])
+    stdout = capsys.readouterr().out
+    assert [line for line in stdout.splitlines() if line.startswith("no plot")] == [
+        "no plot: matplotlib is not installed (pip install matplotlib); the table and JSON are written"]
+    assert (out / "results.json").exists() and not (out / "frontier.png").exists() and "12B:12B" in stdout
+
+
+@pytest.mark.parametrize("lines, args, message", [
+    (['{"question": "a", "answer": 1}', "{not json"], [], "line 2: not JSON"),
+    (['{"question": "a"}'], [], 'line 1: expected {"question": "...", "answer": ...}'),
+    (['{"question": "", "answer": 1}'], [], "line 1: expected"),
+    (['["a", 1]'], [], "line 1: expected"),
+    (["", "  "], [], "holds no problems"),
+    (['{"question": "a", "answer": 1}'], ["--configs", "23B"], "expected THINK:ANSWER pairs"),
+    (['{"question": "a", "answer": 1}'], ["--think-budgets", "8,x"], "expected token counts >= 0"),
+    (['{"question": "a", "answer": 1}'], ["--think-budgets", "-1"], "expected token counts >= 0"),
+    (['{"question": "a", "answer": 1}'], ["--configs", "99B:30B"], "99B"),
+    (['{"question": "a", "answer": 1}'], ["--limit", "0"], "--limit must be >= 1"),
+    (['{"question": "a", "answer": 1}'], ["--top-p", "0"], "--top-p in (0, 1]"),
+])
+def test_budget_bad_input_is_one_line(tmp_path, lines, args, message):
+    problems = tmp_path / "problems.jsonl"
+    problems.write_text("\n".join(lines) + "\n")
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--budget", str(problems), "--demo", "--out", str(tmp_path / "out"), *args])
+    assert str(e.value.code).startswith("bench.py: error: ") and message in str(e.value.code)
+    assert "\n" not in str(e.value.code)
+
+
+def test_budget_errors_without_a_checkpoint_or_with_a_busy_out(tmp_path, monkeypatch):
+    import fcntl
+    problems = write_problems(tmp_path / "problems.jsonl", n=1)
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--budget", str(tmp_path / "missing.jsonl"), "--demo"])
+    assert "cannot read" in str(e.value.code)
+    monkeypatch.delenv("NANOELASTIC_CKPT", raising=False)
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--budget", str(problems), "--ckpt", str(tmp_path)])
+    assert "not a checkpoint folder" in str(e.value.code)
+    out = tmp_path / "out"
+    out.mkdir()
+    with open(out / ".lock", "w") as lock:  # another run holds the folder
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        with pytest.raises(SystemExit) as e:
+            bench.main(["--budget", str(problems), "--out", str(out), *BUDGET_ARGS])
+    assert "another bench.py --budget run is writing to" in str(e.value.code)
+
+
+def test_budget_sigterm_keeps_what_is_done(tmp_path):
+    problems = write_problems(tmp_path / "problems.jsonl", n=3)
+    out = tmp_path / "out"
+    run = subprocess.Popen([sys.executable, "bench.py", "--budget", str(problems), "--demo", "--out", str(out),
+                            "--max-new-tokens", "48", "--think-budgets", "4,16,32"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    results = out / "results.jsonl"
+    deadline = time.time() + 120
+    while not (results.exists() and results.read_text().count("\n") >= 1) and time.time() < deadline:
+        time.sleep(0.1)
+    run.send_signal(signal.SIGTERM)
+    stdout, stderr = run.communicate(timeout=120)
+    assert run.returncode == 130, stderr[-2000:]
+    assert "Traceback" not in stderr and "interrupted:" in stderr and "the same command goes on" in stderr
+    kept = read_jsonl(results)
+    assert 1 <= len(kept) < 5 * 3 * 3  # every line whole; the run had far to go
+    assert json.loads((out / "results.json").read_text())["complete"] is False
