@@ -154,7 +154,7 @@ def write_problems(path, n=3):
 
 
 BUDGET_ARGS = ["--demo", "--configs", "23B:30B,12B:12B", "--think-budgets", "2,4", "--max-new-tokens", "8", "--limit", "2"]
-TIMING = ("latency_s", "first_token_s", "think_s", "answer_s")
+TIMING = ("latency_s", "first_token_s", "think_s", "answer_s", "frontier")  # the frontier: by latency
 
 
 def without_timing(record):
