@@ -373,9 +373,10 @@ def add_budget_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("budget control (--budget PROBLEMS.jsonl: accuracy against latency)")
     g.add_argument("--budget", metavar="PROBLEMS.jsonl", help='one {"question": ..., "answer": ...} a line: '
                    "solve each with every --configs at every --think-budgets")
-    g.add_argument("--configs", default=BUDGET_CONFIGS, metavar="T:A,...", help="THINK:ANSWER sizes (default %(default)s)")
-    g.add_argument("--think-budgets", metavar="N,...", help=f"thinking budgets: after N tokens </think> is written for "
-                   f"the model (default {BUDGET_THINK}; demo {DEMO_THINK})")
+    g.add_argument("--configs", default=BUDGET_CONFIGS, metavar="T:A,...",
+                   help="THINK:ANSWER sizes (default %(default)s)")
+    g.add_argument("--think-budgets", metavar="N,...", help=f"thinking budgets: after N tokens </think> is "
+                   f"written for the model (default {BUDGET_THINK}; demo {DEMO_THINK})")
     g.add_argument("--switch", default="transplant", choices=["transplant", "reprefill"],
                    help="at </think>: keep the caches (transplant) or rebuild them with the answer size")
     g.add_argument("--max-new-tokens", type=int, metavar="N", help="per reply, thinking included "
@@ -384,9 +385,9 @@ def add_budget_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--temperature", type=float, default=1.0, metavar="T",
                    help="default 1.0 with --top-p 1.0: the model card's advice for reasoning; 0 = greedy")
     g.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling")
-    g.add_argument("--seed", type=int, default=0, help="problem i samples with seed + i (default 0): reproducible")
+    g.add_argument("--seed", type=int, default=0, help="problem i samples with seed + i (default 0)")
     g.add_argument("--ckpt", metavar="DIR", help="checkpoint folder, found as chat.py finds it")
-    g.add_argument("--demo", action="store_true", help="chat.py's small random checkpoint: accuracy is meaningless")
+    g.add_argument("--demo", action="store_true", help="chat.py's small random checkpoint (accuracy: meaningless)")
     g.add_argument("--out", default="budget_results", metavar="DIR", help="results.jsonl (one line per reply "
                    "done: a rerun goes on from there), results.json and frontier.png (default %(default)s)")
 
@@ -398,7 +399,7 @@ def fail(message: str):
 # -- grading -----------------------------------------------------------------------------------------
 
 def boxed(text: str) -> str | None:
-    """The content of the last \\boxed{...} whose braces balance (a cut-off last one falls back to the one before)."""
+    """The content of the last \\boxed{...} whose braces balance (a cut-off last box: the one before)."""
     for m in reversed(list(re.finditer(r"\\boxed\s*\{", text))):
         depth = 1
         for j in range(m.end(), len(text)):
@@ -428,7 +429,7 @@ def normalize(answer: str) -> str:
 
 
 def is_correct(predicted: str | None, reference) -> bool:
-    """Equal after normalize(); as numbers when both are (1000 == 1000.0). A boxed reference counts by its box."""
+    """Equal after normalize(), as decimals when both are numbers (1000 == 1000.0). A boxed reference: its box."""
     if predicted is None:
         return False
     reference = str(reference)
@@ -457,7 +458,8 @@ def load_problems(path: str, limit: int | None) -> list[dict]:
             fail(f"{path} line {n}: not JSON ({e.msg})")
         if not (isinstance(p, dict) and isinstance(p.get("question"), str) and p["question"].strip()
                 and isinstance(p.get("answer"), (str, int, float)) and not isinstance(p["answer"], bool)):
-            fail(f'{path} line {n}: expected {{"question": "...", "answer": ...}} (a non-empty question, a text or number answer)')
+            fail(f'{path} line {n}: expected {{"question": "...", "answer": ...}} '
+                 "(a non-empty question, a text or number answer)")
         problems.append({"question": p["question"], "answer": str(p["answer"])})
     if not problems:
         fail(f"{path} holds no problems")
@@ -560,7 +562,8 @@ def summarize(records: list[dict], configs: list[tuple[str, str]], budgets: list
                                   if (seconds := sum(r[f"{phase}_s"] for r in rs)) > 0 else None)
             rows.append({"think": think, "answer": answer, "budget": budget, "problems": len(rs),
                          "accuracy": sum(r["correct"] for r in rs) / len(rs),
-                         "latency_mean_s": sum(latency) / len(rs), "latency_p90_s": float(np.percentile(latency, 90)),
+                         "latency_mean_s": sum(latency) / len(rs),
+                         "latency_p90_s": float(np.percentile(latency, 90)),  # interpolated
                          "first_token_mean_s": sum(r["first_token_s"] for r in rs) / len(rs),
                          "think_tokens_mean": sum(r["think_tokens"] for r in rs) / len(rs),
                          "answer_tokens_mean": sum(r["answer_tokens"] for r in rs) / len(rs),
@@ -606,7 +609,8 @@ def plot_frontier(rows: list[dict], path: Path, title: str) -> str:
 
 
 def budget_table(rows: list[dict]) -> str:
-    rows = [{**r, "config": f"{r['think']}:{r['answer']}", "accuracy_pct": 100 * r["accuracy"],
+    rows = [{**{k: v for k, v in r.items() if v is not None},  # no time in a phase: an empty cell
+             "config": f"{r['think']}:{r['answer']}", "accuracy_pct": 100 * r["accuracy"],
              "budget_hit_pct": 100 * r["budget_hit"], "on_frontier": "*" if r["frontier"] else ""} for r in rows]
     return table(rows, [
         ("config", "think:answer", "s"), ("budget", "budget", "d"), ("problems", "n", "d"),
@@ -639,6 +643,8 @@ def run_budget(args: argparse.Namespace, argv: list[str] | None) -> dict:
         fail("--max-new-tokens and --limit must be >= 1")
     if args.temperature < 0 or not 0 < args.top_p <= 1:
         fail("--temperature must be >= 0 and --top-p in (0, 1]")
+    if max(budgets) + 1 >= args.max_new_tokens:
+        fail(f"--max-new-tokens {args.max_new_tokens} leaves no room to answer after a budget of {max(budgets)}")
     problems = load_problems(args.budget, args.limit)
     try:
         size_names = chat.DEMO_SIZES if args.demo else {}
@@ -653,25 +659,27 @@ def run_budget(args: argparse.Namespace, argv: list[str] | None) -> dict:
         fail(f"--out {out} is a file, not a folder")
     out.mkdir(parents=True, exist_ok=True)
     if args.demo:
-        print("DEMO: random weights, so accuracy is meaningless; the sizes, the budgets, the switch and the timing "
-              f"are real. 30B/23B/12B stand for the nested sizes {'/'.join(chat.DEMO_SIZES.values())}.", flush=True)
+        print("DEMO: random weights, so accuracy is meaningless; the sizes, the budgets, the switch and the "
+              f"timing are real. 30B/23B/12B stand for the nested sizes {'/'.join(chat.DEMO_SIZES.values())}.",
+              flush=True)
 
     # A reply's key: everything that decides it. A rerun reuses the replies whose key it asks for again.
     settings = {"checkpoint": "demo" if args.demo else str(ckpt.resolve()), "switch": args.switch,
                 "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed,
                 "max_new_tokens": args.max_new_tokens}
-    problem_ids = [hashlib.sha1(json.dumps([p["question"], p["answer"]]).encode()).hexdigest()[:12] for p in problems]
+    problem_ids = [hashlib.sha1(json.dumps([p["question"], p["answer"]]).encode()).hexdigest()[:12]
+                   for p in problems]
     key = lambda think, answer, budget, i: (*settings.values(), think, answer, budget, i, problem_ids[i])
     wanted = [(t, a, b, i) for t, a in configs for b in budgets for i in range(len(problems))]
     results = out / "results.jsonl"
     with locked(out):
-        done = read_results(results)
-        todo = [w for w in wanted if key(*w) not in done]
-        print(f"{len(configs)} configurations x {len(budgets)} budgets x {len(problems)} problems = {len(wanted)} "
-              f"replies" + (f", {len(wanted) - len(todo)} already in {results}" if len(todo) < len(wanted) else ""),
+        in_file = read_results(results)
+        done = {key(*w): in_file[key(*w)] for w in wanted if key(*w) in in_file}  # this run's part of the file
+        print(f"{len(configs)} configurations x {len(budgets)} budgets x {len(problems)} problems = "
+              f"{len(wanted)} replies" + (f", {len(done)} already in {results}" if done else ""),
               file=sys.stderr, flush=True)
         try:
-            interrupted = not solve_all(args, problems, todo, key, size_names, results, done)
+            interrupted = not solve_all(args, problems, wanted, key, size_names, results, done)
         except NanoElasticError as e:
             fail(str(e))
     records = [done[key(*w)] for w in wanted if key(*w) in done]
@@ -695,14 +703,15 @@ def run_budget(args: argparse.Namespace, argv: list[str] | None) -> dict:
     return result
 
 
-def solve_all(args, problems, todo, key, size_names, results: Path, done: dict) -> bool:
-    """Solve each (think, answer, budget, problem) of todo, appending each result to `results` as it
-    completes (flushed to disk) and to `done`. False when Ctrl-C or SIGTERM stopped it."""
+def solve_all(args, problems, wanted, key, size_names, results: Path, done: dict) -> bool:
+    """Solve each (think, answer, budget, problem) of `wanted` not in `done` yet, appending each result to
+    `results` as it completes (flushed to disk) and to `done`. False when Ctrl-C or SIGTERM stopped it."""
     import signal
     import tempfile
     from argparse import Namespace
 
     import chat
+    todo = [w for w in wanted if key(*w) not in done]
     if not todo:
         return True
     group_of = lambda k: tuple(k[:-2])  # (settings, think, answer, budget)
@@ -717,16 +726,17 @@ def solve_all(args, problems, todo, key, size_names, results: Path, done: dict) 
     try:
         with tempfile.TemporaryDirectory() as tmp, open(results, "a", encoding="utf-8") as log:
             think, answer = todo[0][:2]
-            model, tokenizer, _ = chat.load(Namespace(demo=args.demo, ckpt=args.ckpt, think=think, answer=answer), tmp)
+            sizes = Namespace(demo=args.demo, ckpt=args.ckpt, think=think, answer=answer)
+            model, tokenizer, _ = chat.load(sizes, tmp)
             prompts = [tokenizer.encode(chat.render_chat([{"role": "user", "content": p["question"]}],
                                                          add_generation_prompt=True)) for p in problems]
             max_len = max(map(len, prompts)) + args.max_new_tokens
             if max_len > model.config.max_position_embeddings:
-                fail(f"the longest prompt ({max(map(len, prompts))} tokens) + --max-new-tokens {args.max_new_tokens} "
-                     f"> the model's {model.config.max_position_embeddings} positions")
+                fail(f"the longest prompt ({max(map(len, prompts))} tokens) + --max-new-tokens "
+                     f"{args.max_new_tokens} > the model's {model.config.max_position_embeddings} positions")
             cache = model.new_cache(1, max_len)  # one cache for every reply (and its CUDA graphs)
             warm_up = Namespace(**{**vars(args), "max_new_tokens": min(8, args.max_new_tokens)})
-            for think, answer in dict.fromkeys(w[:2] for w in todo):  # kernels compiled, graphs captured: untimed
+            for think, answer in dict.fromkeys(w[:2] for w in todo):  # compile kernels, capture graphs: untimed
                 solve(model, tokenizer, cache, prompts[0], size_names.get(think, think),
                       size_names.get(answer, answer), 2, warm_up, args.seed)
             t_start = time.perf_counter()
@@ -744,8 +754,9 @@ def solve_all(args, problems, todo, key, size_names, results: Path, done: dict) 
                 tally[group_of(k), "n"] += 1
                 tally[group_of(k), "correct"] += record["correct"]
                 count, correct = tally[group_of(k), "n"], tally[group_of(k), "correct"]
+                elapsed = time.perf_counter() - t_start
                 print(f"{think}:{answer} budget {budget}: {count}/{len(problems)} problems, accuracy "
-                      f"{100 * correct / count:.0f}% | {n}/{len(todo)} replies in {time.perf_counter() - t_start:.0f} s",
+                      f"{100 * correct / count:.0f}% | {n}/{len(todo)} replies in {elapsed:.0f} s",
                       file=sys.stderr, flush=True)
     except KeyboardInterrupt:
         return False

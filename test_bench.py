@@ -207,6 +207,8 @@ def test_budget_run_interrupted_and_resumed_equals_an_uninterrupted_run(tmp_path
     graded.clear()
     bench.main(resumed)  # all done: nothing to compute, the summary written again
     assert graded == [] and json.loads((tmp_path / "resumed" / "results.json").read_text())["complete"]
+    bench.main([*resumed, "--limit", "3"])  # one more problem: only its replies are new
+    assert len(graded) == 2 * 2 and len(read_jsonl(tmp_path / "resumed" / "results.jsonl")) == 12
 
 
 def test_budget_json_and_plot(tmp_path, capsys):
@@ -258,6 +260,7 @@ def test_budget_without_matplotlib_writes_table_and_json(tmp_path, monkeypatch, 
     (['{"question": "a", "answer": 1}'], ["--configs", "99B:30B"], "99B"),
     (['{"question": "a", "answer": 1}'], ["--limit", "0"], "--limit must be >= 1"),
     (['{"question": "a", "answer": 1}'], ["--top-p", "0"], "--top-p in (0, 1]"),
+    (['{"question": "a", "answer": 1}'], ["--think-budgets", "8", "--max-new-tokens", "9"], "leaves no room to answer"),
 ])
 def test_budget_bad_input_is_one_line(tmp_path, lines, args, message):
     problems = tmp_path / "problems.jsonl"
