@@ -5,6 +5,7 @@ bench.py: measured speed of nanoelastic on the device it runs on, as a table and
     python bench.py --only kernels    # each kernel against its torch reference and the device's ceilings
     python bench.py --only model      # decode, prefill, size switch, memory
     python bench.py --small           # a small config and small shapes: runs anywhere (the tests use it)
+    python bench.py --budget P.jsonl  # accuracy against latency of think/answer sizes and budgets (section 5)
 
 Every number is measured here, beside what it is compared with: the device's ceilings (a device-to-device
 copy for bandwidth, a large matmul for FLOP/s) and, for kernels, the torch reference. Correctness is

@@ -152,6 +152,24 @@ def test_budget_switches_size_at_the_budget_for_every_configuration(demo, switch
     assert at_budget >= 3  # (on the CPU with seed 0: every configuration)
 
 
+def test_budget_reply_cut_by_ctrl_c_is_not_a_result(demo, monkeypatch):
+    import chat
+    model, tokenizer, names = demo
+    args = Namespace(switch="transplant", max_new_tokens=12, temperature=1.0, top_p=1.0)
+    prompt = tokenizer.encode(chat.render_chat([{"role": "user", "content": "2 + 2?"}], add_generation_prompt=True))
+    cache, steps, decode_step = model.new_cache(1, len(prompt) + 12), [], model.decode_step
+
+    def ctrl_c_at_the_third_step(*a):
+        steps.append(1)
+        if len(steps) == 3:
+            raise KeyboardInterrupt  # generate() ends its stream quietly: the reply just looks short
+        return decode_step(*a)
+    monkeypatch.setattr(model, "decode_step", ctrl_c_at_the_third_step)
+    with pytest.raises(KeyboardInterrupt):
+        bench.solve(model, tokenizer, cache, prompt, names["23B"], names["30B"], 4, args, 0)
+    assert len(steps) == 3
+
+
 def write_problems(path, n=3):
     path.write_text("".join(json.dumps({"question": f"What is {a} * 7?", "answer": a * 7}) + "\n" for a in range(2, 2 + n)))
     return path
