@@ -1,5 +1,6 @@
 """Tests of bench.py on the CPU: the small config end to end (kernels under TRITON_INTERPRET=1, the model
-with the torch references), and the byte accounting that the bandwidth figures rest on."""
+with the torch references), the byte accounting that the bandwidth figures rest on, and --budget on the demo
+checkpoint (grading, the switch at the budget, resume, the JSON and the plot)."""
 
 import json
 import os
@@ -7,10 +8,10 @@ import signal
 import subprocess
 import sys
 import time
+from argparse import Namespace
 
 import pytest
 import torch
-from argparse import Namespace
 
 import bench
 import nanoelastic as ne
