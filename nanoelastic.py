@@ -60,6 +60,46 @@ OLD_SPELLINGS = {  # older config.json spellings -> HF's current field names
 }
 
 
+MAX_LAYERS = 1000  # the real model has 52; a bigger pattern is a broken config, refused before any allocation
+CONFIG_FIELDS = {  # config.json field -> (type, smallest value): checked before anything is built
+    **dict.fromkeys(("vocab_size", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+                     "mamba_num_heads", "mamba_head_dim", "ssm_state_size", "n_groups", "conv_kernel",
+                     "chunk_size", "n_routed_experts", "num_experts_per_tok", "moe_intermediate_size",
+                     "moe_shared_expert_intermediate_size", "intermediate_size", "n_group", "topk_group",
+                     "max_position_embeddings"), (int, 1)),
+    **dict.fromkeys(("bos_token_id", "pad_token_id"), (int, 0)),
+    "eos_token_id": ("int or list of int", 0),
+    "routed_scaling_factor": (float, 0.0), "layer_norm_epsilon": (float, 0.0),
+    "time_step_limit": ("pair of float", 0.0),
+    **dict.fromkeys(("use_conv_bias", "norm_topk_prob", "tie_word_embeddings"), (bool, None)),
+    "mlp_hidden_act": (str, None),
+}
+REQUIRED_FIELDS = ("vocab_size", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+                   "mamba_num_heads", "mamba_head_dim", "ssm_state_size", "n_groups", "n_routed_experts",
+                   "num_experts_per_tok", "moe_intermediate_size", "moe_shared_expert_intermediate_size")
+
+
+def check_config_field(name: str, value, kind, low) -> None:
+    """One config.json value against its CONFIG_FIELDS entry (bool is not an int here, 16.0 is not an int)."""
+    def number(v, t):
+        return not isinstance(v, bool) and isinstance(v, int if t is int else (int, float))
+
+    if kind == "int or list of int":
+        values = value if isinstance(value, list) else [value]
+        ok = all(number(v, int) for v in values)
+    elif kind == "pair of float":
+        values = value if isinstance(value, list) and len(value) == 2 else None
+        ok = values is not None and all(number(v, float) for v in values)
+    else:
+        values = [value]
+        ok = number(value, kind) if kind in (int, float) else isinstance(value, kind)
+    if not ok:
+        raise NanoElasticError(f"config: {name} must be {getattr(kind, '__name__', kind)}, not {value!r}"[:160])
+    if low is not None and any(v < low or (kind is float and v == low) for v in values):
+        raise NanoElasticError(f"config: {name} = {value!r} is out of range (must be "
+                               f"{'>' if kind is float else '>='} {low})")
+
+
 @dataclass
 class Config:
     vocab_size: int = 131072
@@ -113,14 +153,25 @@ class Config:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Config":
+        """A Config from config.json's fields, each checked (type, range) before anything is built:
+        a bad one is a NanoElasticError naming the field. Fields it does not know are ignored."""
+        if not isinstance(d, dict):
+            raise NanoElasticError(f"config must be a JSON object, not {type(d).__name__}")
         d = {OLD_SPELLINGS.get(k, k): v for k, v in d.items()}
         layers = d.get("layers_block_type") or d.get("hybrid_override_pattern")
         if layers is None:
             raise NanoElasticError("config has neither hybrid_override_pattern nor layers_block_type")
+        if not isinstance(layers, (str, list)) or not all(isinstance(t, str) for t in layers):
+            raise NanoElasticError("config: the layer pattern must be a string or a list of layer type names")
         unknown = sorted({t for t in layers if t not in LAYER_TYPES})
         if unknown:
             raise NanoElasticError(f"config: unknown layer types {unknown}")
+        if not 1 <= len(layers) <= MAX_LAYERS:
+            raise NanoElasticError(f"config: {len(layers)} layers, expected 1 to {MAX_LAYERS}")
         d["layers_block_type"] = [LAYER_TYPES[t] for t in layers]
+        for name, (kind, low) in CONFIG_FIELDS.items():
+            if d.get(name) is not None:
+                check_config_field(name, d[name], kind, low)
         if d.get("time_step_limit") is not None:
             d["time_step_limit"] = tuple(float(v) for v in d["time_step_limit"])
         known = {f.name for f in fields(cls)}
@@ -129,19 +180,38 @@ class Config:
             raise NanoElasticError(f"config: mlp_hidden_act {cfg.mlp_hidden_act!r} is not supported (relu2)")
         if cfg.tie_word_embeddings:
             raise NanoElasticError("config: tie_word_embeddings is not supported (this model has its own lm_head)")
-        if cfg.mamba_num_heads % cfg.n_groups or cfg.num_attention_heads % cfg.num_key_value_heads:
-            raise NanoElasticError("config: heads must divide evenly into groups / KV heads")
+        for small, large in (("n_groups", "mamba_num_heads"), ("num_key_value_heads", "num_attention_heads"),
+                             ("n_group", "n_routed_experts")):
+            if getattr(cfg, large) % getattr(cfg, small):
+                raise NanoElasticError(f"config: {large} ({getattr(cfg, large)}) is not a multiple of "
+                                       f"{small} ({getattr(cfg, small)})")
+        for small, large in (("num_experts_per_tok", "n_routed_experts"), ("topk_group", "n_group")):
+            if getattr(cfg, small) > getattr(cfg, large):
+                raise NanoElasticError(f"config: {small} ({getattr(cfg, small)}) > {large} ({getattr(cfg, large)})")
         return cfg
 
     @classmethod
     def from_file(cls, path: str | Path) -> "Config":
+        """A checkpoint's config.json: every field that sets a shape must be there (no silent default)."""
         path = Path(path)
         if not path.is_file():
             raise NanoElasticError(f"missing config: {path}")
         try:
-            return cls.from_dict(json.loads(path.read_text()))
+            d = json.loads(path.read_bytes().decode())
+        except OSError as e:
+            raise NanoElasticError(f"cannot read {path}: {e.strerror}") from None
+        except UnicodeDecodeError:
+            raise NanoElasticError(f"{path} is not UTF-8 text") from None
         except json.JSONDecodeError as e:
             raise NanoElasticError(f"{path} is not valid JSON: {e}") from None
+        missing = [name for name in REQUIRED_FIELDS if isinstance(d, dict) and d.get(name) is None]
+        if missing:
+            raise NanoElasticError(f"{path}: missing field {missing[0]}" + (f" (and {len(missing) - 1} more)"
+                                                                            if len(missing) > 1 else ""))
+        try:
+            return cls.from_dict(d)
+        except NanoElasticError as e:
+            raise NanoElasticError(f"{path}: {e}") from None
 
     def to_dict(self) -> dict:
         """The config.json of a checkpoint of this config (HF nemotron_h field names)."""
