@@ -879,7 +879,7 @@ class Model(nn.Module):
             model = cls(config)
         stacks = {}
         for name, t in random_checkpoint_tensors(config, fp8, seed, device):
-            _place(model, stacks, *_model_tensor(name), t, dtype or torch.bfloat16)
+            _place(model, stacks, name, *_model_tensor(name), t, dtype or torch.bfloat16)
         return model
 
     # -- sizes ---------------------------------------------------------------------------------------
@@ -934,12 +934,21 @@ def _model_tensor(name: str) -> tuple[str, int | None]:
     return (f"{m[1]}.{m[3]}.{m[4]}", int(m[2])) if m else (name, None)
 
 
-def _place(model: Model, stacks: dict, target: str, expert: int | None, t: Tensor, dtype: torch.dtype) -> None:
+def checked_scale(name: str, t: Tensor) -> Tensor:
+    """An FP8 scale as an fp32 scalar, refused unless finite and > 0 (else every logit becomes NaN)."""
+    t = t.float().reshape(())
+    if not (torch.isfinite(t) and t > 0):
+        raise NanoElasticError(f"{name} is {t.item()}: an FP8 scale must be finite and > 0")
+    return t
+
+
+def _place(model: Model, stacks: dict, name: str, target: str, expert: int | None, t: Tensor,
+           dtype: torch.dtype) -> None:
     """Put one checkpoint tensor (already on its device) into a meta-device model: FP8 weights stay FP8,
     scales become fp32 scalars, FP32_TENSORS fp32, the rest `dtype`; experts fill stacked [E, ...] tensors."""
     owner, _, leaf = target.rpartition(".")
     if leaf in ("weight_scale", "input_scale"):
-        t = t.float().reshape(())
+        t = checked_scale(name, t)
     elif t.dtype != torch.float8_e4m3fn:
         t = t.to(torch.float32 if target.endswith(FP32_TENSORS) else dtype)
     if expert is not None:
@@ -1006,11 +1015,17 @@ def check_checkpoint(model: Model, path: Path) -> CheckedCheckpoint:
     total_bytes = 0
     for shard, names in by_shard.items():
         try:
+            open(shard, "rb").close()  # the true cause (permission denied...) before safetensors' own message
             header = safe_open(shard, "pt")
+        except OSError as e:
+            raise NanoElasticError(f"cannot read {shard}: {e.strerror}") from None
         except SafetensorError as e:  # a truncated download, a file that is not safetensors
             raise NanoElasticError(f"{shard} is not a valid safetensors file ({e})") from None
         with header as f:
+            in_shard = set(f.keys())
             for name in names:
+                if name not in in_shard:
+                    raise NanoElasticError(f"{name} is not in {shard.name}, the shard the index names for it")
                 target, expert = plan[name]
                 owner, _, leaf = target.rpartition(".")
                 sl = f.get_slice(name)
@@ -1027,6 +1042,9 @@ def check_checkpoint(model: Model, path: Path) -> CheckedCheckpoint:
                     raise NanoElasticError(f"{name} has a weight_scale but is {st_dtype}, not F8_E4M3")
                 if owner not in fp8 and st_dtype.startswith("F8"):
                     raise NanoElasticError(f"{name} is FP8 but has no weight_scale")
+                allowed = ("F32",) if leaf in ("weight_scale", "input_scale") else ("F8_E4M3", "BF16", "F32")
+                if st_dtype not in allowed:
+                    raise NanoElasticError(f"{name} is {st_dtype}: the format stores it as {' or '.join(allowed)}")
                 total_bytes += math.prod(shape) * SAFETENSORS_DTYPES.get(st_dtype, torch.float32).itemsize
     return CheckedCheckpoint(weight_map, plan, total_bytes)
 
@@ -1049,7 +1067,7 @@ def _load_checkpoint(model: Model, path: Path, device: torch.device, dtype: torc
             for name in names:
                 t = f.get_tensor(name)
                 done_bytes += t.numel() * t.element_size()
-                _place(model, stacks, *plan[name], t, dtype)
+                _place(model, stacks, name, *plan[name], t, dtype)
                 done_tensors += 1
                 if verbose and sys.stderr.isatty() and time.time() - last_print > 0.25:
                     last_print = time.time()
