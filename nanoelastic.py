@@ -25,11 +25,13 @@ H = heads, P = head dim, N = SSM state, G = groups, E = experts, F = expert FFN 
 from __future__ import annotations
 
 import copy
+import errno
 import functools
 import json
 import math
 import os
 import re
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -43,6 +45,22 @@ from torch import Tensor, nn
 
 class NanoElasticError(ValueError):
     """Bad input: a missing file, a wrong shape, an unknown size, a prompt too long... One clear line."""
+
+
+class Terminated(BaseException):
+    """SIGTERM: unwinds like Ctrl-C, so that the same cleanup runs (finally, with), but is not a
+    KeyboardInterrupt, which only stops a generation: the CLIs exit with 143."""
+
+
+def sigterm_as_interrupt() -> None:
+    """From now on, SIGTERM (kill, a job scheduler) raises Terminated: temporary files are removed."""
+    def raise_terminated(signum, frame):
+        raise Terminated()
+    signal.signal(signal.SIGTERM, raise_terminated)
+
+
+def interrupted_exit_code(e: BaseException) -> int:
+    return 143 if isinstance(e, Terminated) else 130  # 128 + the signal's number, as shells report it
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1159,10 +1177,13 @@ def random_checkpoint_tensors(config: Config, fp8: bool = True, seed: int = 0,
                 yield full, t.float() if full.endswith(FP32_TENSORS) else t.to(torch.bfloat16)
 
 
-def write_random_checkpoint(path: str | Path, config: Config, fp8: bool = True, shards: int = 2, seed: int = 0) -> Path:
+def write_random_checkpoint(path: str | Path, config: Config, fp8: bool = True, shards: int = 2, seed: int = 0,
+                            extra_files=None) -> Path:
     """Write a random checkpoint of `config` in the exact on-disk format of the real one (SPEC §4):
     config.json, generation_config.json, `shards` safetensors shards and their index. Streams: about one
-    shard in memory. Written into a temporary folder renamed at the end: an interruption leaves nothing."""
+    shard in memory. Written into a temporary folder renamed at the end: an interruption or a full disk
+    leaves nothing, and a folder that appears at `path` meanwhile (another run) is refused, left as it is.
+    extra_files(folder), if given, adds files (a tokenizer) before the rename."""
     import shutil
     from safetensors.torch import save_file
 
@@ -1199,7 +1220,16 @@ def write_random_checkpoint(path: str | Path, config: Config, fp8: bool = True, 
         if fp8:
             (tmp / "hf_quant_config.json").write_text(json.dumps(
                 {"producer": {"name": "nanoelastic (random)"}, "quantization": {"quant_algo": "FP8"}}))
-        tmp.rename(path)
+        if extra_files:
+            extra_files(tmp)
+        try:
+            if os.path.lexists(path):  # rename() would replace an empty folder
+                raise FileExistsError(errno.EEXIST, "exists")
+            tmp.rename(path)
+        except OSError as e:
+            if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                raise
+            raise NanoElasticError(f"{path} appeared while it was written (another run?): left as it is") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
@@ -1362,7 +1392,12 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    sigterm_as_interrupt()
     try:
         main()
     except NanoElasticError as e:
         sys.exit(f"error: {e}")
+    except OSError as e:  # permission denied, a full disk: the true cause, one line
+        sys.exit(f"error: {e}")
+    except (KeyboardInterrupt, Terminated) as e:  # the demo's temporary checkpoint is removed on the way out
+        sys.exit(interrupted_exit_code(e))
