@@ -1185,6 +1185,7 @@ def write_random_checkpoint(path: str | Path, config: Config, fp8: bool = True, 
     leaves nothing, and a folder that appears at `path` meanwhile (another run) is refused, left as it is.
     extra_files(folder), if given, adds files (a tokenizer) before the rename."""
     import shutil
+    import tempfile
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -1192,8 +1193,8 @@ def write_random_checkpoint(path: str | Path, config: Config, fp8: bool = True, 
         raise NanoElasticError(f"{path} already exists")
     with torch.device("meta"):
         approx_bytes = sum(p.numel() for p in Model(config).parameters()) * (1 if fp8 else 2)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.mkdir(parents=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))  # a name of its own, per run
     try:
         shard_of, files, pending, total = {}, [], {}, 0
 
