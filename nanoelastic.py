@@ -1186,6 +1186,7 @@ def write_random_checkpoint(path: str | Path, config: Config, fp8: bool = True, 
     extra_files(folder), if given, adds files (a tokenizer) before the rename."""
     import shutil
     import tempfile
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -1200,7 +1201,10 @@ def write_random_checkpoint(path: str | Path, config: Config, fp8: bool = True, 
 
         def flush():
             files.append(tmp / f"part-{len(files)}")
-            save_file(pending, files[-1], metadata={"format": "pt"})
+            try:
+                save_file(pending, files[-1], metadata={"format": "pt"})
+            except SafetensorError as e:  # a full disk, as the Rust side words it
+                raise NanoElasticError(f"cannot write {path}: {e}") from None
             shard_of.update(dict.fromkeys(pending, len(files) - 1))
             pending.clear()
 

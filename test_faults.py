@@ -299,6 +299,27 @@ def test_full_disk_while_writing_the_demo_checkpoint(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 2 MB filesystem (tmpfs), where the machine lets us mount one (root, Linux)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root); test_full_disk_* above simulate ENOSPC instead")
+    yield disk
+    subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_really_full_disk(small_disk, tmp_path):
+    """The demo checkpoint (about 7 MB) on a 2 MB disk: one line, and the disk is left empty."""
+    result = subprocess.run([sys.executable, str(ROOT / "chat.py"), "--demo", "--ckpt", str(small_disk / "demo"),
+                             "--prompt", "hi"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and "No space left on device" in result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert list(small_disk.iterdir()) == []
+
+
 def test_folder_appearing_while_a_checkpoint_is_written(tmp_path):
     """Two demo runs writing the same folder: the second to finish leaves the first's output as it is."""
     path = tmp_path / "demo"
