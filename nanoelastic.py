@@ -1366,6 +1366,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device")
     args = ap.parse_args(argv)
+    args.prompt = args.prompt.encode(errors="surrogateescape").decode(errors="replace")  # not UTF-8: U+FFFD
 
     with tempfile.TemporaryDirectory() as tmp:
         if args.ckpt:

@@ -19,9 +19,14 @@ zero_shot_slicing.py:
   activation scale (input_scale) per Linear, which needs calibration data; a made-up one would load in
   vLLM and silently degrade it.
 
-Safe: the source (config, index, every tensor's presence, shape and FP8 pairing), the size and the target
-are checked before anything is written; the checkpoint is written into a temporary folder beside the
-target, checked again like a source, and renamed into place at the end. Streams: every output tensor's
+Safe: the source (config, index, every tensor's presence, shape, dtype and FP8 pairing), the size and the
+target are checked before anything is written. One run per target (an flock on `.NAME.slice-lock`, which
+the kernel drops if the run dies); the checkpoint is written into `.NAME.tmp-PID` beside the target,
+checked again like a source, and renamed into place at the end, unless a target appeared meanwhile (then
+it is left as it is). --force moves the old target to `.NAME.old-PID`, renames the new one in, then
+removes the old: an interruption puts the old one back; a kill leaves it aside, and the next run on
+that target puts it back (or removes it, if the new one was in place) and removes killed runs' temporary
+folders. A symlinked target is refused up front. Streams: every output tensor's
 shape and dtype are planned from the source headers, so each output shard is written header first and
 then one tensor at a time (read, sliced, appended, freed). Memory holds one tensor, plus the pages of
 the memory-mapped source shard being read (page cache, which the kernel can reclaim): about one shard.
