@@ -925,10 +925,11 @@ def _weight_map(path: Path) -> dict[str, Path]:
     index = path / "model.safetensors.index.json"
     if index.is_file():
         try:
-            names = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise NanoElasticError(f"{index} is not a valid safetensors index ({e})") from None
-        weight_map = {name: path / shard for name, shard in names.items()}
+            names = json.loads(index.read_bytes().decode())["weight_map"]
+            weight_map = {name: path / shard for name, shard in names.items()}
+        except (ValueError, KeyError, TypeError, AttributeError) as e:  # not JSON, not UTF-8, wrong layout
+            raise NanoElasticError(f"{index} is not a valid safetensors index ({type(e).__name__}: {e})"
+                                   [:300]) from None
     elif (path / "model.safetensors").is_file():
         with safe_open(path / "model.safetensors", "pt") as f:
             weight_map = {name: path / "model.safetensors" for name in f.keys()}

@@ -166,6 +166,14 @@ def test_index_naming_the_wrong_shard(source, tmp_path):
     assert error == f"{name} is not in {SHARDS[1]}, the shard the index names for it"
 
 
+@pytest.mark.parametrize("raw", [b"\xff\xfe", b"[1, 2]", b'{"weight_map": [1]}', b'{"weight_map": {"a": 3}}'])
+def test_broken_index(source, tmp_path, raw):
+    ckpt = broken_copy(source, tmp_path / "ckpt")
+    (ckpt / "model.safetensors.index.json").write_bytes(raw)
+    error = one_line_error(ne.Model.from_pretrained, ckpt, device="cpu", verbose=False)
+    assert error.startswith(f"{ckpt / 'model.safetensors.index.json'} is not a valid safetensors index (")
+
+
 def test_unreadable_shard_reports_the_true_cause(source, tmp_path, monkeypatch):
     real_open = open
 
