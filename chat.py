@@ -196,8 +196,9 @@ def demo_config() -> ne.Config:
 def write_demo_checkpoint(path: str | Path) -> Path:
     """ne.DEMO_CONFIG (vocab cut to the byte-level tokenizer), random FP8 weights, and a tokenizer.json;
     all of it in place at once (a folder renamed), so an interrupted run or a full disk leaves nothing."""
-    return ne.write_random_checkpoint(path, demo_config(),
-                                      extra_files=lambda folder: demo_tokenizer().save(str(folder / "tokenizer.json")))
+    def add_tokenizer(folder: Path) -> None:
+        demo_tokenizer().save(str(folder / "tokenizer.json"))
+    return ne.write_random_checkpoint(path, demo_config(), extra_files=add_tokenizer)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -507,8 +508,7 @@ def main(argv: list[str] | None = None) -> int:
     import tempfile
 
     args = parse_args(argv)
-    sys.stdin.reconfigure(errors="replace")  # bytes that are not UTF-8 read as U+FFFD; the chat goes on
-    for name in ("prompt", "system"):  # the same for arguments (Python hands them over surrogate-escaped)
+    for name in ("prompt", "system"):  # not UTF-8 (Python hands them over surrogate-escaped): U+FFFD
         if getattr(args, name) is not None:
             setattr(args, name, getattr(args, name).encode(errors="surrogateescape").decode(errors="replace"))
     prompt = args.prompt
@@ -546,10 +546,11 @@ if __name__ == "__main__":
     ne.sigterm_as_interrupt()  # SIGTERM cleans up like Ctrl-C: the demo's temporary checkpoint is removed
     try:
         sys.stdout.reconfigure(errors="replace")  # a terminal that cannot show a character shows '?'
+        sys.stdin.reconfigure(errors="replace")  # bytes that are not UTF-8 read as U+FFFD; the chat goes on
         sys.exit(main())
     except NanoElasticError as e:
         sys.exit(f"chat.py: error: {e}")
     except OSError as e:  # permission denied, a full disk: the true cause, one line
         sys.exit(f"chat.py: error: {e}")
-    except (KeyboardInterrupt, ne.Terminated) as e:  # Ctrl-C while loading or in a one-shot reply's end; SIGTERM
+    except (KeyboardInterrupt, ne.Terminated) as e:  # Ctrl-C while loading, or SIGTERM
         sys.exit(ne.interrupted_exit_code(e))
