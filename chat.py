@@ -194,10 +194,11 @@ def demo_config() -> ne.Config:
 
 
 def write_demo_checkpoint(path: str | Path) -> Path:
-    """ne.DEMO_CONFIG (vocab cut to the byte-level tokenizer), random FP8 weights, and a tokenizer.json."""
-    path = ne.write_random_checkpoint(path, demo_config())
-    demo_tokenizer().save(str(path / "tokenizer.json"))
-    return path
+    """ne.DEMO_CONFIG (vocab cut to the byte-level tokenizer), random FP8 weights, and a tokenizer.json;
+    all of it in place at once (a folder renamed), so an interrupted run or a full disk leaves nothing."""
+    def add_tokenizer(folder: Path) -> None:
+        demo_tokenizer().save(str(folder / "tokenizer.json"))
+    return ne.write_random_checkpoint(path, demo_config(), extra_files=add_tokenizer)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -483,8 +484,12 @@ def load(args: argparse.Namespace, tmp: str) -> tuple[ne.Model, ChatTokenizer, d
     if args.demo:
         path = Path(args.ckpt) if args.ckpt else Path(tmp) / "demo"
         if not path.exists():
-            write_demo_checkpoint(path)
-        elif ne.Config.from_file(path / "config.json") != demo_config():
+            try:
+                write_demo_checkpoint(path)
+            except NanoElasticError:  # another demo run wrote it meanwhile: check it and use it
+                if not path.is_dir():
+                    raise
+        if ne.Config.from_file(path / "config.json") != demo_config():
             raise NanoElasticError(f"{path} is not a demo checkpoint (its config is not the demo's)")
     else:
         path = find_checkpoint(args.ckpt)
@@ -503,6 +508,9 @@ def main(argv: list[str] | None = None) -> int:
     import tempfile
 
     args = parse_args(argv)
+    for name in ("prompt", "system"):  # not UTF-8 (Python hands them over surrogate-escaped): U+FFFD
+        if getattr(args, name) is not None:
+            setattr(args, name, getattr(args, name).encode(errors="surrogateescape").decode(errors="replace"))
     prompt = args.prompt
     if prompt is None and not args.interactive and not sys.stdin.isatty():
         prompt = sys.stdin.read()
@@ -535,10 +543,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    ne.sigterm_as_interrupt()  # SIGTERM cleans up like Ctrl-C: the demo's temporary checkpoint is removed
     try:
         sys.stdout.reconfigure(errors="replace")  # a terminal that cannot show a character shows '?'
+        sys.stdin.reconfigure(errors="replace")  # bytes that are not UTF-8 read as U+FFFD; the chat goes on
         sys.exit(main())
     except NanoElasticError as e:
         sys.exit(f"chat.py: error: {e}")
-    except KeyboardInterrupt:  # Ctrl-C while loading, or in a one-shot reply's last lines
-        sys.exit(130)
+    except OSError as e:  # permission denied, a full disk: the true cause, one line
+        sys.exit(f"chat.py: error: {e}")
+    except (KeyboardInterrupt, ne.Terminated) as e:  # Ctrl-C while loading, or SIGTERM
+        sys.exit(ne.interrupted_exit_code(e))

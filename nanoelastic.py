@@ -25,11 +25,13 @@ H = heads, P = head dim, N = SSM state, G = groups, E = experts, F = expert FFN 
 from __future__ import annotations
 
 import copy
+import errno
 import functools
 import json
 import math
 import os
 import re
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -45,6 +47,22 @@ class NanoElasticError(ValueError):
     """Bad input: a missing file, a wrong shape, an unknown size, a prompt too long... One clear line."""
 
 
+class Terminated(BaseException):
+    """SIGTERM: unwinds like Ctrl-C, so that the same cleanup runs (finally, with), but is not a
+    KeyboardInterrupt, which only stops a generation: the CLIs exit with 143."""
+
+
+def sigterm_as_interrupt() -> None:
+    """From now on, SIGTERM (kill, a job scheduler) raises Terminated: temporary files are removed."""
+    def raise_terminated(signum, frame):
+        raise Terminated()
+    signal.signal(signal.SIGTERM, raise_terminated)
+
+
+def interrupted_exit_code(e: BaseException) -> int:
+    return 143 if isinstance(e, Terminated) else 130  # 128 + the signal's number, as shells report it
+
+
 # ----------------------------------------------------------------------------------------------------
 # 1. Config: HF config.json field names, kept verbatim
 
@@ -58,6 +76,46 @@ OLD_SPELLINGS = {  # older config.json spellings -> HF's current field names
     "mamba_n_groups": "n_groups", "mamba_d_conv": "conv_kernel", "mamba_chunk_size": "chunk_size",
     "mamba_dt_limit": "time_step_limit", "mamba_conv_bias": "use_conv_bias", "mamba_d_state": "ssm_state_size",
 }
+
+
+MAX_LAYERS = 1000  # the real model has 52; a bigger pattern is a broken config, refused before any allocation
+CONFIG_FIELDS = {  # config.json field -> (type, smallest value): checked before anything is built
+    **dict.fromkeys(("vocab_size", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+                     "mamba_num_heads", "mamba_head_dim", "ssm_state_size", "n_groups", "conv_kernel",
+                     "chunk_size", "n_routed_experts", "num_experts_per_tok", "moe_intermediate_size",
+                     "moe_shared_expert_intermediate_size", "intermediate_size", "n_group", "topk_group",
+                     "max_position_embeddings"), (int, 1)),
+    **dict.fromkeys(("bos_token_id", "pad_token_id"), (int, 0)),
+    "eos_token_id": ("int or list of int", 0),
+    "routed_scaling_factor": (float, 0.0), "layer_norm_epsilon": (float, 0.0),
+    "time_step_limit": ("pair of float", 0.0),
+    **dict.fromkeys(("use_conv_bias", "norm_topk_prob", "tie_word_embeddings"), (bool, None)),
+    "mlp_hidden_act": (str, None),
+}
+REQUIRED_FIELDS = ("vocab_size", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+                   "mamba_num_heads", "mamba_head_dim", "ssm_state_size", "n_groups", "n_routed_experts",
+                   "num_experts_per_tok", "moe_intermediate_size", "moe_shared_expert_intermediate_size")
+
+
+def check_config_field(name: str, value, kind, low) -> None:
+    """One config.json value against its CONFIG_FIELDS entry (bool is not an int here, 16.0 is not an int)."""
+    def number(v, t):
+        return not isinstance(v, bool) and isinstance(v, int if t is int else (int, float))
+
+    if kind == "int or list of int":
+        values = value if isinstance(value, list) else [value]
+        ok = all(number(v, int) for v in values)
+    elif kind == "pair of float":
+        values = value if isinstance(value, list) and len(value) == 2 else None
+        ok = values is not None and all(number(v, float) for v in values)
+    else:
+        values = [value]
+        ok = number(value, kind) if kind in (int, float) else isinstance(value, kind)
+    if not ok:
+        raise NanoElasticError(f"config: {name} must be {getattr(kind, '__name__', kind)}, not {value!r}"[:160])
+    if low is not None and any(v < low or (kind is float and v == low) for v in values):
+        raise NanoElasticError(f"config: {name} = {value!r} is out of range (must be "
+                               f"{'>' if kind is float else '>='} {low})")
 
 
 @dataclass
@@ -113,14 +171,25 @@ class Config:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Config":
+        """A Config from config.json's fields, each checked (type, range) before anything is built:
+        a bad one is a NanoElasticError naming the field. Fields it does not know are ignored."""
+        if not isinstance(d, dict):
+            raise NanoElasticError(f"config must be a JSON object, not {type(d).__name__}")
         d = {OLD_SPELLINGS.get(k, k): v for k, v in d.items()}
         layers = d.get("layers_block_type") or d.get("hybrid_override_pattern")
         if layers is None:
             raise NanoElasticError("config has neither hybrid_override_pattern nor layers_block_type")
+        if not isinstance(layers, (str, list)) or not all(isinstance(t, str) for t in layers):
+            raise NanoElasticError("config: the layer pattern must be a string or a list of layer type names")
         unknown = sorted({t for t in layers if t not in LAYER_TYPES})
         if unknown:
             raise NanoElasticError(f"config: unknown layer types {unknown}")
+        if not 1 <= len(layers) <= MAX_LAYERS:
+            raise NanoElasticError(f"config: {len(layers)} layers, expected 1 to {MAX_LAYERS}")
         d["layers_block_type"] = [LAYER_TYPES[t] for t in layers]
+        for name, (kind, low) in CONFIG_FIELDS.items():
+            if d.get(name) is not None:
+                check_config_field(name, d[name], kind, low)
         if d.get("time_step_limit") is not None:
             d["time_step_limit"] = tuple(float(v) for v in d["time_step_limit"])
         known = {f.name for f in fields(cls)}
@@ -129,19 +198,38 @@ class Config:
             raise NanoElasticError(f"config: mlp_hidden_act {cfg.mlp_hidden_act!r} is not supported (relu2)")
         if cfg.tie_word_embeddings:
             raise NanoElasticError("config: tie_word_embeddings is not supported (this model has its own lm_head)")
-        if cfg.mamba_num_heads % cfg.n_groups or cfg.num_attention_heads % cfg.num_key_value_heads:
-            raise NanoElasticError("config: heads must divide evenly into groups / KV heads")
+        for small, large in (("n_groups", "mamba_num_heads"), ("num_key_value_heads", "num_attention_heads"),
+                             ("n_group", "n_routed_experts")):
+            if getattr(cfg, large) % getattr(cfg, small):
+                raise NanoElasticError(f"config: {large} ({getattr(cfg, large)}) is not a multiple of "
+                                       f"{small} ({getattr(cfg, small)})")
+        for small, large in (("num_experts_per_tok", "n_routed_experts"), ("topk_group", "n_group")):
+            if getattr(cfg, small) > getattr(cfg, large):
+                raise NanoElasticError(f"config: {small} ({getattr(cfg, small)}) > {large} ({getattr(cfg, large)})")
         return cfg
 
     @classmethod
     def from_file(cls, path: str | Path) -> "Config":
+        """A checkpoint's config.json: every field that sets a shape must be there (no silent default)."""
         path = Path(path)
         if not path.is_file():
             raise NanoElasticError(f"missing config: {path}")
         try:
-            return cls.from_dict(json.loads(path.read_text()))
+            d = json.loads(path.read_bytes().decode())
+        except OSError as e:
+            raise NanoElasticError(f"cannot read {path}: {e.strerror}") from None
+        except UnicodeDecodeError:
+            raise NanoElasticError(f"{path} is not UTF-8 text") from None
         except json.JSONDecodeError as e:
             raise NanoElasticError(f"{path} is not valid JSON: {e}") from None
+        missing = [name for name in REQUIRED_FIELDS if isinstance(d, dict) and d.get(name) is None]
+        if missing:
+            raise NanoElasticError(f"{path}: missing field {missing[0]}" + (f" (and {len(missing) - 1} more)"
+                                                                            if len(missing) > 1 else ""))
+        try:
+            return cls.from_dict(d)
+        except NanoElasticError as e:
+            raise NanoElasticError(f"{path}: {e}") from None
 
     def to_dict(self) -> dict:
         """The config.json of a checkpoint of this config (HF nemotron_h field names)."""
@@ -809,7 +897,7 @@ class Model(nn.Module):
             model = cls(config)
         stacks = {}
         for name, t in random_checkpoint_tensors(config, fp8, seed, device):
-            _place(model, stacks, *_model_tensor(name), t, dtype or torch.bfloat16)
+            _place(model, stacks, name, *_model_tensor(name), t, dtype or torch.bfloat16)
         return model
 
     # -- sizes ---------------------------------------------------------------------------------------
@@ -837,10 +925,11 @@ def _weight_map(path: Path) -> dict[str, Path]:
     index = path / "model.safetensors.index.json"
     if index.is_file():
         try:
-            names = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise NanoElasticError(f"{index} is not a valid safetensors index ({e})") from None
-        weight_map = {name: path / shard for name, shard in names.items()}
+            names = json.loads(index.read_bytes().decode())["weight_map"]
+            weight_map = {name: path / shard for name, shard in names.items()}
+        except (ValueError, KeyError, TypeError, AttributeError) as e:  # not JSON, not UTF-8, wrong layout
+            raise NanoElasticError(f"{index} is not a valid safetensors index ({type(e).__name__}: {e})"
+                                   [:300]) from None
     elif (path / "model.safetensors").is_file():
         with safe_open(path / "model.safetensors", "pt") as f:
             weight_map = {name: path / "model.safetensors" for name in f.keys()}
@@ -864,12 +953,21 @@ def _model_tensor(name: str) -> tuple[str, int | None]:
     return (f"{m[1]}.{m[3]}.{m[4]}", int(m[2])) if m else (name, None)
 
 
-def _place(model: Model, stacks: dict, target: str, expert: int | None, t: Tensor, dtype: torch.dtype) -> None:
+def checked_scale(name: str, t: Tensor) -> Tensor:
+    """An FP8 scale as an fp32 scalar, refused unless finite and > 0 (else every logit becomes NaN)."""
+    t = t.float().reshape(())
+    if not (torch.isfinite(t) and t > 0):
+        raise NanoElasticError(f"{name} is {t.item()}: an FP8 scale must be finite and > 0")
+    return t
+
+
+def _place(model: Model, stacks: dict, name: str, target: str, expert: int | None, t: Tensor,
+           dtype: torch.dtype) -> None:
     """Put one checkpoint tensor (already on its device) into a meta-device model: FP8 weights stay FP8,
     scales become fp32 scalars, FP32_TENSORS fp32, the rest `dtype`; experts fill stacked [E, ...] tensors."""
     owner, _, leaf = target.rpartition(".")
     if leaf in ("weight_scale", "input_scale"):
-        t = t.float().reshape(())
+        t = checked_scale(name, t)
     elif t.dtype != torch.float8_e4m3fn:
         t = t.to(torch.float32 if target.endswith(FP32_TENSORS) else dtype)
     if expert is not None:
@@ -936,11 +1034,17 @@ def check_checkpoint(model: Model, path: Path) -> CheckedCheckpoint:
     total_bytes = 0
     for shard, names in by_shard.items():
         try:
+            open(shard, "rb").close()  # the true cause (permission denied...) before safetensors' own message
             header = safe_open(shard, "pt")
+        except OSError as e:
+            raise NanoElasticError(f"cannot read {shard}: {e.strerror}") from None
         except SafetensorError as e:  # a truncated download, a file that is not safetensors
             raise NanoElasticError(f"{shard} is not a valid safetensors file ({e})") from None
         with header as f:
+            in_shard = set(f.keys())
             for name in names:
+                if name not in in_shard:
+                    raise NanoElasticError(f"{name} is not in {shard.name}, the shard the index names for it")
                 target, expert = plan[name]
                 owner, _, leaf = target.rpartition(".")
                 sl = f.get_slice(name)
@@ -957,6 +1061,9 @@ def check_checkpoint(model: Model, path: Path) -> CheckedCheckpoint:
                     raise NanoElasticError(f"{name} has a weight_scale but is {st_dtype}, not F8_E4M3")
                 if owner not in fp8 and st_dtype.startswith("F8"):
                     raise NanoElasticError(f"{name} is FP8 but has no weight_scale")
+                allowed = ("F32",) if leaf in ("weight_scale", "input_scale") else ("F8_E4M3", "BF16", "F32")
+                if st_dtype not in allowed:
+                    raise NanoElasticError(f"{name} is {st_dtype}: the format stores it as {' or '.join(allowed)}")
                 total_bytes += math.prod(shape) * SAFETENSORS_DTYPES.get(st_dtype, torch.float32).itemsize
     return CheckedCheckpoint(weight_map, plan, total_bytes)
 
@@ -979,7 +1086,7 @@ def _load_checkpoint(model: Model, path: Path, device: torch.device, dtype: torc
             for name in names:
                 t = f.get_tensor(name)
                 done_bytes += t.numel() * t.element_size()
-                _place(model, stacks, *plan[name], t, dtype)
+                _place(model, stacks, name, *plan[name], t, dtype)
                 done_tensors += 1
                 if verbose and sys.stderr.isatty() and time.time() - last_print > 0.25:
                     last_print = time.time()
@@ -1071,11 +1178,16 @@ def random_checkpoint_tensors(config: Config, fp8: bool = True, seed: int = 0,
                 yield full, t.float() if full.endswith(FP32_TENSORS) else t.to(torch.bfloat16)
 
 
-def write_random_checkpoint(path: str | Path, config: Config, fp8: bool = True, shards: int = 2, seed: int = 0) -> Path:
+def write_random_checkpoint(path: str | Path, config: Config, fp8: bool = True, shards: int = 2, seed: int = 0,
+                            extra_files=None) -> Path:
     """Write a random checkpoint of `config` in the exact on-disk format of the real one (SPEC §4):
     config.json, generation_config.json, `shards` safetensors shards and their index. Streams: about one
-    shard in memory. Written into a temporary folder renamed at the end: an interruption leaves nothing."""
+    shard in memory. Written into a temporary folder renamed at the end: an interruption or a full disk
+    leaves nothing, and a folder that appears at `path` meanwhile (another run) is refused, left as it is.
+    extra_files(folder), if given, adds files (a tokenizer) before the rename."""
     import shutil
+    import tempfile
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -1083,14 +1195,17 @@ def write_random_checkpoint(path: str | Path, config: Config, fp8: bool = True, 
         raise NanoElasticError(f"{path} already exists")
     with torch.device("meta"):
         approx_bytes = sum(p.numel() for p in Model(config).parameters()) * (1 if fp8 else 2)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.mkdir(parents=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))  # a name of its own, per run
     try:
         shard_of, files, pending, total = {}, [], {}, 0
 
         def flush():
             files.append(tmp / f"part-{len(files)}")
-            save_file(pending, files[-1], metadata={"format": "pt"})
+            try:
+                save_file(pending, files[-1], metadata={"format": "pt"})
+            except SafetensorError as e:  # a full disk, as the Rust side words it
+                raise NanoElasticError(f"cannot write {path}: {e}") from None
             shard_of.update(dict.fromkeys(pending, len(files) - 1))
             pending.clear()
 
@@ -1111,7 +1226,16 @@ def write_random_checkpoint(path: str | Path, config: Config, fp8: bool = True, 
         if fp8:
             (tmp / "hf_quant_config.json").write_text(json.dumps(
                 {"producer": {"name": "nanoelastic (random)"}, "quantization": {"quant_algo": "FP8"}}))
-        tmp.rename(path)
+        if extra_files:
+            extra_files(tmp)
+        try:
+            if os.path.lexists(path):  # rename() would replace an empty folder
+                raise FileExistsError(errno.EEXIST, "exists")
+            tmp.rename(path)
+        except OSError as e:
+            if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                raise
+            raise NanoElasticError(f"{path} appeared while it was written (another run?): left as it is") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
@@ -1243,6 +1367,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device")
     args = ap.parse_args(argv)
+    args.prompt = args.prompt.encode(errors="surrogateescape").decode(errors="replace")  # not UTF-8: U+FFFD
 
     with tempfile.TemporaryDirectory() as tmp:
         if args.ckpt:
@@ -1274,7 +1399,12 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    sigterm_as_interrupt()
     try:
         main()
     except NanoElasticError as e:
         sys.exit(f"error: {e}")
+    except OSError as e:  # permission denied, a full disk: the true cause, one line
+        sys.exit(f"error: {e}")
+    except (KeyboardInterrupt, Terminated) as e:  # the demo's temporary checkpoint is removed on the way out
+        sys.exit(interrupted_exit_code(e))

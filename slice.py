@@ -19,15 +19,23 @@ zero_shot_slicing.py:
   activation scale (input_scale) per Linear, which needs calibration data; a made-up one would load in
   vLLM and silently degrade it.
 
-Safe: the source (config, index, every tensor's presence, shape and FP8 pairing), the size and the target
-are checked before anything is written; the checkpoint is written into a temporary folder beside the
-target, checked again like a source, and renamed into place at the end. Streams: every output tensor's
+Safe: the source (config, index, every tensor's presence, shape, dtype and FP8 pairing), the size and the
+target are checked before anything is written. One run per target (an flock on `.NAME.slice-lock`, which
+the kernel drops if the run dies); the checkpoint is written into `.NAME.tmp-PID` beside the target,
+checked again like a source, and renamed into place at the end, unless a target appeared meanwhile (then
+it is left as it is). --force moves the old target to `.NAME.old-PID`, renames the new one in, then
+removes the old: an interruption puts the old one back; a kill leaves it aside, and the next run on
+that target puts it back (or removes it, if the new one was in place) and removes killed runs' temporary
+folders. A symlinked target is refused up front. Streams: every output tensor's
 shape and dtype are planned from the source headers, so each output shard is written header first and
 then one tensor at a time (read, sliced, appended, freed). Memory holds one tensor, plus the pages of
 the memory-mapped source shard being read (page cache, which the kernel can reclaim): about one shard.
 """
 
 import argparse
+import errno
+import fcntl
+import glob
 import itertools
 import json
 import math
@@ -42,8 +50,8 @@ from typing import Iterator, NamedTuple
 import torch
 from safetensors import SafetensorError, safe_open
 
-from nanoelastic import (SAFETENSORS_DTYPES, Config, Model, NanoElasticError, check_checkpoint, nested_view,
-                         parse_size)
+from nanoelastic import (SAFETENSORS_DTYPES, Config, Model, NanoElasticError, Terminated, check_checkpoint,
+                         checked_scale, interrupted_exit_code, nested_view, parse_size, sigterm_as_interrupt)
 
 DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}  # torch dtype -> safetensors name
 PARAMS = ("", "K", "M", "B")  # parameter counts: 23.59 B
@@ -111,6 +119,52 @@ def write_safetensors(path: Path, outputs: list[Output], tensors: Iterator[torch
             file.write(t.contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
+def lock_target(target: Path) -> int:
+    """One run per target: an flock on `.NAME.slice-lock` beside it, which the kernel drops if the run dies."""
+    lock = target.with_name(f".{target.name}.slice-lock")
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise NanoElasticError(f"another slice.py is writing {target}: wait for it, or choose another target")
+        try:
+            if os.stat(lock).st_ino == os.fstat(fd).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # the run before us removed the lock file as we opened it: lock the new one
+
+
+def unlock_target(target: Path, fd: int) -> None:
+    target.with_name(f".{target.name}.slice-lock").unlink(missing_ok=True)
+    os.close(fd)
+
+
+def remove(path: Path) -> None:
+    """A folder or a file, if there."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        path.unlink()
+
+
+def clean_leftovers(target: Path, log) -> None:
+    """What killed runs left beside the target (under the lock, no live run owns any of it): a backup
+    of an interrupted --force swap goes back in place if the target is missing, else is removed; temporary
+    folders are removed."""
+    for old in sorted(target.parent.glob(f".{glob.escape(target.name)}.old-*")):
+        if os.path.lexists(target):
+            remove(old)  # the swap had finished: the new target is in place
+        else:
+            old.rename(target)
+            log(f"restored {target}, which an interrupted slice.py --force had moved to {old.name}")
+    for tmp in sorted(target.parent.glob(f".{glob.escape(target.name)}.tmp-*")):
+        remove(tmp)
+        log(f"removed {tmp}, the unfinished output of an interrupted slice.py")
+
+
 def slice_checkpoint(source: str | Path, target: str | Path, size: str, precision: str | None = None,
                      force: bool = False, log=print) -> dict:
     """Write the nested model `size` of checkpoint `source` to folder `target`. Returns the summary."""
@@ -135,8 +189,8 @@ def slice_checkpoint(source: str | Path, target: str | Path, size: str, precisio
     src, dst = source.resolve(), target.resolve()
     if dst == src or src in dst.parents or dst in src.parents:
         raise NanoElasticError(f"target {target} must be a folder outside the source {source}")
-    if target.exists() and not force:
-        raise NanoElasticError(f"target exists: {target} (use --force to replace it)")
+    if target.is_symlink():
+        raise NanoElasticError(f"target {target} is a symbolic link: give the path of the folder itself")
 
     raw_config = json.loads((source / "config.json").read_text())
     raw_config.update(hidden_size=d, moe_intermediate_size=f, intermediate_size=f)
@@ -162,7 +216,7 @@ def slice_checkpoint(source: str | Path, target: str | Path, size: str, precisio
         for shard in set(weight_map[name] for name in scale_names):
             with safe_open(shard, "pt") as sf:
                 for name in (name for name in scale_names if weight_map[name] == shard):
-                    scales[name.removesuffix("_scale")] = sf.get_tensor(name).float().reshape(())
+                    scales[name.removesuffix("_scale")] = checked_scale(name, sf.get_tensor(name))
 
     progress = {"read": 0, "written": 0, "last": 0.0}
 
@@ -172,6 +226,8 @@ def slice_checkpoint(source: str | Path, target: str | Path, size: str, precisio
             with safe_open(shard, "pt") as sf:
                 for out in group:
                     t = sf.get_tensor(out.name)
+                    if out.name.endswith((".weight_scale", ".input_scale")):
+                        checked_scale(out.name, t)
                     progress["read"] += t.numel() * t.element_size()
                     t = nested_view(out.name, t, d, f)
                     if out.name in scales:
@@ -183,14 +239,12 @@ def slice_checkpoint(source: str | Path, target: str | Path, size: str, precisio
                         print(f"\rslicing: {human(progress['written'], 'B')} of {human(total_out, 'B')} written",
                               end="", file=sys.stderr, flush=True)
 
-    # 3. Write into a temporary folder beside the target, check the result, rename it into place.
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    tmp.mkdir(parents=True)
-    try:
+    def write_checkpoint(folder: Path) -> Model:
+        """The sliced checkpoint, written into `folder` and checked like a source; its (meta) model."""
         names = [f"model-{k:05d}-of-{len(shards):05d}.safetensors" for k in range(1, len(shards) + 1)]
         tensors = sliced_tensors()
         for k, (name, shard) in enumerate(zip(names, shards), 1):
-            write_safetensors(tmp / name, shard, tensors)
+            write_safetensors(folder / name, shard, tensors)
             if not sys.stderr.isatty():  # a log: one line per shard
                 print(f"slicing: wrote shard {k}/{len(shards)}", file=sys.stderr, flush=True)
         if sys.stderr.isatty():
@@ -199,32 +253,48 @@ def slice_checkpoint(source: str | Path, target: str | Path, size: str, precisio
         metadata = json.loads(index_path.read_text()).get("metadata", {}) if index_path.is_file() else {}
         index = {"metadata": {**metadata, "total_size": total_out},
                  "weight_map": {out.name: name for name, shard in zip(names, shards) for out in shard}}
-        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-        (tmp / "config.json").write_text(json.dumps(raw_config, indent=2) + "\n")
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        (folder / "config.json").write_text(json.dumps(raw_config, indent=2) + "\n")
         for item in sorted(source.iterdir()):
             if item.name.startswith(".") or item.name in REWRITTEN or item.suffix == ".safetensors":
                 continue  # dot-files: download caches; *.safetensors: weights, rewritten above
             if dequantize and item.name == "hf_quant_config.json":
                 continue
-            (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
-
-        # The output is a checkpoint of the sliced config: check it like a source before it goes in place.
+            (shutil.copytree if item.is_dir() else shutil.copy2)(item, folder / item.name)
         with torch.device("meta"):
             sliced_model = Model(config.sliced(d, f))
-        check_checkpoint(sliced_model, tmp)
-        if target.exists():  # --force: swap, so that the old target is gone only once the new one is whole
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            target.rename(old)
-            tmp.rename(target)
-            if old.is_dir():
-                shutil.rmtree(old)
-            else:
-                old.unlink()
-        else:
-            tmp.rename(target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        check_checkpoint(sliced_model, folder)
+        return sliced_model
 
+    # 3. Write into a temporary folder beside the target, check the result, rename it into place. One run
+    # per target (a lock); what killed runs left beside it is cleaned first; the target must not exist
+    # (or --force) now and still at the end: one that appears meanwhile is left as it is.
+    target.parent.mkdir(parents=True, exist_ok=True)
+    lock = lock_target(target)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    old = target.with_name(f".{target.name}.old-{os.getpid()}")
+    try:
+        clean_leftovers(target, log)
+        if os.path.lexists(target) and not force:
+            raise NanoElasticError(f"target exists: {target} (use --force to replace it)")
+        tmp.mkdir()
+        sliced_model = write_checkpoint(tmp)
+        if os.path.lexists(target) and not force:
+            raise NanoElasticError(f"target {target} appeared while slicing: left as it is; nothing was written")
+        if os.path.lexists(target):  # --force: the old target is gone only once the new one is in place
+            target.rename(old)
+        try:
+            tmp.rename(target)
+        except OSError as e:
+            if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                raise
+            raise NanoElasticError(f"target {target} appeared while slicing: left as it is") from None
+    finally:
+        if old.exists() and not os.path.lexists(target):
+            old.rename(target)  # interrupted inside the swap: the old target goes back
+        remove(old)
+        remove(tmp)
+        unlock_target(target, lock)
     total, active = sliced_model.num_params()
     summary = dict(size=(d, f), precision=precision, tensors=len(outputs), dropped=dict(dropped),
                    bytes_read=progress["read"], bytes_written=total_out, shards=len(shards),
@@ -248,10 +318,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--precision", choices=["fp8", "bf16"], help="default: the source's; bf16 from FP8 dequantises")
     ap.add_argument("--force", action="store_true", help="replace an existing target")
     args = ap.parse_args(argv)
+    sigterm_as_interrupt()
     try:
         slice_checkpoint(args.source_checkpoint, args.target_checkpoint, args.size, args.precision, args.force)
-    except KeyboardInterrupt:
-        sys.exit(f"{ap.prog}: error: interrupted; nothing was written")
+    except (KeyboardInterrupt, Terminated) as e:
+        print(f"{ap.prog}: error: interrupted; nothing half-written is left at {args.target_checkpoint}",
+              file=sys.stderr)
+        sys.exit(interrupted_exit_code(e))
     except (NanoElasticError, OSError, SafetensorError) as e:  # bad input, a full disk, a corrupt shard
         sys.exit(f"{ap.prog}: error: {e}")
 

@@ -251,7 +251,7 @@ def test_target_is_refused_unless_force(sources, tmp_path):
         f"slice.py: error: target {src / 'sub'} must be a folder outside the source {src}"
 
 
-def test_interrupted_run_leaves_nothing(sources, tmp_path, monkeypatch):
+def test_interrupted_run_leaves_nothing(sources, tmp_path, monkeypatch, capsys):
     write = slicer.write_safetensors
 
     def interrupted(path, outputs, tensors):  # Ctrl-C once a shard is written
@@ -260,13 +260,17 @@ def test_interrupted_run_leaves_nothing(sources, tmp_path, monkeypatch):
 
     monkeypatch.setattr(slicer, "write_safetensors", interrupted)
     src, dst = sources[("A", True)], tmp_path / "out"
-    assert error_of(["--source-checkpoint", src, "--target-checkpoint", dst, "--size", "32x8"]) == \
-        "slice.py: error: interrupted; nothing was written"
+    with pytest.raises(SystemExit) as e:
+        slicer.main(list(map(str, ["--source-checkpoint", src, "--target-checkpoint", dst, "--size", "32x8"])))
+    assert e.value.code == 130  # as a shell reports Ctrl-C
+    assert capsys.readouterr().err == f"slice.py: error: interrupted; nothing half-written is left at {dst}\n"
     assert list(tmp_path.iterdir()) == []
     # With --force, an interrupted run leaves the old target as it was.
     dst.mkdir()
     (dst / "old.txt").write_text("old")
-    error_of(["--source-checkpoint", src, "--target-checkpoint", dst, "--size", "32x8", "--force"])
+    with pytest.raises(SystemExit):
+        slicer.main(list(map(str, ["--source-checkpoint", src, "--target-checkpoint", dst, "--size", "32x8",
+                                   "--force"])))
     assert [p.name for p in tmp_path.iterdir()] == ["out"] and (dst / "old.txt").read_text() == "old"
 
 
