@@ -7,7 +7,7 @@ chat.py: chat with Nemotron 3 Nano Elastic, thinking with one nested size and an
 
 The model thinks with the --think size until it writes </think> (or the --max-think budget runs out and
 </think> is written for it), then the same cache carries on with the --answer size: "transplant" keeps the
-caches as the thinking size left them, "reprefill" rebuilds them with the answering size (SPEC.md §5).
+caches as the thinking size left them, "reprefill" rebuilds them with the answering size (exact, one prefill).
 Prompts are the checkpoint's own chat template (render_chat below), tokenized by its tokenizer.json.
 """
 
@@ -41,9 +41,9 @@ HELP = """commands:
 
 
 # ----------------------------------------------------------------------------------------------------
-# 1. The chat format: the checkpoint's chat template (../shared/reference/nemotron3-nano-chat-template.jinja,
-#    SPEC.md §6) in plain Python, for conversations without tools. test_chat.py renders many conversations
-#    both ways and requires identical strings.
+# 1. The chat format: the checkpoint's chat template (tokenizer_config.json's chat_template, jinja2)
+#    in plain Python, for conversations without tools. test_chat.py compares it with stored jinja2
+#    renderings of that template (and with the template itself when a checkpoint is at hand).
 
 def render_chat(messages: list[dict], add_generation_prompt: bool = False, enable_thinking: bool = True,
                 truncate_history_thinking: bool = True) -> str:

@@ -19,7 +19,7 @@ What differs from a vanilla decoder-only transformer (all of it in this file, to
 
 Shapes use B = batch, T = new tokens, L = cached + new tokens, D = hidden (d when nested), V = vocab,
 H = heads, P = head dim, N = SSM state, G = groups, E = experts, F = expert FFN width (f when nested).
-../shared/SPEC.md (in the repo's sibling folder) has every equation and tensor name used here.
+README.md (How the model works) gives the equations and sizes; the tensor names are those of the HF checkpoint.
 """
 
 from __future__ import annotations
@@ -153,12 +153,12 @@ class Config:
                 "num_hidden_layers": len(self.layers_block_type), **d}
 
     def sliced(self, d: int, f: int) -> "Config":
-        """The config of the nested model of hidden width d and routed-expert FFN width f (SPEC §5)."""
+        """The config of the nested model of hidden width d and routed-expert FFN width f."""
         return Config(**{**self.__dict__, "hidden_size": d, "moe_intermediate_size": f, "intermediate_size": f})
 
 
 # ----------------------------------------------------------------------------------------------------
-# 2. Nested sizes: one table of SPEC §5, used by the model's views and by slice.py
+# 2. Nested sizes: one table of which tensor axes shrink, used by the model's views and by slice.py
 
 SIZE_PRESETS = {"30B": (2688, 1856), "23B": (2304, 1600), "12B": (1920, 960)}  # name -> (hidden, expert FFN)
 
@@ -787,7 +787,7 @@ class Model(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None,
                         dtype: torch.dtype | None = None, verbose: bool = True) -> "Model":
-        """Load an HF-format checkpoint folder (SPEC.md §4): FP8 or BF16, sharded or not.
+        """Load an HF-format checkpoint folder: FP8 or BF16, sharded or not.
         dtype is the compute dtype (bfloat16 by default; float32 for exact tests). FP8 weights stay FP8."""
         path = Path(path)
         if not path.is_dir():
@@ -1001,7 +1001,7 @@ def fp8_quantize(w: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def fp8_recipe(config: Config) -> set[str]:
-    """Which Linears the FP8 release quantizes (SPEC §4, inferred): all routed and shared experts, and the
+    """Which Linears the FP8 release quantizes (inferred from its tensors): all routed and shared experts, and the
     in/out_proj of every Mamba layer that does not sit right before an attention layer."""
     kinds = config.layers_block_type
     names = set()
@@ -1072,7 +1072,7 @@ def random_checkpoint_tensors(config: Config, fp8: bool = True, seed: int = 0,
 
 
 def write_random_checkpoint(path: str | Path, config: Config, fp8: bool = True, shards: int = 2, seed: int = 0) -> Path:
-    """Write a random checkpoint of `config` in the exact on-disk format of the real one (SPEC §4):
+    """Write a random checkpoint of `config` in the exact on-disk format of the real one:
     config.json, generation_config.json, `shards` safetensors shards and their index. Streams: about one
     shard in memory. Written into a temporary folder renamed at the end: an interruption leaves nothing."""
     import shutil

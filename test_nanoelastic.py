@@ -111,7 +111,7 @@ def test_sizes_are_validated():
 
 
 def test_nested_table_matches_spec():
-    expect = {  # SPEC §5, one tensor of each row
+    expect = {  # one tensor of each row of the nesting rules
         "backbone.embeddings.weight": ".d", "lm_head.weight": ".d", "backbone.layers.3.mixer.q_proj.weight": ".d",
         "backbone.layers.0.mixer.in_proj.weight": ".d", "backbone.layers.1.mixer.gate.weight": ".d",
         "backbone.layers.1.mixer.shared_experts.up_proj.weight": ".d",
@@ -580,3 +580,14 @@ def test_from_random_is_the_random_checkpoint_without_the_disk(checkpoints):
     assert a.keys() == b.keys()
     for name in a:
         assert a[name].dtype == b[name].dtype and torch.equal(a[name].float(), b[name].float()), name
+
+
+def test_repo_is_self_contained():
+    """Nothing in the repo reads or cites a file outside it (a sibling folder, a spec a user cannot open)."""
+    import re
+
+    files = [p for p in ROOT.iterdir() if p.suffix in (".py", ".md", ".txt", ".json")] + [ROOT / ".ci" / "run"]
+    for path in files:
+        text = path.read_text()
+        assert "../shared" not in text and not re.search(r"\bSPEC\b|SPEC\.md|SPEC §", text), path.name
+    assert (ROOT / "LICENSE").read_text().startswith("MIT License")
