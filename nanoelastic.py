@@ -227,6 +227,9 @@ def use_kernels(t: Tensor) -> bool:
         raise NanoElasticError(f"NANOELASTIC_KERNELS={mode!r}: use 'torch' or 'triton', or leave it unset")
     if mode == "triton" and kernels is None:
         raise NanoElasticError("NANOELASTIC_KERNELS=triton but Triton is not installed")
+    if mode == "triton" and not t.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise NanoElasticError("NANOELASTIC_KERNELS=triton on the CPU needs TRITON_INTERPRET=1 (Triton's "
+                               "interpreter); or leave NANOELASTIC_KERNELS unset to use the torch references")
     return mode == "triton" or (mode == "" and t.is_cuda and kernels is not None)
 
 

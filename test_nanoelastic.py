@@ -7,6 +7,7 @@ the whole model (fed the same dequantised, sliced weights), materialised copies 
 import copy
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -592,3 +593,33 @@ def test_repo_is_self_contained():
         spec = "SP" + "EC"  # spelled apart so that this test does not find itself
         assert "../" + "shared" not in text and not re.search(rf"\b{spec}\b", text), path.name
     assert (ROOT / "LICENSE").read_text().startswith("MIT License")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU's refusal of Triton kernels")
+def test_triton_kernels_on_cpu_without_the_interpreter_is_one_line():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"NANOELASTIC_KERNELS": "triton"}
+    run = subprocess.run([sys.executable, str(ROOT / "nanoelastic.py"), "--max-new-tokens", "2"],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert run.returncode == 1 and "Traceback" not in run.stderr
+    assert run.stderr.strip().splitlines()[-1].startswith("error: NANOELASTIC_KERNELS=triton on the CPU needs "
+                                                         "TRITON_INTERPRET=1")
+
+
+def test_readme_first_screen_and_demo_commands(tmp_path):
+    """README: set-up, then the demo, then the test command (as CI runs it); the Slicing example for the
+    demo checkpoint runs as written."""
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    order = [readme.index(s) for s in ("## Set up", "python -m venv .venv",
+                                       "pip install torch --index-url https://download.pytorch.org/whl/cpu",
+                                       "pip install -r requirements.txt", "python nanoelastic.py",
+                                       'pip install pytest "transformers>=5" jinja2 && python -m pytest -q')]
+    assert order == sorted(order) and order[-1] < readme.index("## Files")
+    block = next(b for b in re.findall(r"```bash\n(.*?)```", readme, re.S) if "write_demo_checkpoint" in b)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for line in block.strip().splitlines():
+        line = line.replace("python slice.py", f"{sys.executable} {ROOT / 'slice.py'}").replace("python -c", f"{sys.executable} -c")
+        run = subprocess.run(line, shell=True, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+        assert run.returncode == 0, (line, run.stderr[-1000:])
+    assert json.loads((tmp_path / "demo-192x96" / "config.json").read_text())["hidden_size"] == 192
