@@ -62,6 +62,9 @@ OLD_SPELLINGS = {  # older config.json spellings -> HF's current field names
 
 @dataclass
 class Config:
+    """The model's shape, with the field names of the checkpoint's config.json (Config.from_file reads one);
+    the defaults are the 30B's. layers_block_type lists each layer's mixer: 'mamba', 'moe', 'attention' or
+    'mlp'. config.sliced(d, f) is the config of the nested model of hidden d and expert FFN width f."""
     vocab_size: int = 131072
     hidden_size: int = 2688
     layers_block_type: list = field(default_factory=lambda: [
@@ -191,15 +194,24 @@ def nested_view(name: str, t: Tensor, d: int, f: int) -> Tensor:
     return t[index] if axes else t
 
 
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """`device`, or cuda when there is one, else cpu; a CUDA device on a machine without one is an error."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise NanoElasticError(f"device {device} asked for, but torch sees no CUDA GPU here (use --device cpu)")
+    return device
+
+
 def parse_size(size: str | None, config: Config) -> tuple[int, int]:
     """'30B' | '23B' | '12B' | 'HIDDENxFFN' | None (= the checkpoint's own size) -> (d, f), validated."""
     full = (config.hidden_size, config.moe_intermediate_size)
     if size is None:
         return full
-    if size in SIZE_PRESETS:
-        d, f = SIZE_PRESETS[size]
-    elif re.fullmatch(r"\d+x\d+", str(size)):
-        d, f = map(int, size.split("x"))
+    name = str(size).strip().upper()  # 12b and 2304X1600 are what a user means too
+    if name in SIZE_PRESETS:
+        d, f = SIZE_PRESETS[name]
+    elif re.fullmatch(r"\d+X\d+", name):
+        d, f = map(int, name.split("X"))
     else:
         raise NanoElasticError(f"unknown size {size!r}: use one of {', '.join(SIZE_PRESETS)} or HIDDENxFFN (e.g. 2304x1600)")
     if not (0 < d <= full[0] and 0 < f <= full[1]):
@@ -265,6 +277,11 @@ class Linear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return linear(x, self.weight, self.weight_scale)
 
+    def extra_repr(self) -> str:  # from the weight itself, so a nested view shows its nested widths
+        *experts, out_features, in_features = self.weight.shape
+        fp8 = ", fp8" if self.weight_scale is not None else ""
+        return f"in={in_features}, out={out_features}" + (f", experts={experts[0]}" if experts else "") + fp8
+
 
 @kernel
 def rms_norm(x: Tensor, weight: Tensor, eps: float, groups: int = 1, gate: Tensor | None = None) -> Tensor:
@@ -289,6 +306,9 @@ class RMSNorm(nn.Module):  # holds the weight; applied by rms_norm / add_rms_nor
         super().__init__()
         self.weight = nn.Parameter(torch.empty(dim), requires_grad=False)
         self.eps = eps
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -631,6 +651,8 @@ def _with_views(module: nn.Module, prefix: str, d: int, f: int, config: Config) 
     clone._modules = {n: _with_views(m, f"{prefix}{n}.", d, f, config) for n, m in module._modules.items()}
     if hasattr(clone, "config"):
         clone.config = config
+    if isinstance(clone, nn.Embedding):  # its repr reads this attribute
+        clone.embedding_dim = clone.weight.shape[1]
     if isinstance(clone, Model):
         clone._nested = {}
     return clone
@@ -658,12 +680,26 @@ class Backbone(nn.Module):
 
 
 class Model(nn.Module):
+    """Nemotron 3 Nano Elastic: embeddings, the hybrid layers of config.layers_block_type, a final norm and
+    the LM head. Every size of the checkpoint is this one module tree:
+
+        model = Model.from_pretrained(folder)     # or Model.from_random(config)
+        logits = model(tokens, size="23B")        # tokens [B, T] -> fp32 logits [B, T, V]
+        small = model.nested("12B")               # the same weights as prefix views, no copy
+        cache = model.new_cache(1, 4096)          # one cache for every size: prefill, decode_step
+        for token in generate(model, prompt_ids, 100, size="23B", switch=Switch("30B", after=50)): ...
+
+    Sizes are '30B', '23B', '12B' (any case) or 'HIDDENxFFN' prefixes; None is the checkpoint's own."""
+
     def __init__(self, config: Config):
         super().__init__()
         self.config = config
         self.backbone = Backbone(config)
         self.lm_head = Linear(config.hidden_size, config.vocab_size)
         self._nested = {}  # (d, f) -> this module tree with prefix views of every tensor
+
+    def extra_repr(self) -> str:
+        return f"size {self.config.hidden_size}x{self.config.moe_intermediate_size} (hidden x expert FFN)"
 
     # -- nested sizes ------------------------------------------------------------------------------
 
@@ -683,6 +719,10 @@ class Model(nn.Module):
     # -- running -------------------------------------------------------------------------------------
 
     def new_cache(self, batch_size: int, max_len: int) -> Cache:
+        """An empty Cache for `batch_size` sequences of up to `max_len` tokens, on the model's device.
+        It serves every nested size, so a generation can change size and keep it."""
+        if batch_size < 1 or max_len < 1:
+            raise NanoElasticError(f"new_cache needs batch_size >= 1 and max_len >= 1, got {batch_size}, {max_len}")
         if max_len > self.config.max_position_embeddings:
             raise NanoElasticError(f"max_len {max_len} > max_position_embeddings {self.config.max_position_embeddings}")
         w = self.lm_head.weight
@@ -697,6 +737,8 @@ class Model(nn.Module):
         V = self.config.vocab_size
         if not isinstance(tokens, Tensor) or tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
             raise NanoElasticError("tokens must be an integer tensor of shape [batch, seq_len]")
+        if tokens.numel() == 0:
+            raise NanoElasticError(f"tokens of shape {list(tokens.shape)}: need at least one token per row")
         if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= V):
             raise NanoElasticError(f"token id out of range: {int(tokens.min())}..{int(tokens.max())} not in 0..{V - 1}")
         if cache is not None:
@@ -711,6 +753,8 @@ class Model(nn.Module):
         -> fp32 logits [B, V] of the last token."""
         if tokens.shape[-1] == 0:
             raise NanoElasticError("nothing to prefill: no new tokens")
+        if chunk < 1:
+            raise NanoElasticError(f"prefill chunk must be >= 1, got {chunk}")
         for i in range(0, tokens.shape[1], chunk):
             logits = self(tokens[:, i:i + chunk], cache, size, last_only=True)
         return logits[:, -1]
@@ -796,7 +840,7 @@ class Model(nn.Module):
         if not path.is_dir():
             raise NanoElasticError(f"checkpoint folder not found: {path}")
         config = Config.from_file(path / "config.json")
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = resolve_device(device)
         with torch.device("meta"):
             model = cls(config)
         _load_checkpoint(model, path, device, dtype or torch.bfloat16, verbose)
@@ -807,7 +851,7 @@ class Model(nn.Module):
                     fp8: bool = True, seed: int = 0) -> "Model":
         """A model of `config` with the random weights of write_random_checkpoint() (FP8 recipe or all BF16),
         made directly on `device`, no disk: what bench.py measures the real 52-layer shapes with."""
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = resolve_device(device)
         with torch.device("meta"):
             model = cls(config)
         stacks = {}
@@ -1124,6 +1168,7 @@ def write_random_checkpoint(path: str | Path, config: Config, fp8: bool = True, 
 # 9. Generation: prefill, decode, sample, and change size mid-stream
 
 class Token(NamedTuple):
+    """One generated token: its id and the nested size that wrote it."""
     id: int
     size: str | None  # the nested size that produced it (None = the checkpoint's full size)
 
@@ -1144,12 +1189,29 @@ class Switch:
             raise NanoElasticError(f"unknown switch mode {self.mode!r}: use transplant or reprefill")
         if self.on_token is None and self.after is None:
             raise NanoElasticError("a Switch needs on_token, after, or both")
+        if self.after is not None and self.after < 0:
+            raise NanoElasticError(f"Switch after must be >= 0 new tokens, got {self.after}")
+        if self.on_token is not None and self.on_token < 0:
+            raise NanoElasticError(f"Switch on_token must be a token id (>= 0), got {self.on_token}")
+
+
+def check_sampling(temperature: float, top_p: float, top_k: int) -> None:
+    """One clear error for each sampling setting out of range."""
+    if not temperature >= 0:
+        raise NanoElasticError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if not 0 < top_p <= 1:
+        raise NanoElasticError(f"top_p must be in (0, 1], got {top_p}")
+    if not top_k >= 0:
+        raise NanoElasticError(f"top_k must be >= 0 (0 = no limit), got {top_k}")
 
 
 def sample(logits: Tensor, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
            generator: torch.Generator | None = None) -> Tensor:
-    """logits [V] fp32 -> token id (0-d tensor). temperature 0 = greedy. No host sync."""
-    if temperature <= 0:
+    """logits [V] fp32 -> token id (0-d tensor). temperature 0 = greedy; else softmax(logits / temperature)
+    kept to the top_k most likely tokens (0 = all) and to the smallest set whose probability reaches top_p
+    (1 = all). No host sync."""
+    check_sampling(temperature, top_p, top_k)
+    if temperature == 0:
         return logits.argmax()
     logits = logits / temperature
     if 0 < top_k < logits.numel():
@@ -1169,9 +1231,24 @@ def generate(model: Model, prompt: list[int] | Tensor, max_new_tokens: int, *, s
              prefill_chunk: int = 8192) -> Iterator[Token]:
     """Stream the continuation of `prompt` one Token at a time, stopping after a stop token or
     max_new_tokens. A `cache` already holding a prefix of `prompt` (an earlier turn) is continued; its
-    first cache.length tokens must be prompt's. Ctrl-C ends the stream (the program goes on)."""
+    first cache.length tokens must be prompt's. Ctrl-C ends the stream (the program goes on).
+
+    prompt: token ids as a list, a 1-D tensor or a [1, T] tensor (one sequence). size: the nested size
+    ('30B', '23B', '12B', 'HIDDENxFFN'; None = the checkpoint's own). switch: a Switch to change size on the
+    way. stop_tokens: ids that end the stream (they are yielded). temperature, top_p, top_k: see sample();
+    seed makes sampling repeatable. prefill_chunk: prompt tokens per forward pass (bounds memory)."""
+    if isinstance(prompt, Tensor):
+        if prompt.dim() == 2 and prompt.shape[0] == 1:
+            prompt = prompt[0]
+        if prompt.dim() != 1 or prompt.is_floating_point():
+            raise NanoElasticError(f"prompt must be token ids: a list, a 1-D tensor or a [1, T] tensor, "
+                                   f"got a {prompt.dtype} tensor of shape {list(prompt.shape)}")
+        prompt = prompt.tolist()
     prompt = [int(t) for t in prompt]
     c = model.config
+    check_sampling(temperature, top_p, top_k)
+    if prefill_chunk < 1:
+        raise NanoElasticError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
     for s in (size, switch.size if switch else None):
         parse_size(s, c)  # unknown or too large sizes fail before any work
     if not prompt:

@@ -8,6 +8,7 @@ import copy
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -623,3 +624,45 @@ def test_readme_first_screen_and_demo_commands(tmp_path):
         run = subprocess.run(line, shell=True, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
         assert run.returncode == 0, (line, run.stderr[-1000:])
     assert json.loads((tmp_path / "demo-192x96" / "config.json").read_text())["hidden_size"] == 192
+
+
+def test_python_api_validates_like_the_cli():
+    """Each bad argument of the Python API is one NanoElasticError that names it; prompts may be a list,
+    a 1-D tensor or a [1, T] tensor."""
+    model = ne.Model.from_random(ne.DEMO_CONFIG, device="cpu", dtype=torch.float32)
+    prompt = [5, 6, 7]
+    run = lambda **kw: list(ne.generate(model, kw.pop("prompt", prompt), 3, **kw))
+    bad = [(dict(temperature=-1), "temperature must be >= 0"), (dict(temperature=1, top_p=0), "top_p must be in (0, 1]"),
+           (dict(top_p=2), "top_p must be in (0, 1]"), (dict(top_k=-1), "top_k must be >= 0"),
+           (dict(prefill_chunk=0), "prefill_chunk must be >= 1"),
+           (dict(prompt=torch.zeros(2, 3, dtype=torch.long)), "a [1, T] tensor"), (dict(prompt=[]), "empty prompt")]
+    for kwargs, message in bad:
+        with pytest.raises(ne.NanoElasticError, match=re.escape(message)):
+            run(**kwargs)
+    for kwargs, message in [(dict(after=-1), "after must be >= 0"), (dict(on_token=-2), "on_token must be a token id")]:
+        with pytest.raises(ne.NanoElasticError, match=message):
+            ne.Switch("256x128", **kwargs)
+    for args in [(0, 10), (1, 0)]:
+        with pytest.raises(ne.NanoElasticError, match="new_cache needs batch_size >= 1 and max_len >= 1"):
+            model.new_cache(*args)
+    with pytest.raises(ne.NanoElasticError, match="need at least one token per row"):
+        model(torch.zeros(1, 0, dtype=torch.long))
+    with pytest.raises(ne.NanoElasticError, match="prefill chunk must be >= 1"):
+        model.prefill(torch.tensor([prompt]), model.new_cache(1, 8), chunk=0)
+    if not torch.cuda.is_available():
+        with pytest.raises(ne.NanoElasticError, match="no CUDA GPU here"):
+            ne.Model.from_random(ne.DEMO_CONFIG, device="cuda")
+    expected = run()
+    assert run(prompt=torch.tensor(prompt)) == expected and run(prompt=torch.tensor([prompt])) == expected
+    assert ne.parse_size("12b", ne.Config()) == ne.parse_size("12B", ne.Config()) == (1920, 960)
+    assert ne.parse_size("192X96", ne.DEMO_CONFIG) == (192, 96)
+
+
+def test_docstrings_and_nested_repr():
+    for obj in [ne.Model, ne.Config, ne.Cache, ne.Switch, ne.Token, ne.generate, ne.sample, ne.Model.new_cache,
+                ne.Model.forward, ne.Model.prefill, ne.Model.decode_step, ne.Model.nested, ne.Model.from_pretrained]:
+        assert obj.__doc__ and "nn.Module" not in obj.__doc__ and "Base class" not in obj.__doc__, obj
+    model = ne.Model.from_random(ne.DEMO_CONFIG, device="cpu", dtype=torch.float32)
+    text = repr(model.nested("128x64"))
+    assert "size 128x64" in text and "Embedding(512, 128)" in text and "Linear(in=128, out=64, experts=16" in text
+    assert "256" not in text.split("(norm)")[1].split("\n")[0] and "size 256x128" in repr(model)
