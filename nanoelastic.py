@@ -213,7 +213,9 @@ def parse_size(size: str | None, config: Config) -> tuple[int, int]:
     elif re.fullmatch(r"\d+X\d+", name):
         d, f = map(int, name.split("X"))
     else:
-        raise NanoElasticError(f"unknown size {size!r}: use one of {', '.join(SIZE_PRESETS)} or HIDDENxFFN (e.g. 2304x1600)")
+        fit = [n for n, (d, f) in SIZE_PRESETS.items() if d <= full[0] and f <= full[1]]
+        raise NanoElasticError(f"unknown size {size!r}: use {', '.join(fit) + ' or ' if fit else ''}HIDDENxFFN "
+                               f"up to {full[0]}x{full[1]} (this checkpoint's widths)")
     if not (0 < d <= full[0] and 0 < f <= full[1]):
         raise NanoElasticError(
             f"size {size} = hidden {d} x expert FFN {f} does not fit in this checkpoint ({full[0]}x{full[1]})")
@@ -1349,8 +1351,9 @@ def main(argv: list[str] | None = None) -> None:
             phase[0], phase[1], t = phase[0] + 1, phase[1] + now - t, now
             print(decode(token.id), end="", flush=True)
         print()
-        for size, (n, s) in phases.items():
-            print(f"{size}: {n} tokens, {n / s:.1f} tokens/s (first includes the prefill)")
+        for i, (size, (n, s)) in enumerate(phases.items()):
+            prefill = " (includes the prefill)" if i == 0 else ""
+            print(f"{size}: {n} token{'s' if n != 1 else ''}, {n / s:.1f} tokens/s{prefill}")
 
 
 if __name__ == "__main__":

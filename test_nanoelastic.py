@@ -547,7 +547,11 @@ def test_demo_runs():
     bad = subprocess.run([sys.executable, str(ROOT / "nanoelastic.py"), "--size", "99B"],
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 1 and bad.stderr.strip().splitlines()[-1] == \
-        "error: unknown size '99B': use one of 30B, 23B, 12B or HIDDENxFFN (e.g. 2304x1600)"
+        "error: unknown size '99B': use HIDDENxFFN up to 256x128 (this checkpoint's widths)"
+    one = subprocess.run([sys.executable, str(ROOT / "nanoelastic.py"), "--max-new-tokens", "9", "--switch-after", "8"],
+                         capture_output=True, text=True, timeout=300)
+    assert "192x96: 8 tokens, " in one.stdout and "(includes the prefill)" in one.stdout
+    assert one.stdout.strip().splitlines()[-1].startswith("256x128: 1 token, ") and "prefill" not in one.stdout.splitlines()[-1]
 
 
 def test_readme_python_example_runs(tmp_path):
