@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 import unicodedata
@@ -238,6 +239,14 @@ class Snapshot:  # the cache right after a conversation's history was prefilled 
     states: tuple  # Cache.snapshot()
 
 
+def size_name(size: str) -> str:
+    """How a size is shown: 12b -> 12B, 192X96 -> 192x96."""
+    size = size.strip()
+    if size.upper() in ne.SIZE_PRESETS:
+        return size.upper()
+    return size.lower() if re.fullmatch(r"\d+[xX]\d+", size) else size
+
+
 def model_size(size: str, config: ne.Config, size_names: dict[str, str]) -> str:
     """The size the model knows (any case; the demo's stand-in for 30B/23B/12B); a size that does not
     fit `config` fails here, with a hint naming sizes that do."""
@@ -248,7 +257,8 @@ def model_size(size: str, config: ne.Config, size_names: dict[str, str]) -> str:
         if not size_names:
             raise
         names = ", ".join(f"{name} (= {real})" for name, real in size_names.items())
-        raise NanoElasticError(f"size {size!r} does not fit this checkpoint: use {names}, or HIDDENxFFN up to "
+        problem = str(e).split(": use ")[0]  # the hint below replaces parse_size's
+        raise NanoElasticError(f"{problem}: use {names}, or HIDDENxFFN up to "
                                f"{config.hidden_size}x{config.moe_intermediate_size}") from e
     return size
 
@@ -416,7 +426,7 @@ def command(chat: Chat, line: str) -> bool:
         print(HELP)
     elif name in ("/think", "/answer"):
         chat.model_size(arg)
-        setattr(st, name[1:], arg)
+        setattr(st, name[1:], size_name(arg))
         print(f"think {st.think}, answer {st.answer}")
     elif name == "/switch":
         st.switch = arg
@@ -567,7 +577,7 @@ def main(argv: list[str] | None = None) -> int:
         prompt = sys.stdin.read()
     if prompt is not None and not prompt.strip():
         raise NanoElasticError("empty prompt")
-    args.think = args.think or ("23B" if args.demo else "30B")
+    args.think, args.answer = size_name(args.think or ("23B" if args.demo else "30B")), size_name(args.answer)
     if args.demo:  # the switch must show: the 23B thinks (above), and not for long
         args.max_think = 16 if args.max_think is None else args.max_think
         args.max_new_tokens = args.max_new_tokens or 64

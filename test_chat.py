@@ -223,8 +223,9 @@ def test_one_shot_thinks_small_then_answers_large_after_the_budget(demo_ckpt, de
     seed = quiet_seed(demo_model, chat.ChatTokenizer.load(demo_ckpt), "What is 17 * 23?", "12B", 5)
     r = run("--demo", "--ckpt", str(demo_ckpt), "--prompt", "What is 17 * 23?", "--think", "12B", "--answer", "30B",
             "--max-think", "5", "--max-new-tokens", "10", "--seed", str(seed))
-    assert r.returncode == 0 and r.stderr == "", r.stderr
-    assert r.stdout.startswith("DEMO: random weights, so the text is noise")
+    # one-shot: the demo's banner goes to stderr, stdout is the reply only
+    assert r.returncode == 0 and r.stderr.startswith("DEMO: random weights, so the text is noise"), r.stderr
+    assert "DEMO" not in r.stdout and r.stdout.startswith("[think 12B] ")
     think, answer = r.stdout.index("[think 12B] "), r.stdout.index("\n[answer 30B] ")
     assert think < answer
     assert re.search(r"^\[think 12B: 5 tok \(budget\), [\d.]+ tok/s \| answer 30B: \d+ tok, [\d.]+ tok/s \| "
@@ -251,25 +252,30 @@ def test_piped_prompt_switches_where_the_model_writes_think_end(demo_ckpt, demo_
 
     r = run("--demo", "--ckpt", str(ckpt), "--max-think", "8", "--max-new-tokens", "8", "--switch", "reprefill",
             "--seed", str(seed), input=text + "\n")
-    assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert r.returncode == 0 and r.stderr.startswith("DEMO: ") and "DEMO" not in r.stdout, r.stderr
     assert re.search(r"^\[think 23B: 3 tok, [\d.]+ tok/s \| answer 30B: \d+ tok, .*\| switch reprefill\]$",
                      r.stdout, re.M), r.stdout
     assert r.stdout.index("[think 23B] ") < r.stdout.index("\n[answer 30B] ")
 
 
 def test_repl_commands(demo_ckpt):
-    lines = ["/help", "/think 12B", "/answer 23B", "/switch reprefill", "hello", "/nothink", "again",
-             "/think 99B", "/switch sideways", "/frobnicate", "/clear", "", "/exit", "not read"]
+    lines = ["/help", "/think 12b", "/answer 23B", "/switch reprefill", "hello \\", "on two lines", "/nothink",
+             '"""', "again", "", "in a block", '"""', "/think 99B", "/think 2304x1600", "/switch sideways", "/switch",
+             "/think", "/clear now", "/frobnicate", "/clear", "", "/exit", "not read"]
     r = run("--demo", "--ckpt", str(demo_ckpt), "--interactive", "--max-think", "2", "--max-new-tokens", "4",
             input="\n".join(lines) + "\n")
     out = r.stdout
     assert r.returncode == 0 and r.stderr == "", r.stderr
+    usage = "error: usage: /switch transplant|reprefill\n"
     for expected in ["/nothink        thinking off", "think 12B, answer 30B", "think 12B, answer 23B",
-                     "switch reprefill", "thinking off", "error: unknown size '99B'",
-                     "error: unknown switch mode 'sideways'", "error: unknown command /frobnicate", "conversation cleared"]:
+                     "switch reprefill", "thinking off", "error: unknown size '99B': use 30B (= 256x128), 23B (= 192x96), "
+                     "12B (= 128x64), or HIDDENxFFN up to 256x128", "error: size 2304x1600 = hidden 2304",
+                     "> /switch sideways\n" + usage, "> /switch\n" + usage, "> /think\nerror: usage: /think SIZE",
+                     "> /clear now\nerror: usage: /clear\n", "error: unknown command /frobnicate", "conversation cleared",
+                     "a paste of several lines is one prompt"]:
         assert expected in out, expected
     statuses = STATUS.findall(out)
-    assert statuses == ["think", "answer"], out  # two replies, and nothing after /exit
+    assert statuses == ["think", "answer"], out  # two replies (each of several lines), nothing after /exit
     first, second = [line for line in out.splitlines() if STATUS.match(line)]
     assert first.startswith("[think 12B: ") and "| answer 23B: " in first and first.endswith("| switch reprefill]")
     assert second.startswith("[answer 23B: ") and second.endswith("| no switch]") and "[think" not in out.split("> again")[1]
@@ -310,8 +316,14 @@ def test_ctrl_c_stops_a_reply_and_the_chat_goes_on(demo_ckpt, demo_model):
         proc.stdin.flush()
         out.wait_for(r"^commands:")
         out.wait_for(r"\[think 23B\] ", count=2)
-        proc.send_signal(signal.SIGINT)  # stops the second reply, or (had it ended) leaves at the prompt
+        proc.send_signal(signal.SIGINT)  # stops the second reply, or (had it ended) clears the prompt's line
         out.wait_for(STATUS.pattern, count=2)
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)  # at the prompt: the line is cleared, the chat goes on
+        out.wait_for(r"^> \^C$")
+        proc.stdin.write(b"/nothink\n")
+        proc.stdin.flush()
+        out.wait_for(r"^thinking off$")
         proc.stdin.close()  # Ctrl-D
         assert proc.wait(timeout=30) == 0
     finally:
@@ -322,12 +334,20 @@ def test_ctrl_c_stops_a_reply_and_the_chat_goes_on(demo_ckpt, demo_model):
 
 def test_bad_input_is_one_line_error(demo_ckpt, tmp_path):
     no_tokenizer = ne.write_random_checkpoint(tmp_path / "no-tokenizer", chat.demo_config())
+    config_only = tmp_path / "config-only"
+    config_only.mkdir()
+    shutil.copy(no_tokenizer / "config.json", config_only)
     cases = [  # (arguments, stdin, what the one line says)
         (["--demo", "--ckpt", str(demo_ckpt), "--think", "40B", "--prompt", "hi"], "", "unknown size '40B'"),
         (["--prompt", "hi"], "", "no checkpoint found.*hf download nvidia/.*python chat.py --demo"),
         (["--ckpt", str(tmp_path / "nowhere"), "--prompt", "hi"], "", "is not a checkpoint folder"),
         (["--demo", "--ckpt", str(demo_ckpt)], "", "empty prompt"),  # stdin is a pipe holding nothing
-        (["--ckpt", str(no_tokenizer), "--prompt", "hi"], "", "missing tokenizer: .*tokenizer.json"),
+        (["--ckpt", str(no_tokenizer), "--think", "192x96", "--answer", "256x128", "--prompt", "hi"], "",
+         "missing tokenizer: .*tokenizer.json"),
+        # refused from config.json alone, before the tokenizer and the weights are read (there are none)
+        (["--ckpt", str(config_only), "--think", "12B", "--prompt", "hi"], "", "size 12B = hidden 1920 .* does not fit"),
+        (["--demo", "--ckpt", str(demo_ckpt), "--think", "12b", "--answer", "500x10", "--prompt", "hi"], "",
+         "size 500x10 .* does not fit .*: use 30B \\(= 256x128\\)"),
     ]
     procs = [(subprocess.Popen([sys.executable, str(ROOT / "chat.py"), *args], stdin=subprocess.PIPE,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
