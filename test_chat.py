@@ -358,3 +358,39 @@ def test_bad_input_is_one_line_error(demo_ckpt, tmp_path):
         out, err = proc.communicate(stdin, timeout=120)
         assert proc.returncode != 0 and "Traceback" not in err, err
         assert err.count("\n") == 1 and re.match(f"chat.py: error: .*{message}", err), (message, err)
+
+
+@pytest.mark.skipif(not hasattr(os, "openpty"), reason="needs a pseudo-terminal")
+def test_a_pasted_block_is_one_prompt_on_a_terminal(demo_ckpt):
+    """On a terminal, lines that arrive together (a paste) are one prompt, not one turn a line."""
+    import pty
+    import select
+
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: chat.py on a terminal
+        os.execv(sys.executable, [sys.executable, str(ROOT / "chat.py"), "--demo", "--ckpt", str(demo_ckpt),
+                                  "--max-new-tokens", "4", "--max-think", "2"])
+    out = b""
+
+    def read_until(pattern, timeout=60):
+        nonlocal out
+        end = time.time() + timeout
+        while not re.search(pattern, out.decode(errors="replace"), re.M):
+            assert time.time() < end, out.decode(errors="replace")
+            if select.select([fd], [], [], 0.1)[0]:
+                out += os.read(fd, 4096)
+
+    try:
+        read_until("Ctrl-D to leave")
+        os.write(fd, b"first line\nsecond line\n")
+        read_until(r"\| switch transplant\]")
+        os.write(fd, b"/exit\n")
+        read_until(r"^> /exit")
+        assert os.waitpid(pid, 0)[1] == 0
+    finally:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    text = out.decode(errors="replace")
+    assert "> first line\r\n. second line\r\n" in text and len(re.findall(r"^\[think 23B: ", text, re.M)) == 1, text
