@@ -555,25 +555,19 @@ def test_demo_runs():
 
 
 def test_readme_python_example_runs(tmp_path):
-    """README's Python example, run as written on a small random checkpoint (with a character tokenizer
-    holding the chat special tokens) in place of the real one; sizes map to the demo's nested sizes."""
-    import re
-    from tokenizers import Tokenizer, models as tok_models, pre_tokenizers
+    """README's Python example, run on the demo checkpoint with the changes the README names (its path,
+    device="cpu", the demo's sizes; fewer tokens to keep the test short)."""
+    import chat
 
     code = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)[0]
-    ckpt = ne.write_random_checkpoint(tmp_path / "ck", ne.DEMO_CONFIG)
-    vocab = {chr(i): i for i in range(32, 127)} | {"\n": 14}
-    tokenizer = Tokenizer(tok_models.WordLevel(vocab, unk_token=" "))
-    tokenizer.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    tokenizer.add_special_tokens(["<|im_start|>", "<|im_end|>", "<think>", "</think>"])
-    tokenizer.save(str(ckpt / "tokenizer.json"))
+    ckpt = chat.write_demo_checkpoint(tmp_path / "demo-ckpt")
     for real, small in [('"checkpoints/elastic-fp8"', repr(str(ckpt))), ('"23B"', '"192x96"'), ('"30B"', '"256x128"'),
                         ("from_pretrained(ckpt)", "from_pretrained(ckpt, device='cpu')"), ("2048", "24"), ("1024", "8")]:
         assert real in code
         code = code.replace(real, small)
     scope = {}
     exec(compile(code, "README.md", "exec"), scope)
-    assert scope["logits"].shape[-1] == ne.DEMO_CONFIG.vocab_size and scope["t"].size in ("192x96", "256x128")
+    assert scope["logits"].shape[-1] == chat.demo_config().vocab_size and scope["t"].size in ("192x96", "256x128")
 
 
 def test_from_random_is_the_random_checkpoint_without_the_disk(checkpoints):
