@@ -4,7 +4,8 @@ bench.py: measured speed of nanoelastic on the device it runs on, as a table and
     python bench.py                   # kernels, then the model: 52-layer 30B config, random FP8 weights
     python bench.py --only kernels    # each kernel against its torch reference and the device's ceilings
     python bench.py --only model      # decode, prefill, size switch, memory
-    python bench.py --small           # a small config and small shapes: runs anywhere (the tests use it)
+    python bench.py --small           # a small config and small shapes: runs anywhere, a CPU too
+                                      # (there the kernels run in Triton's interpreter: slow, but checked)
     python bench.py --budget P.jsonl  # accuracy against latency of think/answer sizes and budgets (section 5)
 
 Every number is measured here, beside what it is compared with: the device's ceilings (a device-to-device
@@ -34,10 +35,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import nanoelastic as ne
-from nanoelastic import NanoElasticError
-
 CUDA = torch.cuda.is_available()
+if not CUDA:  # the Triton kernels can only run in Triton's interpreter here; set before triton is imported
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import nanoelastic as ne  # noqa: E402 (after TRITON_INTERPRET)
+from nanoelastic import NanoElasticError  # noqa: E402
+
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 
 

@@ -7,7 +7,7 @@ chat.py: chat with Nemotron 3 Nano Elastic, thinking with one nested size and an
 
 The model thinks with the --think size until it writes </think> (or the --max-think budget runs out and
 </think> is written for it), then the same cache carries on with the --answer size: "transplant" keeps the
-caches as the thinking size left them, "reprefill" rebuilds them with the answering size (SPEC.md §5).
+caches as the thinking size left them, "reprefill" rebuilds them with the answering size (exact, one prefill).
 Prompts are the checkpoint's own chat template (render_chat below), tokenized by its tokenizer.json.
 """
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 import unicodedata
@@ -37,13 +38,16 @@ HELP = """commands:
   /nothink        thinking off (again: on)
   /clear          forget the conversation
   /help           this list
-  /exit           leave (or Ctrl-D); Ctrl-C stops a reply and keeps the conversation"""
+  /exit           leave (or Ctrl-D); Ctrl-C stops a reply and keeps the conversation, and at the
+                  prompt clears the line
+a prompt of several lines: end a line with \\ to go on on the next one, or put the lines between two
+lines of \"\"\"; a paste of several lines is one prompt."""
 
 
 # ----------------------------------------------------------------------------------------------------
-# 1. The chat format: the checkpoint's chat template (../shared/reference/nemotron3-nano-chat-template.jinja,
-#    SPEC.md §6) in plain Python, for conversations without tools. test_chat.py renders many conversations
-#    both ways and requires identical strings.
+# 1. The chat format: the checkpoint's chat template (tokenizer_config.json's chat_template, jinja2)
+#    in plain Python, for conversations without tools. test_chat.py compares it with stored jinja2
+#    renderings of that template (and with the template itself when a checkpoint is at hand).
 
 def render_chat(messages: list[dict], add_generation_prompt: bool = False, enable_thinking: bool = True,
                 truncate_history_thinking: bool = True) -> str:
@@ -236,6 +240,30 @@ class Snapshot:  # the cache right after a conversation's history was prefilled 
     states: tuple  # Cache.snapshot()
 
 
+def size_name(size: str) -> str:
+    """How a size is shown: 12b -> 12B, 192X96 -> 192x96."""
+    size = size.strip()
+    if size.upper() in ne.SIZE_PRESETS:
+        return size.upper()
+    return size.lower() if re.fullmatch(r"\d+[xX]\d+", size) else size
+
+
+def model_size(size: str, config: ne.Config, size_names: dict[str, str]) -> str:
+    """The size the model knows (any case; the demo's stand-in for 30B/23B/12B); a size that does not
+    fit `config` fails here, with a hint naming sizes that do."""
+    size = size_names.get(size.strip().upper(), size)
+    try:
+        ne.parse_size(size, config)
+    except NanoElasticError as e:
+        if not size_names:
+            raise
+        names = ", ".join(f"{name} (= {real})" for name, real in size_names.items())
+        problem = str(e).split(": use ")[0]  # the hint below replaces parse_size's
+        raise NanoElasticError(f"{problem}: use {names}, or HIDDENxFFN up to "
+                               f"{config.hidden_size}x{config.moe_intermediate_size}") from e
+    return size
+
+
 class Chat:
     def __init__(self, model: ne.Model, tokenizer: ChatTokenizer, settings: Settings,
                  size_names: dict[str, str] | None = None, color: bool = False, out=sys.stdout):
@@ -249,10 +277,7 @@ class Chat:
         self.turn = 0
 
     def model_size(self, size: str) -> str:
-        """The size the model knows; unknown or too large sizes fail here, with parse_size's message."""
-        size = self.size_names.get(size, size)
-        ne.parse_size(size, self.model.config)
-        return size
+        return model_size(size, self.model.config, self.size_names)
 
     def write(self, text: str, dim: bool = False) -> None:
         if text:
@@ -382,23 +407,29 @@ def printable(text: str) -> str:
 # ----------------------------------------------------------------------------------------------------
 # 5. The REPL and the command line
 
+USAGE = {"/think": "/think SIZE   (30B, 23B, 12B or HIDDENxFFN)", "/answer": "/answer SIZE   (30B, 23B, 12B or "
+         "HIDDENxFFN)", "/switch": "/switch transplant|reprefill", "/nothink": "/nothink", "/clear": "/clear",
+         "/help": "/help", "/exit": "/exit", "/quit": "/quit"}
+
+
 def command(chat: Chat, line: str) -> bool:
-    """Run one /command; False means leave."""
+    """Run one /command; False means leave. A misused command gets its usage line."""
     name, _, arg = line.partition(" ")
     arg, st = arg.strip(), chat.settings
+    if name not in USAGE:
+        raise NanoElasticError(f"unknown command {name}: /help lists them")
+    takes_arg = name in ("/think", "/answer", "/switch")
+    if bool(arg) != takes_arg or (name == "/switch" and arg not in ("transplant", "reprefill")):
+        raise NanoElasticError(f"usage: {USAGE[name]}")
     if name in ("/exit", "/quit"):
         return False
     if name == "/help":
         print(HELP)
     elif name in ("/think", "/answer"):
-        if not arg:
-            raise NanoElasticError(f"{name} needs a size: 30B, 23B, 12B or HIDDENxFFN")
         chat.model_size(arg)
-        setattr(st, name[1:], arg)
+        setattr(st, name[1:], size_name(arg))
         print(f"think {st.think}, answer {st.answer}")
     elif name == "/switch":
-        if arg not in ("transplant", "reprefill"):
-            raise NanoElasticError(f"unknown switch mode {arg!r}: use transplant or reprefill")
         st.switch = arg
         print(f"switch {arg}")
     elif name == "/nothink":
@@ -407,13 +438,44 @@ def command(chat: Chat, line: str) -> bool:
     elif name == "/clear":
         chat.clear()
         print("conversation cleared")
-    else:
-        raise NanoElasticError(f"unknown command {name}: /help lists them")
     return True
 
 
+def pending_input(seconds: float = 0.03) -> bool:
+    """Whether more typed or pasted input is already waiting on a terminal's stdin (a paste arrives at once;
+    typing does not)."""
+    import select
+
+    try:
+        return bool(select.select([sys.stdin], [], [], seconds)[0])
+    except (OSError, ValueError):  # no select on this stdin (e.g. Windows consoles)
+        return False
+
+
+def read_prompt(echo: bool) -> str:
+    """One prompt: a line; lines ending in \\ go on; lines between two \"\"\" lines are one prompt; on a
+    terminal, lines that arrive together (a paste) are one prompt. EOFError at the end of input."""
+    lines, block = [], False
+    while True:
+        line = input("> " if not lines else ". ")
+        if echo:  # input from a pipe: show it, so the transcript reads like a conversation
+            print(line)
+        if line.strip() == '"""':
+            if block or not lines:
+                block = not block
+                if not block:
+                    return "\n".join(lines)
+                continue
+        if line.endswith("\\") and not block:
+            lines.append(line[:-1])
+            continue
+        lines.append(line)
+        if not block and (echo or not pending_input()):
+            return "\n".join(lines)
+
+
 def repl(chat: Chat, echo: bool) -> None:
-    """Read a line, answer it; until /exit, Ctrl-D, or Ctrl-C at the prompt."""
+    """Read a prompt, answer it; until /exit or Ctrl-D. Ctrl-C at the prompt clears what was typed."""
     if not echo:
         try:
             import readline  # noqa: F401  (line editing and history for input())
@@ -421,12 +483,13 @@ def repl(chat: Chat, echo: bool) -> None:
             pass
     while True:
         try:
-            line = input("> ")
-        except (EOFError, KeyboardInterrupt):
+            line = read_prompt(echo)
+        except EOFError:
             print()
             return
-        if echo:  # input from a pipe: show it, so the transcript reads like a conversation
-            print(line)
+        except KeyboardInterrupt:  # as in a shell: the line is dropped, the chat goes on
+            print("^C" if echo else "")
+            continue
         line = line.strip()
         if not line:
             continue
@@ -479,8 +542,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def load(args: argparse.Namespace, tmp: str) -> tuple[ne.Model, ChatTokenizer, dict[str, str]]:
-    """The checkpoint's model and tokenizer, and the size names that differ from the model's (the demo)."""
+def check_sizes(args: argparse.Namespace) -> dict[str, str]:
+    """Refuse a size that does not fit the checkpoint before anything is loaded (its config.json is
+    enough); the size names that differ from the model's (the demo's stand-ins)."""
+    size_names = DEMO_SIZES if args.demo else {}
+    config = demo_config() if args.demo else ne.Config.from_file(find_checkpoint(args.ckpt) / "config.json")
+    for size in (args.think, args.answer):
+        model_size(size, config, size_names)
+    return size_names
+
+
+def load(args: argparse.Namespace, tmp: str) -> tuple[ne.Model, ChatTokenizer]:
+    """The checkpoint's model and tokenizer."""
     if args.demo:
         path = Path(args.ckpt) if args.ckpt else Path(tmp) / "demo"
         if not path.exists():
@@ -494,14 +567,10 @@ def load(args: argparse.Namespace, tmp: str) -> tuple[ne.Model, ChatTokenizer, d
     else:
         path = find_checkpoint(args.ckpt)
     tokenizer = ChatTokenizer.load(path)
-    config = ne.Config.from_file(path / "config.json")
-    size_names = DEMO_SIZES if args.demo else {}
-    for size in (args.think, args.answer):  # before the (long) load
-        ne.parse_size(size_names.get(size, size), config)
     if args.demo and not torch.cuda.is_available():
         torch.set_num_threads(1)  # tiny matrices: more threads only add overhead
     model = ne.Model.from_pretrained(path, dtype=torch.float32 if args.demo else None, verbose=not args.demo)
-    return model, tokenizer, size_names
+    return model, tokenizer
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -516,7 +585,7 @@ def main(argv: list[str] | None = None) -> int:
         prompt = sys.stdin.read()
     if prompt is not None and not prompt.strip():
         raise NanoElasticError("empty prompt")
-    args.think = args.think or ("23B" if args.demo else "30B")
+    args.think, args.answer = size_name(args.think or ("23B" if args.demo else "30B")), size_name(args.answer)
     if args.demo:  # the switch must show: the 23B thinks (above), and not for long
         args.max_think = 16 if args.max_think is None else args.max_think
         args.max_new_tokens = args.max_new_tokens or 64
@@ -524,13 +593,14 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings(args.think, args.answer, args.switch, not args.no_think, args.max_think,
                         args.max_new_tokens or 8192, args.temperature, args.top_p, args.seed, args.system)
 
-    if args.demo:
+    size_names = check_sizes(args)
+    if args.demo:  # on stderr when the output is an answer (one-shot, piped), so stdout is only the reply
         print(f"DEMO: random weights, so the text is noise; the sizes, caches and switch are real.\n"
               f"30B/23B/12B stand for the nested sizes {'/'.join(DEMO_SIZES.values())} of a small random checkpoint.\n"
               f"Random weights rarely write </think>: thinking stops after {settings.max_think} tokens (--max-think).",
-              flush=True)
+              file=sys.stderr if prompt is not None else sys.stdout, flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        model, tokenizer, size_names = load(args, tmp)
+        model, tokenizer = load(args, tmp)
         color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
         chat = Chat(model, tokenizer, settings, size_names, color)
         if prompt is not None:

@@ -19,7 +19,7 @@ What differs from a vanilla decoder-only transformer (all of it in this file, to
 
 Shapes use B = batch, T = new tokens, L = cached + new tokens, D = hidden (d when nested), V = vocab,
 H = heads, P = head dim, N = SSM state, G = groups, E = experts, F = expert FFN width (f when nested).
-../shared/SPEC.md (in the repo's sibling folder) has every equation and tensor name used here.
+README.md (How the model works) gives the equations and sizes; the tensor names are those of the HF checkpoint.
 """
 
 from __future__ import annotations
@@ -120,6 +120,9 @@ def check_config_field(name: str, value, kind, low) -> None:
 
 @dataclass
 class Config:
+    """The model's shape, with the field names of the checkpoint's config.json (Config.from_file reads one);
+    the defaults are the 30B's. layers_block_type lists each layer's mixer: 'mamba', 'moe', 'attention' or
+    'mlp'. config.sliced(d, f) is the config of the nested model of hidden d and expert FFN width f."""
     vocab_size: int = 131072
     hidden_size: int = 2688
     layers_block_type: list = field(default_factory=lambda: [
@@ -241,12 +244,12 @@ class Config:
                 "num_hidden_layers": len(self.layers_block_type), **d}
 
     def sliced(self, d: int, f: int) -> "Config":
-        """The config of the nested model of hidden width d and routed-expert FFN width f (SPEC §5)."""
+        """The config of the nested model of hidden width d and routed-expert FFN width f."""
         return Config(**{**self.__dict__, "hidden_size": d, "moe_intermediate_size": f, "intermediate_size": f})
 
 
 # ----------------------------------------------------------------------------------------------------
-# 2. Nested sizes: one table of SPEC §5, used by the model's views and by slice.py
+# 2. Nested sizes: one table of which tensor axes shrink, used by the model's views and by slice.py
 
 SIZE_PRESETS = {"30B": (2688, 1856), "23B": (2304, 1600), "12B": (1920, 960)}  # name -> (hidden, expert FFN)
 
@@ -279,17 +282,28 @@ def nested_view(name: str, t: Tensor, d: int, f: int) -> Tensor:
     return t[index] if axes else t
 
 
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """`device`, or cuda when there is one, else cpu; a CUDA device on a machine without one is an error."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise NanoElasticError(f"device {device} asked for, but torch sees no CUDA GPU here (use --device cpu)")
+    return device
+
+
 def parse_size(size: str | None, config: Config) -> tuple[int, int]:
     """'30B' | '23B' | '12B' | 'HIDDENxFFN' | None (= the checkpoint's own size) -> (d, f), validated."""
     full = (config.hidden_size, config.moe_intermediate_size)
     if size is None:
         return full
-    if size in SIZE_PRESETS:
-        d, f = SIZE_PRESETS[size]
-    elif re.fullmatch(r"\d+x\d+", str(size)):
-        d, f = map(int, size.split("x"))
+    name = str(size).strip().upper()  # 12b and 2304X1600 are what a user means too
+    if name in SIZE_PRESETS:
+        d, f = SIZE_PRESETS[name]
+    elif re.fullmatch(r"\d+X\d+", name):
+        d, f = map(int, name.split("X"))
     else:
-        raise NanoElasticError(f"unknown size {size!r}: use one of {', '.join(SIZE_PRESETS)} or HIDDENxFFN (e.g. 2304x1600)")
+        fit = [n for n, (d, f) in SIZE_PRESETS.items() if d <= full[0] and f <= full[1]]
+        raise NanoElasticError(f"unknown size {size!r}: use {', '.join(fit) + ' or ' if fit else ''}HIDDENxFFN "
+                               f"up to {full[0]}x{full[1]} (this checkpoint's widths)")
     if not (0 < d <= full[0] and 0 < f <= full[1]):
         raise NanoElasticError(
             f"size {size} = hidden {d} x expert FFN {f} does not fit in this checkpoint ({full[0]}x{full[1]})")
@@ -315,6 +329,9 @@ def use_kernels(t: Tensor) -> bool:
         raise NanoElasticError(f"NANOELASTIC_KERNELS={mode!r}: use 'torch' or 'triton', or leave it unset")
     if mode == "triton" and kernels is None:
         raise NanoElasticError("NANOELASTIC_KERNELS=triton but Triton is not installed")
+    if mode == "triton" and not t.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise NanoElasticError("NANOELASTIC_KERNELS=triton on the CPU needs TRITON_INTERPRET=1 (Triton's "
+                               "interpreter); or leave NANOELASTIC_KERNELS unset to use the torch references")
     return mode == "triton" or (mode == "" and t.is_cuda and kernels is not None)
 
 
@@ -350,6 +367,11 @@ class Linear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return linear(x, self.weight, self.weight_scale)
 
+    def extra_repr(self) -> str:  # from the weight itself, so a nested view shows its nested widths
+        *experts, out_features, in_features = self.weight.shape
+        fp8 = ", fp8" if self.weight_scale is not None else ""
+        return f"in={in_features}, out={out_features}" + (f", experts={experts[0]}" if experts else "") + fp8
+
 
 @kernel
 def rms_norm(x: Tensor, weight: Tensor, eps: float, groups: int = 1, gate: Tensor | None = None) -> Tensor:
@@ -374,6 +396,9 @@ class RMSNorm(nn.Module):  # holds the weight; applied by rms_norm / add_rms_nor
         super().__init__()
         self.weight = nn.Parameter(torch.empty(dim), requires_grad=False)
         self.eps = eps
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -716,6 +741,8 @@ def _with_views(module: nn.Module, prefix: str, d: int, f: int, config: Config) 
     clone._modules = {n: _with_views(m, f"{prefix}{n}.", d, f, config) for n, m in module._modules.items()}
     if hasattr(clone, "config"):
         clone.config = config
+    if isinstance(clone, nn.Embedding):  # its repr reads this attribute
+        clone.embedding_dim = clone.weight.shape[1]
     if isinstance(clone, Model):
         clone._nested = {}
     return clone
@@ -743,12 +770,26 @@ class Backbone(nn.Module):
 
 
 class Model(nn.Module):
+    """Nemotron 3 Nano Elastic: embeddings, the hybrid layers of config.layers_block_type, a final norm and
+    the LM head. Every size of the checkpoint is this one module tree:
+
+        model = Model.from_pretrained(folder)     # or Model.from_random(config)
+        logits = model(tokens, size="23B")        # tokens [B, T] -> fp32 logits [B, T, V]
+        small = model.nested("12B")               # the same weights as prefix views, no copy
+        cache = model.new_cache(1, 4096)          # one cache for every size: prefill, decode_step
+        for token in generate(model, prompt_ids, 100, size="23B", switch=Switch("30B", after=50)): ...
+
+    Sizes are '30B', '23B', '12B' (any case) or 'HIDDENxFFN' prefixes; None is the checkpoint's own."""
+
     def __init__(self, config: Config):
         super().__init__()
         self.config = config
         self.backbone = Backbone(config)
         self.lm_head = Linear(config.hidden_size, config.vocab_size)
         self._nested = {}  # (d, f) -> this module tree with prefix views of every tensor
+
+    def extra_repr(self) -> str:
+        return f"size {self.config.hidden_size}x{self.config.moe_intermediate_size} (hidden x expert FFN)"
 
     # -- nested sizes ------------------------------------------------------------------------------
 
@@ -768,6 +809,10 @@ class Model(nn.Module):
     # -- running -------------------------------------------------------------------------------------
 
     def new_cache(self, batch_size: int, max_len: int) -> Cache:
+        """An empty Cache for `batch_size` sequences of up to `max_len` tokens, on the model's device.
+        It serves every nested size, so a generation can change size and keep it."""
+        if batch_size < 1 or max_len < 1:
+            raise NanoElasticError(f"new_cache needs batch_size >= 1 and max_len >= 1, got {batch_size}, {max_len}")
         if max_len > self.config.max_position_embeddings:
             raise NanoElasticError(f"max_len {max_len} > max_position_embeddings {self.config.max_position_embeddings}")
         w = self.lm_head.weight
@@ -782,6 +827,8 @@ class Model(nn.Module):
         V = self.config.vocab_size
         if not isinstance(tokens, Tensor) or tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
             raise NanoElasticError("tokens must be an integer tensor of shape [batch, seq_len]")
+        if tokens.numel() == 0:
+            raise NanoElasticError(f"tokens of shape {list(tokens.shape)}: need at least one token per row")
         if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= V):
             raise NanoElasticError(f"token id out of range: {int(tokens.min())}..{int(tokens.max())} not in 0..{V - 1}")
         if cache is not None:
@@ -796,6 +843,8 @@ class Model(nn.Module):
         -> fp32 logits [B, V] of the last token."""
         if tokens.shape[-1] == 0:
             raise NanoElasticError("nothing to prefill: no new tokens")
+        if chunk < 1:
+            raise NanoElasticError(f"prefill chunk must be >= 1, got {chunk}")
         for i in range(0, tokens.shape[1], chunk):
             logits = self(tokens[:, i:i + chunk], cache, size, last_only=True)
         return logits[:, -1]
@@ -875,13 +924,13 @@ class Model(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None,
                         dtype: torch.dtype | None = None, verbose: bool = True) -> "Model":
-        """Load an HF-format checkpoint folder (SPEC.md §4): FP8 or BF16, sharded or not.
+        """Load an HF-format checkpoint folder: FP8 or BF16, sharded or not.
         dtype is the compute dtype (bfloat16 by default; float32 for exact tests). FP8 weights stay FP8."""
         path = Path(path)
         if not path.is_dir():
             raise NanoElasticError(f"checkpoint folder not found: {path}")
         config = Config.from_file(path / "config.json")
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = resolve_device(device)
         with torch.device("meta"):
             model = cls(config)
         _load_checkpoint(model, path, device, dtype or torch.bfloat16, verbose)
@@ -892,7 +941,7 @@ class Model(nn.Module):
                     fp8: bool = True, seed: int = 0) -> "Model":
         """A model of `config` with the random weights of write_random_checkpoint() (FP8 recipe or all BF16),
         made directly on `device`, no disk: what bench.py measures the real 52-layer shapes with."""
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = resolve_device(device)
         with torch.device("meta"):
             model = cls(config)
         stacks = {}
@@ -1108,7 +1157,7 @@ def fp8_quantize(w: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def fp8_recipe(config: Config) -> set[str]:
-    """Which Linears the FP8 release quantizes (SPEC §4, inferred): all routed and shared experts, and the
+    """Which Linears the FP8 release quantizes (inferred from its tensors): all routed and shared experts, and the
     in/out_proj of every Mamba layer that does not sit right before an attention layer."""
     kinds = config.layers_block_type
     names = set()
@@ -1180,7 +1229,7 @@ def random_checkpoint_tensors(config: Config, fp8: bool = True, seed: int = 0,
 
 def write_random_checkpoint(path: str | Path, config: Config, fp8: bool = True, shards: int = 2, seed: int = 0,
                             extra_files=None) -> Path:
-    """Write a random checkpoint of `config` in the exact on-disk format of the real one (SPEC §4):
+    """Write a random checkpoint of `config` in the exact on-disk format of the real one:
     config.json, generation_config.json, `shards` safetensors shards and their index. Streams: about one
     shard in memory. Written into a temporary folder renamed at the end: an interruption or a full disk
     leaves nothing, and a folder that appears at `path` meanwhile (another run) is refused, left as it is.
@@ -1245,6 +1294,7 @@ def write_random_checkpoint(path: str | Path, config: Config, fp8: bool = True, 
 # 9. Generation: prefill, decode, sample, and change size mid-stream
 
 class Token(NamedTuple):
+    """One generated token: its id and the nested size that wrote it."""
     id: int
     size: str | None  # the nested size that produced it (None = the checkpoint's full size)
 
@@ -1265,12 +1315,29 @@ class Switch:
             raise NanoElasticError(f"unknown switch mode {self.mode!r}: use transplant or reprefill")
         if self.on_token is None and self.after is None:
             raise NanoElasticError("a Switch needs on_token, after, or both")
+        if self.after is not None and self.after < 0:
+            raise NanoElasticError(f"Switch after must be >= 0 new tokens, got {self.after}")
+        if self.on_token is not None and self.on_token < 0:
+            raise NanoElasticError(f"Switch on_token must be a token id (>= 0), got {self.on_token}")
+
+
+def check_sampling(temperature: float, top_p: float, top_k: int) -> None:
+    """One clear error for each sampling setting out of range."""
+    if not temperature >= 0:
+        raise NanoElasticError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if not 0 < top_p <= 1:
+        raise NanoElasticError(f"top_p must be in (0, 1], got {top_p}")
+    if not top_k >= 0:
+        raise NanoElasticError(f"top_k must be >= 0 (0 = no limit), got {top_k}")
 
 
 def sample(logits: Tensor, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
            generator: torch.Generator | None = None) -> Tensor:
-    """logits [V] fp32 -> token id (0-d tensor). temperature 0 = greedy. No host sync."""
-    if temperature <= 0:
+    """logits [V] fp32 -> token id (0-d tensor). temperature 0 = greedy; else softmax(logits / temperature)
+    kept to the top_k most likely tokens (0 = all) and to the smallest set whose probability reaches top_p
+    (1 = all). No host sync."""
+    check_sampling(temperature, top_p, top_k)
+    if temperature == 0:
         return logits.argmax()
     logits = logits / temperature
     if 0 < top_k < logits.numel():
@@ -1290,9 +1357,24 @@ def generate(model: Model, prompt: list[int] | Tensor, max_new_tokens: int, *, s
              prefill_chunk: int = 8192) -> Iterator[Token]:
     """Stream the continuation of `prompt` one Token at a time, stopping after a stop token or
     max_new_tokens. A `cache` already holding a prefix of `prompt` (an earlier turn) is continued; its
-    first cache.length tokens must be prompt's. Ctrl-C ends the stream (the program goes on)."""
+    first cache.length tokens must be prompt's. Ctrl-C ends the stream (the program goes on).
+
+    prompt: token ids as a list, a 1-D tensor or a [1, T] tensor (one sequence). size: the nested size
+    ('30B', '23B', '12B', 'HIDDENxFFN'; None = the checkpoint's own). switch: a Switch to change size on the
+    way. stop_tokens: ids that end the stream (they are yielded). temperature, top_p, top_k: see sample();
+    seed makes sampling repeatable. prefill_chunk: prompt tokens per forward pass (bounds memory)."""
+    if isinstance(prompt, Tensor):
+        if prompt.dim() == 2 and prompt.shape[0] == 1:
+            prompt = prompt[0]
+        if prompt.dim() != 1 or prompt.is_floating_point():
+            raise NanoElasticError(f"prompt must be token ids: a list, a 1-D tensor or a [1, T] tensor, "
+                                   f"got a {prompt.dtype} tensor of shape {list(prompt.shape)}")
+        prompt = prompt.tolist()
     prompt = [int(t) for t in prompt]
     c = model.config
+    check_sampling(temperature, top_p, top_k)
+    if prefill_chunk < 1:
+        raise NanoElasticError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
     for s in (size, switch.size if switch else None):
         parse_size(s, c)  # unknown or too large sizes fail before any work
     if not prompt:
@@ -1394,8 +1476,9 @@ def main(argv: list[str] | None = None) -> None:
             phase[0], phase[1], t = phase[0] + 1, phase[1] + now - t, now
             print(decode(token.id), end="", flush=True)
         print()
-        for size, (n, s) in phases.items():
-            print(f"{size}: {n} tokens, {n / s:.1f} tokens/s (first includes the prefill)")
+        for i, (size, (n, s)) in enumerate(phases.items()):
+            prefill = " (includes the prefill)" if i == 0 else ""
+            print(f"{size}: {n} token{'s' if n != 1 else ''}, {n / s:.1f} tokens/s{prefill}")
 
 
 if __name__ == "__main__":

@@ -5,10 +5,10 @@ zero_shot_slicing.py:
 
     python slice.py --source-checkpoint SRC --target-checkpoint DST --size 23B|12B|HIDDENxFFN [--precision fp8|bf16]
 
-- Tensors: nested_view() of nanoelastic, i.e. the NESTED_AXES table the model's own views use (SPEC §5).
+- Tensors: nested_view() of nanoelastic, i.e. the NESTED_AXES table the model's own views use.
   Every FP8 weight_scale / input_scale and the FP8-KV k_scale / v_scale are per-tensor scalars: unchanged.
-  mtp.* tensors (a multi-token-prediction head, if any) are dropped: SPEC §5 gives no nesting rule for
-  them and a prefix of the wrong axis would be silently wrong (its eh_proj concatenates two hidden vectors).
+  mtp.* tensors (a multi-token-prediction head, if any) are dropped: the release defines no nesting rule
+  for them and a prefix of the wrong axis would be silently wrong (its eh_proj concatenates two hidden vectors).
 - config.json: hidden_size, moe_intermediate_size, intermediate_size changed, nothing else (except:
   num_nextn_predict_layers -> 0 when mtp.* tensors were dropped; quantization_config dropped with FP8).
 - Every other file of SRC (tokenizer, generation config, hf_quant_config.json, ...) is copied, except

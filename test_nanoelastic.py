@@ -7,6 +7,8 @@ the whole model (fed the same dequantised, sliced weights), materialised copies 
 import copy
 import json
 import math
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -111,7 +113,7 @@ def test_sizes_are_validated():
 
 
 def test_nested_table_matches_spec():
-    expect = {  # SPEC §5, one tensor of each row
+    expect = {  # one tensor of each row of the nesting rules
         "backbone.embeddings.weight": ".d", "lm_head.weight": ".d", "backbone.layers.3.mixer.q_proj.weight": ".d",
         "backbone.layers.0.mixer.in_proj.weight": ".d", "backbone.layers.1.mixer.gate.weight": ".d",
         "backbone.layers.1.mixer.shared_experts.up_proj.weight": ".d",
@@ -545,29 +547,27 @@ def test_demo_runs():
     bad = subprocess.run([sys.executable, str(ROOT / "nanoelastic.py"), "--size", "99B"],
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 1 and bad.stderr.strip().splitlines()[-1] == \
-        "error: unknown size '99B': use one of 30B, 23B, 12B or HIDDENxFFN (e.g. 2304x1600)"
+        "error: unknown size '99B': use HIDDENxFFN up to 256x128 (this checkpoint's widths)"
+    one = subprocess.run([sys.executable, str(ROOT / "nanoelastic.py"), "--max-new-tokens", "9", "--switch-after", "8"],
+                         capture_output=True, text=True, timeout=300)
+    assert "192x96: 8 tokens, " in one.stdout and "(includes the prefill)" in one.stdout
+    assert one.stdout.strip().splitlines()[-1].startswith("256x128: 1 token, ") and "prefill" not in one.stdout.splitlines()[-1]
 
 
 def test_readme_python_example_runs(tmp_path):
-    """README's Python example, run as written on a small random checkpoint (with a character tokenizer
-    holding the chat special tokens) in place of the real one; sizes map to the demo's nested sizes."""
-    import re
-    from tokenizers import Tokenizer, models as tok_models, pre_tokenizers
+    """README's Python example, run on the demo checkpoint with the changes the README names (its path,
+    device="cpu", the demo's sizes; fewer tokens to keep the test short)."""
+    import chat
 
     code = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)[0]
-    ckpt = ne.write_random_checkpoint(tmp_path / "ck", ne.DEMO_CONFIG)
-    vocab = {chr(i): i for i in range(32, 127)} | {"\n": 14}
-    tokenizer = Tokenizer(tok_models.WordLevel(vocab, unk_token=" "))
-    tokenizer.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    tokenizer.add_special_tokens(["<|im_start|>", "<|im_end|>", "<think>", "</think>"])
-    tokenizer.save(str(ckpt / "tokenizer.json"))
+    ckpt = chat.write_demo_checkpoint(tmp_path / "demo-ckpt")
     for real, small in [('"checkpoints/elastic-fp8"', repr(str(ckpt))), ('"23B"', '"192x96"'), ('"30B"', '"256x128"'),
                         ("from_pretrained(ckpt)", "from_pretrained(ckpt, device='cpu')"), ("2048", "24"), ("1024", "8")]:
         assert real in code
         code = code.replace(real, small)
     scope = {}
     exec(compile(code, "README.md", "exec"), scope)
-    assert scope["logits"].shape[-1] == ne.DEMO_CONFIG.vocab_size and scope["t"].size in ("192x96", "256x128")
+    assert scope["logits"].shape[-1] == chat.demo_config().vocab_size and scope["t"].size in ("192x96", "256x128")
 
 
 def test_from_random_is_the_random_checkpoint_without_the_disk(checkpoints):
@@ -580,3 +580,87 @@ def test_from_random_is_the_random_checkpoint_without_the_disk(checkpoints):
     assert a.keys() == b.keys()
     for name in a:
         assert a[name].dtype == b[name].dtype and torch.equal(a[name].float(), b[name].float()), name
+
+
+def test_repo_is_self_contained():
+    """Nothing in the repo reads or cites a file outside it (a sibling folder, a spec a user cannot open)."""
+    import re
+
+    files = [p for p in ROOT.iterdir() if p.suffix in (".py", ".md", ".txt", ".json")] + [ROOT / ".ci" / "run"]
+    for path in files:
+        text = path.read_text()
+        spec = "SP" + "EC"  # spelled apart so that this test does not find itself
+        assert "../" + "shared" not in text and not re.search(rf"\b{spec}\b", text), path.name
+    assert (ROOT / "LICENSE").read_text().startswith("MIT License")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU's refusal of Triton kernels")
+def test_triton_kernels_on_cpu_without_the_interpreter_is_one_line():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"NANOELASTIC_KERNELS": "triton"}
+    run = subprocess.run([sys.executable, str(ROOT / "nanoelastic.py"), "--max-new-tokens", "2"],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert run.returncode == 1 and "Traceback" not in run.stderr
+    assert run.stderr.strip().splitlines()[-1].startswith("error: NANOELASTIC_KERNELS=triton on the CPU needs "
+                                                         "TRITON_INTERPRET=1")
+
+
+def test_readme_first_screen_and_demo_commands(tmp_path):
+    """README: set-up, then the demo, then the test command (as CI runs it); the Slicing example for the
+    demo checkpoint runs as written."""
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    order = [readme.index(s) for s in ("## Set up", "python -m venv .venv",
+                                       "pip install torch --index-url https://download.pytorch.org/whl/cpu",
+                                       "pip install -r requirements.txt", "python nanoelastic.py",
+                                       'pip install pytest "transformers>=5" jinja2 && python -m pytest -q')]
+    assert order == sorted(order) and order[-1] < readme.index("## Files")
+    block = next(b for b in re.findall(r"```bash\n(.*?)```", readme, re.S) if "write_demo_checkpoint" in b)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for line in block.strip().splitlines():
+        line = line.replace("python slice.py", f"{sys.executable} {ROOT / 'slice.py'}").replace("python -c", f"{sys.executable} -c")
+        run = subprocess.run(line, shell=True, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+        assert run.returncode == 0, (line, run.stderr[-1000:])
+    assert json.loads((tmp_path / "demo-192x96" / "config.json").read_text())["hidden_size"] == 192
+
+
+def test_python_api_validates_like_the_cli():
+    """Each bad argument of the Python API is one NanoElasticError that names it; prompts may be a list,
+    a 1-D tensor or a [1, T] tensor."""
+    model = ne.Model.from_random(ne.DEMO_CONFIG, device="cpu", dtype=torch.float32)
+    prompt = [5, 6, 7]
+    run = lambda **kw: list(ne.generate(model, kw.pop("prompt", prompt), 3, **kw))
+    bad = [(dict(temperature=-1), "temperature must be >= 0"), (dict(temperature=1, top_p=0), "top_p must be in (0, 1]"),
+           (dict(top_p=2), "top_p must be in (0, 1]"), (dict(top_k=-1), "top_k must be >= 0"),
+           (dict(prefill_chunk=0), "prefill_chunk must be >= 1"),
+           (dict(prompt=torch.zeros(2, 3, dtype=torch.long)), "a [1, T] tensor"), (dict(prompt=[]), "empty prompt")]
+    for kwargs, message in bad:
+        with pytest.raises(ne.NanoElasticError, match=re.escape(message)):
+            run(**kwargs)
+    for kwargs, message in [(dict(after=-1), "after must be >= 0"), (dict(on_token=-2), "on_token must be a token id")]:
+        with pytest.raises(ne.NanoElasticError, match=message):
+            ne.Switch("256x128", **kwargs)
+    for args in [(0, 10), (1, 0)]:
+        with pytest.raises(ne.NanoElasticError, match="new_cache needs batch_size >= 1 and max_len >= 1"):
+            model.new_cache(*args)
+    with pytest.raises(ne.NanoElasticError, match="need at least one token per row"):
+        model(torch.zeros(1, 0, dtype=torch.long))
+    with pytest.raises(ne.NanoElasticError, match="prefill chunk must be >= 1"):
+        model.prefill(torch.tensor([prompt]), model.new_cache(1, 8), chunk=0)
+    if not torch.cuda.is_available():
+        with pytest.raises(ne.NanoElasticError, match="no CUDA GPU here"):
+            ne.Model.from_random(ne.DEMO_CONFIG, device="cuda")
+    expected = run()
+    assert run(prompt=torch.tensor(prompt)) == expected and run(prompt=torch.tensor([prompt])) == expected
+    assert ne.parse_size("12b", ne.Config()) == ne.parse_size("12B", ne.Config()) == (1920, 960)
+    assert ne.parse_size("192X96", ne.DEMO_CONFIG) == (192, 96)
+
+
+def test_docstrings_and_nested_repr():
+    for obj in [ne.Model, ne.Config, ne.Cache, ne.Switch, ne.Token, ne.generate, ne.sample, ne.Model.new_cache,
+                ne.Model.forward, ne.Model.prefill, ne.Model.decode_step, ne.Model.nested, ne.Model.from_pretrained]:
+        assert obj.__doc__ and "nn.Module" not in obj.__doc__ and "Base class" not in obj.__doc__, obj
+    model = ne.Model.from_random(ne.DEMO_CONFIG, device="cpu", dtype=torch.float32)
+    text = repr(model.nested("128x64"))
+    assert "size 128x64" in text and "Embedding(512, 128)" in text and "Linear(in=128, out=64, experts=16" in text
+    assert "256" not in text.split("(norm)")[1].split("\n")[0] and "size 256x128" in repr(model)
