@@ -732,7 +732,7 @@ def solve_all(args, problems, wanted, key, size_names, results: Path, done: dict
         with tempfile.TemporaryDirectory() as tmp, open(results, "a", encoding="utf-8") as log:
             think, answer = todo[0][:2]
             sizes = Namespace(demo=args.demo, ckpt=args.ckpt, think=think, answer=answer)
-            model, tokenizer, _ = chat.load(sizes, tmp)
+            model, tokenizer = chat.load(sizes, tmp)
             prompts = [tokenizer.encode(chat.render_chat([{"role": "user", "content": p["question"]}],
                                                          add_generation_prompt=True)) for p in problems]
             max_len = max(map(len, prompts)) + args.max_new_tokens

@@ -126,9 +126,9 @@ def test_summarize_and_the_pareto_frontier():
 def demo(tmp_path_factory):
     """chat.py's demo model and tokenizer, as bench.py --budget --demo loads them."""
     import chat
-    model, tokenizer, names = chat.load(Namespace(demo=True, ckpt=None, think="23B", answer="30B"),
-                                        str(tmp_path_factory.mktemp("demo")))
-    return model, tokenizer, names
+    model, tokenizer = chat.load(Namespace(demo=True, ckpt=None, think="23B", answer="30B"),
+                                 str(tmp_path_factory.mktemp("demo")))
+    return model, tokenizer, chat.DEMO_SIZES
 
 
 @pytest.mark.parametrize("switch", ["transplant", "reprefill"])

@@ -613,7 +613,7 @@ def test_readme_first_screen_and_demo_commands(tmp_path):
     order = [readme.index(s) for s in ("## Set up", "python -m venv .venv",
                                        "pip install torch --index-url https://download.pytorch.org/whl/cpu",
                                        "pip install -r requirements.txt", "python nanoelastic.py",
-                                       'pip install pytest "transformers>=5" jinja2 && python -m pytest -q')]
+                                       'pip install pytest "transformers>=5" jinja2 matplotlib && python -m pytest -q')]
     assert order == sorted(order) and order[-1] < readme.index("## Files")
     block = next(b for b in re.findall(r"```bash\n(.*?)```", readme, re.S) if "write_demo_checkpoint" in b)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
