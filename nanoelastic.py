@@ -419,12 +419,14 @@ def ssd_chunked(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk: i
                 initial_state: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """The selective scan S_t = exp(dt_t A) S_{t-1} + dt_t x_t B_t^T,  y_t = S_t C_t, by chunks (SSD).
 
-    x [B, T, H, P], dt [B, T, H] (after softplus), A [H] (negative), B and C [B, T, G, N]; all fp32.
-    initial_state [B, H, P, N] or None (zeros). Returns y [B, T, H, P] (without the D skip) and the
-    final state [B, H, P, N]. Head h reads group h // (H / G).
+    x [B, T, H, P], B and C [B, T, G, N] in the activations' dtype; dt [B, T, H] (after softplus) and
+    A [H] (negative) fp32. initial_state [B, H, P, N] fp32 or None (zeros). Returns y [B, T, H, P] fp32
+    (without the D skip) and the final state [B, H, P, N] fp32. Head h reads group h // (H / G).
+    This reference computes in fp32; the kernel multiplies bf16 x, B, C on tensor cores.
     """
     b, T, H, P = x.shape
     G, N = B.shape[-2:]
+    x, B, C = x.float(), B.float(), C.float()
     pad = -T % chunk
     # Reshape into chunks of Q = chunk tokens; the zero-padded tail has dt = 0, so it changes nothing.
     x, dt, B, C = (F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)).unflatten(1, (-1, chunk)) for t in (x, dt, B, C))
@@ -526,13 +528,14 @@ class Mamba2Mixer(nn.Module):
                            self.dt_bias, self.A_log, self.D, G, c.time_step_limit)[:, None]
         else:  # prefill: conv, then the chunked scan from the cached state
             xBC = causal_conv(xBC, conv_state, self.conv1d.weight, self.conv1d.bias)
-            x, B, C = xBC.float().split([c.mamba_inner, G * N, G * N], dim=-1)
+            x, B, C = xBC.split([c.mamba_inner, G * N, G * N], dim=-1)  # in the activations' dtype
             dt, A = discretise(dt, self.dt_bias, self.A_log, c.time_step_limit)
             x = x.unflatten(-1, (H, P))
-            y, final_state = ssd_chunked(x, dt, A, B.unflatten(-1, (G, N)), C.unflatten(-1, (G, N)), c.chunk_size, ssm_state)
+            y, final_state = ssd_chunked(x, dt, A, B.unflatten(-1, (G, N)), C.unflatten(-1, (G, N)),
+                                         c.chunk_size, ssm_state)
             if ssm_state is not None:
                 ssm_state.copy_(final_state)
-            y = (y + self.D.float()[:, None] * x).flatten(2)  # the D skip connection
+            y = (y + self.D.float()[:, None] * x.float()).flatten(2)  # the D skip connection
         # Gated RMSNorm: gate y * silu(z) first, then normalise in G groups of H*P/G channels.
         y = rms_norm(y, self.norm.weight, self.norm.eps, groups=G, gate=z)
         return self.out_proj(y.to(u.dtype))
