@@ -164,54 +164,57 @@ def moe_experts(x: Tensor, weights: Tensor, experts: Tensor, up_weight: Tensor, 
 
 
 # ----------------------------------------------------------------------------------------------------
-# 2. The chunked SSD scan (prefill), in three kernels over (batch x head, chunk):
-#    a. each chunk's own end state, b. states passed between chunks (sequential in c), c. the outputs.
-# Within a chunk the decay from step j to step i is exp(cum_i - cum_j), cum the cumulative sum of dt*A.
+# 2. The chunked SSD scan (prefill), in three kernels over (batch x head, chunk, tile):
+#    a. each chunk's own end state, b. the states passed between chunks (sequential over chunks),
+#    c. the outputs. Within a chunk the decay from step j to step i is exp(cum_i - cum_j), where cum is the
+#    within-chunk cumulative sum of dt * A, computed once beforehand (torch) so that any tile reads it.
+#
+# The products are tensor-core dots (as mamba_ssm does it): bf16 x, B, C stay bf16 and the fp32 factors
+# multiplied into them (decays, dt, the states) are rounded to bf16 on the way in; fp32 x, B, C (the tests'
+# exact mode) multiply in full fp32. Accumulation is fp32 either way. Tiles are 64 wide so that one
+# program's operands and accumulator fit in registers without spilling (see test_compile.py).
+# Offsets that grow with batch x tokens are int64: one call may hold more than 2^31 elements.
 
 @triton.jit
-def _ssd_chunk_inputs(x_ptr, dt_ptr, A_ptr, B_ptr, T, H, P, N, HEADS_PER_GROUP, CHUNK,
-                      s_xb, s_xt, s_xh, s_dtb, s_dtt, s_Bb, s_Bt, s_Bg,
-                      BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
-    """What both chunk kernels read for this program's (batch x head, chunk): dt [L], its cumulative log
-    decay cum [L], x [L, P], B [L, N] (zero past the chunk and past T), and the offsets of B's rows."""
-    bh, c = tl.program_id(0), tl.program_id(1)
-    b, h = bh // H, bh % H
-    ls, ps, ns = tl.arange(0, BLOCK_L), tl.arange(0, BLOCK_P), tl.arange(0, BLOCK_N)
-    t = c * CHUNK + ls
-    in_chunk = (ls < CHUNK) & (t < T)
-    dt = tl.load(dt_ptr + b * s_dtb + t * s_dtt + h, mask=in_chunk, other=0.0)
-    cum = tl.cumsum(dt * tl.load(A_ptr + h), axis=0)
-    x = tl.load(x_ptr + b * s_xb + t[:, None] * s_xt + h * s_xh + ps[None, :],
-                mask=in_chunk[:, None] & (ps[None, :] < P), other=0.0)
-    bc_offs = b * s_Bb + t[:, None] * s_Bt + (h // HEADS_PER_GROUP) * s_Bg + ns[None, :]
-    bc_mask = in_chunk[:, None] & (ns[None, :] < N)
-    Bm = tl.load(B_ptr + bc_offs, mask=bc_mask, other=0.0)
-    return in_chunk, dt, cum, x, Bm, bc_offs, bc_mask
-
-
-@triton.jit
-def _ssd_chunk_state_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, states_ptr, log_decay_ptr,
+def _ssd_chunk_state_kernel(x_ptr, B_ptr, dt_ptr, cum_ptr, states_ptr,
                             T, H, P, N, HEADS_PER_GROUP, CHUNK, n_chunks,
-                            s_xb, s_xt, s_xh, s_dtb, s_dtt, s_Bb, s_Bt, s_Bg,
-                            BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
-    in_chunk, dt, cum, x, Bm, _, _ = _ssd_chunk_inputs(
-        x_ptr, dt_ptr, A_ptr, B_ptr, T, H, P, N, HEADS_PER_GROUP, CHUNK, s_xb, s_xt, s_xh, s_dtb, s_dtt,
-        s_Bb, s_Bt, s_Bg, BLOCK_L, BLOCK_P, BLOCK_N)
-    bh, c = tl.program_id(0), tl.program_id(1)
-    ps, ns = tl.arange(0, BLOCK_P), tl.arange(0, BLOCK_N)
-    total = tl.sum(dt * tl.load(A_ptr + bh % H), axis=0)  # the chunk's whole log decay
-    coef = tl.where(in_chunk, tl.exp(total - cum) * dt, 0.0)  # dt_j * decay from j to the chunk's end
-    state = tl.dot(tl.trans(x * coef[:, None]), Bm, input_precision="ieee")  # [P, N]
-    out = states_ptr + ((bh * n_chunks + c) * P + ps[:, None]) * N + ns[None, :]
-    tl.store(out, state, mask=(ps[:, None] < P) & (ns[None, :] < N))
-    tl.store(log_decay_ptr + bh * n_chunks + c, total)
+                            s_xb, s_xt, s_xh, s_Bb, s_Bt, s_Bg,
+                            DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_P: tl.constexpr,
+                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """states[bh, c, p, n] = sum_l x[l, p] * exp(cum_last - cum_l) * dt_l * B[l, n] over chunk c:
+    what the chunk adds to the state by its end, one [BLOCK_P, BLOCK_N] tile per program."""
+    bh, c, tile = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b, h = bh // H, bh % H
+    n_tiles_p = tl.cdiv(P, BLOCK_P)
+    ps = (tile % n_tiles_p) * BLOCK_P + tl.arange(0, BLOCK_P)
+    ns = (tile // n_tiles_p) * BLOCK_N + tl.arange(0, BLOCK_N)
+    t0 = c * CHUNK
+    x_base = x_ptr + b.to(tl.int64) * s_xb + t0.to(tl.int64) * s_xt + h * s_xh
+    B_base = B_ptr + b.to(tl.int64) * s_Bb + t0.to(tl.int64) * s_Bt + (h // HEADS_PER_GROUP) * s_Bg
+    row = (bh.to(tl.int64) * n_chunks + c) * CHUNK  # this chunk in dt and cum [b * H, n_chunks, CHUNK]
+    cum_last = tl.load(cum_ptr + row + CHUNK - 1)
+    acc = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
+    for l0 in range(0, CHUNK, BLOCK_K):
+        ls = l0 + tl.arange(0, BLOCK_K)
+        valid = (ls < CHUNK) & (t0 + ls < T)
+        coef = tl.load(dt_ptr + row + ls, mask=valid, other=0.0) * tl.exp(
+            cum_last - tl.load(cum_ptr + row + ls, mask=valid, other=0.0))
+        x = tl.load(x_base + ls[None, :] * s_xt + ps[:, None], mask=valid[None, :] & (ps[:, None] < P),
+                    other=0.0)  # x^T [BLOCK_P, BLOCK_K]
+        Bm = tl.load(B_base + ls[:, None] * s_Bt + ns[None, :], mask=valid[:, None] & (ns[None, :] < N),
+                     other=0.0)
+        Bm = (Bm.to(tl.float32) * coef[:, None]).to(DOT_DTYPE)
+        acc = tl.dot(x.to(DOT_DTYPE), Bm, acc, input_precision=PRECISION)
+    out = states_ptr + (bh.to(tl.int64) * n_chunks + c) * P * N + ps[:, None] * N + ns[None, :]
+    tl.store(out, acc, mask=(ps[:, None] < P) & (ns[None, :] < N))
 
 
 @triton.jit
-def _ssd_state_passing_kernel(states_ptr, log_decay_ptr, init_ptr, final_ptr, n_chunks, PN,
+def _ssd_state_passing_kernel(states_ptr, cum_ptr, init_ptr, final_ptr, n_chunks, PN, CHUNK,
                               HAS_INIT: tl.constexpr, BLOCK: tl.constexpr):
-    """states[c] := the state entering chunk c (it held the state chunk c adds); final = after the last."""
-    bh, blk = tl.program_id(0), tl.program_id(1)
+    """states[c] := the state entering chunk c (it held the state chunk c adds); final = after the last.
+    Sequential over chunks, parallel over (batch x head, BLOCK of the P*N state entries)."""
+    bh, blk = tl.program_id(0).to(tl.int64), tl.program_id(1)
     offs = blk * BLOCK + tl.arange(0, BLOCK)
     mask = offs < PN
     state = tl.zeros((BLOCK,), dtype=tl.float32)
@@ -221,55 +224,98 @@ def _ssd_state_passing_kernel(states_ptr, log_decay_ptr, init_ptr, final_ptr, n_
         ptr = states_ptr + (bh * n_chunks + c) * PN + offs
         added = tl.load(ptr, mask=mask, other=0.0)
         tl.store(ptr, state, mask=mask)
-        state = state * tl.exp(tl.load(log_decay_ptr + bh * n_chunks + c)) + added
+        chunk_decay = tl.exp(tl.load(cum_ptr + (bh * n_chunks + c) * CHUNK + CHUNK - 1))
+        state = state * chunk_decay + added
     tl.store(final_ptr + bh * PN + offs, state, mask=mask)
 
 
 @triton.jit
-def _ssd_chunk_scan_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, states_ptr, y_ptr,
+def _ssd_chunk_scan_kernel(x_ptr, B_ptr, C_ptr, dt_ptr, cum_ptr, states_ptr, y_ptr,
                            T, H, P, N, HEADS_PER_GROUP, CHUNK, n_chunks,
-                           s_xb, s_xt, s_xh, s_dtb, s_dtt, s_Bb, s_Bt, s_Bg, s_yb, s_yt, s_yh,
-                           BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
-    in_chunk, dt, cum, x, Bm, bc_offs, bc_mask = _ssd_chunk_inputs(
-        x_ptr, dt_ptr, A_ptr, B_ptr, T, H, P, N, HEADS_PER_GROUP, CHUNK, s_xb, s_xt, s_xh, s_dtb, s_dtt,
-        s_Bb, s_Bt, s_Bg, BLOCK_L, BLOCK_P, BLOCK_N)
-    Cm = tl.load(C_ptr + bc_offs, mask=bc_mask, other=0.0)
-    bh, c = tl.program_id(0), tl.program_id(1)
+                           s_xb, s_xt, s_xh, s_Bb, s_Bt, s_Bg, s_yb, s_yt, s_yh,
+                           DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                           BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+    """y for BLOCK_M rows i of chunk c and BLOCK_P channels: the entering state read out,
+    exp(cum_i) S C_i, plus the causal within-chunk part, sum_{j <= i} (C_i . B_j) exp(cum_i - cum_j) dt_j x_j,
+    over source blocks of BLOCK_K rows up to the diagonal. N, the dots' inner width, is one block."""
+    bh, c, tile = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, h = bh // H, bh % H
-    ls, ps, ns = tl.arange(0, BLOCK_L), tl.arange(0, BLOCK_P), tl.arange(0, BLOCK_N)
-    t = c * CHUNK + ls
+    n_tiles_p = tl.cdiv(P, BLOCK_P)
+    ms = (tile // n_tiles_p) * BLOCK_M + tl.arange(0, BLOCK_M)
+    ps = (tile % n_tiles_p) * BLOCK_P + tl.arange(0, BLOCK_P)
+    ns = tl.arange(0, BLOCK_N)
+    t0 = c * CHUNK
+    x_base = x_ptr + b.to(tl.int64) * s_xb + t0.to(tl.int64) * s_xt + h * s_xh
+    bc_offset = b.to(tl.int64) * s_Bb + t0.to(tl.int64) * s_Bt + (h // HEADS_PER_GROUP) * s_Bg
+    row = (bh.to(tl.int64) * n_chunks + c) * CHUNK
+    rows_valid = (ms < CHUNK) & (t0 + ms < T)
+    cum_i = tl.load(cum_ptr + row + ms, mask=rows_valid, other=0.0)
+    Cm = tl.load(C_ptr + bc_offset + ms[:, None] * s_Bt + ns[None, :],
+                 mask=rows_valid[:, None] & (ns[None, :] < N), other=0.0).to(DOT_DTYPE)  # [BLOCK_M, N]
 
-    # Within the chunk: y_i = sum_{j <= i} (C_i . B_j) exp(cum_i - cum_j) dt_j x_j
-    causal = ls[:, None] >= ls[None, :]
-    decay = tl.exp(tl.where(causal, cum[:, None] - cum[None, :], float("-inf")))
-    scores = tl.dot(Cm, tl.trans(Bm), input_precision="ieee") * decay * dt[None, :]
-    y = tl.dot(scores, x, input_precision="ieee")
-    # From the state entering the chunk: y_i += exp(cum_i) S C_i
-    state = tl.load(states_ptr + ((bh * n_chunks + c) * P + ps[None, :]) * N + ns[:, None],  # S^T [N, P]
-                    mask=(ps[None, :] < P) & (ns[:, None] < N), other=0.0)
-    y += tl.dot(Cm, state, input_precision="ieee") * tl.exp(cum)[:, None]
-    tl.store(y_ptr + b * s_yb + t[:, None] * s_yt + h * s_yh + ps[None, :], y,
-             mask=in_chunk[:, None] & (ps[None, :] < P))
+    # From the state entering the chunk: y_i = exp(cum_i) S C_i
+    S_t = tl.load(states_ptr + (bh.to(tl.int64) * n_chunks + c) * P * N + ps[None, :] * N + ns[:, None],
+                  mask=(ps[None, :] < P) & (ns[:, None] < N), other=0.0)  # S^T [N, BLOCK_P]
+    y = tl.dot(Cm, S_t.to(DOT_DTYPE), input_precision=PRECISION) * tl.exp(cum_i)[:, None]
+
+    # Within the chunk, source rows j up to the last row of this tile
+    hi = tl.minimum((tile // n_tiles_p + 1) * BLOCK_M, CHUNK)
+    for j0 in range(0, hi, BLOCK_K):
+        js = j0 + tl.arange(0, BLOCK_K)
+        cols_valid = (js < CHUNK) & (t0 + js < T)
+        Bm = tl.load(B_ptr + bc_offset + js[:, None] * s_Bt + ns[None, :],
+                     mask=cols_valid[:, None] & (ns[None, :] < N), other=0.0)  # [BLOCK_K, N]
+        scores = tl.dot(Cm, tl.trans(Bm.to(DOT_DTYPE)), input_precision=PRECISION)  # [BLOCK_M, BLOCK_K]
+        cum_j = tl.load(cum_ptr + row + js, mask=cols_valid, other=0.0)
+        dt_j = tl.load(dt_ptr + row + js, mask=cols_valid, other=0.0)
+        causal = (ms[:, None] >= js[None, :]) & cols_valid[None, :]
+        decay = tl.exp(tl.where(causal, cum_i[:, None] - cum_j[None, :], float("-inf")))
+        scores = scores * decay * dt_j[None, :]
+        x = tl.load(x_base + js[:, None] * s_xt + ps[None, :], mask=cols_valid[:, None] & (ps[None, :] < P),
+                    other=0.0)  # [BLOCK_K, BLOCK_P]
+        y = tl.dot(scores.to(DOT_DTYPE), x.to(DOT_DTYPE), y, input_precision=PRECISION)
+    out = y_ptr + b.to(tl.int64) * s_yb + (t0 + ms[:, None]).to(tl.int64) * s_yt + h * s_yh + ps[None, :]
+    tl.store(out, y, mask=rows_valid[:, None] & (ps[None, :] < P))
+
+
+def _rows_last(t: Tensor) -> Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 def ssd_chunked(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk: int,
                 initial_state: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """x [b, T, H, P], dt [b, T, H], A [H], B and C [b, T, G, N] (fp32) -> y [b, T, H, P], final state [b, H, P, N]."""
+    """x [b, T, H, P] and B, C [b, T, G, N] (bf16 or fp32), dt [b, T, H] and A [H] fp32
+    -> y [b, T, H, P] fp32, final state [b, H, P, N] fp32."""
     b, T, H, P = x.shape
     G, N = B.shape[-2:]
-    x, dt, B, C = (t.float().contiguous() for t in (x, dt, B, C))
+    dtype = torch.promote_types(x.dtype, B.dtype)
+    x, B, C = (_rows_last(t.to(dtype)) for t in (x, B, C))
+    if C.stride() != B.stride():  # the kernels read both through one set of strides
+        B, C = B.contiguous(), C.contiguous()
     n_chunks = triton.cdiv(T, chunk)
+    # dt and its within-chunk cumulative log decay, [b * H, n_chunks, chunk], zero past T
+    dt = torch.nn.functional.pad(dt.float().transpose(1, 2), (0, n_chunks * chunk - T))
+    dt = dt.reshape(b * H, n_chunks, chunk).contiguous()
+    cum = (dt * A.float().repeat(b)[:, None, None]).cumsum(-1)
     states = torch.empty(b * H, n_chunks, P, N, device=x.device, dtype=torch.float32)
-    log_decay = torch.empty(b * H, n_chunks, device=x.device, dtype=torch.float32)
-    y = torch.empty_like(x)
+    y = torch.empty(b, T, H, P, device=x.device, dtype=torch.float32)
     final = torch.empty(b, H, P, N, device=x.device, dtype=torch.float32)
-    blocks = dict(BLOCK_L=_pow2(chunk), BLOCK_P=_pow2(P), BLOCK_N=_pow2(N), num_warps=8 if chunk >= 128 else 4)
-    dims = (T, H, P, N, H // G, chunk, n_chunks, *x.stride()[:3], *dt.stride()[:2], *B.stride()[:3])
-    _ssd_chunk_state_kernel[(b * H, n_chunks)](x, dt, A.float(), B, states, log_decay, *dims, **blocks)
+    dims = (T, H, P, N, H // G, chunk, n_chunks, *x.stride()[:3], *B.stride()[:3])
+    BP, BN = min(64, _pow2(P)), min(64, _pow2(N))
+    dots = _dot_args(dtype)
+    warps = 4
+    tiles = triton.cdiv(P, BP) * triton.cdiv(N, BN)
+    _ssd_chunk_state_kernel[(b * H, n_chunks, tiles)](
+        x, B, dt, cum, states, *dims, **dots, BLOCK_P=BP, BLOCK_N=BN, BLOCK_K=min(64, _pow2(chunk)),
+        num_warps=warps)
     init = initial_state.float().contiguous() if initial_state is not None else final
     _ssd_state_passing_kernel[(b * H, triton.cdiv(P * N, 1024))](
-        states, log_decay, init, final, n_chunks, P * N, HAS_INIT=initial_state is not None, BLOCK=1024)
-    _ssd_chunk_scan_kernel[(b * H, n_chunks)](x, dt, A.float(), B, C, states, y, *dims, *y.stride()[:3], **blocks)
+        states, cum, init, final, n_chunks, P * N, chunk, HAS_INIT=initial_state is not None, BLOCK=1024)
+    BM = min(64, _pow2(chunk))
+    tiles = triton.cdiv(chunk, BM) * triton.cdiv(P, BP)
+    _ssd_chunk_scan_kernel[(b * H, n_chunks, tiles)](
+        x, B, C, dt, cum, states, y, *dims, *y.stride()[:3], **dots, BLOCK_M=BM, BLOCK_K=BM,
+        BLOCK_P=BP, BLOCK_N=_pow2(N), num_warps=warps)
     return y, final
 
 

@@ -422,11 +422,11 @@ def ssd_chunked(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk: i
     x [B, T, H, P], B and C [B, T, G, N] in the activations' dtype; dt [B, T, H] (after softplus) and
     A [H] (negative) fp32. initial_state [B, H, P, N] fp32 or None (zeros). Returns y [B, T, H, P] fp32
     (without the D skip) and the final state [B, H, P, N] fp32. Head h reads group h // (H / G).
-    This reference computes in fp32; the kernel multiplies bf16 x, B, C on tensor cores.
+    This reference computes in dt's dtype; the kernel multiplies bf16 x, B, C on tensor cores.
     """
     b, T, H, P = x.shape
     G, N = B.shape[-2:]
-    x, B, C = x.float(), B.float(), C.float()
+    x, B, C = x.to(dt.dtype), B.to(dt.dtype), C.to(dt.dtype)
     pad = -T % chunk
     # Reshape into chunks of Q = chunk tokens; the zero-padded tail has dt = 0, so it changes nothing.
     x, dt, B, C = (F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)).unflatten(1, (-1, chunk)) for t in (x, dt, B, C))
