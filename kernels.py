@@ -99,11 +99,16 @@ def _matmul_kernel(a_ptr, w_ptr, scale_ptr, out_ptr, pair_ptr, block_expert_ptr,
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=valid[:, None] & (cols[None, :] < N))
 
 
-def _blocks(rows: int) -> dict:
+def _blocks(rows: int, dtype: torch.dtype) -> dict:
     """Decode (a few rows): thin row blocks, narrow column blocks so that many programs stream the weight.
-    Prefill: square tiles that reuse each loaded weight tile across many rows."""
+    Prefill: square tiles that reuse each loaded weight tile across many rows. fp32 activations (the
+    tests' exact mode) multiply on FMA units, where each thread holds its slice of the inner dimension in
+    registers: a short BLOCK_K keeps that from spilling."""
+    if dtype == torch.float32:
+        return dict(BLOCK_M=16 if rows <= 16 else 64, BLOCK_N=32 if rows <= 16 else 64, BLOCK_K=32,
+                    num_warps=4 if rows <= 16 else 8)
     if rows <= 16:
-        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, num_warps=4)
+        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, num_warps=4, num_stages=4)
     if rows <= 64:
         return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, num_warps=4)
     return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
@@ -115,7 +120,7 @@ def linear(x: Tensor, weight: Tensor, weight_scale: Tensor | None = None) -> Ten
     a = x.reshape(-1, K)
     M = a.shape[0]
     out = torch.empty(M, N, device=x.device, dtype=x.dtype)
-    cfg = _blocks(M)
+    cfg = _blocks(M, x.dtype)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]))
     _matmul_kernel[grid](a, weight, weight_scale if weight_scale is not None else out, out, out, out, out,
                          M, N, K, 1, a.stride(0), a.stride(1), 0, weight.stride(0), weight.stride(1),
@@ -132,7 +137,7 @@ def moe_experts(x: Tensor, weights: Tensor, experts: Tensor, up_weight: Tensor, 
     n, top_k = experts.shape
     E, f, d = up_weight.shape
     pairs = n * top_k
-    cfg = _blocks(pairs // min(E, pairs) + 1)  # rows per expert on average
+    cfg = _blocks(pairs // min(E, pairs) + 1, x.dtype)  # rows per expert on average
     BM = cfg["BLOCK_M"]
 
     # Sort the (token, expert) pairs by expert; each expert's group starts at a multiple of BM.
@@ -237,35 +242,44 @@ def _ssd_chunk_scan_kernel(x_ptr, B_ptr, C_ptr, dt_ptr, cum_ptr, states_ptr, y_p
                            BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
     """y for BLOCK_M rows i of chunk c and BLOCK_P channels: the entering state read out,
     exp(cum_i) S C_i, plus the causal within-chunk part, sum_{j <= i} (C_i . B_j) exp(cum_i - cum_j) dt_j x_j,
-    over source blocks of BLOCK_K rows up to the diagonal. N, the dots' inner width, is one block."""
+    over source blocks of BLOCK_K rows up to the diagonal; the products over N in blocks of BLOCK_N."""
     bh, c, tile = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, h = bh // H, bh % H
     n_tiles_p = tl.cdiv(P, BLOCK_P)
     ms = (tile // n_tiles_p) * BLOCK_M + tl.arange(0, BLOCK_M)
     ps = (tile % n_tiles_p) * BLOCK_P + tl.arange(0, BLOCK_P)
-    ns = tl.arange(0, BLOCK_N)
     t0 = c * CHUNK
     x_base = x_ptr + b.to(tl.int64) * s_xb + t0.to(tl.int64) * s_xt + h * s_xh
+    state_offset = (bh.to(tl.int64) * n_chunks + c) * P * N
     bc_offset = b.to(tl.int64) * s_Bb + t0.to(tl.int64) * s_Bt + (h // HEADS_PER_GROUP) * s_Bg
     row = (bh.to(tl.int64) * n_chunks + c) * CHUNK
     rows_valid = (ms < CHUNK) & (t0 + ms < T)
     cum_i = tl.load(cum_ptr + row + ms, mask=rows_valid, other=0.0)
-    Cm = tl.load(C_ptr + bc_offset + ms[:, None] * s_Bt + ns[None, :],
-                 mask=rows_valid[:, None] & (ns[None, :] < N), other=0.0).to(DOT_DTYPE)  # [BLOCK_M, N]
 
     # From the state entering the chunk: y_i = exp(cum_i) S C_i
-    S_t = tl.load(states_ptr + (bh.to(tl.int64) * n_chunks + c) * P * N + ps[None, :] * N + ns[:, None],
-                  mask=(ps[None, :] < P) & (ns[:, None] < N), other=0.0)  # S^T [N, BLOCK_P]
-    y = tl.dot(Cm, S_t.to(DOT_DTYPE), input_precision=PRECISION) * tl.exp(cum_i)[:, None]
+    y = tl.zeros((BLOCK_M, BLOCK_P), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        ns = n0 + tl.arange(0, BLOCK_N)
+        Cm = tl.load(C_ptr + bc_offset + ms[:, None] * s_Bt + ns[None, :],
+                     mask=rows_valid[:, None] & (ns[None, :] < N), other=0.0)  # [BLOCK_M, BLOCK_N]
+        S_t = tl.load(states_ptr + state_offset + ps[None, :] * N + ns[:, None],
+                      mask=(ps[None, :] < P) & (ns[:, None] < N), other=0.0)  # S^T [BLOCK_N, BLOCK_P]
+        y = tl.dot(Cm.to(DOT_DTYPE), S_t.to(DOT_DTYPE), y, input_precision=PRECISION)
+    y = y * tl.exp(cum_i)[:, None]
 
     # Within the chunk, source rows j up to the last row of this tile
     hi = tl.minimum((tile // n_tiles_p + 1) * BLOCK_M, CHUNK)
     for j0 in range(0, hi, BLOCK_K):
         js = j0 + tl.arange(0, BLOCK_K)
         cols_valid = (js < CHUNK) & (t0 + js < T)
-        Bm = tl.load(B_ptr + bc_offset + js[:, None] * s_Bt + ns[None, :],
-                     mask=cols_valid[:, None] & (ns[None, :] < N), other=0.0)  # [BLOCK_K, N]
-        scores = tl.dot(Cm, tl.trans(Bm.to(DOT_DTYPE)), input_precision=PRECISION)  # [BLOCK_M, BLOCK_K]
+        scores = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)  # C_i . B_j
+        for n0 in range(0, N, BLOCK_N):
+            ns = n0 + tl.arange(0, BLOCK_N)
+            Cm = tl.load(C_ptr + bc_offset + ms[:, None] * s_Bt + ns[None, :],
+                         mask=rows_valid[:, None] & (ns[None, :] < N), other=0.0)
+            Bm = tl.load(B_ptr + bc_offset + js[None, :] * s_Bt + ns[:, None],
+                         mask=cols_valid[None, :] & (ns[:, None] < N), other=0.0)  # B^T [BLOCK_N, BLOCK_K]
+            scores = tl.dot(Cm.to(DOT_DTYPE), Bm.to(DOT_DTYPE), scores, input_precision=PRECISION)
         cum_j = tl.load(cum_ptr + row + js, mask=cols_valid, other=0.0)
         dt_j = tl.load(dt_ptr + row + js, mask=cols_valid, other=0.0)
         causal = (ms[:, None] >= js[None, :]) & cols_valid[None, :]
@@ -301,21 +315,21 @@ def ssd_chunked(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk: i
     y = torch.empty(b, T, H, P, device=x.device, dtype=torch.float32)
     final = torch.empty(b, H, P, N, device=x.device, dtype=torch.float32)
     dims = (T, H, P, N, H // G, chunk, n_chunks, *x.stride()[:3], *B.stride()[:3])
-    BP, BN = min(64, _pow2(P)), min(64, _pow2(N))
     dots = _dot_args(dtype)
-    warps = 4
-    tiles = triton.cdiv(P, BP) * triton.cdiv(N, BN)
-    _ssd_chunk_state_kernel[(b * H, n_chunks, tiles)](
-        x, B, dt, cum, states, *dims, **dots, BLOCK_P=BP, BLOCK_N=BN, BLOCK_K=min(64, _pow2(chunk)),
-        num_warps=warps)
+    # tensor cores: 64-wide tiles, N whole; FMA units (fp32): 32-wide tiles and 32-long inner products,
+    # since each thread then holds its whole slice of the inner dimension in registers
+    tile = 32 if dots["DOT_DTYPE"] == tl.float32 else 64
+    BP, BL = min(tile, _pow2(P)), min(tile, _pow2(chunk))
+    BN = min(tile, _pow2(N))
+    _ssd_chunk_state_kernel[(b * H, n_chunks, triton.cdiv(P, BP) * triton.cdiv(N, BN))](
+        x, B, dt, cum, states, *dims, **dots, BLOCK_P=BP, BLOCK_N=BN, BLOCK_K=BL, num_warps=4)
     init = initial_state.float().contiguous() if initial_state is not None else final
     _ssd_state_passing_kernel[(b * H, triton.cdiv(P * N, 1024))](
         states, cum, init, final, n_chunks, P * N, chunk, HAS_INIT=initial_state is not None, BLOCK=1024)
-    BM = min(64, _pow2(chunk))
-    tiles = triton.cdiv(chunk, BM) * triton.cdiv(P, BP)
-    _ssd_chunk_scan_kernel[(b * H, n_chunks, tiles)](
-        x, B, C, dt, cum, states, y, *dims, *y.stride()[:3], **dots, BLOCK_M=BM, BLOCK_K=BM,
-        BLOCK_P=BP, BLOCK_N=_pow2(N), num_warps=warps)
+    BN = _pow2(N) if tile == 64 else BN
+    _ssd_chunk_scan_kernel[(b * H, n_chunks, triton.cdiv(chunk, BL) * triton.cdiv(P, BP))](
+        x, B, C, dt, cum, states, y, *dims, *y.stride()[:3], **dots, BLOCK_M=BL, BLOCK_K=BL,
+        BLOCK_P=BP, BLOCK_N=BN, num_warps=8 if tile == 64 else 4, num_stages=2)
     return y, final
 
 
@@ -327,7 +341,7 @@ def ssd_chunked(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk: i
 def _conv_step_kernel(xBC_ptr, conv_state_ptr, w_ptr, bias_ptr, out_ptr, CH,
                       s_xb, s_sb, s_sc, s_sk, s_wc, s_wk,
                       K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
-    b, blk = tl.program_id(0), tl.program_id(1)
+    b, blk = tl.program_id(0).to(tl.int64), tl.program_id(1)  # int64: batch x state may pass 2^31
     ch = blk * BLOCK + tl.arange(0, BLOCK)
     mask = ch < CH
     new = tl.load(xBC_ptr + b * s_xb + ch, mask=mask, other=0.0).to(tl.float32)
@@ -349,7 +363,7 @@ def _ssm_step_kernel(xBC_ptr, dt_ptr, dt_bias_ptr, A_log_ptr, D_ptr, state_ptr, 
                      CH, H, P, N, HEADS_PER_GROUP, GN, dt_min, dt_max,
                      s_dtb, s_sb, s_sh, s_sp,
                      BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
-    b, h = tl.program_id(0), tl.program_id(1)
+    b, h = tl.program_id(0).to(tl.int64), tl.program_id(1)  # int64: batch x state may pass 2^31
     g = h // HEADS_PER_GROUP
     ps, ns = tl.arange(0, BLOCK_P), tl.arange(0, BLOCK_N)
     pm, nm = ps < P, ns < N
