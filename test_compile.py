@@ -179,9 +179,10 @@ def run_in_subprocess() -> list[dict]:
     return json.loads(out.stdout.splitlines()[-1])
 
 
-def on_bf16_path(row: dict) -> bool:
-    """Launches a GPU makes with bf16 activations (fp32 activations are the tests' exact mode)."""
-    return all(case.split()[0].endswith("/bf16") for case in row["cases"])
+def path(row: dict) -> str:
+    """'bf16' for launches a GPU makes with bf16 activations (what users run), 'fp32' for the tests' exact
+    mode; a launch made by both counts as bf16."""
+    return "bf16" if any(case.split()[0].endswith("/bf16") for case in row["cases"]) else "fp32"
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -189,27 +190,29 @@ def on_bf16_path(row: dict) -> bool:
 
 def test_every_launch_compiles_for_hopper_without_spills():
     rows = run_in_subprocess()
-    kernels = {r["kernel"] for r in rows}
-    assert {"_matmul_kernel", "_ssd_chunk_state_kernel", "_ssd_state_passing_kernel",
-            "_ssd_chunk_scan_kernel", "_conv_step_kernel", "_ssm_step_kernel", "_rms_norm_kernel"} <= kernels
+    assert {r["kernel"] for r in rows} == {
+        "_matmul_kernel", "_ssd_chunk_state_kernel", "_ssd_state_passing_kernel", "_ssd_chunk_scan_kernel",
+        "_conv_step_kernel", "_ssm_step_kernel", "_rms_norm_kernel"}
     cases = {c for r in rows for c in r["cases"]}
     assert len(cases) == len(MODES) * 3 * len(PHASES)  # every case launched kernels
     for r in rows:
         assert r["shared"] <= H100_SHARED, r
-        if on_bf16_path(r):
-            assert r["spill_bytes"] <= SPILL_OK, r
+        assert r["spill_bytes"] <= (SPILL_OK if path(r) == "bf16" else 1024), r
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| kernel | launched for | constexprs | warps | registers | spills (B) | shared (KiB) |",
-             "|---|---|---|---|---:|---:|---:|"]
-    for r in sorted(rows, key=lambda r: (r["kernel"], r["cases"][0])):
-        modes = sorted({c.split()[0] for c in r["cases"]})
-        phases = sorted({" ".join(c.split()[2:]) for c in r["cases"]})
-        consts = ", ".join(f"{k}={v}" for k, v in r["constexprs"].items() if k.startswith("BLOCK"))
-        lines.append(f"| {r['kernel'].strip('_')} | {', '.join(modes)}: {', '.join(phases)} | {consts} | "
-                     f"{r['options'].get('num_warps', 4)} | {r['registers']} | {r['spill_bytes']} | "
-                     f"{r['shared'] / 1024:.0f} |")
+    """One line per kernel, path and block shape; the worst of its variants (argument alignments, sizes)."""
+    groups = {}
+    for r in rows:
+        blocks = ", ".join(f"{k}={v}" for k, v in r["constexprs"].items() if k.startswith("BLOCK"))
+        warps = r["options"].get("num_warps", 4)
+        groups.setdefault((r["kernel"].strip("_"), path(r), blocks, warps), []).append(r)
+    lines = ["| kernel | activations | blocks | warps | variants | registers | spills (B) | shared (KiB) |",
+             "|---|---|---|---:|---:|---:|---:|---:|"]
+    for (kernel, act, blocks, warps), g in sorted(groups.items()):
+        worst = lambda key: max(r[key] for r in g)
+        lines.append(f"| {kernel} | {act} | {blocks} | {warps} | {len(g)} | {worst('registers')} | "
+                     f"{worst('spill_bytes')} | {worst('shared') / 1024:.0f} |")
     return "\n".join(lines)
 
 
