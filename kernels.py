@@ -47,36 +47,45 @@ def _dot_args(dtype: torch.dtype) -> dict:
 
 # ----------------------------------------------------------------------------------------------------
 # 1. One matmul kernel for linear() and for both halves of the MoE
-#
-# out[row] = epilogue(scale * A[a_row] @ W[expert]^T). Plain linear: row = a_row = out_row, one expert.
-# MoE: rows are the (token, expert) pairs sorted by expert, each expert's group padded to BLOCK_M rows so
-# that every row block has one expert (pair = -1 marks padding). The up half gathers A rows by token and
-# applies relu^2; the down half scatters to out rows by pair and multiplies by the routing weight.
 
 @triton.jit
-def _matmul_kernel(a_ptr, w_ptr, scale_ptr, out_ptr, pair_ptr, block_expert_ptr, pair_weight_ptr,
+def _matmul_kernel(a_ptr, w_ptr, out_ptr, scale_ptr, pair_ptr, block_expert_ptr, pair_weight_ptr,
                    M, N, K, TOP_K,
                    stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_om, stride_on,
-                   GROUPED: tl.constexpr, GATHER_A: tl.constexpr, SCATTER_OUT: tl.constexpr,
-                   RELU2: tl.constexpr, HAS_SCALE: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+                   DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One [BLOCK_M, BLOCK_N] tile of out = epilogue(scale * A @ W^T), fp32 accumulation. Which optional
+    pointers are given (None ones are compiled out) sets the mode:
+
+      linear    pair_ptr None: row r of A gives row r of out; one weight. scale_ptr None: BF16 weight.
+      MoE up    pair_ptr given, pair_weight_ptr None: row r reads A row pair[r] // TOP_K (the pair's token)
+                and stores relu(.)^2 at out row r (the pairs in sorted order).
+      MoE down  pair_weight_ptr given: row r reads A row r and stores at out row pair[r], times the pair's
+                routing weight.
+
+    In the MoE modes the rows are the (token, expert) pairs sorted by expert, each expert's group padded
+    to BLOCK_M rows (pair -1) so that every row block has one expert, block_expert[pid_m] (-1: an unused
+    block of a grid sized for the worst case). W is read through its strides, so nested prefix views need
+    no copy; an FP8 W converts exactly to the dot dtype and its scale (one per expert) multiplies the
+    accumulator once, so no dequantised weight exists anywhere.
+    """
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     expert = 0
     w_base = w_ptr
-    if GROUPED:
+    if pair_ptr is None:
+        valid = rows < M
+        a_rows, out_rows = rows, rows
+    else:
         expert = tl.load(block_expert_ptr + pid_m)
-        if expert < 0:  # past the last used block: the grid is sized for the worst case
+        if expert < 0:
             return
         w_base += expert.to(tl.int64) * stride_we
         pair = tl.load(pair_ptr + rows)
         valid = pair >= 0
-        a_rows = pair // TOP_K if GATHER_A else rows
-        out_rows = pair if SCATTER_OUT else rows
-    else:
-        valid = rows < M
-        a_rows, out_rows = rows, rows
+        a_rows = pair // TOP_K if pair_weight_ptr is None else rows
+        out_rows = rows if pair_weight_ptr is None else pair
     a_rows = tl.where(valid, a_rows, 0)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -86,15 +95,16 @@ def _matmul_kernel(a_ptr, w_ptr, scale_ptr, out_ptr, pair_ptr, block_expert_ptr,
                     mask=valid[:, None] & (ks[None, :] < K), other=0.0)
         w = tl.load(w_base + cols[None, :] * stride_wn + ks[:, None] * stride_wk,  # [BLOCK_K, BLOCK_N] = W^T
                     mask=(cols[None, :] < N) & (ks[:, None] < K), other=0.0)
-        acc = tl.dot(a.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=PRECISION)  # FP8 -> BF16 is exact
+        acc = tl.dot(a.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=PRECISION)
 
-    if HAS_SCALE:
+    if scale_ptr is not None:
         acc = acc * tl.load(scale_ptr + expert)
-    if RELU2:
-        acc = tl.maximum(acc, 0.0)
-        acc = acc * acc
-    if SCATTER_OUT:
-        acc = acc * tl.load(pair_weight_ptr + tl.where(valid, pair, 0), mask=valid, other=0.0)[:, None]
+    if pair_ptr is not None:
+        if pair_weight_ptr is None:  # MoE up: relu^2
+            acc = tl.maximum(acc, 0.0)
+            acc = acc * acc
+        else:  # MoE down: times the routing weight
+            acc = acc * tl.load(pair_weight_ptr + tl.where(valid, pair, 0), mask=valid, other=0.0)[:, None]
     out = out_ptr + out_rows[:, None].to(tl.int64) * stride_om + cols[None, :] * stride_on
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=valid[:, None] & (cols[None, :] < N))
 
@@ -122,10 +132,9 @@ def linear(x: Tensor, weight: Tensor, weight_scale: Tensor | None = None) -> Ten
     out = torch.empty(M, N, device=x.device, dtype=x.dtype)
     cfg = _blocks(M, x.dtype)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]))
-    _matmul_kernel[grid](a, weight, weight_scale if weight_scale is not None else out, out, out, out, out,
-                         M, N, K, 1, a.stride(0), a.stride(1), 0, weight.stride(0), weight.stride(1),
-                         out.stride(0), out.stride(1), GROUPED=False, GATHER_A=False, SCATTER_OUT=False,
-                         RELU2=False, HAS_SCALE=weight_scale is not None, **_dot_args(x.dtype), **cfg)
+    _matmul_kernel[grid](a, weight, out, weight_scale, None, None, None, M, N, K, 1,
+                         a.stride(0), a.stride(1), 0, weight.stride(0), weight.stride(1),
+                         out.stride(0), out.stride(1), **_dot_args(x.dtype), **cfg)
     return out.view(*x.shape[:-1], N)
 
 
@@ -153,18 +162,17 @@ def moe_experts(x: Tensor, weights: Tensor, experts: Tensor, up_weight: Tensor, 
     block_expert = torch.searchsorted(padded_end, torch.arange(blocks, device=x.device) * BM, right=True)
     block_expert = torch.where(block_expert < E, block_expert, -1)
 
-    common = dict(GROUPED=True, **_dot_args(x.dtype), **cfg)
+    dots = _dot_args(x.dtype)
     h = torch.empty(blocks * BM, f, device=x.device, dtype=x.dtype)  # rows in sorted, padded order
     _matmul_kernel[(blocks, triton.cdiv(f, cfg["BLOCK_N"]))](
-        x, up_weight, up_scale if up_scale is not None else h, h, pair_of_row, block_expert, h,
+        x, up_weight, h, up_scale, pair_of_row, block_expert, None,
         pairs, f, d, top_k, x.stride(0), x.stride(1), *up_weight.stride(), h.stride(0), h.stride(1),
-        GATHER_A=True, SCATTER_OUT=False, RELU2=True, HAS_SCALE=up_scale is not None, **common)
+        **dots, **cfg)
     out = torch.empty(pairs, d, device=x.device, dtype=torch.float32)  # every pair's row is written once
     _matmul_kernel[(blocks, triton.cdiv(d, cfg["BLOCK_N"]))](
-        h, down_weight, down_scale if down_scale is not None else h, out, pair_of_row, block_expert,
-        weights.float().contiguous(), pairs, d, f, top_k, h.stride(0), h.stride(1), *down_weight.stride(),
-        out.stride(0), out.stride(1),
-        GATHER_A=False, SCATTER_OUT=True, RELU2=False, HAS_SCALE=down_scale is not None, **common)
+        h, down_weight, out, down_scale, pair_of_row, block_expert, weights.float().contiguous(),
+        pairs, d, f, top_k, h.stride(0), h.stride(1), *down_weight.stride(), out.stride(0), out.stride(1),
+        **dots, **cfg)
     return out.view(n, top_k, d).sum(1).to(x.dtype)
 
 
