@@ -32,9 +32,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 H100_SHARED = 227 * 1024  # the most dynamic shared memory one block may use on sm_90
 SPILL_OK = 8  # bytes: "a few bytes at most"
-PHASES = {  # name -> (batch, new tokens): each block-size branch of kernels.py at least once
-    "decode": (1, 1), "decode x32": (32, 1), "prefill 40": (1, 40), "prefill 1000": (1, 1000),
-    "prefill 2048": (1, 2048)}
+PHASES = {  # name -> (batch, new tokens): each block-size branch of kernels.py, bench.py's batches
+    "decode": (1, 1), "decode x8": (8, 1), "decode x32": (32, 1), "prefill 40": (1, 40),
+    "prefill 1000": (1, 1000), "prefill 2048": (1, 2048)}
 MODES = {  # name -> (FP8 weights, activation dtype name)
     "fp8/bf16": (True, "bfloat16"), "bf16/bf16": (False, "bfloat16"),
     "fp8/fp32": (True, "float32"), "fp32/fp32": (False, "float32")}
