@@ -141,7 +141,11 @@ def kernel_cases(small: bool):
 
 
 def bench_kernels(small: bool, ceil: dict) -> list[dict]:
-    import kernels
+    try:
+        import kernels
+    except ImportError as e:
+        print(f"bench.py: no kernel table: Triton is not installed here ({e})", file=sys.stderr)
+        return []
     rows = []
     for label, name, args, nbytes, flops in kernel_cases(small):
         triton_fn, reference = getattr(kernels, name), getattr(ne, name).reference
@@ -324,6 +328,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--json", metavar="FILE", help="also write the JSON here")
     add_budget_args(p)
     args = p.parse_args(argv)
+    if args.json and not os.access(Path(args.json).resolve().parent, os.W_OK):
+        p.error(f"--json {args.json}: its folder does not exist or is not writable")
     if args.budget:
         return run_budget(args, argv)
     if not CUDA and not args.small:
@@ -427,7 +433,7 @@ def normalize(answer: str) -> str:
     """Spaces, $, \\text{}, thin spaces, % and a trailing period out; 1,000 -> 1000."""
     s = re.sub(r"\\(?:text|textbf|mathrm)\{([^{}]*)\}", r"\1", answer)
     for old, new in (("\\dfrac", "\\frac"), ("\\tfrac", "\\frac"), ("{,}", ","), ("\\!", ""), ("\\,", ""),
-                     ("\\%", ""), ("%", ""), ("$", "")):
+                     ("\\%", ""), ("%", ""), ("\\$", ""), ("$", "")):
         s = s.replace(old, new)
     s = re.sub(r"\s+", "", s).rstrip(".")
     return s.replace(",", "") if NUMBER.fullmatch(s) else s
@@ -508,7 +514,8 @@ def solve(model: ne.Model, tokenizer, cache: ne.Cache, prompt: list[int], think:
 # -- the run -----------------------------------------------------------------------------------------
 
 def parse_configs(text: str) -> list[tuple[str, str]]:
-    configs = [tuple(c.strip().split(":")) for c in text.split(",") if c.strip()]
+    preset = lambda s: s.upper() if s.upper() in ("30B", "23B", "12B") else s  # any case, as chat.py
+    configs = [tuple(preset(s) for s in c.strip().split(":")) for c in text.split(",") if c.strip()]
     if not configs or any(len(c) != 2 or not all(c) for c in configs):
         fail(f"--configs {text!r}: expected THINK:ANSWER pairs separated by commas, e.g. 23B:30B,12B:12B")
     return list(dict.fromkeys(configs))
@@ -643,10 +650,13 @@ def run_budget(args: argparse.Namespace, argv: list[str] | None) -> dict:
     import chat
     configs = parse_configs(args.configs)
     budgets = parse_budgets(args.think_budgets or (DEMO_THINK if args.demo else BUDGET_THINK))
-    args.max_new_tokens = args.max_new_tokens or (DEMO_MAX_NEW if args.demo else max(budgets) + ANSWER_ROOM)
-    if args.max_new_tokens < 1 or (args.limit is not None and args.limit < 1):
-        fail("--max-new-tokens and --limit must be >= 1")
-    if args.temperature < 0 or not 0 < args.top_p <= 1:
+    if args.max_new_tokens is None:
+        args.max_new_tokens = DEMO_MAX_NEW if args.demo else max(budgets) + ANSWER_ROOM
+    if args.max_new_tokens < 1:
+        fail(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.limit is not None and args.limit < 1:
+        fail(f"--limit must be >= 1, got {args.limit}")
+    if not 0 <= args.temperature < math.inf or not 0 < args.top_p <= 1:  # NaN fails both
         fail("--temperature must be >= 0 and --top-p in (0, 1]")
     if max(budgets) + 1 >= args.max_new_tokens:
         fail(f"--max-new-tokens {args.max_new_tokens} leaves no room to answer after a budget of {max(budgets)}")
@@ -684,7 +694,7 @@ def run_budget(args: argparse.Namespace, argv: list[str] | None) -> dict:
               f"{len(wanted)} replies" + (f", {len(done)} already in {results}" if done else ""),
               file=sys.stderr, flush=True)
         try:
-            interrupted = not solve_all(args, problems, wanted, key, size_names, results, done)
+            interrupted = solve_all(args, problems, wanted, key, size_names, results, done)
         except NanoElasticError as e:
             fail(str(e))
     records = [done[key(*w)] for w in wanted if key(*w) in done]
@@ -704,13 +714,14 @@ def run_budget(args: argparse.Namespace, argv: list[str] | None) -> dict:
     if interrupted:
         print(f"interrupted: {len(records)} of {len(wanted)} replies are kept in {results}; the same command "
               f"goes on from there", file=sys.stderr)
-        raise SystemExit(130)
+        raise SystemExit(interrupted)
     return result
 
 
-def solve_all(args, problems, wanted, key, size_names, results: Path, done: dict) -> bool:
+def solve_all(args, problems, wanted, key, size_names, results: Path, done: dict) -> int:
     """Solve each (think, answer, budget, problem) of `wanted` not in `done` yet, appending each result to
-    `results` as it completes (flushed to disk) and to `done`. False when Ctrl-C or SIGTERM stopped it."""
+    `results` as it completes (flushed to disk) and to `done`. The exit code when Ctrl-C (130) or SIGTERM
+    (143) stopped it, else 0."""
     import signal
     import tempfile
     from argparse import Namespace
@@ -718,14 +729,17 @@ def solve_all(args, problems, wanted, key, size_names, results: Path, done: dict
     import chat
     todo = [w for w in wanted if key(*w) not in done]
     if not todo:
-        return True
+        return 0
     group_of = lambda k: tuple(k[:-2])  # (settings, think, answer, budget)
     tally = Counter()  # per group: replies, correct ones
     for k, r in done.items():
         tally[group_of(k), "n"] += 1
         tally[group_of(k), "correct"] += r["correct"]
 
+    terminated = []
+
     def stop(signum, frame):
+        terminated.append(signum)
         raise KeyboardInterrupt
     previous = signal.signal(signal.SIGTERM, stop)  # like Ctrl-C: what is done stays done
     try:
@@ -764,11 +778,18 @@ def solve_all(args, problems, wanted, key, size_names, results: Path, done: dict
                       f"{100 * correct / count:.0f}% | {n}/{len(todo)} replies in {elapsed:.0f} s",
                       file=sys.stderr, flush=True)
     except KeyboardInterrupt:
-        return False
+        return 143 if terminated else 130
     finally:
         signal.signal(signal.SIGTERM, previous)
-    return True
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except NanoElasticError as e:
+        raise SystemExit(f"bench.py: error: {e}")
+    except OSError as e:  # an unwritable --out, a full disk: the cause, in one line
+        raise SystemExit(f"bench.py: error: {e.filename or ''}{': ' if e.filename else ''}{e.strerror or e}")
+    except KeyboardInterrupt:
+        raise SystemExit(130)

@@ -9,12 +9,15 @@ import subprocess
 import sys
 import time
 from argparse import Namespace
+from pathlib import Path
 
 import pytest
 import torch
 
 import bench
 import nanoelastic as ne
+
+ROOT = Path(__file__).resolve().parent
 
 
 def test_bench_small_end_to_end(tmp_path):
@@ -99,7 +102,7 @@ def test_extract_answer(text, expected):
     ("50\\%", "50", True), ("1\\,000", "1000", True), ("12", "The answer is \\boxed{12}.", True),
     ("9007199254740993", "9007199254740992", False),  # exact, not float, equality
     ("41", "42", False), ("1,00", "100", False), ("(A)", "(B)", False), ("", "0", False), (None, "42", False),
-    ("0.333", "\\frac{1}{3}", False),
+    ("0.333", "\\frac{1}{3}", False), ("\\$18", "18", True),
 ])
 def test_is_correct(predicted, reference, correct):
     assert bench.is_correct(predicted, reference) is correct
@@ -279,7 +282,10 @@ def test_budget_without_matplotlib_writes_table_and_json(tmp_path, monkeypatch, 
     (['{"question": "a", "answer": 1}'], ["--think-budgets", "8,x"], "expected token counts >= 0"),
     (['{"question": "a", "answer": 1}'], ["--think-budgets", "-1"], "expected token counts >= 0"),
     (['{"question": "a", "answer": 1}'], ["--configs", "99B:30B"], "99B"),
-    (['{"question": "a", "answer": 1}'], ["--limit", "0"], "--limit must be >= 1"),
+    (['{"question": "a", "answer": 1}'], ["--limit", "0"], "--limit must be >= 1, got 0"),
+    (['{"question": "a", "answer": 1}'], ["--max-new-tokens", "0"], "--max-new-tokens must be >= 1, got 0"),
+    (['{"question": "a", "answer": 1}'], ["--temperature", "nan"], "--temperature must be >= 0"),
+    (['{"question": "a", "answer": 1}'], ["--temperature", "inf"], "--temperature must be >= 0"),
     (['{"question": "a", "answer": 1}'], ["--top-p", "0"], "--top-p in (0, 1]"),
     (['{"question": "a", "answer": 1}'], ["--think-budgets", "8", "--max-new-tokens", "9"], "leaves no room to answer"),
 ])
@@ -323,8 +329,32 @@ def test_budget_sigterm_keeps_what_is_done(tmp_path):
         time.sleep(0.1)
     run.send_signal(signal.SIGTERM)
     stdout, stderr = run.communicate(timeout=120)
-    assert run.returncode == 130, stderr[-2000:]
+    assert run.returncode == 143, stderr[-2000:]  # 128 + SIGTERM, as every CLI here
     assert "Traceback" not in stderr and "interrupted:" in stderr and "the same command goes on" in stderr
     kept = read_jsonl(results)
     assert 1 <= len(kept) < 5 * 3 * 3  # every line whole; the run had far to go
     assert json.loads((out / "results.json").read_text())["complete"] is False
+
+
+def test_budget_sizes_in_any_case():
+    assert bench.parse_configs("23b:30b, 12B:12b,192x96:30B") == [("23B", "30B"), ("12B", "12B"), ("192x96", "30B")]
+
+
+@pytest.mark.parametrize("args, env, message", [
+    (["--small", "--json", "no-such-folder/out.json"], {}, "--json no-such-folder/out.json: its folder"),
+    (["--small"], {"NANOELASTIC_KERNELS": "bogus"}, "NANOELASTIC_KERNELS='bogus'"),
+    (["--budget", "problems.jsonl", "--demo", "--out", "file"], {}, "--out file is a file"),
+])
+def test_bench_errors_are_one_line(tmp_path, args, env, message):
+    (tmp_path / "problems.jsonl").write_text('{"question": "a", "answer": 1}\n')
+    (tmp_path / "file").write_text("")
+    run = subprocess.run([sys.executable, str(ROOT / "bench.py"), *args], capture_output=True, text=True,
+                         timeout=300, cwd=tmp_path, env={**os.environ, **env})
+    assert run.returncode != 0 and "Traceback" not in run.stderr
+    assert run.stderr.strip().splitlines()[-1].startswith("bench.py: error: ") and message in run.stderr
+
+
+def test_bench_without_triton_skips_the_kernel_table(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "kernels", None)  # import kernels raises ImportError
+    assert bench.bench_kernels(small=True, ceil={}) == []
+    assert "Triton is not installed" in capsys.readouterr().err
