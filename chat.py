@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+import checkpoint
 import nanoelastic as ne
 from nanoelastic import NanoElasticError
 
@@ -121,19 +122,13 @@ class ChatTokenizer:
 
     @classmethod
     def load(cls, ckpt: Path) -> "ChatTokenizer":
-        from tokenizers import Tokenizer
-        file = ckpt / "tokenizer.json"
-        if not file.is_file():
-            raise NanoElasticError(f"missing tokenizer: {file}")
-        try:
-            tokenizer = Tokenizer.from_file(str(file))
-        except Exception as e:  # the Rust side's message, e.g. "expected value at line 1 column 1"
-            raise NanoElasticError(f"{file}: {e}") from None
+        tokenizer = ne.load_tokenizer(ckpt)
         needed = ("<|im_start|>", "<|im_end|>", "<think>", "</think>")
         ids = {t: tokenizer.token_to_id(t) for t in needed + ("</s>",)}
         missing = [t for t in needed if ids[t] is None]
         if missing:
-            raise NanoElasticError(f"{file} has no {', '.join(missing)}: not the chat tokenizer of this model")
+            raise NanoElasticError(f"{ckpt / 'tokenizer.json'} has no {', '.join(missing)}: "
+                                   f"not the chat tokenizer of this model")
         stop = tuple(ids[t] for t in ("<|im_end|>", "</s>") if ids[t] is not None)
         return cls(tokenizer, ids["</think>"], stop)
 
@@ -174,7 +169,7 @@ class TextStream:
 # ----------------------------------------------------------------------------------------------------
 # 3. The demo: a small random checkpoint with nested sizes and a byte-level tokenizer, made on the fly
 
-DEMO_SIZES = {"30B": "256x128", "23B": "192x96", "12B": "128x64"}  # stand-ins inside the demo's 256x128
+DEMO_SIZES = ne.DEMO_SIZES  # stand-ins for 30B/23B/12B inside the demo's 256x128
 DEMO_SPECIAL = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
 
 
@@ -202,7 +197,7 @@ def write_demo_checkpoint(path: str | Path) -> Path:
     all of it in place at once (a folder renamed), so an interrupted run or a full disk leaves nothing."""
     def add_tokenizer(folder: Path) -> None:
         demo_tokenizer().save(str(folder / "tokenizer.json"))
-    return ne.write_random_checkpoint(path, demo_config(), extra_files=add_tokenizer)
+    return checkpoint.write_random_checkpoint(path, demo_config(), extra_files=add_tokenizer)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -210,6 +205,7 @@ def write_demo_checkpoint(path: str | Path) -> Path:
 
 @dataclass
 class Settings:
+    """A chat's settings; the defaults here are the command line's (DEMO_SETTINGS: the demo's)."""
     think: str = "30B"
     answer: str = "30B"
     switch: str = "transplant"
@@ -222,6 +218,11 @@ class Settings:
     system: str | None = None
 
 
+# The demo: the 23B thinks, and not for long, so that the switch shows; reproducible (with seed 1 the
+# first reply shows the switch).
+DEMO_SETTINGS = dict(think="23B", max_think=16, max_new_tokens=64, seed=1)
+
+
 @dataclass
 class Phase:  # thinking or answering, as the status line reports it
     label: str
@@ -231,6 +232,17 @@ class Phase:  # thinking or answering, as the status line reports it
     steps: int = 0  # decode steps timed (every token but the reply's first, whose time is the time to first token)
     seconds: float = 0.0
     started: bool = False  # some text is out (the model opens a phase with a newline: not shown)
+
+
+@dataclass
+class Turn:  # one reply as it streams
+    think: Phase
+    answer: Phase
+    phase: Phase | None = None  # the one streaming now
+    count: int = 0  # tokens generated
+    first_token: float | None = None  # seconds to the first token
+    stopped: bool = False  # the model wrote a stop token
+    interrupted: bool = False  # Ctrl-C (set at the end)
 
 
 @dataclass
@@ -273,6 +285,7 @@ class Chat:
         self.at_line_start = True
         self.messages: list[dict] = []
         self.cache = model.new_cache(1, min(model.config.max_position_embeddings, MAX_CONTEXT))
+        self.decoder = ne.DecodeGraph(model, self.cache)  # its CUDA graphs serve every turn
         self.snapshot: Snapshot | None = None
         self.turn = 0
 
@@ -301,7 +314,7 @@ class Chat:
             cache.reset()
         if len(history) > cache.length:
             new = torch.tensor([history[cache.length:]], device=self.model.lm_head.weight.device)
-            self.model.prefill(new, cache, size, PREFILL_CHUNK)
+            ne.prefill(self.model, new, cache, size, PREFILL_CHUNK)
         self.snapshot = Snapshot(list(history), size, cache.snapshot())
 
     def clear(self) -> None:
@@ -320,59 +333,68 @@ class Chat:
         if st.thinking and (start_size != end_size or st.max_think is not None):
             mode = st.switch if start_size != end_size else "transplant"  # the same size: nothing to rebuild
             switch = ne.Switch(end_size, on_token=tok.think_end, after=st.max_think, mode=mode)
-
         system = [{"role": "system", "content": st.system}] if st.system is not None else []
         messages = self.messages + [{"role": "user", "content": text}]
         history = tok.encode(render_chat(system + messages))
-        prompt = tok.encode(render_chat(system + messages, add_generation_prompt=True, enable_thinking=st.thinking))
+        prompt = tok.encode(render_chat(system + messages, add_generation_prompt=True,
+                                        enable_thinking=st.thinking))
         max_new = min(st.max_new_tokens, self.cache.max_len - len(prompt))
         if max_new <= 0:
-            raise NanoElasticError(f"the conversation fills the context ({self.cache.max_len} tokens): /clear starts a new one")
-
-        think, answer = Phase("think", st.think, TextStream(tok)), Phase("answer", st.answer, TextStream(tok))
-        phase = think if st.thinking else answer
-        stopped, first_token, count = False, None, 0
-        t0 = last = time.perf_counter()
+            raise NanoElasticError(f"the conversation fills the context ({self.cache.max_len} tokens): "
+                                   f"/clear starts a new one")
+        turn = Turn(Phase("think", st.think, TextStream(tok)), Phase("answer", st.answer, TextStream(tok)))
+        turn.phase = turn.think if st.thinking else turn.answer
         try:
             # (history is a prefix of prompt: the generation prompt starts with a special token)
             self.prefill_history(history if prompt[:len(history)] == history else [], start_size)
-            self.start_phase(phase)
-            seed = None if st.seed is None else st.seed + self.turn
-            for token in ne.generate(self.model, prompt, max_new, size=start_size, switch=switch,
-                                     stop_tokens=tok.stop, temperature=st.temperature, top_p=st.top_p,
-                                     seed=seed, cache=self.cache, prefill_chunk=PREFILL_CHUNK):
-                now, count = time.perf_counter(), count + 1
-                if first_token is None:
-                    first_token = now - t0
-                else:
-                    phase.steps, phase.seconds = phase.steps + 1, phase.seconds + now - last
-                last = now
-                if token.id in tok.stop:
-                    stopped = True
-                    break
-                if phase is think and token.id == tok.think_end:
-                    self.show(think, think.stream.flush())
-                    phase = answer
-                    self.start_phase(answer)
-                    continue
-                phase.tokens += 1
-                self.show(phase, phase.stream.push(token.id))
-        except KeyboardInterrupt:  # Ctrl-C outside generate(), which ends its stream itself on one inside
-            pass
-        interrupted = not stopped and count < max_new
-        self.show(phase, phase.stream.flush())
+            self.stream(turn, prompt, max_new, start_size, switch)
+        finally:  # Ctrl-C inside generate() ends its stream; one outside it goes on up, after this
+            switched = switch.mode if switch is not None and start_size != end_size else None
+            self.finish(turn, messages, max_new, switched)
+        return not turn.interrupted
+
+    def stream(self, turn: Turn, prompt: list[int], max_new: int, size: str, switch) -> None:
+        st, tok = self.settings, self.tokenizer
+        self.start_phase(turn.phase)
+        seed = None if st.seed is None else st.seed + self.turn
+        t0 = last = time.perf_counter()
+        for token in ne.generate(self.model, prompt, max_new, size=size, switch=switch, stop_tokens=tok.stop,
+                                 temperature=st.temperature, top_p=st.top_p, seed=seed, cache=self.decoder,
+                                 prefill_chunk=PREFILL_CHUNK):
+            now, phase = time.perf_counter(), turn.phase
+            turn.count += 1
+            if turn.first_token is None:
+                turn.first_token = now - t0
+            else:
+                phase.steps += 1
+                phase.seconds += now - last
+            last = now
+            if token.id in tok.stop:
+                turn.stopped = True
+                return
+            if phase is turn.think and token.id == tok.think_end:
+                self.show(phase, phase.stream.flush())
+                turn.phase = turn.answer
+                self.start_phase(turn.answer)
+                continue
+            phase.tokens += 1
+            self.show(phase, phase.stream.push(token.id))
+
+    def finish(self, turn: Turn, messages: list[dict], max_new: int, switched: str | None) -> None:
+        """The end of a reply, however it ended: the rest of its text, why it ended, its status line."""
+        turn.interrupted = not turn.stopped and turn.count < max_new
+        self.show(turn.phase, turn.phase.stream.flush())
         self.write("" if self.at_line_start else "\n")
-        if interrupted:
+        if turn.interrupted:
             self.write("[stopped]\n")
-        elif not stopped:
+        elif not turn.stopped:
             self.write(f"[cut at {max_new} tokens: --max-new-tokens]\n")
-        switched = switch.mode if switch is not None and start_size != end_size else None
-        self.write(self.status(think if st.thinking else None, answer, first_token, switched) + "\n")
+        think = turn.think if self.settings.thinking else None
+        self.write(self.status(think, turn.answer, turn.first_token, switched) + "\n")
         self.at_line_start = True
-        thought, said = tok.decode(think.stream.ids), tok.decode(answer.stream.ids)
+        thought, said = self.tokenizer.decode(turn.think.stream.ids), self.tokenizer.decode(turn.answer.stream.ids)
         self.messages = messages + [{"role": "assistant", "content": said, "reasoning_content": thought}]
         self.turn += 1
-        return not interrupted
 
     def start_phase(self, phase: Phase) -> None:
         self.write(("" if self.at_line_start else "\n") + f"[{phase.label} {phase.size}] ", dim=phase.label == "think")
@@ -483,26 +505,18 @@ def repl(chat: Chat, echo: bool) -> None:
             pass
     while True:
         try:
-            line = read_prompt(echo)
+            line = read_prompt(echo).strip()
+            if line.startswith("/") and not command(chat, line):
+                return
+            if line and not line.startswith("/"):
+                chat.reply(line)
         except EOFError:
             print()
             return
-        except KeyboardInterrupt:  # as in a shell: the line is dropped, the chat goes on
-            print("^C" if echo else "")
-            continue
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            if line.startswith("/"):
-                if not command(chat, line):
-                    return
-            else:
-                chat.reply(line)
+        except KeyboardInterrupt:  # the one place for Ctrl-C: at the prompt the line is dropped (as in a
+            print("^C" if echo else "")  # shell); in a reply, the reply has stopped; the chat goes on
         except NanoElasticError as e:
             print(f"error: {e}")
-        except KeyboardInterrupt:  # a second Ctrl-C while a stopped reply was being wrapped up
-            print()
 
 
 class Parser(argparse.ArgumentParser):
@@ -518,18 +532,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     "Hugging Face cache of nvidia/NVIDIA-Nemotron-Labs-3-Elastic-30B-A3B-FP8 or -BF16)")
     ap.add_argument("--demo", action="store_true", help="a small random checkpoint (random weights: the text is "
                     "noise); with --ckpt DIR it is kept in DIR (written there when missing)")
-    ap.add_argument("--think", metavar="SIZE", help="size that thinks: 30B, 23B, 12B or HIDDENxFFN (default 30B; demo 23B)")
-    ap.add_argument("--answer", default="30B", metavar="SIZE", help="size that answers")
-    ap.add_argument("--switch", default="transplant", choices=["transplant", "reprefill"],
-                    help="at </think>: keep the caches (transplant) or rebuild them with the answer size")
+    d, demo = Settings(), DEMO_SETTINGS  # every default is Settings' (or the demo's), none is set here
+    ap.add_argument("--think", metavar="SIZE", help=f"size that thinks: 30B, 23B, 12B or HIDDENxFFN (default "
+                    f"{d.think}; demo {demo['think']})")
+    ap.add_argument("--answer", metavar="SIZE", help=f"size that answers (default {d.answer})")
+    ap.add_argument("--switch", choices=["transplant", "reprefill"], help="at </think>: keep the caches "
+                    f"(transplant, the default) or rebuild them with the answer size")
     ap.add_argument("--no-think", action="store_true", help="answer without thinking")
     ap.add_argument("--max-think", type=int, metavar="N", help="thinking budget: after N tokens, </think> is "
-                    "written for the model and the size switches (demo: 16)")
-    ap.add_argument("--max-new-tokens", type=int, metavar="N", help="per reply, thinking included (default 8192; demo 64)")
-    ap.add_argument("--temperature", type=float, default=1.0, metavar="T",
-                    help="default 1.0 with --top-p 1.0: the model card's advice for reasoning; 0 = greedy")
-    ap.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling")
-    ap.add_argument("--seed", type=int, help="for reproducible sampling (demo: 1)")
+                    f"written for the model and the size switches (demo: {demo['max_think']})")
+    ap.add_argument("--max-new-tokens", type=int, metavar="N", help=f"per reply, thinking included "
+                    f"(default {d.max_new_tokens}; demo {demo['max_new_tokens']})")
+    ap.add_argument("--temperature", type=float, metavar="T", help=f"default {d.temperature} with --top-p "
+                    f"{d.top_p}: the model card's advice for reasoning; 0 = greedy")
+    ap.add_argument("--top-p", type=float, metavar="P", help="nucleus sampling")
+    ap.add_argument("--seed", type=int, help=f"for reproducible sampling (demo: {demo['seed']})")
     ap.add_argument("--system", metavar="TEXT", help="system prompt")
     ap.add_argument("--prompt", metavar="TEXT", help="answer this and exit")
     ap.add_argument("--interactive", action="store_true", help="chat line by line even when stdin is not a terminal")
@@ -537,17 +554,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for name in ("max_think", "max_new_tokens"):
         if getattr(args, name) is not None and getattr(args, name) < (0 if name == "max_think" else 1):
             ap.error(f"--{name.replace('_', '-')} must be {'>= 0' if name == 'max_think' else '>= 1'}")
-    if args.temperature < 0 or not 0 < args.top_p <= 1:
+    bad_top_p = args.top_p is not None and not 0 < args.top_p <= 1
+    if (args.temperature is not None and args.temperature < 0) or bad_top_p:
         ap.error("--temperature must be >= 0 and --top-p in (0, 1]")
     return args
 
 
-def check_sizes(args: argparse.Namespace) -> dict[str, str]:
+def settings_of(args: argparse.Namespace) -> Settings:
+    """The command line's settings over the defaults (Settings', or the demo's)."""
+    given = dict(think=args.think, answer=args.answer, switch=args.switch, thinking=not args.no_think,
+                 max_think=args.max_think, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                 top_p=args.top_p, seed=args.seed, system=args.system)
+    defaults = Settings(**DEMO_SETTINGS) if args.demo else Settings()
+    settings = replace(defaults, **{k: v for k, v in given.items() if v is not None})
+    settings.think, settings.answer = size_name(settings.think), size_name(settings.answer)
+    return settings
+
+
+def check_sizes(args: argparse.Namespace, settings: Settings) -> dict[str, str]:
     """Refuse a size that does not fit the checkpoint before anything is loaded (its config.json is
     enough); the size names that differ from the model's (the demo's stand-ins)."""
     size_names = DEMO_SIZES if args.demo else {}
     config = demo_config() if args.demo else ne.Config.from_file(find_checkpoint(args.ckpt) / "config.json")
-    for size in (args.think, args.answer):
+    for size in (settings.think, settings.answer):
         model_size(size, config, size_names)
     return size_names
 
@@ -585,15 +614,8 @@ def main(argv: list[str] | None = None) -> int:
         prompt = sys.stdin.read()
     if prompt is not None and not prompt.strip():
         raise NanoElasticError("empty prompt")
-    args.think, args.answer = size_name(args.think or ("23B" if args.demo else "30B")), size_name(args.answer)
-    if args.demo:  # the switch must show: the 23B thinks (above), and not for long
-        args.max_think = 16 if args.max_think is None else args.max_think
-        args.max_new_tokens = args.max_new_tokens or 64
-        args.seed = 1 if args.seed is None else args.seed  # reproducible; with seed 1 the first reply shows the switch
-    settings = Settings(args.think, args.answer, args.switch, not args.no_think, args.max_think,
-                        args.max_new_tokens or 8192, args.temperature, args.top_p, args.seed, args.system)
-
-    size_names = check_sizes(args)
+    settings = settings_of(args)
+    size_names = check_sizes(args, settings)
     if args.demo:  # on stderr when the output is an answer (one-shot, piped), so stdout is only the reply
         print(f"DEMO: random weights, so the text is noise; the sizes, caches and switch are real.\n"
               f"30B/23B/12B stand for the nested sizes {'/'.join(DEMO_SIZES.values())} of a small random checkpoint.\n"
