@@ -49,7 +49,7 @@ class NanoElasticError(ValueError):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 1. Config: HF config.json field names, kept verbatim (section 10 reads and checks config.json)
+# 1. Config: HF config.json field names, kept verbatim (checkpoint.py reads and checks config.json)
 
 @dataclass
 class Config:
@@ -109,14 +109,18 @@ class Config:
     def from_dict(cls, d: dict) -> Config:
         """A Config from config.json's fields, each checked (type, range) before anything is built:
         a bad one is a NanoElasticError naming the field. Fields it does not know are ignored."""
-        config = cls(**config_fields(d, {f.name for f in fields(cls)}))
-        check_config(config)
+        import checkpoint  # the checks of config.json (and of the files beside it) live there
+
+        config = cls(**checkpoint.config_fields(d, {f.name for f in fields(cls)}))
+        checkpoint.check_config(config)
         return config
 
     @classmethod
     def from_file(cls, path: str | Path) -> Config:
         """A checkpoint's config.json: every field that sets a shape must be there (no silent default)."""
-        return read_config(Path(path))
+        import checkpoint
+
+        return checkpoint.read_config(Path(path))
 
     def to_dict(self) -> dict:
         """The config.json of a checkpoint of this config (HF nemotron_h field names)."""
@@ -863,7 +867,7 @@ def parse_size(size: str | None, config: Config) -> tuple[int, int]:
 
 
 # ----------------------------------------------------------------------------------------------------
-# 10. config.json: the spellings seen in the wild, and a check of every field before anything is built
+# 10. The layer pattern: config.json's spellings of it (checkpoint.py checks the rest of config.json)
 
 LAYER_TYPES = {  # every spelling seen in config.json -> the name used here
     "M": "mamba", "mamba": "mamba", "linear_attention": "mamba",
@@ -872,25 +876,7 @@ LAYER_TYPES = {  # every spelling seen in config.json -> the name used here
     "-": "mlp", "mlp": "mlp",
 }
 PATTERN_LETTERS = {"mamba": "M", "attention": "*", "moe": "E", "mlp": "-"}
-OLD_SPELLINGS = {  # older config.json spellings -> HF's current field names
-    "mamba_n_groups": "n_groups", "mamba_d_conv": "conv_kernel", "mamba_chunk_size": "chunk_size",
-    "mamba_dt_limit": "time_step_limit", "mamba_conv_bias": "use_conv_bias",
-    "mamba_d_state": "ssm_state_size",
-}
 MAX_LAYERS = 1000  # the real model has 52; a bigger pattern is a broken config, refused before allocating
-REQUIRED_FIELDS = ("vocab_size", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
-                   "mamba_num_heads", "mamba_head_dim", "ssm_state_size", "n_groups", "n_routed_experts",
-                   "num_experts_per_tok", "moe_intermediate_size", "moe_shared_expert_intermediate_size")
-CONFIG_FIELDS = {  # config.json field -> (type, smallest value)
-    **dict.fromkeys(REQUIRED_FIELDS + ("conv_kernel", "chunk_size", "intermediate_size", "n_group",
-                                       "topk_group", "max_position_embeddings"), (int, 1)),
-    **dict.fromkeys(("bos_token_id", "pad_token_id"), (int, 0)),
-    "eos_token_id": ("int or list of int", 0),
-    "routed_scaling_factor": (float, 0.0), "layer_norm_epsilon": (float, 0.0),
-    "time_step_limit": ("pair of float", 0.0),
-    **dict.fromkeys(("use_conv_bias", "norm_topk_prob", "tie_word_embeddings"), (bool, None)),
-    "mlp_hidden_act": (str, None),
-}
 
 
 def layer_kinds(layers) -> list[str]:
@@ -905,93 +891,12 @@ def layer_kinds(layers) -> list[str]:
     return [LAYER_TYPES[t] for t in layers]
 
 
-def check_config_field(name: str, value, kind, low) -> None:
-    """One config.json value against its CONFIG_FIELDS entry (bool is not an int here, 16.0 is not an int)."""
-    def number(v, t):
-        return not isinstance(v, bool) and isinstance(v, int if t is int else (int, float))
-
-    if kind == "int or list of int":
-        values = value if isinstance(value, list) else [value]
-        ok = all(number(v, int) for v in values)
-    elif kind == "pair of float":
-        values = value if isinstance(value, list) and len(value) == 2 else None
-        ok = values is not None and all(number(v, float) for v in values)
-    else:
-        values = [value]
-        ok = number(value, kind) if kind in (int, float) else isinstance(value, kind)
-    if not ok:
-        message = f"config: {name} must be {getattr(kind, '__name__', kind)}, not {value!r}"
-        raise NanoElasticError(message[:160])
-    if low is not None and any(v < low or (kind is float and v == low) for v in values):
-        bound = ">" if kind is float else ">="
-        raise NanoElasticError(f"config: {name} = {value!r} is out of range (must be {bound} {low})")
-
-
-def config_fields(d: dict, known: set[str]) -> dict:
-    """config.json's fields -> Config's keyword arguments, every value checked."""
-    if not isinstance(d, dict):
-        raise NanoElasticError(f"config must be a JSON object, not {type(d).__name__}")
-    d = {OLD_SPELLINGS.get(k, k): v for k, v in d.items()}
-    layers = d.get("layers_block_type") or d.get("hybrid_override_pattern")
-    if layers is None:
-        raise NanoElasticError("config has neither hybrid_override_pattern nor layers_block_type")
-    d["layers_block_type"] = layer_kinds(layers)
-    for name, (kind, low) in CONFIG_FIELDS.items():
-        if d.get(name) is not None:
-            check_config_field(name, d[name], kind, low)
-    if d.get("time_step_limit") is not None:
-        d["time_step_limit"] = tuple(float(v) for v in d["time_step_limit"])
-    return {k: v for k, v in d.items() if k in known and v is not None}
-
-
-def check_config(c: Config) -> None:
-    """What this implementation supports, and the fields that must divide or bound one another."""
-    if c.mlp_hidden_act != "relu2":
-        raise NanoElasticError(f"config: mlp_hidden_act {c.mlp_hidden_act!r} is not supported (relu2)")
-    if c.tie_word_embeddings:
-        raise NanoElasticError("config: tie_word_embeddings is not supported (this model has its own lm_head)")
-    for small, large in (("n_groups", "mamba_num_heads"), ("num_key_value_heads", "num_attention_heads"),
-                         ("n_group", "n_routed_experts")):
-        if getattr(c, large) % getattr(c, small):
-            raise NanoElasticError(f"config: {large} ({getattr(c, large)}) is not a multiple of "
-                                   f"{small} ({getattr(c, small)})")
-    for small, large in (("num_experts_per_tok", "n_routed_experts"), ("topk_group", "n_group")):
-        if getattr(c, small) > getattr(c, large):
-            raise NanoElasticError(f"config: {small} ({getattr(c, small)}) > {large} "
-                                   f"({getattr(c, large)})")
-
-
-def read_config(path: Path) -> Config:
-    """Config.from_file: config.json read and checked, every field that sets a shape required."""
-    if not path.is_file():
-        raise NanoElasticError(f"missing config: {path}")
-    try:
-        d = json.loads(path.read_bytes().decode())
-    except OSError as e:
-        raise NanoElasticError(f"cannot read {path}: {e.strerror}") from None
-    except UnicodeDecodeError:
-        raise NanoElasticError(f"{path} is not UTF-8 text") from None
-    except json.JSONDecodeError as e:
-        raise NanoElasticError(f"{path} is not valid JSON: {e}") from None
-    missing = [name for name in REQUIRED_FIELDS if isinstance(d, dict) and d.get(name) is None]
-    if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise NanoElasticError(f"{path}: missing field {missing[0]}{more}")
-    try:
-        return Config.from_dict(d)
-    except NanoElasticError as e:
-        raise NanoElasticError(f"{path}: {e}") from None
-
-
 # ----------------------------------------------------------------------------------------------------
 # 11. Checkpoint loading: HF safetensors shards + index, per-expert tensors, FP8 scales
 
-SAFETENSORS_DTYPES = {"F8_E4M3": torch.float8_e4m3fn, "BF16": torch.bfloat16, "F16": torch.float16,
-                      "F32": torch.float32, "F64": torch.float64, "I64": torch.int64, "I32": torch.int32}
 EXPERT_TENSOR = re.compile(r"(.*\.experts)\.(\d+)\.(up_proj|down_proj)\.(weight|weight_scale|input_scale)")
 FP32_TENSORS = ("gate.weight", "e_score_correction_bias", "A_log", ".D", "dt_bias")  # tiny, used in fp32
 SCALES = ("weight_scale", "input_scale")  # per-tensor FP8 scales of a Linear
-IGNORED_TENSORS = re.compile(r"mtp\..*|.*\.(k_proj\.k_scale|v_proj\.v_scale)")  # MTP head; FP8-KV scales
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -1058,126 +963,6 @@ def place_tensor(model: Model, stacks: dict, name: str, t: Tensor, dtype: torch.
     assign_tensor(model, target, t)
 
 
-def read_weight_map(path: Path) -> dict[str, Path]:
-    """tensor name -> shard file, from model.safetensors.index.json (or a single model.safetensors)."""
-    from safetensors import safe_open
-
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            names = json.loads(index.read_bytes().decode())["weight_map"]
-            weight_map = {name: path / shard for name, shard in names.items()}
-        except (ValueError, KeyError, TypeError, AttributeError) as e:  # not JSON, not UTF-8, wrong layout
-            message = f"{index} is not a valid safetensors index ({type(e).__name__}: {e})"
-            raise NanoElasticError(message[:300]) from None
-    elif (path / "model.safetensors").is_file():
-        with safe_open(path / "model.safetensors", "pt") as f:
-            weight_map = {name: path / "model.safetensors" for name in f.keys()}
-    else:
-        raise NanoElasticError(f"no model.safetensors.index.json or model.safetensors in {path}")
-    for shard in sorted(set(weight_map.values())):
-        if not shard.is_file():
-            raise NanoElasticError(f"missing shard: {shard} (named in the index)")
-    return weight_map
-
-
-class CheckedCheckpoint(NamedTuple):
-    weight_map: dict[str, Path]  # every tensor name in the checkpoint -> its shard (IGNORED_TENSORS too)
-    plan: dict[str, tuple[str, int | None]]  # every other name -> (model tensor, expert index or None)
-    total_bytes: int  # of the planned tensors
-
-
-def check_checkpoint(model: Model, path: Path) -> CheckedCheckpoint:
-    """Check a checkpoint folder against a (meta-device) model of its config from the index and the shard
-    headers alone, reading no tensor data: every tensor present, none unexpected, every shape, every FP8
-    weight paired with its weight_scale. Used by from_pretrained and by slice.py before either writes."""
-    weight_map = read_weight_map(path)
-    plan = plan_tensors(model, weight_map)
-    fp8 = {target.rpartition(".")[0] for target, _ in plan.values() if target.endswith(".weight_scale")}
-    params = dict(model.named_parameters())
-    total_bytes = sum(check_headers(shard, names, plan, params, fp8)
-                      for shard, names in by_shard(plan, weight_map).items())
-    return CheckedCheckpoint(weight_map, plan, total_bytes)
-
-
-def plan_tensors(model: Model, weight_map: dict[str, Path]) -> dict[str, tuple[str, int | None]]:
-    """Each checkpoint tensor -> (the model's tensor, expert index); none missing, none unexpected."""
-    params = dict(model.named_parameters())
-    linears = {name for name, m in model.named_modules() if isinstance(m, Linear)}
-    E = model.config.n_routed_experts
-    plan, unexpected = {}, []
-    for name in weight_map:
-        if IGNORED_TENSORS.fullmatch(name):
-            continue
-        target, expert = model_tensor(name)
-        owner, _, leaf = target.rpartition(".")
-        known = target in params or (owner in linears and leaf in SCALES)
-        stacked = ".experts." in target  # routed experts are stacked; "shared_experts." does not match
-        if known and stacked == (expert is not None) and (expert or 0) < E:
-            plan[name] = (target, expert)
-        else:
-            unexpected.append(name)
-    if unexpected:
-        more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
-        raise NanoElasticError(f"unexpected tensor in checkpoint: {unexpected[0]}{more}")
-    found = set(plan.values())
-    for target in params:
-        stacked = ".experts." in target
-        for e in range(E) if stacked else [None]:
-            if (target, e) not in found:
-                missing = target.replace(".experts.", f".experts.{e}.") if stacked else target
-                raise NanoElasticError(f"missing tensor in checkpoint: {missing}")
-    for target in {t for t, e in found if e is not None and t.endswith(".weight_scale")}:
-        if any((target, e) not in found for e in range(E)):  # a stacked FP8 Linear: every expert's
-            owner = target.removesuffix(".weight_scale")
-            raise NanoElasticError(f"{owner}: some experts have a weight_scale and some do not")
-    return plan
-
-
-def check_headers(shard: Path, names: list[str], plan: dict, params: dict, fp8: set[str]) -> int:
-    """The shapes and dtypes of `names` from `shard`'s header (no data read) -> their bytes."""
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        open(shard, "rb").close()  # the true cause (permission denied...) before safetensors' own message
-        header = safe_open(shard, "pt")
-    except OSError as e:
-        raise NanoElasticError(f"cannot read {shard}: {e.strerror}") from None
-    except SafetensorError as e:  # a truncated download, a file that is not safetensors
-        raise NanoElasticError(f"{shard} is not a valid safetensors file ({e})") from None
-    total = 0
-    with header as f:
-        in_shard = set(f.keys())
-        for name in names:
-            if name not in in_shard:
-                raise NanoElasticError(f"{name} is not in {shard.name}, the shard the index names for it")
-            target, expert = plan[name]
-            owner, _, leaf = target.rpartition(".")
-            sl = f.get_slice(name)
-            shape, st_dtype = list(sl.get_shape()), sl.get_dtype()
-            if leaf in SCALES:
-                expected, ok = "a scalar", math.prod(shape) == 1
-            else:
-                want = params[target].shape[1:] if expert is not None else params[target].shape
-                expected, ok = list(want), shape == list(want)
-            if not ok:
-                raise NanoElasticError(f"wrong shape for {name}: {shape}, expected {expected}")
-            check_dtype(name, st_dtype, owner in fp8, leaf)
-            total += math.prod(shape) * SAFETENSORS_DTYPES.get(st_dtype, torch.float32).itemsize
-    return total
-
-
-def check_dtype(name: str, st_dtype: str, fp8: bool, leaf: str) -> None:
-    """FP8 weights exactly where there is a weight_scale; scales in F32; the rest FP8, BF16 or F32."""
-    if fp8 and leaf == "weight" and st_dtype != "F8_E4M3":
-        raise NanoElasticError(f"{name} has a weight_scale but is {st_dtype}, not F8_E4M3")
-    if not fp8 and st_dtype.startswith("F8"):
-        raise NanoElasticError(f"{name} is FP8 but has no weight_scale")
-    allowed = ("F32",) if leaf in SCALES else ("F8_E4M3", "BF16", "F32")
-    if st_dtype not in allowed:
-        raise NanoElasticError(f"{name} is {st_dtype}: the format stores it as {' or '.join(allowed)}")
-
-
 class Progress:
     """A status line on stderr, redrawn at most four times a second, on a terminal only."""
 
@@ -1196,7 +981,9 @@ def load_checkpoint(model: Model, path: Path, device: torch.device, dtype: torch
     `device`. Every name, shape and FP8 pairing is checked from the shard headers before anything loads."""
     from safetensors import safe_open
 
-    weight_map, plan, total_bytes = check_checkpoint(model, path)
+    import checkpoint
+
+    weight_map, plan, total_bytes = checkpoint.check_checkpoint(model, path)
     progress, stacks = Progress(verbose), {}  # stacks: the stacked expert tensors being filled
     done_tensors, done_bytes, t0 = 0, 0, time.time()
     for shard, names in by_shard(plan, weight_map).items():

@@ -182,7 +182,7 @@ def test_unreadable_shard_reports_the_true_cause(source, tmp_path, monkeypatch):
         if str(file).endswith(SHARDS[1]):
             raise PermissionError(errno.EACCES, "Permission denied", str(file))
         return real_open(file, *args, **kwargs)
-    monkeypatch.setattr(ne, "open", denied, raising=False)
+    monkeypatch.setattr(checkpoint, "open", denied, raising=False)
     error = one_line_error(ne.Model.from_pretrained, source, device="cpu", verbose=False)
     assert error == f"cannot read {source / SHARDS[1]}: Permission denied"
 
@@ -228,7 +228,7 @@ def test_two_concurrent_processes_one_wins(source, tmp_path):
     assert refused in ([f"slice.py: error: another slice.py is writing {dst}: wait for it, or choose another "
                         "target"], [f"slice.py: error: target exists: {dst} (use --force to replace it)"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
-    ne.check_checkpoint(ne.Model(ne.Config.from_file(dst / "config.json")).to("meta"), dst)
+    checkpoint.check_checkpoint(ne.Model(ne.Config.from_file(dst / "config.json")).to("meta"), dst)
 
 
 @pytest.mark.parametrize("call", [1, 2], ids=["old-moved-aside", "new-moved-in"])
