@@ -174,7 +174,7 @@ def contiguous_copy(model: ne.Model, size: str) -> ne.Model:
     with torch.device("meta"):
         copy = ne.Model(view.config)
     for name, t in chain(view.named_parameters(), view.named_buffers()):
-        ne.assign_tensor(copy, name, t.contiguous().clone())
+        checkpoint.assign_tensor(copy, name, t.contiguous().clone())
     return copy
 
 

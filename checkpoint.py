@@ -17,12 +17,14 @@ import math
 import os
 import re
 import shutil
+import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Iterable, Iterator, NamedTuple
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 import nanoelastic as ne
 from nanoelastic import Config, Model, NanoElasticError
@@ -174,7 +176,7 @@ def check_checkpoint(model: Model, path: Path) -> CheckedCheckpoint:
     fp8 = {target.rpartition(".")[0] for target, _ in plan.values() if target.endswith(".weight_scale")}
     params = dict(model.named_parameters())
     total_bytes = sum(check_headers(shard, names, plan, params, fp8)
-                      for shard, names in ne.by_shard(plan, weight_map).items())
+                      for shard, names in by_shard(plan, weight_map).items())
     return CheckedCheckpoint(weight_map, plan, total_bytes)
 
 
@@ -187,9 +189,9 @@ def plan_tensors(model: Model, weight_map: dict[str, Path]) -> dict[str, tuple[s
     for name in weight_map:
         if IGNORED_TENSORS.fullmatch(name):
             continue
-        target, expert = ne.model_tensor(name)
+        target, expert = model_tensor(name)
         owner, _, leaf = target.rpartition(".")
-        known = target in params or (owner in linears and leaf in ne.SCALES)
+        known = target in params or (owner in linears and leaf in SCALES)
         stacked = ".experts." in target  # routed experts are stacked; "shared_experts." does not match
         if known and stacked == (expert is not None) and (expert or 0) < E:
             plan[name] = (target, expert)
@@ -233,7 +235,7 @@ def check_headers(shard: Path, names: list[str], plan: dict, params: dict, fp8: 
             owner, _, leaf = target.rpartition(".")
             sl = f.get_slice(name)
             shape, st_dtype = list(sl.get_shape()), sl.get_dtype()
-            if leaf in ne.SCALES:
+            if leaf in SCALES:
                 expected, ok = "a scalar", math.prod(shape) == 1
             else:
                 want = params[target].shape[1:] if expert is not None else params[target].shape
@@ -251,13 +253,107 @@ def check_dtype(name: str, st_dtype: str, fp8: bool, leaf: str) -> None:
         raise NanoElasticError(f"{name} has a weight_scale but is {st_dtype}, not F8_E4M3")
     if not fp8 and st_dtype.startswith("F8"):
         raise NanoElasticError(f"{name} is FP8 but has no weight_scale")
-    allowed = ("F32",) if leaf in ne.SCALES else ("F8_E4M3", "BF16", "F32")
+    allowed = ("F32",) if leaf in SCALES else ("F8_E4M3", "BF16", "F32")
     if st_dtype not in allowed:
         raise NanoElasticError(f"{name} is {st_dtype}: the format stores it as {' or '.join(allowed)}")
 
 
 # ----------------------------------------------------------------------------------------------------
-# 3. Writing: planned shards streamed one tensor at a time, their index, the folder renamed into place
+# 3. Loading: one shard and one tensor at a time, straight to the device, into a meta-device model
+
+EXPERT_TENSOR = re.compile(r"(.*\.experts)\.(\d+)\.(up_proj|down_proj)\.(weight|weight_scale|input_scale)")
+FP32_TENSORS = ("gate.weight", "e_score_correction_bias", "A_log", ".D", "dt_bias")  # tiny, used in fp32
+SCALES = ("weight_scale", "input_scale")  # per-tensor FP8 scales of a Linear
+
+
+def checked_scale(name: str, t: Tensor) -> Tensor:
+    """An FP8 scale as an fp32 scalar, refused unless finite and > 0 (else every logit becomes NaN)."""
+    t = t.float().reshape(())
+    if not (torch.isfinite(t) and t > 0):
+        raise NanoElasticError(f"{name} is {t.item()}: an FP8 scale must be finite and > 0")
+    return t
+
+
+def by_shard(names, weight_map: dict[str, Path]) -> dict[Path, list[str]]:
+    """Tensor names grouped by the shard that holds them, in shard order (each shard opened once)."""
+    groups = {}
+    for name in names:
+        groups.setdefault(weight_map[name], []).append(name)
+    return dict(sorted(groups.items()))
+
+
+def model_tensor(name: str) -> tuple[str, int | None]:
+    """Checkpoint name -> (the model's tensor, expert index): per-expert tensors go into stacked ones."""
+    m = EXPERT_TENSOR.fullmatch(name)
+    return (f"{m[1]}.{m[3]}.{m[4]}", int(m[2])) if m else (name, None)
+
+
+def assign_tensor(model: nn.Module, name: str, t: Tensor) -> None:
+    """Make `t` the parameter or buffer `name` of `model` (e.g. in place of a meta tensor)."""
+    owner, _, leaf = name.rpartition(".")
+    module = model.get_submodule(owner)
+    if leaf in module._parameters:
+        module._parameters[leaf] = nn.Parameter(t, requires_grad=False)
+    else:
+        module._buffers[leaf] = t
+
+
+def place_tensor(model: Model, stacks: dict, name: str, t: Tensor, dtype: torch.dtype) -> None:
+    """Put checkpoint tensor `name` (already on its device) into a meta-device model: FP8 weights stay
+    FP8, scales become fp32 scalars, FP32_TENSORS fp32, the rest `dtype`; experts fill stacked tensors."""
+    target, expert = model_tensor(name)
+    if target.endswith(SCALES):
+        t = checked_scale(name, t)
+    elif t.dtype != torch.float8_e4m3fn:
+        t = t.to(torch.float32 if target.endswith(FP32_TENSORS) else dtype)
+    if expert is not None:  # stacks: target -> [E, ...], filled one expert at a time
+        if target not in stacks:
+            shape = (model.config.n_routed_experts, *t.shape)
+            stacks[target] = torch.empty(shape, dtype=t.dtype, device=t.device)
+        stacks[target][expert] = t
+        t = stacks[target]
+    assign_tensor(model, target, t)
+
+
+class Progress:
+    """A status line on stderr, redrawn at most four times a second, on a terminal only."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled, self.last = enabled and sys.stderr.isatty(), 0.0
+
+    def __call__(self, text: str) -> None:
+        if self.enabled and time.time() - self.last > 0.25:
+            self.last = time.time()
+            print(f"\r{text}", end="", file=sys.stderr, flush=True)
+
+
+def load_checkpoint(model: Model, path: Path, device: torch.device, dtype: torch.dtype,
+                    verbose: bool) -> None:
+    """Fill a meta-device model from the checkpoint, one shard and one tensor at a time, straight to
+    `device`. Every name, shape and FP8 pairing is checked from the shard headers before anything loads."""
+    from safetensors import safe_open
+
+    import checkpoint
+
+    weight_map, plan, total_bytes = checkpoint.check_checkpoint(model, path)
+    progress, stacks = Progress(verbose), {}  # stacks: the stacked expert tensors being filled
+    done_tensors, done_bytes, t0 = 0, 0, time.time()
+    for shard, names in by_shard(plan, weight_map).items():
+        with safe_open(shard, "pt", device=str(device)) as f:
+            for name in names:
+                t = f.get_tensor(name)
+                place_tensor(model, stacks, name, t, dtype)
+                done_tensors += 1
+                done_bytes += t.numel() * t.element_size()
+                progress(f"loading {path.name}: {done_tensors}/{len(plan)} tensors, "
+                         f"{done_bytes / 1e9:.2f}/{total_bytes / 1e9:.2f} GB")
+    if verbose:
+        print(f"\rloaded {path.name}: {done_tensors} tensors, {done_bytes / 1e9:.2f} GB "
+              f"in {time.time() - t0:.1f} s", file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 4. Writing: planned shards streamed one tensor at a time, their index, the folder renamed into place
 
 DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}  # torch dtype -> safetensors
 
@@ -337,7 +433,7 @@ def move_into_place(folder: Path, path: Path) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------------
-# 4. Random checkpoints: the real on-disk format with random weights (tests, demos, bench.py)
+# 5. Random checkpoints: the real on-disk format with random weights (tests, demos, bench.py)
 
 def fp8_recipe(config: Config) -> set[str]:
     """Which Linears the FP8 release quantizes (inferred from its tensors): all routed and shared
@@ -412,7 +508,7 @@ def random_checkpoint_tensors(config: Config, fp8: bool = True, seed: int = 0,
                 yield full, q
                 yield f"{owner}.weight_scale", scale.reshape(())
                 yield f"{owner}.input_scale", rand() * 0.05 + 0.01
-            elif full.endswith(ne.FP32_TENSORS):
+            elif full.endswith(FP32_TENSORS):
                 yield full, t.float()
             else:
                 yield full, t.to(torch.bfloat16)
@@ -462,5 +558,5 @@ def random_model(config: Config, device: str | torch.device | None = None, dtype
         model = Model(config)
     stacks = {}
     for name, t in random_checkpoint_tensors(config, fp8, seed, device):
-        ne.place_tensor(model, stacks, name, t, dtype or torch.bfloat16)
+        place_tensor(model, stacks, name, t, dtype or torch.bfloat16)
     return model

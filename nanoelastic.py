@@ -179,6 +179,12 @@ def linear(x: Tensor, weight: Tensor, weight_scale: Tensor | None = None) -> Ten
     return F.linear(x, weight)
 
 
+def fp8_quantize(w: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-tensor FP8 as ModelOpt does it: scale = amax / 448, w_q = e4m3(w / scale)."""
+    scale = w.abs().max().float().clamp(min=1e-12) / 448.0
+    return (w.float() / scale).clamp(-448, 448).to(torch.float8_e4m3fn), scale
+
+
 class Linear(nn.Module):
     """Bias-free Linear. FP8 exactly when the checkpoint gave it a weight_scale (set at load time);
     input_scale is kept for W8A8 kernels. Stacked experts use a weight [E, out, in] and scales [E]."""
@@ -605,7 +611,9 @@ class Model(nn.Module):
         device = resolve_device(device)
         with torch.device("meta"):
             model = cls(config)
-        load_checkpoint(model, path, device, dtype or torch.bfloat16, verbose)
+        import checkpoint  # the checkpoint format: checked, then read one tensor at a time
+
+        checkpoint.load_checkpoint(model, path, device, dtype or torch.bfloat16, verbose)
         return model
 
     def num_params(self, size: str | None = None) -> tuple[int, int]:
@@ -892,12 +900,7 @@ def layer_kinds(layers) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------------
-# 11. Checkpoint loading: HF safetensors shards + index, per-expert tensors, FP8 scales
-
-EXPERT_TENSOR = re.compile(r"(.*\.experts)\.(\d+)\.(up_proj|down_proj)\.(weight|weight_scale|input_scale)")
-FP32_TENSORS = ("gate.weight", "e_score_correction_bias", "A_log", ".D", "dt_bias")  # tiny, used in fp32
-SCALES = ("weight_scale", "input_scale")  # per-tensor FP8 scales of a Linear
-
+# 11. Loading: the device (checkpoint.py reads the files: names, shapes, FP8 scales, shards)
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
     """`device`, or cuda when there is one, else cpu; a CUDA device on a machine without one is an error."""
@@ -906,98 +909,6 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         raise NanoElasticError(f"device {device} asked for, but torch sees no CUDA GPU here "
                                f"(use --device cpu)")
     return device
-
-
-def fp8_quantize(w: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-tensor FP8 as ModelOpt does it: scale = amax / 448, w_q = e4m3(w / scale)."""
-    scale = w.abs().max().float().clamp(min=1e-12) / 448.0
-    return (w.float() / scale).clamp(-448, 448).to(torch.float8_e4m3fn), scale
-
-
-def checked_scale(name: str, t: Tensor) -> Tensor:
-    """An FP8 scale as an fp32 scalar, refused unless finite and > 0 (else every logit becomes NaN)."""
-    t = t.float().reshape(())
-    if not (torch.isfinite(t) and t > 0):
-        raise NanoElasticError(f"{name} is {t.item()}: an FP8 scale must be finite and > 0")
-    return t
-
-
-def by_shard(names, weight_map: dict[str, Path]) -> dict[Path, list[str]]:
-    """Tensor names grouped by the shard that holds them, in shard order (each shard opened once)."""
-    groups = {}
-    for name in names:
-        groups.setdefault(weight_map[name], []).append(name)
-    return dict(sorted(groups.items()))
-
-
-def model_tensor(name: str) -> tuple[str, int | None]:
-    """Checkpoint name -> (the model's tensor, expert index): per-expert tensors go into stacked ones."""
-    m = EXPERT_TENSOR.fullmatch(name)
-    return (f"{m[1]}.{m[3]}.{m[4]}", int(m[2])) if m else (name, None)
-
-
-def assign_tensor(model: nn.Module, name: str, t: Tensor) -> None:
-    """Make `t` the parameter or buffer `name` of `model` (e.g. in place of a meta tensor)."""
-    owner, _, leaf = name.rpartition(".")
-    module = model.get_submodule(owner)
-    if leaf in module._parameters:
-        module._parameters[leaf] = nn.Parameter(t, requires_grad=False)
-    else:
-        module._buffers[leaf] = t
-
-
-def place_tensor(model: Model, stacks: dict, name: str, t: Tensor, dtype: torch.dtype) -> None:
-    """Put checkpoint tensor `name` (already on its device) into a meta-device model: FP8 weights stay
-    FP8, scales become fp32 scalars, FP32_TENSORS fp32, the rest `dtype`; experts fill stacked tensors."""
-    target, expert = model_tensor(name)
-    if target.endswith(SCALES):
-        t = checked_scale(name, t)
-    elif t.dtype != torch.float8_e4m3fn:
-        t = t.to(torch.float32 if target.endswith(FP32_TENSORS) else dtype)
-    if expert is not None:  # stacks: target -> [E, ...], filled one expert at a time
-        if target not in stacks:
-            shape = (model.config.n_routed_experts, *t.shape)
-            stacks[target] = torch.empty(shape, dtype=t.dtype, device=t.device)
-        stacks[target][expert] = t
-        t = stacks[target]
-    assign_tensor(model, target, t)
-
-
-class Progress:
-    """A status line on stderr, redrawn at most four times a second, on a terminal only."""
-
-    def __init__(self, enabled: bool = True):
-        self.enabled, self.last = enabled and sys.stderr.isatty(), 0.0
-
-    def __call__(self, text: str) -> None:
-        if self.enabled and time.time() - self.last > 0.25:
-            self.last = time.time()
-            print(f"\r{text}", end="", file=sys.stderr, flush=True)
-
-
-def load_checkpoint(model: Model, path: Path, device: torch.device, dtype: torch.dtype,
-                    verbose: bool) -> None:
-    """Fill a meta-device model from the checkpoint, one shard and one tensor at a time, straight to
-    `device`. Every name, shape and FP8 pairing is checked from the shard headers before anything loads."""
-    from safetensors import safe_open
-
-    import checkpoint
-
-    weight_map, plan, total_bytes = checkpoint.check_checkpoint(model, path)
-    progress, stacks = Progress(verbose), {}  # stacks: the stacked expert tensors being filled
-    done_tensors, done_bytes, t0 = 0, 0, time.time()
-    for shard, names in by_shard(plan, weight_map).items():
-        with safe_open(shard, "pt", device=str(device)) as f:
-            for name in names:
-                t = f.get_tensor(name)
-                place_tensor(model, stacks, name, t, dtype)
-                done_tensors += 1
-                done_bytes += t.numel() * t.element_size()
-                progress(f"loading {path.name}: {done_tensors}/{len(plan)} tensors, "
-                         f"{done_bytes / 1e9:.2f}/{total_bytes / 1e9:.2f} GB")
-    if verbose:
-        print(f"\rloaded {path.name}: {done_tensors} tensors, {done_bytes / 1e9:.2f} GB "
-              f"in {time.time() - t0:.1f} s", file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -49,9 +49,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 import checkpoint
-from checkpoint import SAFETENSORS_DTYPES, Planned, check_checkpoint, nbytes
-from nanoelastic import (Config, Model, NanoElasticError, Progress, Terminated, by_shard, checked_scale,
-                         interrupted_exit_code, nested_view, parse_size, sigterm_as_interrupt)
+from checkpoint import SAFETENSORS_DTYPES, Planned, Progress, by_shard, check_checkpoint, checked_scale, nbytes
+from nanoelastic import (Config, Model, NanoElasticError, Terminated, interrupted_exit_code, nested_view,
+                         parse_size, sigterm_as_interrupt)
 
 PARAMS = ("", "K", "M", "B")  # parameter counts: 23.59 B
 SCALES = (".weight_scale", ".input_scale", ".k_scale", ".v_scale")  # FP8 per-tensor scalars
