@@ -1,12 +1,13 @@
 """
-checkpoint.py: the HF checkpoint format, the machinery beside the model: config.json read and checked,
-a checkpoint folder checked against a model before a byte of it is loaded, and checkpoints written.
+checkpoint.py: the HF checkpoint format, the machinery beside the model: config.json read and
+checked, a checkpoint folder checked against a model before a byte of it is loaded, and checkpoints
+written.
 
 One writer serves both kinds of checkpoint this repo writes: slice.py's nested models and the random
-ones the tests, the demos and bench.py run on. A checkpoint is planned first (every tensor's name, shape
-and dtype), split into shards, then streamed: each shard's header, then its tensors one at a time, so
-memory holds one tensor. It is written into a temporary folder beside the target and renamed into place
-at the end, so an interruption or a full disk leaves nothing half-written.
+ones the tests, the demos and bench.py run on. A checkpoint is planned first (every tensor's name,
+shape and dtype), split into shards, then streamed: each shard's header, then its tensors one at a
+time, so memory holds one tensor. It is written into a temporary folder beside the target and
+renamed into place at the end, so an interruption or a full disk leaves nothing half-written.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from torch import Tensor, nn
 import nanoelastic as ne
 from nanoelastic import Config, Model, NanoElasticError
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 1. config.json: the spellings seen in the wild, and every field checked before anything is built
 
 OLD_SPELLINGS = {  # older config.json spellings -> HF's current field names
@@ -37,9 +38,10 @@ OLD_SPELLINGS = {  # older config.json spellings -> HF's current field names
     "mamba_dt_limit": "time_step_limit", "mamba_conv_bias": "use_conv_bias",
     "mamba_d_state": "ssm_state_size",
 }
-REQUIRED_FIELDS = ("vocab_size", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
-                   "mamba_num_heads", "mamba_head_dim", "ssm_state_size", "n_groups", "n_routed_experts",
-                   "num_experts_per_tok", "moe_intermediate_size", "moe_shared_expert_intermediate_size")
+REQUIRED_FIELDS = ("vocab_size", "hidden_size", "num_attention_heads", "num_key_value_heads",
+                   "head_dim", "mamba_num_heads", "mamba_head_dim", "ssm_state_size", "n_groups",
+                   "n_routed_experts", "num_experts_per_tok", "moe_intermediate_size",
+                   "moe_shared_expert_intermediate_size")
 CONFIG_FIELDS = {  # config.json field -> (type, smallest value)
     **dict.fromkeys(REQUIRED_FIELDS + ("conv_kernel", "chunk_size", "intermediate_size", "n_group",
                                        "topk_group", "max_position_embeddings"), (int, 1)),
@@ -53,7 +55,7 @@ CONFIG_FIELDS = {  # config.json field -> (type, smallest value)
 
 
 def check_config_field(name: str, value, kind, low) -> None:
-    """One config.json value against its CONFIG_FIELDS entry (bool is not an int here, 16.0 is not an int)."""
+    """One config.json value against its CONFIG_FIELDS entry (bool is not an int, nor is 16.0)."""
     def number(v, t):
         return not isinstance(v, bool) and isinstance(v, int if t is int else (int, float))
 
@@ -71,7 +73,8 @@ def check_config_field(name: str, value, kind, low) -> None:
         raise NanoElasticError(message[:160])
     if low is not None and any(v < low or (kind is float and v == low) for v in values):
         bound = ">" if kind is float else ">="
-        raise NanoElasticError(f"config: {name} = {value!r} is out of range (must be {bound} {low})")
+        raise NanoElasticError(f"config: {name} = {value!r} is out of range (must be {bound} "
+                               f"{low})")
 
 
 def config_fields(d: dict, known: set[str]) -> dict:
@@ -94,10 +97,13 @@ def config_fields(d: dict, known: set[str]) -> dict:
 def check_config(c: Config) -> None:
     """What this implementation supports, and the fields that must divide or bound one another."""
     if c.mlp_hidden_act != "relu2":
-        raise NanoElasticError(f"config: mlp_hidden_act {c.mlp_hidden_act!r} is not supported (relu2)")
+        raise NanoElasticError(f"config: mlp_hidden_act {c.mlp_hidden_act!r} is not supported "
+                               f"(relu2)")
     if c.tie_word_embeddings:
-        raise NanoElasticError("config: tie_word_embeddings is not supported (this model has its own lm_head)")
-    for small, large in (("n_groups", "mamba_num_heads"), ("num_key_value_heads", "num_attention_heads"),
+        raise NanoElasticError("config: tie_word_embeddings is not supported (this model has its "
+                               "own lm_head)")
+    for small, large in (("n_groups", "mamba_num_heads"),
+                         ("num_key_value_heads", "num_attention_heads"),
                          ("n_group", "n_routed_experts")):
         if getattr(c, large) % getattr(c, small):
             raise NanoElasticError(f"config: {large} ({getattr(c, large)}) is not a multiple of "
@@ -130,16 +136,18 @@ def read_config(path: Path) -> Config:
         raise NanoElasticError(f"{path}: {e}") from None
 
 
-# ----------------------------------------------------------------------------------------------------
-# 2. A checkpoint folder checked against a (meta-device) model, from its index and shard headers alone
+# --------------------------------------------------------------------------------------------------
+# 2. A checkpoint folder checked against a (meta-device) model, from the index and headers alone
 
-SAFETENSORS_DTYPES = {"F8_E4M3": torch.float8_e4m3fn, "BF16": torch.bfloat16, "F16": torch.float16,
-                      "F32": torch.float32, "F64": torch.float64, "I64": torch.int64, "I32": torch.int32}
-IGNORED_TENSORS = re.compile(r"mtp\..*|.*\.(k_proj\.k_scale|v_proj\.v_scale)")  # MTP head; FP8-KV scales
+SAFETENSORS_DTYPES = {"F8_E4M3": torch.float8_e4m3fn, "BF16": torch.bfloat16,
+                      "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+                      "I64": torch.int64, "I32": torch.int32}
+# MTP head; FP8-KV scales
+IGNORED_TENSORS = re.compile(r"mtp\..*|.*\.(k_proj\.k_scale|v_proj\.v_scale)")
 
 
 def read_weight_map(path: Path) -> dict[str, Path]:
-    """tensor name -> shard file, from model.safetensors.index.json (or a single model.safetensors)."""
+    """tensor name -> shard file, from model.safetensors.index.json (or one model.safetensors)."""
     from safetensors import safe_open
 
     index = path / "model.safetensors.index.json"
@@ -147,7 +155,8 @@ def read_weight_map(path: Path) -> dict[str, Path]:
         try:
             names = json.loads(index.read_bytes().decode())["weight_map"]
             weight_map = {name: path / shard for name, shard in names.items()}
-        except (ValueError, KeyError, TypeError, AttributeError) as e:  # not JSON, not UTF-8, wrong layout
+        # not JSON, not UTF-8, wrong layout
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
             message = f"{index} is not a valid safetensors index ({type(e).__name__}: {e})"
             raise NanoElasticError(message[:300]) from None
     elif (path / "model.safetensors").is_file():
@@ -162,18 +171,22 @@ def read_weight_map(path: Path) -> dict[str, Path]:
 
 
 class CheckedCheckpoint(NamedTuple):
-    weight_map: dict[str, Path]  # every tensor name in the checkpoint -> its shard (IGNORED_TENSORS too)
-    plan: dict[str, tuple[str, int | None]]  # every other name -> (model tensor, expert index or None)
+    # every tensor name in the checkpoint -> its shard (IGNORED_TENSORS too)
+    weight_map: dict[str, Path]
+    # every other name -> (model tensor, expert index or None)
+    plan: dict[str, tuple[str, int | None]]
     total_bytes: int  # of the planned tensors
 
 
 def check_checkpoint(model: Model, path: Path) -> CheckedCheckpoint:
-    """Check a checkpoint folder against a (meta-device) model of its config from the index and the shard
-    headers alone, reading no tensor data: every tensor present, none unexpected, every shape, every FP8
-    weight paired with its weight_scale. Used by from_pretrained and by slice.py before either writes."""
+    """Check a checkpoint folder against a (meta-device) model of its config from the index and the
+    shard headers alone, reading no tensor data: every tensor present, none unexpected, every shape,
+    every FP8 weight paired with its weight_scale. Used by from_pretrained and by slice.py before
+    either writes."""
     weight_map = read_weight_map(path)
     plan = plan_tensors(model, weight_map)
-    fp8 = {target.rpartition(".")[0] for target, _ in plan.values() if target.endswith(".weight_scale")}
+    scales = [target for target, _ in plan.values() if target.endswith(".weight_scale")]
+    fp8 = {target.rpartition(".")[0] for target in scales}  # the FP8 Linears
     params = dict(model.named_parameters())
     total_bytes = sum(check_headers(shard, names, plan, params, fp8)
                       for shard, names in by_shard(plan, weight_map).items())
@@ -181,7 +194,7 @@ def check_checkpoint(model: Model, path: Path) -> CheckedCheckpoint:
 
 
 def plan_tensors(model: Model, weight_map: dict[str, Path]) -> dict[str, tuple[str, int | None]]:
-    """Each checkpoint tensor -> (the model's tensor, expert index); none missing, none unexpected."""
+    """Each checkpoint tensor -> (the model's tensor, expert index); none missing or unexpected."""
     params = dict(model.named_parameters())
     linears = {name for name, m in model.named_modules() if isinstance(m, ne.Linear)}
     E = model.config.n_routed_experts
@@ -192,7 +205,8 @@ def plan_tensors(model: Model, weight_map: dict[str, Path]) -> dict[str, tuple[s
         target, expert = model_tensor(name)
         owner, _, leaf = target.rpartition(".")
         known = target in params or (owner in linears and leaf in SCALES)
-        stacked = ".experts." in target  # routed experts are stacked; "shared_experts." does not match
+        # routed experts are stacked; "shared_experts." does not match
+        stacked = ".experts." in target
         if known and stacked == (expert is not None) and (expert or 0) < E:
             plan[name] = (target, expert)
         else:
@@ -219,7 +233,8 @@ def check_headers(shard: Path, names: list[str], plan: dict, params: dict, fp8: 
     from safetensors import SafetensorError, safe_open
 
     try:
-        open(shard, "rb").close()  # the true cause (permission denied...) before safetensors' own message
+        # the true cause (permission denied...) before safetensors' own message
+        open(shard, "rb").close()
         header = safe_open(shard, "pt")
     except OSError as e:
         raise NanoElasticError(f"cannot read {shard}: {e.strerror}") from None
@@ -230,7 +245,8 @@ def check_headers(shard: Path, names: list[str], plan: dict, params: dict, fp8: 
         in_shard = set(f.keys())
         for name in names:
             if name not in in_shard:
-                raise NanoElasticError(f"{name} is not in {shard.name}, the shard the index names for it")
+                raise NanoElasticError(f"{name} is not in {shard.name}, the shard the index names "
+                                       f"for it")
             target, expert = plan[name]
             owner, _, leaf = target.rpartition(".")
             sl = f.get_slice(name)
@@ -248,26 +264,29 @@ def check_headers(shard: Path, names: list[str], plan: dict, params: dict, fp8: 
 
 
 def check_dtype(name: str, st_dtype: str, fp8: bool, leaf: str) -> None:
-    """FP8 weights exactly where there is a weight_scale; scales in F32; the rest FP8, BF16 or F32."""
+    """FP8 weights exactly where there is a weight_scale; scales F32; the rest FP8, BF16 or F32."""
     if fp8 and leaf == "weight" and st_dtype != "F8_E4M3":
         raise NanoElasticError(f"{name} has a weight_scale but is {st_dtype}, not F8_E4M3")
     if not fp8 and st_dtype.startswith("F8"):
         raise NanoElasticError(f"{name} is FP8 but has no weight_scale")
     allowed = ("F32",) if leaf in SCALES else ("F8_E4M3", "BF16", "F32")
     if st_dtype not in allowed:
-        raise NanoElasticError(f"{name} is {st_dtype}: the format stores it as {' or '.join(allowed)}")
+        raise NanoElasticError(f"{name} is {st_dtype}: the format stores it as "
+                               f"{' or '.join(allowed)}")
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 3. Loading: one shard and one tensor at a time, straight to the device, into a meta-device model
 
-EXPERT_TENSOR = re.compile(r"(.*\.experts)\.(\d+)\.(up_proj|down_proj)\.(weight|weight_scale|input_scale)")
-FP32_TENSORS = ("gate.weight", "e_score_correction_bias", "A_log", ".D", "dt_bias")  # tiny, used in fp32
+EXPERT_TENSOR = re.compile(r"(.*\.experts)\.(\d+)\.(up_proj|down_proj)\."
+                           r"(weight|weight_scale|input_scale)")
+# tiny, used in fp32
+FP32_TENSORS = ("gate.weight", "e_score_correction_bias", "A_log", ".D", "dt_bias")
 SCALES = ("weight_scale", "input_scale")  # per-tensor FP8 scales of a Linear
 
 
 def checked_scale(name: str, t: Tensor) -> Tensor:
-    """An FP8 scale as an fp32 scalar, refused unless finite and > 0 (else every logit becomes NaN)."""
+    """An FP8 scale as an fp32 scalar, refused unless finite and > 0 (else the logits are NaN)."""
     t = t.float().reshape(())
     if not (torch.isfinite(t) and t > 0):
         raise NanoElasticError(f"{name} is {t.item()}: an FP8 scale must be finite and > 0")
@@ -275,7 +294,7 @@ def checked_scale(name: str, t: Tensor) -> Tensor:
 
 
 def by_shard(names, weight_map: dict[str, Path]) -> dict[Path, list[str]]:
-    """Tensor names grouped by the shard that holds them, in shard order (each shard opened once)."""
+    """Tensor names grouped by the shard that holds them, in shard order (each opened once)."""
     groups = {}
     for name in names:
         groups.setdefault(weight_map[name], []).append(name)
@@ -283,7 +302,7 @@ def by_shard(names, weight_map: dict[str, Path]) -> dict[Path, list[str]]:
 
 
 def model_tensor(name: str) -> tuple[str, int | None]:
-    """Checkpoint name -> (the model's tensor, expert index): per-expert tensors go into stacked ones."""
+    """Checkpoint name -> (the model's tensor, expert index): experts go into stacked tensors."""
     m = EXPERT_TENSOR.fullmatch(name)
     return (f"{m[1]}.{m[3]}.{m[4]}", int(m[2])) if m else (name, None)
 
@@ -299,8 +318,9 @@ def assign_tensor(model: nn.Module, name: str, t: Tensor) -> None:
 
 
 def place_tensor(model: Model, stacks: dict, name: str, t: Tensor, dtype: torch.dtype) -> None:
-    """Put checkpoint tensor `name` (already on its device) into a meta-device model: FP8 weights stay
-    FP8, scales become fp32 scalars, FP32_TENSORS fp32, the rest `dtype`; experts fill stacked tensors."""
+    """Put checkpoint tensor `name` (already on its device) into a meta-device model: FP8 weights
+    stay FP8, scales become fp32 scalars, FP32_TENSORS fp32, the rest `dtype`; experts fill stacked
+    tensors."""
     target, expert = model_tensor(name)
     if target.endswith(SCALES):
         t = checked_scale(name, t)
@@ -330,7 +350,8 @@ class Progress:
 def load_checkpoint(model: Model, path: Path, device: torch.device, dtype: torch.dtype,
                     verbose: bool) -> None:
     """Fill a meta-device model from the checkpoint, one shard and one tensor at a time, straight to
-    `device`. Every name, shape and FP8 pairing is checked from the shard headers before anything loads."""
+    `device`. Every name, shape and FP8 pairing is checked from the shard headers before anything
+    loads."""
     from safetensors import safe_open
 
     import checkpoint
@@ -352,10 +373,11 @@ def load_checkpoint(model: Model, path: Path, device: torch.device, dtype: torch
               f"in {time.time() - t0:.1f} s", file=sys.stderr)
 
 
-# ----------------------------------------------------------------------------------------------------
-# 4. Writing: planned shards streamed one tensor at a time, their index, the folder renamed into place
+# --------------------------------------------------------------------------------------------------
+# 4. Writing: planned shards streamed one tensor at a time, their index, the folder put in place
 
-DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}  # torch dtype -> safetensors
+# torch dtype -> safetensors
+DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 
 
 class Planned(NamedTuple):
@@ -369,7 +391,7 @@ def nbytes(t: Tensor) -> int:
 
 
 def split_shards(planned: Iterable[Planned], max_bytes: float) -> list[list[Planned]]:
-    """The planned tensors in order, in shards: a new one when the next tensor would go over max_bytes."""
+    """The planned tensors in order, in shards: a new one when the next would go over max_bytes."""
     shards, size = [[]], 0
     for p in planned:
         if shards[-1] and size + nbytes(p.meta) > max_bytes:
@@ -381,8 +403,9 @@ def split_shards(planned: Iterable[Planned], max_bytes: float) -> list[list[Plan
 
 
 def write_safetensors(path: Path, planned: list[Planned], tensors: Iterator[Tensor]) -> None:
-    """A safetensors file written one tensor at a time: the header holds the planned names, dtypes and
-    shapes, then each tensor's bytes follow as `tensors` yields them. Only one tensor is ever in memory."""
+    """A safetensors file written one tensor at a time: the header holds the planned names, dtypes
+    and shapes, then each tensor's bytes follow as `tensors` yields them. Only one tensor is ever in
+    memory."""
     header, offset = {"__metadata__": {"format": "pt"}}, 0
     for p in planned:
         size = nbytes(p.meta)
@@ -390,12 +413,14 @@ def write_safetensors(path: Path, planned: list[Planned], tensors: Iterator[Tens
                           "data_offsets": [offset, offset + size]}
         offset += size
     raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # tensor data starts 8-byte aligned, as safetensors itself writes it
+    # tensor data starts 8-byte aligned, as safetensors itself writes it
+    raw += b" " * (-len(raw) % 8)
     with open(path, "wb") as file:
         file.write(len(raw).to_bytes(8, "little") + raw)
         for p in planned:
             t = next(tensors)
-            assert t.shape == p.meta.shape and t.dtype == p.meta.dtype, p.name  # the plan is the data
+            # the plan is the data
+            assert t.shape == p.meta.shape and t.dtype == p.meta.dtype, p.name
             file.write(t.contiguous().reshape(-1).view(torch.uint8).cpu().numpy())
 
 
@@ -420,7 +445,7 @@ def write_shards(folder: Path, shards: list[list[Planned]], tensors: Iterator[Te
 
 
 def move_into_place(folder: Path, path: Path) -> bool:
-    """Rename `folder` to `path`, unless something is at `path` (then False, and it is left as it is)."""
+    """Rename `folder` to `path`, unless something is at `path` (then False: left as it is)."""
     try:
         if os.path.lexists(path):  # rename() would replace an empty folder
             raise FileExistsError(errno.EEXIST, "exists")
@@ -432,12 +457,13 @@ def move_into_place(folder: Path, path: Path) -> bool:
     return True
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 5. Random checkpoints: the real on-disk format with random weights (tests, demos, bench.py)
 
 def fp8_recipe(config: Config) -> set[str]:
     """Which Linears the FP8 release quantizes (inferred from its tensors): all routed and shared
-    experts, and the in/out_proj of every Mamba layer that does not sit right before an attention layer."""
+    experts, and the in/out_proj of every Mamba layer that does not sit right before an attention
+    layer."""
     kinds = config.layers_block_type
     names = set()
     for i, kind in enumerate(kinds):
@@ -480,8 +506,9 @@ def random_tensor(name: str, shape, n_layers: int, randn, rand) -> Tensor:
 
 def random_checkpoint_tensors(config: Config, fp8: bool = True, seed: int = 0,
                               device: str | torch.device = "cpu") -> Iterator[tuple[str, Tensor]]:
-    """Random tensors of `config` under their checkpoint names and dtypes (FP8 recipe or all BF16), one
-    at a time, made on `device`. On the meta device: the same names, shapes and dtypes, no data (a plan)."""
+    """Random tensors of `config` under their checkpoint names and dtypes (FP8 recipe or all BF16),
+    one at a time, made on `device`. On the meta device: the same names, shapes and dtypes, no data
+    (a plan)."""
     with torch.device("meta"):
         shapes = Model(config)
     meta = torch.device(device).type == "meta"
@@ -518,9 +545,9 @@ def write_random_checkpoint(path: str | Path, config: Config, fp8: bool = True, 
                             seed: int = 0, extra_files=None) -> Path:
     """Write a random checkpoint of `config` in the exact on-disk format of the real one:
     config.json, generation_config.json, `shards` safetensors shards and their index. Streams: one
-    tensor in memory. Written into a temporary folder renamed at the end: an interruption or a full disk
-    leaves nothing, and a folder that appears at `path` meanwhile (another run) is refused, left as it is.
-    extra_files(folder), if given, adds files (a tokenizer) before the rename."""
+    tensor in memory. Written into a temporary folder renamed at the end: an interruption or a full
+    disk leaves nothing, and a folder that appears at `path` meanwhile (another run) is refused,
+    left as it is. extra_files(folder), if given, adds files (a tokenizer) before the rename."""
     path = Path(path)
     if path.exists():
         raise NanoElasticError(f"{path} already exists")
@@ -543,16 +570,18 @@ def write_random_checkpoint(path: str | Path, config: Config, fp8: bool = True, 
         if extra_files:
             extra_files(tmp)
         if not move_into_place(tmp, path):
-            raise NanoElasticError(f"{path} appeared while it was written (another run?): left as it is")
+            raise NanoElasticError(f"{path} appeared while it was written (another run?): left as "
+                                   f"it is")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
 
 
-def random_model(config: Config, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
-                 fp8: bool = True, seed: int = 0) -> Model:
-    """A model of `config` with the weights write_random_checkpoint() writes (FP8 recipe or all BF16),
-    made directly on `device`, no disk: what bench.py measures the real 52-layer shapes with."""
+def random_model(config: Config, device: str | torch.device | None = None,
+                 dtype: torch.dtype | None = None, fp8: bool = True, seed: int = 0) -> Model:
+    """A model of `config` with the weights write_random_checkpoint() writes (FP8 recipe or all
+    BF16), made directly on `device`, no disk: what bench.py measures the real 52-layer shapes
+    with."""
     device = ne.resolve_device(device)
     with torch.device("meta"):
         model = Model(config)

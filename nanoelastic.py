@@ -1,27 +1,31 @@
 """
-nanoelastic: NVIDIA Nemotron 3 Nano Elastic (30B / 23B / 12B in one checkpoint) in one readable file.
+nanoelastic: NVIDIA Nemotron 3 Nano Elastic (30B / 23B / 12B in one checkpoint) in one readable
+file.
 
 What differs from a vanilla decoder-only transformer:
-  1. Hybrid layers. 52 pre-norm residual layers, h = h + mixer(norm(h)), each with ONE mixer: Mamba-2 (M),
-     mixture-of-experts FFN (E) or grouped-query attention (*), in the order of `hybrid_override_pattern`.
-     No layer has both an attention and an FFN part.
+  1. Hybrid layers. 52 pre-norm residual layers, h = h + mixer(norm(h)), each with ONE mixer:
+     Mamba-2 (M), mixture-of-experts FFN (E) or grouped-query attention (*), in the order of
+     `hybrid_override_pattern`. No layer has both an attention and an FFN part.
   2. No positional encoding at all: the Mamba layers carry order; attention is plain causal GQA.
   3. Mamba-2 mixer: in_proj -> causal depthwise conv -> selective state space scan (chunked SSD for
      prefill, an O(1) recurrence step for decode) -> gated RMSNorm in groups -> out_proj.
-  4. MoE: sigmoid router whose score bias only chooses the top-6 of 128 experts; the unbiased scores are
-     renormalised and scaled by 2.5; experts are relu^2 MLPs without a gate; one shared expert always on.
+  4. MoE: sigmoid router whose score bias only chooses the top-6 of 128 experts; the unbiased scores
+     are renormalised and scaled by 2.5; experts are relu^2 MLPs without a gate; one shared expert
+     always on.
   5. FP8: ModelOpt per-tensor FP8 weights stay float8_e4m3fn in memory and are dequantised on use by
      the one `linear()` seam; nothing else in the model knows about FP8.
-  6. Nested sizes: the 23B and 12B models are prefixes of the 30B's hidden (D) and routed-FFN (F) axes.
-     A size is the same module tree whose tensors are prefix *views* (table NESTED_AXES): no copies.
-  7. Caches: KV for attention layers, conv + SSM state for Mamba layers; all of them have the same shape
-     at every size, so one cache serves every size and the size can change mid-generation.
+  6. Nested sizes: the 23B and 12B models are prefixes of the 30B's hidden (D) and routed-FFN (F)
+     axes. A size is the same module tree whose tensors are prefix *views* (table NESTED_AXES): no
+     copies.
+  7. Caches: KV for attention layers, conv + SSM state for Mamba layers; all of them have the same
+     shape at every size, so one cache serves every size and the size can change mid-generation.
 
 The file: sections 1-6 are the network (config, layers, model), in the order of the forward pass;
-sections 7-12 are the machinery around it (caches, fast paths, nested sizes, checkpoints, generation,
-the command line). Shapes use B = batch, T = new tokens, L = cached + new tokens, D = hidden (d when
-nested), V = vocab, H = heads, P = head dim, N = SSM state, G = groups, E = experts, F = expert FFN width
-(f when nested). README.md (How the model works) gives the equations; tensor names are the HF checkpoint's.
+sections 7-12 are the machinery around it (caches, fast paths, nested sizes, checkpoints,
+generation, the command line). Shapes use B = batch, T = new tokens, L = cached + new tokens, D =
+hidden (d when nested), V = vocab, H = heads, P = head dim, N = SSM state, G = groups, E = experts,
+F = expert FFN width (f when nested). README.md (How the model works) gives the equations; tensor
+names are the HF checkpoint's.
 """
 
 from __future__ import annotations
@@ -45,17 +49,18 @@ from torch import Tensor, nn
 
 
 class NanoElasticError(ValueError):
-    """Bad input: a missing file, a wrong shape, an unknown size, a prompt too long... One clear line."""
+    """Bad input: a missing file, a wrong shape, an unknown size, a prompt too long: one line."""
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 1. Config: HF config.json field names, kept verbatim (checkpoint.py reads and checks config.json)
 
 @dataclass
 class Config:
-    """The model's shape, with the field names of the checkpoint's config.json (Config.from_file reads one);
-    the defaults are the 30B's. layers_block_type lists each layer's mixer: 'mamba', 'moe', 'attention' or
-    'mlp'. config.sliced(d, f) is the config of the nested model of hidden d and expert FFN width f."""
+    """The model's shape, with the field names of the checkpoint's config.json (Config.from_file
+    reads one); the defaults are the 30B's. layers_block_type lists each layer's mixer: 'mamba',
+    'moe', 'attention' or 'mlp'. config.sliced(d, f) is the config of the nested model of hidden d
+    and expert FFN width f."""
     vocab_size: int = 131072
     hidden_size: int = 2688
     layers_block_type: list = field(default_factory=lambda: layer_kinds(
@@ -117,7 +122,7 @@ class Config:
 
     @classmethod
     def from_file(cls, path: str | Path) -> Config:
-        """A checkpoint's config.json: every field that sets a shape must be there (no silent default)."""
+        """A checkpoint's config.json: every field that sets a shape must be there (no default)."""
         import checkpoint
 
         return checkpoint.read_config(Path(path))
@@ -125,7 +130,8 @@ class Config:
     def to_dict(self) -> dict:
         """The config.json of a checkpoint of this config (HF nemotron_h field names)."""
         d = asdict(self)
-        d["hybrid_override_pattern"] = "".join(PATTERN_LETTERS[t] for t in d.pop("layers_block_type"))
+        kinds = d.pop("layers_block_type")
+        d["hybrid_override_pattern"] = "".join(PATTERN_LETTERS[t] for t in kinds)
         d["time_step_limit"] = list(self.time_step_limit)
         return {"architectures": ["NemotronHForCausalLM"], "model_type": "nemotron_h",
                 "num_hidden_layers": len(self.layers_block_type), **d}
@@ -136,33 +142,14 @@ class Config:
                          "intermediate_size": f})
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 2. The seams, linear() (the one place that knows about FP8) and RMSNorm
 #
-# A function marked @kernel is the plain-torch reference; kernels.py has a Triton function of the same
-# name and signature. NANOELASTIC_KERNELS: unset = Triton on CUDA tensors; "torch" = the references
-# everywhere; "triton" = Triton everywhere (CPU tensors need TRITON_INTERPRET=1).
-
-try:
-    import kernels
-except ImportError:  # no Triton (e.g. macOS): the references run everywhere
-    kernels = None
-
-
-def use_kernels(t: Tensor) -> bool:
-    mode = os.environ.get("NANOELASTIC_KERNELS", "")
-    if mode not in ("", "torch", "triton"):
-        raise NanoElasticError(f"NANOELASTIC_KERNELS={mode!r}: use 'torch' or 'triton', or leave it unset")
-    if mode == "triton" and kernels is None:
-        raise NanoElasticError("NANOELASTIC_KERNELS=triton but Triton is not installed")
-    if mode == "triton" and not t.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        raise NanoElasticError("NANOELASTIC_KERNELS=triton on the CPU needs TRITON_INTERPRET=1 (Triton's "
-                               "interpreter); or leave NANOELASTIC_KERNELS unset to use the torch references")
-    return mode == "triton" or (mode == "" and t.is_cuda and kernels is not None)
-
+# A function marked @kernel is the plain-torch reference; kernels.py has a Triton function of the
+# same name and signature, which use_kernels() (section 8) chooses.
 
 def kernel(reference):
-    """Route a call to kernels.<same name> when use_kernels(its first tensor); `.reference` is the torch one."""
+    """Route a call to kernels.<same name> if use_kernels(its first tensor); .reference: torch's."""
     @functools.wraps(reference)
     def routed(*args, **kwargs):
         fn = getattr(kernels, reference.__name__) if use_kernels(args[0]) else reference
@@ -173,25 +160,22 @@ def kernel(reference):
 
 @kernel
 def linear(x: Tensor, weight: Tensor, weight_scale: Tensor | None = None) -> Tensor:
-    """x @ weight^T. An FP8 weight (weight_scale given) is dequantised on use: weight.float() * scale."""
+    """x @ weight^T. An FP8 weight (weight_scale given) is dequantised on use: weight * scale."""
     if weight_scale is not None:
         weight = (weight.float() * weight_scale).to(x.dtype)
     return F.linear(x, weight)
 
 
-def fp8_quantize(w: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-tensor FP8 as ModelOpt does it: scale = amax / 448, w_q = e4m3(w / scale)."""
-    scale = w.abs().max().float().clamp(min=1e-12) / 448.0
-    return (w.float() / scale).clamp(-448, 448).to(torch.float8_e4m3fn), scale
-
-
 class Linear(nn.Module):
     """Bias-free Linear. FP8 exactly when the checkpoint gave it a weight_scale (set at load time);
-    input_scale is kept for W8A8 kernels. Stacked experts use a weight [E, out, in] and scales [E]."""
+    input_scale is kept for W8A8 kernels. Stacked experts use a weight [E, out, in] and scales
+    [E]."""
 
     def __init__(self, in_features: int, out_features: int, experts: int | None = None):
         super().__init__()
-        shape = (out_features, in_features) if experts is None else (experts, out_features, in_features)
+        shape = (out_features, in_features)
+        if experts is not None:
+            shape = (experts, *shape)
         self.weight = nn.Parameter(torch.empty(shape), requires_grad=False)
         self.register_buffer("weight_scale", None)
         self.register_buffer("input_scale", None)
@@ -208,9 +192,10 @@ class Linear(nn.Module):
 
 
 @kernel
-def rms_norm(x: Tensor, weight: Tensor, eps: float, groups: int = 1, gate: Tensor | None = None) -> Tensor:
-    """weight * x / sqrt(mean(x^2) + eps), statistics in fp32, over `groups` equal slices of the channels.
-    With a gate (the Mamba output norm), x is first multiplied by silu(gate)."""
+def rms_norm(x: Tensor, weight: Tensor, eps: float, groups: int = 1,
+             gate: Tensor | None = None) -> Tensor:
+    """weight * x / sqrt(mean(x^2) + eps), statistics in fp32, over `groups` equal slices of the
+    channels. With a gate (the Mamba output norm), x is first multiplied by silu(gate)."""
     xf = x.float() if gate is None else x.float() * F.silu(gate.float())
     xf = xf.unflatten(-1, (groups, -1))
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
@@ -230,12 +215,13 @@ class RMSNorm(nn.Module):
         return f"{self.weight.shape[0]}, eps={self.eps}"
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 3. Mamba-2: the chunked SSD scan (prefill) and its O(1) recurrence step (decode)
 
 def segsum(a: Tensor) -> Tensor:
-    """[..., Q] -> [..., Q, Q]: out[i, j] = a[j+1] + ... + a[i] for j <= i, and -inf above the diagonal.
-    A masked cumsum rather than a difference of cumsums, which would lose precision to cancellation."""
+    """[..., Q] -> [..., Q, Q]: out[i, j] = a[j+1] + ... + a[i] for j <= i, and -inf above the
+    diagonal. A masked cumsum rather than a difference of cumsums, which would lose precision to
+    cancellation."""
     Q = a.shape[-1]
     tril = torch.ones(Q, Q, dtype=torch.bool, device=a.device).tril
     a = a[..., None].expand(*a.shape, Q)  # a[..., i, j] = a_i
@@ -246,12 +232,12 @@ def segsum(a: Tensor) -> Tensor:
 @kernel
 def ssd_chunked(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk: int,
                 initial_state: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """The selective scan S_t = exp(dt_t A) S_{t-1} + dt_t x_t B_t^T,  y_t = S_t C_t, by chunks (SSD).
+    """The selective scan S_t = exp(dt_t A) S_{t-1} + dt_t x_t B_t^T,  y_t = S_t C_t, by chunks.
 
-    x [B, T, H, P], B and C [B, T, G, N] in the activations' dtype; dt [B, T, H] (after softplus) and
-    A [H] (negative) fp32. initial_state [B, H, P, N] fp32 or None (zeros). Returns y [B, T, H, P] fp32
-    (without the D skip) and the final state [B, H, P, N] fp32. Head h reads group h // (H / G).
-    This reference computes in fp32; the kernel multiplies bf16 x, B, C on tensor cores.
+    x [B, T, H, P], B and C [B, T, G, N] in the activations' dtype; dt [B, T, H] (after softplus)
+    and A [H] (negative) fp32; initial_state [B, H, P, N] fp32 or None (zeros). Returns y
+    [B, T, H, P] fp32 (without the D skip) and the final state [B, H, P, N] fp32. Head h reads
+    group h // (H / G). This reference computes in fp32; the kernel multiplies bf16 x, B, C.
     """
     b, T, H, P = x.shape
     G, N = B.shape[-2:]
@@ -264,8 +250,8 @@ def ssd_chunked(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk: i
     a_cum = a.cumsum(-1)
     xdt = x * dt.unflatten(3, (G, R))[..., None]  # dt_t x_t, [b, c, l, G, R, P]
 
-    # 1. Within each chunk (the quadratic, attention-like part): y_i = sum_{j<=i} (C_i . B_j) L_ij dt_j x_j,
-    #    with the decay mask L_ij = exp(a_{j+1} + ... + a_i).
+    # 1. Within each chunk (the quadratic, attention-like part), with the decay mask
+    #    L_ij = exp(a_{j+1} + ... + a_i):  y_i = sum_{j<=i} (C_i . B_j) L_ij dt_j x_j.
     L = torch.exp(segsum(a))  # [b, G, R, c, l, s]
     CB = torch.einsum("bclgn,bcsgn->bgcls", C, B)  # [b, G, c, l, s]
     y_diag = torch.einsum("bgcls,bgrcls,bcsgrp->bclgrp", CB, L, xdt)
@@ -291,7 +277,8 @@ def ssd_chunked(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk: i
     return y, final_state.flatten(1, 2)
 
 
-def pad_to_chunks(t: Tensor, chunk: int) -> Tensor:  # [b, T, ...] -> [b, c, chunk, ...], zero-padded
+def pad_to_chunks(t: Tensor, chunk: int) -> Tensor:
+    """[b, T, ...] -> [b, c, chunk, ...], the tail zero-padded."""
     pad = (0, 0) * (t.dim() - 2) + (0, -t.shape[1] % chunk)
     return F.pad(t, pad).unflatten(1, (-1, chunk))
 
@@ -307,9 +294,10 @@ def ssd_step(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tens
     return torch.einsum("bhpn,bhn->bhp", state, C)
 
 
-def causal_conv(xBC: Tensor, conv_state: Tensor | None, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """silu(causal depthwise conv) over xBC [B, T, C], continuing from the cached last K-1 inputs (zeros at
-    the start); conv_state [B, C, K-1] becomes the last K-1 inputs."""
+def causal_conv(xBC: Tensor, conv_state: Tensor | None, weight: Tensor,
+                bias: Tensor | None) -> Tensor:
+    """silu(causal depthwise conv) over xBC [B, T, C], continuing from the cached last K-1 inputs
+    (zeros at the start); conv_state [B, C, K-1] becomes the last K-1 inputs."""
     b, T, ch = xBC.shape
     K = weight.shape[-1]
     past = conv_state if conv_state is not None else xBC.new_zeros(b, ch, K - 1)
@@ -325,9 +313,10 @@ def split_heads(xBC: Tensor, H: int, G: int, N: int) -> tuple[Tensor, Tensor, Te
     return x.unflatten(-1, (H, -1)), B.unflatten(-1, (G, N)), C.unflatten(-1, (G, N))
 
 
-def discretise(dt: Tensor, dt_bias: Tensor, A_log: Tensor, dt_limit: tuple[float, float]) -> tuple[Tensor, Tensor]:
-    """Raw dt [..., H] -> softplus(dt + dt_bias) in fp32, and A = -exp(A_log) [H]. time_step_limit is
-    (0, inf), i.e. no clamp, unless the config says otherwise."""
+def discretise(dt: Tensor, dt_bias: Tensor, A_log: Tensor,
+               dt_limit: tuple[float, float]) -> tuple[Tensor, Tensor]:
+    """Raw dt [..., H] -> softplus(dt + dt_bias) in fp32, and A = -exp(A_log) [H]. time_step_limit
+    is (0, inf), i.e. no clamp, unless the config says otherwise."""
     return F.softplus(dt.float() + dt_bias.float()).clamp(*dt_limit), -torch.exp(A_log.float())
 
 
@@ -335,8 +324,9 @@ def discretise(dt: Tensor, dt_bias: Tensor, A_log: Tensor, dt_limit: tuple[float
 def mamba_step(xBC: Tensor, dt: Tensor, conv_state: Tensor, ssm_state: Tensor, conv_weight: Tensor,
                conv_bias: Tensor | None, dt_bias: Tensor, A_log: Tensor, D: Tensor, n_groups: int,
                dt_limit: tuple[float, float]) -> Tensor:
-    """The decode step of one token after in_proj: xBC [B, C] and raw dt [B, H] -> y [B, H*P] fp32 (with the
-    D skip, before the gated norm). conv_state [B, C, K-1] and ssm_state [B, H, P, N] are updated in place."""
+    """The decode step of one token after in_proj: xBC [B, C] and raw dt [B, H] -> y [B, H*P] fp32
+    (with the D skip, before the gated norm). conv_state [B, C, K-1] and ssm_state [B, H, P, N] are
+    updated in place."""
     H, P, N = ssm_state.shape[1:]
     xBC = causal_conv(xBC[:, None], conv_state, conv_weight, conv_bias)[:, 0]
     x, B, C = split_heads(xBC.float(), H, n_groups, N)
@@ -371,11 +361,13 @@ class Mamba2Mixer(nn.Module):
         y = rms_norm(y, self.norm.weight, self.norm.eps, groups=c.n_groups, gate=z)
         return self.out_proj(y.to(u.dtype))
 
-    def scan(self, xBC: Tensor, dt: Tensor, conv_state: Tensor | None, ssm_state: Tensor | None) -> Tensor:
-        """Prefill: the conv, then the chunked scan from the cached state (zeros without a cache)."""
+    def scan(self, xBC: Tensor, dt: Tensor, conv_state: Tensor | None,
+             ssm_state: Tensor | None) -> Tensor:
+        """Prefill: the conv, then the chunked scan from the cached state (zeros without one)."""
         c = self.config
         xBC = causal_conv(xBC, conv_state, self.conv1d.weight, self.conv1d.bias)
-        x, B, C = split_heads(xBC, c.mamba_num_heads, c.n_groups, c.ssm_state_size)  # activations' dtype
+        # activations' dtype
+        x, B, C = split_heads(xBC, c.mamba_num_heads, c.n_groups, c.ssm_state_size)
         dt, A = discretise(dt, self.dt_bias, self.A_log, c.time_step_limit)
         y, final_state = ssd_chunked(x, dt, A, B, C, c.chunk_size, ssm_state)
         if ssm_state is not None:
@@ -383,14 +375,15 @@ class Mamba2Mixer(nn.Module):
         return (y + self.D.float()[:, None] * x.float()).flatten(2)  # the D skip connection
 
     def step(self, xBC: Tensor, dt: Tensor, conv_state: Tensor, ssm_state: Tensor) -> Tensor:
-        """Decode: the same for one token, as one recurrence step on the cached states (mamba_step)."""
+        """Decode: the same for one token, one recurrence step on the cached states (mamba_step)."""
         conv = self.conv1d
-        y = mamba_step(xBC[:, 0], dt[:, 0], conv_state, ssm_state, conv.weight, conv.bias, self.dt_bias,
-                       self.A_log, self.D, self.config.n_groups, self.config.time_step_limit)
+        c = self.config
+        y = mamba_step(xBC[:, 0], dt[:, 0], conv_state, ssm_state, conv.weight, conv.bias,
+                       self.dt_bias, self.A_log, self.D, c.n_groups, c.time_step_limit)
         return y[:, None]
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 4. Attention: GQA, no positional encoding; the cache returns what to attend over
 
 class Attention(nn.Module):
@@ -409,15 +402,17 @@ class Attention(nn.Module):
         k = self.k_proj(x).unflatten(-1, (-1, hd)).transpose(1, 2)  # [B, Hkv, T, hd]
         v = self.v_proj(x).unflatten(-1, (-1, hd)).transpose(1, 2)
         mask = None  # None: plain causal
-        if cache is not None:  # all keys and values so far [B, Hkv, L, hd], and which ones each query sees
+        # all keys and values so far [B, Hkv, L, hd], and which ones each query sees
+        if cache is not None:
             k, v, mask = cache.update(self.layer_idx, k, v)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                           is_causal=mask is None and T > 1,
                                            scale=hd ** -0.5, enable_gqa=True)  # [B, Hq, T, hd]
         return self.o_proj(o.transpose(1, 2).flatten(2))
 
 
-# ----------------------------------------------------------------------------------------------------
-# 5. MoE: sigmoid router with selection-only bias, top-k relu^2 experts grouped by expert, shared expert
+# --------------------------------------------------------------------------------------------------
+# 5. MoE: a sigmoid router whose bias only selects, top-k relu^2 experts, a shared expert
 
 class MLP(nn.Module):
     """down(relu(up(x))^2): the shared expert, and the dense FFN of '-' layers."""
@@ -439,11 +434,14 @@ class Router(nn.Module):
         self.weight = nn.Parameter(torch.empty(E, config.hidden_size), requires_grad=False)
         self.e_score_correction_bias = nn.Parameter(torch.empty(E), requires_grad=False)
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:  # x [n, D] -> weights [n, k] fp32, experts [n, k]
+    # x [n, D] -> weights [n, k] fp32, experts [n, k]
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         c = self.config
         scores = torch.sigmoid(F.linear(x.float(), self.weight.float()))  # [n, E]
-        choice = scores + self.e_score_correction_bias.float()  # the bias chooses experts, nothing more
-        if c.n_group > 1:  # group-limited routing: keep the topk_group groups with the best top-2 sums
+        # the bias chooses experts, nothing more
+        choice = scores + self.e_score_correction_bias.float()
+        # group-limited routing: keep the topk_group groups with the best top-2 sums
+        if c.n_group > 1:
             groups = choice.unflatten(-1, (c.n_group, -1))
             best = groups.topk(2, dim=-1).values.sum(-1).topk(c.topk_group, dim=-1).indices
             keep = torch.zeros_like(groups[..., 0], dtype=torch.bool).scatter_(1, best, True)
@@ -456,11 +454,12 @@ class Router(nn.Module):
 
 
 @kernel
-def moe_experts(x: Tensor, weights: Tensor, experts: Tensor, up_weight: Tensor, up_scale: Tensor | None,
-                down_weight: Tensor, down_scale: Tensor | None) -> Tensor:
-    """x [n, D], routing weights [n, k] fp32, chosen experts [n, k] -> sum_j weights_j down_j(relu(up_j(x))^2)
-    [n, D], with stacked up_weight [E, F, D], down_weight [E, D, F] and FP8 scales [E] (or None)."""
-    # Group the n*k (token, expert) pairs by expert, run each expert once on its tokens, scatter back.
+def moe_experts(x: Tensor, weights: Tensor, experts: Tensor, up_weight: Tensor,
+                up_scale: Tensor | None, down_weight: Tensor, down_scale: Tensor | None) -> Tensor:
+    """x [n, D], routing weights [n, k] fp32, chosen experts [n, k]
+    -> sum_j weights_j down_j(relu(up_j(x))^2) [n, D], with stacked up_weight [E, F, D],
+    down_weight [E, D, F] and FP8 scales [E] (or None)."""
+    # The n*k (token, expert) pairs grouped by expert: each expert runs once on its tokens.
     order = experts.flatten().argsort(stable=True)
     tokens, pair_weights = order // experts.shape[1], weights.flatten()[order]
     E = up_weight.shape[0]
@@ -476,7 +475,7 @@ def moe_experts(x: Tensor, weights: Tensor, experts: Tensor, up_weight: Tensor, 
 
 
 class Experts(nn.Module):
-    """All routed experts, stacked at load time: up_proj.weight [E, F, D], down_proj.weight [E, D, F]."""
+    """The routed experts, stacked at load time: up_proj.weight [E, F, D], down_proj [E, D, F]."""
 
     def __init__(self, config: Config):
         super().__init__()
@@ -486,7 +485,8 @@ class Experts(nn.Module):
 
     def forward(self, x: Tensor, weights: Tensor, experts: Tensor) -> Tensor:  # x [n, D] -> [n, D]
         up, down = self.up_proj, self.down_proj
-        return moe_experts(x, weights, experts, up.weight, up.weight_scale, down.weight, down.weight_scale)
+        return moe_experts(x, weights, experts, up.weight, up.weight_scale, down.weight,
+                           down.weight_scale)
 
 
 class MoE(nn.Module):
@@ -502,7 +502,7 @@ class MoE(nn.Module):
         return self.experts(flat, weights, experts).view_as(x) + self.shared_experts(x)
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 6. The block and the model
 
 MIXERS = {"mamba": Mamba2Mixer, "attention": Attention, "moe": lambda c, i: MoE(c),
@@ -536,34 +536,38 @@ class Backbone(nn.Module):
 
 
 class Model(nn.Module):
-    """Nemotron 3 Nano Elastic: embeddings, the hybrid layers of config.layers_block_type, a final norm and
-    the LM head. Every size of the checkpoint is this one module tree:
+    """Nemotron 3 Nano Elastic: embeddings, the hybrid layers of config.layers_block_type, a final
+    norm and the LM head. Every size of the checkpoint is this one module tree:
 
         model = Model.from_pretrained(folder)
         logits = model(tokens, size="23B")        # tokens [B, T] -> fp32 logits [B, T, V]
         small = model.nested("12B")               # the same weights as prefix views, no copy
-        cache = model.new_cache(1, 4096)          # one cache for every size: model(tokens, cache, size)
-        for token in generate(model, prompt_ids, 100, size="23B", switch=Switch("30B", after=50)): ...
+        cache = model.new_cache(1, 4096)          # one cache for every size:
+        logits = model(tokens, cache, "12B")      # ... which then holds the tokens
+        for t in generate(model, prompt, 100, size="23B", switch=Switch("30B", after=50)): ...
 
-    Sizes are '30B', '23B', '12B' (any case) or 'HIDDENxFFN' prefixes; None is the checkpoint's own."""
+    Sizes are '30B', '23B', '12B' (any case) or 'HIDDENxFFN' prefixes; None is the checkpoint's
+    own."""
 
     def __init__(self, config: Config):
         super().__init__()
         self.config = config
         self.backbone = Backbone(config)
         self.lm_head = Linear(config.hidden_size, config.vocab_size)
-        self._nested = {}  # (d, f) -> this module tree with prefix views of every tensor (section 9)
+        # (d, f) -> this module tree with prefix views of every tensor (section 9)
+        self._nested = {}
 
     @torch.no_grad()
     def forward(self, tokens: Tensor, cache: Cache | None = None, size: str | None = None,
                 last_only: bool = False) -> Tensor:
-        """tokens [B, T] -> fp32 logits [B, T, V] ([B, 1, V] with last_only), at nested `size`. With a
-        cache, the tokens continue what it holds, and it holds them afterwards."""
+        """tokens [B, T] -> fp32 logits [B, T, V] ([B, 1, V] with last_only), at nested `size`. With
+        a cache, the tokens continue what it holds, and it holds them afterwards."""
         model = self.nested(size)
         tokens = checked_tokens(tokens, self.config.vocab_size).to(self.lm_head.weight.device)
         if cache is not None:
             cache.begin(*tokens.shape)
-        if use_kernels(tokens):  # the same sum, each residual add fused with the next norm (section 8)
+        # the same sum, each residual add fused with the next norm (section 8)
+        if use_kernels(tokens):
             h = fused_backbone(model.backbone, tokens, cache)
         else:
             h = model.backbone(tokens, cache)  # [B, T, D]
@@ -575,19 +579,13 @@ class Model(nn.Module):
         return logits
 
     def new_cache(self, batch_size: int, max_len: int) -> Cache:
-        """An empty Cache for `batch_size` sequences of up to `max_len` tokens, on the model's device.
-        It serves every nested size, so a generation can change size and keep it."""
-        if batch_size < 1 or max_len < 1:
-            raise NanoElasticError(f"new_cache needs batch_size >= 1 and max_len >= 1, "
-                                   f"got {batch_size}, {max_len}")
-        if max_len > self.config.max_position_embeddings:
-            raise NanoElasticError(f"max_len {max_len} > max_position_embeddings "
-                                   f"{self.config.max_position_embeddings}")
+        """An empty Cache for `batch_size` sequences of up to `max_len` tokens, on the model's
+        device. It serves every nested size, so a generation can change size and keep it."""
         dtype = self.backbone.embeddings.weight.dtype
         return Cache(self.config, batch_size, max_len, self.lm_head.weight.device, dtype)
 
     def nested(self, size: str | None) -> Model:
-        """This model at a nested size: the same module tree, every tensor a prefix view (NESTED_AXES)."""
+        """This model at a nested size: the same modules, its tensors prefix views (NESTED_AXES)."""
         d, f = parse_size(size, self.config)
         if (d, f) == (self.config.hidden_size, self.config.moe_intermediate_size):
             return self
@@ -595,15 +593,16 @@ class Model(nn.Module):
             self._nested[(d, f)] = nested_model(self, d, f)
         return self._nested[(d, f)]
 
-    def _apply(self, fn, recurse=True):  # .to() / .cuda() make new tensors: forget views of the old ones
+    # .to() / .cuda() make new tensors: forget views of the old ones
+    def _apply(self, fn, recurse=True):
         self._nested = {}
         return super()._apply(fn, recurse)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None,
                         dtype: torch.dtype | None = None, verbose: bool = True) -> Model:
-        """Load an HF-format checkpoint folder: FP8 or BF16, sharded or not. dtype is the compute dtype
-        (bfloat16 by default; float32 for exact tests). FP8 weights stay FP8."""
+        """Load an HF-format checkpoint folder: FP8 or BF16, sharded or not. dtype is the compute
+        dtype (bfloat16 by default; float32 for exact tests). FP8 weights stay FP8."""
         path = Path(path)
         if not path.is_dir():
             raise NanoElasticError(f"checkpoint folder not found: {path}")
@@ -617,7 +616,7 @@ class Model(nn.Module):
         return model
 
     def num_params(self, size: str | None = None) -> tuple[int, int]:
-        """(total, active per token) parameters at `size`; active counts k of the E routed experts."""
+        """(total, active per token) parameters at `size`; active counts k of the E experts."""
         model, c = self.nested(size), self.config
         total = sum(p.numel() for p in model.parameters())
         named = model.named_parameters()
@@ -625,24 +624,32 @@ class Model(nn.Module):
         return total, total - idle + idle * c.num_experts_per_tok // c.n_routed_experts
 
     def extra_repr(self) -> str:
-        return f"size {self.config.hidden_size}x{self.config.moe_intermediate_size} (hidden x expert FFN)"
+        c = self.config
+        return f"size {c.hidden_size}x{c.moe_intermediate_size} (hidden x expert FFN)"
 
 
-# ====================================================================================================
+# ==================================================================================================
 # The machinery: everything below serves the network above and changes none of its math.
-# ====================================================================================================
+# ==================================================================================================
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 7. Caches
 
 class Cache:
     """Preallocated decode state for every layer, the same shapes at every nested size:
-    attention: K and V [B, Hkv, max_len, hd] (compute dtype); Mamba: conv [B, C, K-1], SSM [B, H, P, N] fp32.
-    `length` tokens are in it (on the host; `position` is the same count on the device, which a decode
-    step reads without waiting for the host). A model call with the cache continues from there."""
+    attention: K and V [B, Hkv, max_len, hd] (compute dtype); Mamba: conv [B, C, K-1], SSM [B, H, P,
+    N] fp32. `length` tokens are in it (on the host; `position` is the same count on the device,
+    which a decode step reads without waiting for the host). A model call with the cache continues
+    from there."""
 
     def __init__(self, config: Config, batch_size: int, max_len: int, device, dtype):
         c = config
+        if batch_size < 1 or max_len < 1:
+            raise NanoElasticError(f"new_cache needs batch_size >= 1 and max_len >= 1, "
+                                   f"got {batch_size}, {max_len}")
+        if max_len > c.max_position_embeddings:
+            raise NanoElasticError(f"max_len {max_len} > max_position_embeddings "
+                                   f"{c.max_position_embeddings}")
         self.batch_size, self.max_len, self.length = batch_size, max_len, 0
         self.position = torch.zeros((), dtype=torch.int64, device=device)
         self.interrupted = False  # set while a step is half-written (Ctrl-C): see begin()
@@ -661,13 +668,15 @@ class Cache:
                 self.layers.append(None)
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
-        """Write attention layer `layer`'s new keys and values [B, Hkv, T, hd] at their positions; return
-        the keys and values to attend over and the mask of what each new query sees (None: causal)."""
+        """Write attention layer `layer`'s new keys and values [B, Hkv, T, hd] at their positions;
+        return the keys and values to attend over and the mask of what each new query sees (None:
+        causal)."""
         k_cache, v_cache = self.layers[layer]
         T = k.shape[2]
         if T == 1:
-            # Decode: write at the device-side position and attend over a window of the cache that holds
-            # it, masked: no host sync, and a window that changes only at powers of two (a CUDA graph each).
+            # Decode: write at the device-side position and attend over a window of the cache that
+            # holds it, masked: no host sync, and a window that changes only at powers of two (a
+            # CUDA graph each).
             k_cache.index_copy_(2, self.position.view(1), k)
             v_cache.index_copy_(2, self.position.view(1), v)
             window = self.window()
@@ -683,19 +692,19 @@ class Cache:
         return k_cache[:, :, :start + T], v_cache[:, :, :start + T], mask
 
     def window(self) -> int:
-        """How many KV positions a decoded token attends over: > length, a power of two (or max_len)."""
+        """The KV positions a decoded token attends over: > length, a power of two (or max_len)."""
         return min(self.max_len, max(256, 1 << self.length.bit_length()))
 
     def begin(self, batch_size: int, new_tokens: int) -> None:
-        """Check that a step of `new_tokens` per row fits, and mark the cache as mid-step until end()."""
+        """Check that a step of `new_tokens` per row fits; the cache is mid-step until end()."""
         if self.interrupted:
             raise NanoElasticError("this cache was interrupted in the middle of a step: "
                                    "reset it and prefill again")
         if batch_size != self.batch_size:
             raise NanoElasticError(f"batch size {batch_size} != the cache's {self.batch_size}")
         if self.length + new_tokens > self.max_len:
-            raise NanoElasticError(f"cache overflow: {self.length} cached + {new_tokens} new tokens "
-                                   f"> max_len {self.max_len}")
+            raise NanoElasticError(f"cache overflow: {self.length} cached + {new_tokens} new "
+                                   f"tokens > max_len {self.max_len}")
         self.interrupted = True
 
     def end(self, new_tokens: int) -> None:
@@ -712,8 +721,9 @@ class Cache:
         self.length, self.interrupted = 0, False
 
     def snapshot(self) -> tuple[int, list]:
-        """A copy of the state after the first `length` tokens: KV up to there, conv and SSM states (small).
-        Mamba states cannot be rewound, so this is how to go back to a prefix (chat.py, per turn)."""
+        """A copy of the state after the first `length` tokens: KV up to there, conv and SSM states
+        (small). Mamba states cannot be rewound, so this is how to go back to a prefix (chat.py, per
+        turn)."""
         n, saved = self.length, []
         for kind, state in zip(self.kinds, self.layers):
             if kind == "attention":
@@ -730,36 +740,62 @@ class Cache:
         self.length, self.interrupted = n, False
 
 
-# ----------------------------------------------------------------------------------------------------
-# 8. Fast paths at the seams: the fused residual add, CUDA-graph decoding. Each is checked against the
-#    plain path by a test (test_nanoelastic.py, test_kernels.py).
+# --------------------------------------------------------------------------------------------------
+# 8. Fast paths at the seams: the kernels, the fused residual add, CUDA-graph decoding. Each is
+#    checked against the plain path by a test (test_nanoelastic.py, test_kernels.py).
+
+# NANOELASTIC_KERNELS: unset = Triton on CUDA tensors; "torch" = the torch references everywhere;
+# "triton" = Triton everywhere (CPU tensors need TRITON_INTERPRET=1).
+
+try:
+    import kernels
+except ImportError:  # no Triton (e.g. macOS): the references run everywhere
+    kernels = None
+
+
+def use_kernels(t: Tensor) -> bool:
+    mode = os.environ.get("NANOELASTIC_KERNELS", "")
+    if mode not in ("", "torch", "triton"):
+        raise NanoElasticError(f"NANOELASTIC_KERNELS={mode!r}: use 'torch' or 'triton', or leave "
+                               f"it unset")
+    if mode == "triton" and kernels is None:
+        raise NanoElasticError("NANOELASTIC_KERNELS=triton but Triton is not installed")
+    if mode == "triton" and not t.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise NanoElasticError("NANOELASTIC_KERNELS=triton on the CPU needs TRITON_INTERPRET=1 "
+                               "(Triton's interpreter); or leave NANOELASTIC_KERNELS unset to use "
+                               "the torch references")
+    return mode == "triton" or (mode == "" and t.is_cuda and kernels is not None)
+
 
 def fused_backbone(backbone: Backbone, tokens: Tensor, cache: Cache | None = None) -> Tensor:
-    """Backbone.forward with each residual add fused into the next norm (add_rms_norm, one kernel and one
-    pass over h instead of two per layer): the same sums in the same order."""
+    """Backbone.forward with each residual add fused into the next norm (add_rms_norm, one kernel
+    and one pass over h instead of two per layer): the same sums in the same order."""
     h, update = backbone.embeddings(tokens), None
     for layer in backbone.layers:
-        x, h = add_rms_norm(h, update, layer.norm.weight, layer.norm.eps)  # h += update; x = norm(h)
+        # h += update; x = norm(h)
+        x, h = add_rms_norm(h, update, layer.norm.weight, layer.norm.eps)
         update = layer.mixer(x, cache)
     x, _ = add_rms_norm(h, update, backbone.norm_f.weight, backbone.norm_f.eps)
     return x
 
 
 @kernel
-def add_rms_norm(h: Tensor, update: Tensor | None, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    """The residual add fused with the next norm: (rms_norm(h + update), h + update); update may be None."""
+def add_rms_norm(h: Tensor, update: Tensor | None, weight: Tensor,
+                 eps: float) -> tuple[Tensor, Tensor]:
+    """The residual add fused with the next norm: (rms_norm(h + update), h + update)."""
     if update is not None:
         h = h + update
     return rms_norm(h, weight, eps), h
 
 
 class DecodeGraph:
-    """The decode step on one cache: step(tokens [B, 1], size) -> fp32 logits [B, V], the cache one token
-    longer. On a GPU with the kernels, CUDA graphs: one launch per token instead of hundreds (the logits
-    are then a static buffer that the next step overwrites). A graph attends over a fixed window of the
-    KV cache, so there is one per size and window (powers of two from 256 up to max_len), each captured
-    the first time it is needed. Elsewhere (the torch MoE reference syncs with the host), model() itself.
-    It holds the cache and the cache knows nothing of it: dropping it frees both."""
+    """The decode step on one cache: step(tokens [B, 1], size) -> fp32 logits [B, V], the cache one
+    token longer. On a GPU with the kernels, CUDA graphs: one launch per token instead of hundreds
+    (the logits are then a static buffer that the next step overwrites). A graph attends over a
+    fixed window of the KV cache, so there is one per size and window (powers of two from 256 up to
+    max_len), each captured the first time it is needed. Elsewhere (the torch MoE reference syncs
+    with the host), model() itself. It holds the cache and the cache knows nothing of it: dropping
+    it frees both."""
 
     def __init__(self, model: Model, cache: Cache):
         self.model, self.cache = model, cache
@@ -787,7 +823,7 @@ class DecodeGraph:
         """Record the decode step at the cache's current window; the cache is left as it was."""
         model, cache = self.model, self.cache
         tokens = torch.zeros(batch, 1, dtype=torch.int64, device=cache.position.device)
-        # Warm up (Triton compiles, SDPA picks its kernel) on a scratch cache: the real one must not change.
+        # Warm up (Triton compiles, SDPA picks its kernel) on a scratch cache, not the real one.
         scratch = model.new_cache(cache.batch_size, cache.max_len)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
@@ -807,14 +843,15 @@ class DecodeGraph:
         return graph, tokens, logits
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 9. Nested sizes, in one place: which tensor axes shrink, the size names, the nested module trees
 
-SIZE_PRESETS = {"30B": (2688, 1856), "23B": (2304, 1600), "12B": (1920, 960)}  # -> (hidden, expert FFN)
+# name -> (hidden, expert FFN)
+SIZE_PRESETS = {"30B": (2688, 1856), "23B": (2304, 1600), "12B": (1920, 960)}
 
-# For each tensor, which of its trailing axes shrink: "d" = hidden, "f" = routed-expert (or dense MLP)
-# FFN, "." = unchanged. A stacked expert tensor [E, F, D] matches on its last two axes. Tensors not
-# listed (conv1d, A_log, D, dt_bias, the Mamba gated-norm weight, e_score_correction_bias, every
+# For each tensor, which of its trailing axes shrink: "d" = hidden, "f" = routed-expert (or dense
+# MLP) FFN, "." = unchanged. A stacked expert tensor [E, F, D] matches on its last two axes. Tensors
+# not listed (conv1d, A_log, D, dt_bias, the Mamba gated-norm weight, e_score_correction_bias, every
 # *_scale) keep their shape at every size. The model's views and slice.py both read this table.
 NESTED_AXES = [
     (r"embeddings\.weight|lm_head\.weight", ".d"),
@@ -835,14 +872,15 @@ def nested_axes(name: str) -> str:
 
 
 def nested_view(name: str, t: Tensor, d: int, f: int) -> Tensor:
-    """The prefix view of tensor `name` at nested size (d, f): t[..., :f, :d] and so on. Never a copy."""
+    """The prefix view of tensor `name` at nested size (d, f): t[..., :f, :d] etc. Never a copy."""
     prefix = {"d": slice(0, d), "f": slice(0, f), ".": slice(None)}
     return t[(..., *(prefix[a] for a in nested_axes(name)))]
 
 
 def nested_model(model: Model, d: int, f: int) -> Model:
-    """A copy of `model`'s module tree whose tensors are nested_view()s of its own and whose config is
-    the sliced one: the module code runs unchanged and reads only the nested prefix of every weight."""
+    """A copy of `model`'s module tree whose tensors are nested_view()s of its own and whose config
+    is the sliced one: the module code runs unchanged and reads only the nested prefix of every
+    weight."""
     memo = {id(model.config): model.config.sliced(d, f), id(model._nested): {}}  # deepcopy's memo:
     for name, p in model.named_parameters():  # these objects are replaced, not copied
         memo[id(p)] = nn.Parameter(nested_view(name, p, d, f), requires_grad=False)
@@ -854,7 +892,7 @@ def nested_model(model: Model, d: int, f: int) -> Model:
 
 
 def parse_size(size: str | None, config: Config) -> tuple[int, int]:
-    """'30B' | '23B' | '12B' | 'HIDDENxFFN' | None (= the checkpoint's own size) -> (d, f), validated."""
+    """'30B' | '23B' | '12B' | 'HIDDENxFFN' | None (the checkpoint's own) -> (d, f), checked."""
     D, Fe = config.hidden_size, config.moe_intermediate_size
     if size is None:
         return D, Fe
@@ -874,8 +912,8 @@ def parse_size(size: str | None, config: Config) -> tuple[int, int]:
     return d, f
 
 
-# ----------------------------------------------------------------------------------------------------
-# 10. The layer pattern: config.json's spellings of it (checkpoint.py checks the rest of config.json)
+# --------------------------------------------------------------------------------------------------
+# 10. The layer pattern, as config.json spells it (checkpoint.py checks the rest of config.json)
 
 LAYER_TYPES = {  # every spelling seen in config.json -> the name used here
     "M": "mamba", "mamba": "mamba", "linear_attention": "mamba",
@@ -884,13 +922,15 @@ LAYER_TYPES = {  # every spelling seen in config.json -> the name used here
     "-": "mlp", "mlp": "mlp",
 }
 PATTERN_LETTERS = {"mamba": "M", "attention": "*", "moe": "E", "mlp": "-"}
-MAX_LAYERS = 1000  # the real model has 52; a bigger pattern is a broken config, refused before allocating
+# the real model has 52; a bigger pattern is a broken config, refused before allocating
+MAX_LAYERS = 1000
 
 
 def layer_kinds(layers) -> list[str]:
-    """hybrid_override_pattern ('MEM*E...') or layers_block_type (a list of names) -> mixer names."""
+    """hybrid_override_pattern ('MEM*E...') or layers_block_type (names) -> mixer names."""
     if not isinstance(layers, (str, list)) or not all(isinstance(t, str) for t in layers):
-        raise NanoElasticError("config: the layer pattern must be a string or a list of layer type names")
+        raise NanoElasticError("config: the layer pattern must be a string or a list of layer type "
+                               "names")
     unknown = sorted({t for t in layers if t not in LAYER_TYPES})
     if unknown:
         raise NanoElasticError(f"config: unknown layer types {unknown}")
@@ -899,11 +939,17 @@ def layer_kinds(layers) -> list[str]:
     return [LAYER_TYPES[t] for t in layers]
 
 
-# ----------------------------------------------------------------------------------------------------
-# 11. Loading: the device (checkpoint.py reads the files: names, shapes, FP8 scales, shards)
+# --------------------------------------------------------------------------------------------------
+# 11. FP8 and devices (checkpoint.py reads the files: names, shapes, FP8 scales, shards)
+
+def fp8_quantize(w: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-tensor FP8 as ModelOpt does it: scale = amax / 448, w_q = e4m3(w / scale)."""
+    scale = w.abs().max().float().clamp(min=1e-12) / 448.0
+    return (w.float() / scale).clamp(-448, 448).to(torch.float8_e4m3fn), scale
+
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    """`device`, or cuda when there is one, else cpu; a CUDA device on a machine without one is an error."""
+    """`device`, or cuda when there is one, else cpu; cuda on a machine without one is an error."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise NanoElasticError(f"device {device} asked for, but torch sees no CUDA GPU here "
@@ -911,7 +957,7 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return device
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 12. Sampling and generation: prefill, decode, sample, and change size mid-stream
 
 STOP_TOKENS = (2, 11)  # </s> and <|im_end|> of the release's tokenizer (its generation_config.json)
@@ -925,10 +971,11 @@ class Token(NamedTuple):
 
 @dataclass
 class Switch:
-    """Change size during a generation: right after `on_token` appears (e.g. </think>), or once `after`
-    new tokens are out (a thinking budget; then `on_token`, if set, is forced first, closing the thought).
-    mode "transplant" keeps the caches the old size filled (free, approximate); "reprefill" rebuilds them
-    with the new size from all tokens so far (exact, costs one prefill)."""
+    """Change size during a generation: right after `on_token` appears (e.g. </think>), or once
+    `after` new tokens are out (a thinking budget; then `on_token`, if set, is forced first, closing
+    the thought). mode "transplant" keeps the caches the old size filled (free, approximate);
+    "reprefill" rebuilds them with the new size from all tokens so far (exact, costs one
+    prefill)."""
     size: str | None
     on_token: int | None = None
     after: int | None = None
@@ -936,13 +983,15 @@ class Switch:
 
     def __post_init__(self):
         if self.mode not in ("transplant", "reprefill"):
-            raise NanoElasticError(f"unknown switch mode {self.mode!r}: use transplant or reprefill")
+            raise NanoElasticError(f"unknown switch mode {self.mode!r}: use transplant or "
+                                   f"reprefill")
         if self.on_token is None and self.after is None:
             raise NanoElasticError("a Switch needs on_token, after, or both")
         if self.after is not None and self.after < 0:
             raise NanoElasticError(f"Switch after must be >= 0 new tokens, got {self.after}")
         if self.on_token is not None and self.on_token < 0:
-            raise NanoElasticError(f"Switch on_token must be a token id (>= 0), got {self.on_token}")
+            raise NanoElasticError(f"Switch on_token must be a token id (>= 0), got "
+                                   f"{self.on_token}")
 
     def forced(self, n: int) -> int | None:
         """The token written instead of a sampled one as new token n: on_token, once over budget."""
@@ -951,7 +1000,7 @@ class Switch:
         return None
 
     def due(self, n: int, token: int) -> bool:
-        """Whether the size changes after new token n: it was on_token, or (without one) the budget is out."""
+        """Whether the size changes after new token n: it is on_token, or (if none) n >= after."""
         if self.on_token is not None:
             return token == self.on_token
         return n >= self.after
@@ -969,9 +1018,9 @@ def check_sampling(temperature: float, top_p: float, top_k: int) -> None:
 
 def sample(logits: Tensor, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
            generator: torch.Generator | None = None) -> Tensor:
-    """logits [V] fp32 -> token id (0-d tensor). temperature 0 = greedy; else softmax(logits / temperature)
-    kept to the top_k most likely tokens (0 = all) and to the smallest set whose probability reaches top_p
-    (1 = all). No host sync."""
+    """logits [V] fp32 -> token id (0-d tensor). temperature 0 = greedy; else softmax(logits /
+    temperature) kept to the top_k most likely tokens (0 = all) and to the smallest set whose
+    probability reaches top_p (1 = all). No host sync."""
     check_sampling(temperature, top_p, top_k)
     if temperature == 0:
         return logits.argmax()
@@ -980,7 +1029,8 @@ def sample(logits: Tensor, temperature: float = 0.0, top_p: float = 1.0, top_k: 
         logits = logits.masked_fill(logits < logits.topk(top_k).values[-1], -math.inf)
     if top_p < 1.0:  # keep the smallest set of most likely tokens whose probability reaches top_p
         probs, order = logits.softmax(-1).sort(descending=True)
-        drop = probs.cumsum(-1) - probs >= top_p  # the tokens after the set; the first is always kept
+        # the tokens after the set; the first is always kept
+        drop = probs.cumsum(-1) - probs >= top_p
         logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), -math.inf)
     probs = logits.softmax(-1)
     # Sampling by argmax(p / Exp(1)) draws from p (the exponential race) without a host sync.
@@ -988,12 +1038,15 @@ def sample(logits: Tensor, temperature: float = 0.0, top_p: float = 1.0, top_k: 
 
 
 def checked_tokens(tokens: Tensor, vocab_size: int) -> Tensor:
-    """Token ids [B, T] with at least one per row, every id < vocab_size. The range check reads the ids
-    on the host: free on the CPU, a sync on a GPU, skipped while DecodeGraph captures a CUDA graph."""
-    if not isinstance(tokens, Tensor) or tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
+    """Token ids [B, T] with at least one per row, every id < vocab_size. The range check reads the
+    ids on the host: free on the CPU, a sync on a GPU, skipped while DecodeGraph captures a CUDA
+    graph."""
+    integer = isinstance(tokens, Tensor) and tokens.dtype in (torch.int64, torch.int32)
+    if not integer or tokens.dim() != 2:
         raise NanoElasticError("tokens must be an integer tensor of shape [batch, seq_len]")
     if tokens.numel() == 0:
-        raise NanoElasticError(f"tokens of shape {list(tokens.shape)}: need at least one token per row")
+        raise NanoElasticError(f"tokens of shape {list(tokens.shape)}: need at least one token per "
+                               f"row")
     if tokens.is_cuda and torch.cuda.is_current_stream_capturing():
         return tokens
     low, high = int(tokens.min()), int(tokens.max())
@@ -1008,8 +1061,9 @@ def prompt_ids(prompt: list[int] | Tensor) -> list[int]:
         if prompt.dim() == 2 and prompt.shape[0] == 1:
             prompt = prompt[0]
         if prompt.dim() != 1 or prompt.is_floating_point():
-            raise NanoElasticError(f"prompt must be token ids: a list, a 1-D tensor or a [1, T] tensor, "
-                                   f"got a {prompt.dtype} tensor of shape {list(prompt.shape)}")
+            raise NanoElasticError(f"prompt must be token ids: a list, a 1-D tensor or a [1, T] "
+                                   f"tensor, got a {prompt.dtype} tensor of shape "
+                                   f"{list(prompt.shape)}")
         prompt = prompt.tolist()
     prompt = [int(t) for t in prompt]
     if not prompt:
@@ -1036,7 +1090,8 @@ def generation_cache(model: Model, prompt: list[int], max_new_tokens: int,
     max_len = model.config.max_position_embeddings
     if cache is None:
         if len(prompt) >= max_len:
-            raise NanoElasticError(f"prompt too long: {len(prompt)} tokens, the model takes {max_len - 1}")
+            raise NanoElasticError(f"prompt too long: {len(prompt)} tokens, the model takes "
+                                   f"{max_len - 1}")
         cache = model.new_cache(1, min(len(prompt) + max_new_tokens, max_len))
     step = cache if isinstance(cache, DecodeGraph) else DecodeGraph(model, cache)
     cache = step.cache
@@ -1048,19 +1103,22 @@ def generation_cache(model: Model, prompt: list[int], max_new_tokens: int,
     return step
 
 
-def generate(model: Model, prompt: list[int] | Tensor, max_new_tokens: int, *, size: str | None = None,
-             switch: Switch | None = None, stop_tokens: tuple[int, ...] = STOP_TOKENS,
-             temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
-             cache: Cache | DecodeGraph | None = None, prefill_chunk: int = 8192) -> Iterator[Token]:
+def generate(model: Model, prompt: list[int] | Tensor, max_new_tokens: int, *,
+             size: str | None = None, switch: Switch | None = None,
+             stop_tokens: tuple[int, ...] = STOP_TOKENS, temperature: float = 0.0,
+             top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
+             cache: Cache | DecodeGraph | None = None,
+             prefill_chunk: int = 8192) -> Iterator[Token]:
     """Stream the continuation of `prompt` one Token at a time, stopping after a stop token or
-    max_new_tokens. A `cache` already holding a prefix of `prompt` (an earlier turn) is continued; its
-    first cache.length tokens must be prompt's. Ctrl-C ends the stream (the program goes on).
+    max_new_tokens. A `cache` already holding a prefix of `prompt` (an earlier turn) is continued;
+    its first cache.length tokens must be prompt's. Ctrl-C ends the stream (the program goes on).
 
-    prompt: token ids as a list, a 1-D tensor or a [1, T] tensor (one sequence). size: the nested size
-    ('30B', '23B', '12B', 'HIDDENxFFN'; None = the checkpoint's own). switch: a Switch to change size on the
-    way. stop_tokens: ids that end the stream (they are yielded). temperature, top_p, top_k: see sample();
-    seed makes sampling repeatable. prefill_chunk: prompt tokens per forward pass (bounds memory). cache:
-    a Cache, or a DecodeGraph of one, whose CUDA graphs are then kept from one call to the next."""
+    prompt: token ids as a list, a 1-D tensor or a [1, T] tensor (one sequence). size: the nested
+    size ('30B', '23B', '12B', 'HIDDENxFFN'; None = the checkpoint's own). switch: a Switch to
+    change size on the way. stop_tokens: ids that end the stream (they are yielded). temperature,
+    top_p, top_k: see sample(); seed makes sampling repeatable. prefill_chunk: prompt tokens per
+    forward pass (bounds memory). cache: a Cache, or a DecodeGraph of one, whose CUDA graphs are
+    then kept from one call to the next."""
     prompt = prompt_ids(prompt)
     check_sampling(temperature, top_p, top_k)
     if prefill_chunk < 1:
@@ -1096,13 +1154,14 @@ def generate(model: Model, prompt: list[int] | Tensor, max_new_tokens: int, *, s
         return
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 13. Command line: a demo on random weights, or a raw completion from a real checkpoint
 
 DEMO_CONFIG = Config(vocab_size=512, hidden_size=256, layers_block_type=layer_kinds("MEM*EMEME"),
                      num_attention_heads=8, num_key_value_heads=2, head_dim=32, mamba_num_heads=16,
-                     mamba_head_dim=16, ssm_state_size=32, n_groups=4, chunk_size=32, n_routed_experts=16,
-                     num_experts_per_tok=4, moe_intermediate_size=128, intermediate_size=128,
+                     mamba_head_dim=16, ssm_state_size=32, n_groups=4, chunk_size=32,
+                     n_routed_experts=16, num_experts_per_tok=4, moe_intermediate_size=128,
+                     intermediate_size=128,
                      moe_shared_expert_intermediate_size=256, max_position_embeddings=4096)
 DEMO_SIZES = {"30B": "256x128", "23B": "192x96", "12B": "128x64"}  # stand-ins inside DEMO_CONFIG
 
@@ -1113,14 +1172,15 @@ class Terminated(BaseException):
 
 
 def sigterm_as_interrupt() -> None:
-    """From now on, SIGTERM (kill, a job scheduler) raises Terminated: temporary files are removed."""
+    """From now on SIGTERM (kill, a job scheduler) raises Terminated: temporary files go."""
     def raise_terminated(signum, frame):
         raise Terminated()
     signal.signal(signal.SIGTERM, raise_terminated)
 
 
 def interrupted_exit_code(e: BaseException) -> int:
-    return 143 if isinstance(e, Terminated) else 130  # 128 + the signal's number, as shells report it
+    # 128 + the signal's number, as shells report it
+    return 143 if isinstance(e, Terminated) else 130
 
 
 def load_tokenizer(folder: Path):
@@ -1139,8 +1199,9 @@ def load_tokenizer(folder: Path):
 def parse_args(argv: list[str] | None):
     import argparse
 
-    ap = argparse.ArgumentParser(description="Run Nemotron 3 Nano Elastic. Without --ckpt: a demo on a small "
-                                 "random checkpoint (random weights: the tokens are noise, the mechanics are real).")
+    ap = argparse.ArgumentParser(description="Run Nemotron 3 Nano Elastic. Without --ckpt: a demo "
+                                 "on a small random checkpoint (random weights: the tokens are "
+                                 "noise, the mechanics are real).")
     ap.add_argument("--ckpt", help="checkpoint folder (HF format, FP8 or BF16)")
     ap.add_argument("--size", help="30B, 23B, 12B or HIDDENxFFN (default: the checkpoint's own)")
     ap.add_argument("--switch-to", help="change to this size after --switch-after tokens")
@@ -1152,7 +1213,8 @@ def parse_args(argv: list[str] | None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device")
     args = ap.parse_args(argv)
-    args.prompt = args.prompt.encode(errors="surrogateescape").decode(errors="replace")  # not UTF-8: U+FFFD
+    # not UTF-8: U+FFFD
+    args.prompt = args.prompt.encode(errors="surrogateescape").decode(errors="replace")
     return args
 
 
@@ -1166,7 +1228,8 @@ def main(argv: list[str] | None = None) -> None:
     else:
         import checkpoint
 
-        print("demo: random weights, so the tokens are noise; sizes, caches and the switch are real")
+        print("demo: random weights, so the tokens are noise; sizes, caches and the switch are "
+              "real")
         model = checkpoint.random_model(DEMO_CONFIG, args.device, torch.float32)
         args.size = args.size or DEMO_SIZES["23B"]
         args.switch_to = args.switch_to or DEMO_SIZES["30B"]
