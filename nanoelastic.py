@@ -21,7 +21,7 @@ What differs from a vanilla decoder-only transformer:
      shape at every size, so one cache serves every size and the size can change mid-generation.
 
 The file: sections 1-6 are the network (config, layers, model), in the order of the forward pass;
-sections 7-12 are the machinery around it (caches, fast paths, nested sizes, checkpoints,
+sections 7-13 are the machinery around it (caches, fast paths, nested sizes, checkpoints,
 generation, the command line). Shapes use B = batch, T = new tokens, L = cached + new tokens, D =
 hidden (d when nested), V = vocab, H = heads, P = head dim, N = SSM state, G = groups, E = experts,
 F = expert FFN width (f when nested). README.md (How the model works) gives the equations; tensor
@@ -881,8 +881,9 @@ def nested_model(model: Model, d: int, f: int) -> Model:
     """A copy of `model`'s module tree whose tensors are nested_view()s of its own and whose config
     is the sliced one: the module code runs unchanged and reads only the nested prefix of every
     weight."""
-    memo = {id(model.config): model.config.sliced(d, f), id(model._nested): {}}  # deepcopy's memo:
-    for name, p in model.named_parameters():  # these objects are replaced, not copied
+    # deepcopy's memo: the objects in it are replaced by these, not copied
+    memo = {id(model.config): model.config.sliced(d, f), id(model._nested): {}}
+    for name, p in model.named_parameters():
         memo[id(p)] = nn.Parameter(nested_view(name, p, d, f), requires_grad=False)
     for b in model.buffers():
         memo[id(b)] = b
@@ -1161,8 +1162,8 @@ DEMO_CONFIG = Config(vocab_size=512, hidden_size=256, layers_block_type=layer_ki
                      num_attention_heads=8, num_key_value_heads=2, head_dim=32, mamba_num_heads=16,
                      mamba_head_dim=16, ssm_state_size=32, n_groups=4, chunk_size=32,
                      n_routed_experts=16, num_experts_per_tok=4, moe_intermediate_size=128,
-                     intermediate_size=128,
-                     moe_shared_expert_intermediate_size=256, max_position_embeddings=4096)
+                     intermediate_size=128, moe_shared_expert_intermediate_size=256,
+                     max_position_embeddings=4096)
 DEMO_SIZES = {"30B": "256x128", "23B": "192x96", "12B": "128x64"}  # stand-ins inside DEMO_CONFIG
 
 
@@ -1219,22 +1220,26 @@ def parse_args(argv: list[str] | None):
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    if args.ckpt:
-        model = Model.from_pretrained(args.ckpt, device=args.device)
-        tokenizer = load_tokenizer(Path(args.ckpt))
-        prompt = tokenizer.encode(args.prompt, add_special_tokens=False).ids
-        show = lambda t: tokenizer.decode([t])  # noqa: E731
-    else:
-        import checkpoint
+    import tempfile
 
-        print("demo: random weights, so the tokens are noise; sizes, caches and the switch are "
-              "real")
-        model = checkpoint.random_model(DEMO_CONFIG, args.device, torch.float32)
-        args.size = args.size or DEMO_SIZES["23B"]
-        args.switch_to = args.switch_to or DEMO_SIZES["30B"]
-        prompt = list(range(1, 33))
-        show = lambda t: f"[{t}]"  # noqa: E731
+    args = parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:  # the demo's checkpoint, removed on the way out
+        if args.ckpt:
+            model = Model.from_pretrained(args.ckpt, device=args.device)
+            tokenizer = load_tokenizer(Path(args.ckpt))
+            prompt = tokenizer.encode(args.prompt, add_special_tokens=False).ids
+            show = lambda t: tokenizer.decode([t])  # noqa: E731
+        else:
+            import checkpoint
+
+            print("demo: random weights, so the tokens are noise; sizes, caches and the switch "
+                  "are real")
+            path = checkpoint.write_random_checkpoint(Path(tmp) / "random-fp8", DEMO_CONFIG)
+            model = Model.from_pretrained(path, device=args.device, dtype=torch.float32)
+            args.size = args.size or DEMO_SIZES["23B"]
+            args.switch_to = args.switch_to or DEMO_SIZES["30B"]
+            prompt = list(range(1, 33))
+            show = lambda t: f"[{t}]"  # noqa: E731
     switch = None
     if args.switch_to:
         switch = Switch(args.switch_to, after=args.switch_after, mode=args.switch_mode)
