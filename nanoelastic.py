@@ -351,8 +351,11 @@ class Mamba2Mixer(nn.Module):
 
     def forward(self, u: Tensor, cache: Cache | None = None) -> Tensor:  # u [B, T, D] -> [B, T, D]
         c = self.config
+        # z (the gate) [B, T, H*P], xBC (conv input) [B, T, H*P + 2*G*N], dt [B, T, H]
         z, xBC, dt = self.in_proj(u).split([c.mamba_inner, c.conv_dim, c.mamba_num_heads], dim=-1)
-        conv_state, ssm_state = cache.layers[self.layer_idx] if cache is not None else (None, None)
+        conv_state, ssm_state = None, None
+        if cache is not None:
+            conv_state, ssm_state = cache.layers[self.layer_idx]  # [B, C, K-1], [B, H, P, N]
         if ssm_state is not None and u.shape[1] == 1:
             y = self.step(xBC, dt, conv_state, ssm_state)  # [B, 1, H*P] fp32
         else:
@@ -365,19 +368,18 @@ class Mamba2Mixer(nn.Module):
              ssm_state: Tensor | None) -> Tensor:
         """Prefill: the conv, then the chunked scan from the cached state (zeros without one)."""
         c = self.config
-        xBC = causal_conv(xBC, conv_state, self.conv1d.weight, self.conv1d.bias)
-        # activations' dtype
+        xBC = causal_conv(xBC, conv_state, self.conv1d.weight, self.conv1d.bias)  # [B, T, C]
+        # x [B, T, H, P], B and C [B, T, G, N], in the activations' dtype
         x, B, C = split_heads(xBC, c.mamba_num_heads, c.n_groups, c.ssm_state_size)
-        dt, A = discretise(dt, self.dt_bias, self.A_log, c.time_step_limit)
-        y, final_state = ssd_chunked(x, dt, A, B, C, c.chunk_size, ssm_state)
+        dt, A = discretise(dt, self.dt_bias, self.A_log, c.time_step_limit)  # [B, T, H], [H]
+        y, final_state = ssd_chunked(x, dt, A, B, C, c.chunk_size, ssm_state)  # [B, T, H, P]
         if ssm_state is not None:
             ssm_state.copy_(final_state)
         return (y + self.D.float()[:, None] * x.float()).flatten(2)  # the D skip connection
 
     def step(self, xBC: Tensor, dt: Tensor, conv_state: Tensor, ssm_state: Tensor) -> Tensor:
         """Decode: the same for one token, one recurrence step on the cached states (mamba_step)."""
-        conv = self.conv1d
-        c = self.config
+        conv, c = self.conv1d, self.config
         y = mamba_step(xBC[:, 0], dt[:, 0], conv_state, ssm_state, conv.weight, conv.bias,
                        self.dt_bias, self.A_log, self.D, c.n_groups, c.time_step_limit)
         return y[:, None]
@@ -402,8 +404,7 @@ class Attention(nn.Module):
         k = self.k_proj(x).unflatten(-1, (-1, hd)).transpose(1, 2)  # [B, Hkv, T, hd]
         v = self.v_proj(x).unflatten(-1, (-1, hd)).transpose(1, 2)
         mask = None  # None: plain causal
-        # all keys and values so far [B, Hkv, L, hd], and which ones each query sees
-        if cache is not None:
+        if cache is not None:  # all keys and values so far [B, Hkv, L, hd]; what each query sees
             k, v, mask = cache.update(self.layer_idx, k, v)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                            is_causal=mask is None and T > 1,
@@ -434,14 +435,12 @@ class Router(nn.Module):
         self.weight = nn.Parameter(torch.empty(E, config.hidden_size), requires_grad=False)
         self.e_score_correction_bias = nn.Parameter(torch.empty(E), requires_grad=False)
 
-    # x [n, D] -> weights [n, k] fp32, experts [n, k]
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """x [n, D] -> routing weights [n, k] fp32, chosen experts [n, k]."""
         c = self.config
         scores = torch.sigmoid(F.linear(x.float(), self.weight.float()))  # [n, E]
-        # the bias chooses experts, nothing more
-        choice = scores + self.e_score_correction_bias.float()
-        # group-limited routing: keep the topk_group groups with the best top-2 sums
-        if c.n_group > 1:
+        choice = scores + self.e_score_correction_bias.float()  # the bias only chooses experts
+        if c.n_group > 1:  # group-limited routing: the topk_group groups of best top-2 sums
             groups = choice.unflatten(-1, (c.n_group, -1))
             best = groups.topk(2, dim=-1).values.sum(-1).topk(c.topk_group, dim=-1).indices
             keep = torch.zeros_like(groups[..., 0], dtype=torch.bool).scatter_(1, best, True)
@@ -464,8 +463,10 @@ def moe_experts(x: Tensor, weights: Tensor, experts: Tensor, up_weight: Tensor,
     tokens, pair_weights = order // experts.shape[1], weights.flatten()[order]
     E = up_weight.shape[0]
     counts = torch.bincount(experts.flatten(), minlength=E).tolist()  # a host sync: fine here
-    up_scale = [None] * E if up_scale is None else up_scale
-    down_scale = [None] * E if down_scale is None else down_scale
+    if up_scale is None:  # BF16 weights
+        up_scale = [None] * E
+    if down_scale is None:
+        down_scale = [None] * E
     out = torch.zeros_like(x, dtype=torch.float32)
     for e, (idx, w) in enumerate(zip(tokens.split(counts), pair_weights.split(counts))):
         if len(idx):
@@ -485,8 +486,8 @@ class Experts(nn.Module):
 
     def forward(self, x: Tensor, weights: Tensor, experts: Tensor) -> Tensor:  # x [n, D] -> [n, D]
         up, down = self.up_proj, self.down_proj
-        return moe_experts(x, weights, experts, up.weight, up.weight_scale, down.weight,
-                           down.weight_scale)
+        return moe_experts(x, weights, experts, up.weight, up.weight_scale,
+                           down.weight, down.weight_scale)
 
 
 class MoE(nn.Module):
