@@ -460,23 +460,6 @@ def move_into_place(folder: Path, path: Path) -> bool:
 # --------------------------------------------------------------------------------------------------
 # 5. Random checkpoints: the real on-disk format with random weights (tests, demos, bench.py)
 
-def fp8_recipe(config: Config) -> set[str]:
-    """Which Linears the FP8 release quantizes (inferred from its tensors): all routed and shared
-    experts, and the in/out_proj of every Mamba layer that does not sit right before an attention
-    layer."""
-    kinds = config.layers_block_type
-    names = set()
-    for i, kind in enumerate(kinds):
-        p = f"backbone.layers.{i}.mixer"
-        if kind == "moe":
-            names |= {f"{p}.shared_experts.up_proj", f"{p}.shared_experts.down_proj"}
-            for j in range(config.n_routed_experts):
-                names |= {f"{p}.experts.{j}.up_proj", f"{p}.experts.{j}.down_proj"}
-        elif kind == "mamba" and (i + 1 == len(kinds) or kinds[i + 1] != "attention"):
-            names |= {f"{p}.in_proj", f"{p}.out_proj"}
-    return names
-
-
 def random_tensor(name: str, shape, n_layers: int, randn, rand) -> Tensor:
     """One random tensor, scaled so that activations stay O(1) through the layers."""
     owner, _, leaf = name.rpartition(".")
@@ -513,7 +496,7 @@ def random_checkpoint_tensors(config: Config, fp8: bool = True, seed: int = 0,
         shapes = Model(config)
     meta = torch.device(device).type == "meta"
     g = None if meta else torch.Generator(device).manual_seed(seed)
-    quantized = fp8_recipe(config) if fp8 else set()
+    quantized = ne.fp8_recipe(config) if fp8 else set()
 
     def randn(shape, std):
         return torch.randn(shape, generator=g, device=device) * std

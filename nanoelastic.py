@@ -237,14 +237,14 @@ def ssd_chunked(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk: i
     x [B, T, H, P], B and C [B, T, G, N] in the activations' dtype; dt [B, T, H] (after softplus)
     and A [H] (negative) fp32; initial_state [B, H, P, N] fp32 or None (zeros). Returns y
     [B, T, H, P] fp32 (without the D skip) and the final state [B, H, P, N] fp32. Head h reads
-    group h // (H / G). This reference computes in fp32; the kernel multiplies bf16 x, B, C.
+    group h // (H / G). This reference computes in dt's dtype; the kernel multiplies bf16 x, B, C.
     """
     b, T, H, P = x.shape
     G, N = B.shape[-2:]
     R = H // G  # heads per group
     # Chunks of Q = chunk tokens; the zero-padded tail has dt = 0, so it changes nothing.
-    up = torch.promote_types(x.dtype, torch.float32)  # bf16 -> fp32; fp64 (the tests) stays
-    x, dt, B, C = (pad_to_chunks(t.to(up), chunk) for t in (x, dt, B, C))  # [b, c, l, ...]
+    x, B, C = x.to(dt.dtype), B.to(dt.dtype), C.to(dt.dtype)
+    x, dt, B, C = (pad_to_chunks(t, chunk) for t in (x, dt, B, C))  # [b, c, l, ...]
     x = x.unflatten(3, (G, R))  # [b, c, l, G, R, P]: the R heads of each group side by side
     a = (dt * A).permute(0, 3, 1, 2).unflatten(1, (G, R))  # log-decay per step, [b, G, R, c, l]
     a_cum = a.cumsum(-1)
@@ -948,6 +948,23 @@ def fp8_quantize(w: Tensor) -> tuple[Tensor, Tensor]:
     """Per-tensor FP8 as ModelOpt does it: scale = amax / 448, w_q = e4m3(w / scale)."""
     scale = w.abs().max().float().clamp(min=1e-12) / 448.0
     return (w.float() / scale).clamp(-448, 448).to(torch.float8_e4m3fn), scale
+
+
+def fp8_recipe(config: Config) -> set[str]:
+    """Which Linears the FP8 release quantizes (inferred from its tensors): all routed and shared
+    experts, and the in/out_proj of every Mamba layer that does not sit right before an attention
+    layer."""
+    kinds = config.layers_block_type
+    names = set()
+    for i, kind in enumerate(kinds):
+        p = f"backbone.layers.{i}.mixer"
+        if kind == "moe":
+            names |= {f"{p}.shared_experts.up_proj", f"{p}.shared_experts.down_proj"}
+            for j in range(config.n_routed_experts):
+                names |= {f"{p}.experts.{j}.up_proj", f"{p}.experts.{j}.down_proj"}
+        elif kind == "mamba" and (i + 1 == len(kinds) or kinds[i + 1] != "attention"):
+            names |= {f"{p}.in_proj", f"{p}.out_proj"}
+    return names
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
