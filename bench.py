@@ -123,10 +123,10 @@ def kernel_cases(small: bool):
 
     H, P, G, N = c.mamba_num_heads, c.mamba_head_dim, c.n_groups, c.ssm_state_size
     T = 64 if small else 8192
-    x, B, C = randn(1, T, H, P, dtype=torch.float32), randn(1, T, G, N, dtype=torch.float32), randn(1, T, G, N, dtype=torch.float32)
+    x, B, C = randn(1, T, H, P), randn(1, T, G, N), randn(1, T, G, N)  # bf16, as the model passes them
     dt = torch.nn.functional.softplus(randn(1, T, H, dtype=torch.float32) - 2)
     A = -torch.rand(H, device=DEVICE, generator=g) * 4
-    cases.append((f"ssd scan T={T}", "ssd_chunked", (x, dt, A, B, C, c.chunk_size), (x.numel() * 2 + 2 * B.numel()) * 4, None))
+    cases.append((f"ssd scan T={T}", "ssd_chunked", (x, dt, A, B, C, c.chunk_size), (x.numel() + 2 * B.numel()) * 2 + x.numel() * 4, None))
 
     ch = c.conv_dim
     step_args = lambda: (randn(1, ch), randn(1, H), randn(1, ch, c.conv_kernel - 1), randn(1, H, P, N, dtype=torch.float32),

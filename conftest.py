@@ -6,8 +6,26 @@ imported (kernels.py reads TRITON_INTERPRET at import). pytest imports this file
 import os
 import shutil
 
+import pytest
+
 if "TRITON_INTERPRET" not in os.environ:
     # torch.cuda.is_available() would import torch first; nvidia-smi is the cheap, import-free check
     has_gpu = shutil.which("nvidia-smi") is not None and os.path.exists("/dev/nvidiactl")
     if not has_gpu:
         os.environ["TRITON_INTERPRET"] = "1"
+
+
+def pytest_configure(config):
+    """Triton 3.6's interpreter turns 1-element arrays into loop bounds with int(), which numpy 2.4 and
+    later refuse: every kernel test would fail with a TypeError. Say so once instead."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return
+    try:
+        import triton
+    except ImportError:
+        return
+    import numpy
+    version = lambda v: tuple(int(p) for p in v.split(".")[:2])
+    if version(triton.__version__) <= (3, 6) and version(numpy.__version__) >= (2, 4):
+        raise pytest.UsageError(f"Triton {triton.__version__}'s interpreter (no GPU here) fails "
+                         f"with numpy {numpy.__version__}: pip install 'numpy<2.4', or a newer Triton")

@@ -17,7 +17,11 @@ in nanoelastic.py, which is the reference (the spec); nanoelastic routes calls h
     rms_norm      RMSNorm in groups, with the Mamba gate y * silu(z) fused
     add_rms_norm  the residual add fused with the next layer's RMSNorm
 
-All accumulate in fp32. Block sizes are fixed heuristics (no autotuning, so the interpreter stays fast).
+All accumulate in fp32. Products of bf16 activations run on tensor cores (bf16 operands; FP8 weights
+convert to bf16 exactly); fp32 activations, the tests' exact mode, multiply in full fp32. Block sizes are
+fixed heuristics (no autotuning, so the interpreter stays fast), chosen so that nothing spills registers
+on an H100: test_compile.py compiles every launch the model makes for sm_90 and checks ptxas' report.
+Optional inputs are passed as None, which Triton compiles out: no dummy pointers, no mode flags.
 """
 
 from __future__ import annotations
@@ -34,6 +38,11 @@ def _pow2(n: int, least: int = 16) -> int:
     return max(least, triton.next_power_of_2(n))
 
 
+def _rows_last(t: Tensor) -> Tensor:
+    """t with unit stride in its last dimension (the kernels' inner loads), copied only if needed."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -47,36 +56,45 @@ def _dot_args(dtype: torch.dtype) -> dict:
 
 # ----------------------------------------------------------------------------------------------------
 # 1. One matmul kernel for linear() and for both halves of the MoE
-#
-# out[row] = epilogue(scale * A[a_row] @ W[expert]^T). Plain linear: row = a_row = out_row, one expert.
-# MoE: rows are the (token, expert) pairs sorted by expert, each expert's group padded to BLOCK_M rows so
-# that every row block has one expert (pair = -1 marks padding). The up half gathers A rows by token and
-# applies relu^2; the down half scatters to out rows by pair and multiplies by the routing weight.
 
 @triton.jit
-def _matmul_kernel(a_ptr, w_ptr, scale_ptr, out_ptr, pair_ptr, block_expert_ptr, pair_weight_ptr,
+def _matmul_kernel(a_ptr, w_ptr, out_ptr, scale_ptr, pair_ptr, block_expert_ptr, pair_weight_ptr,
                    M, N, K, TOP_K,
                    stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_om, stride_on,
-                   GROUPED: tl.constexpr, GATHER_A: tl.constexpr, SCATTER_OUT: tl.constexpr,
-                   RELU2: tl.constexpr, HAS_SCALE: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+                   DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One [BLOCK_M, BLOCK_N] tile of out = epilogue(scale * A @ W^T), fp32 accumulation. Which optional
+    pointers are given (None ones are compiled out) sets the mode:
+
+      linear    pair_ptr None: row r of A gives row r of out; one weight. scale_ptr None: BF16 weight.
+      MoE up    pair_ptr given, pair_weight_ptr None: row r reads A row pair[r] // TOP_K (the pair's token)
+                and stores relu(.)^2 at out row r (the pairs in sorted order).
+      MoE down  pair_weight_ptr given: row r reads A row r and stores at out row pair[r], times the pair's
+                routing weight.
+
+    In the MoE modes the rows are the (token, expert) pairs sorted by expert, each expert's group padded
+    to BLOCK_M rows (pair -1) so that every row block has one expert, block_expert[pid_m] (-1: an unused
+    block of a grid sized for the worst case). W is read through its strides, so nested prefix views need
+    no copy; an FP8 W converts exactly to the dot dtype and its scale (one per expert) multiplies the
+    accumulator once, so no dequantised weight exists anywhere.
+    """
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     expert = 0
     w_base = w_ptr
-    if GROUPED:
+    if pair_ptr is None:
+        valid = rows < M
+        a_rows, out_rows = rows, rows
+    else:
         expert = tl.load(block_expert_ptr + pid_m)
-        if expert < 0:  # past the last used block: the grid is sized for the worst case
+        if expert < 0:
             return
         w_base += expert.to(tl.int64) * stride_we
         pair = tl.load(pair_ptr + rows)
         valid = pair >= 0
-        a_rows = pair // TOP_K if GATHER_A else rows
-        out_rows = pair if SCATTER_OUT else rows
-    else:
-        valid = rows < M
-        a_rows, out_rows = rows, rows
+        a_rows = pair // TOP_K if pair_weight_ptr is None else rows
+        out_rows = rows if pair_weight_ptr is None else pair
     a_rows = tl.where(valid, a_rows, 0)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -86,24 +104,30 @@ def _matmul_kernel(a_ptr, w_ptr, scale_ptr, out_ptr, pair_ptr, block_expert_ptr,
                     mask=valid[:, None] & (ks[None, :] < K), other=0.0)
         w = tl.load(w_base + cols[None, :] * stride_wn + ks[:, None] * stride_wk,  # [BLOCK_K, BLOCK_N] = W^T
                     mask=(cols[None, :] < N) & (ks[:, None] < K), other=0.0)
-        acc = tl.dot(a.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=PRECISION)  # FP8 -> BF16 is exact
+        acc = tl.dot(a.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=PRECISION)
 
-    if HAS_SCALE:
+    if scale_ptr is not None:
         acc = acc * tl.load(scale_ptr + expert)
-    if RELU2:
-        acc = tl.maximum(acc, 0.0)
-        acc = acc * acc
-    if SCATTER_OUT:
-        acc = acc * tl.load(pair_weight_ptr + tl.where(valid, pair, 0), mask=valid, other=0.0)[:, None]
+    if pair_ptr is not None:
+        if pair_weight_ptr is None:  # MoE up: relu^2
+            acc = tl.maximum(acc, 0.0)
+            acc = acc * acc
+        else:  # MoE down: times the routing weight
+            acc = acc * tl.load(pair_weight_ptr + tl.where(valid, pair, 0), mask=valid, other=0.0)[:, None]
     out = out_ptr + out_rows[:, None].to(tl.int64) * stride_om + cols[None, :] * stride_on
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=valid[:, None] & (cols[None, :] < N))
 
 
-def _blocks(rows: int) -> dict:
+def _blocks(rows: int, dtype: torch.dtype) -> dict:
     """Decode (a few rows): thin row blocks, narrow column blocks so that many programs stream the weight.
-    Prefill: square tiles that reuse each loaded weight tile across many rows."""
+    Prefill: square tiles that reuse each loaded weight tile across many rows. fp32 activations (the
+    tests' exact mode) multiply on FMA units, where each thread holds its slice of the inner dimension in
+    registers: a short BLOCK_K keeps that from spilling."""
+    if dtype == torch.float32:
+        return dict(BLOCK_M=16 if rows <= 16 else 64, BLOCK_N=32 if rows <= 16 else 64, BLOCK_K=32,
+                    num_warps=4 if rows <= 16 else 8)
     if rows <= 16:
-        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, num_warps=4)
+        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, num_warps=4, num_stages=4)
     if rows <= 64:
         return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, num_warps=4)
     return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
@@ -115,12 +139,11 @@ def linear(x: Tensor, weight: Tensor, weight_scale: Tensor | None = None) -> Ten
     a = x.reshape(-1, K)
     M = a.shape[0]
     out = torch.empty(M, N, device=x.device, dtype=x.dtype)
-    cfg = _blocks(M)
+    cfg = _blocks(M, x.dtype)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]))
-    _matmul_kernel[grid](a, weight, weight_scale if weight_scale is not None else out, out, out, out, out,
-                         M, N, K, 1, a.stride(0), a.stride(1), 0, weight.stride(0), weight.stride(1),
-                         out.stride(0), out.stride(1), GROUPED=False, GATHER_A=False, SCATTER_OUT=False,
-                         RELU2=False, HAS_SCALE=weight_scale is not None, **_dot_args(x.dtype), **cfg)
+    _matmul_kernel[grid](a, weight, out, weight_scale, None, None, None, M, N, K, 1,
+                         a.stride(0), a.stride(1), 0, weight.stride(0), weight.stride(1),
+                         out.stride(0), out.stride(1), **_dot_args(x.dtype), **cfg)
     return out.view(*x.shape[:-1], N)
 
 
@@ -132,7 +155,7 @@ def moe_experts(x: Tensor, weights: Tensor, experts: Tensor, up_weight: Tensor, 
     n, top_k = experts.shape
     E, f, d = up_weight.shape
     pairs = n * top_k
-    cfg = _blocks(pairs // min(E, pairs) + 1)  # rows per expert on average
+    cfg = _blocks(pairs // min(E, pairs) + 1, x.dtype)  # rows per expert on average
     BM = cfg["BLOCK_M"]
 
     # Sort the (token, expert) pairs by expert; each expert's group starts at a multiple of BM.
@@ -148,70 +171,72 @@ def moe_experts(x: Tensor, weights: Tensor, experts: Tensor, up_weight: Tensor, 
     block_expert = torch.searchsorted(padded_end, torch.arange(blocks, device=x.device) * BM, right=True)
     block_expert = torch.where(block_expert < E, block_expert, -1)
 
-    common = dict(GROUPED=True, **_dot_args(x.dtype), **cfg)
+    dots = _dot_args(x.dtype)
     h = torch.empty(blocks * BM, f, device=x.device, dtype=x.dtype)  # rows in sorted, padded order
     _matmul_kernel[(blocks, triton.cdiv(f, cfg["BLOCK_N"]))](
-        x, up_weight, up_scale if up_scale is not None else h, h, pair_of_row, block_expert, h,
+        x, up_weight, h, up_scale, pair_of_row, block_expert, None,
         pairs, f, d, top_k, x.stride(0), x.stride(1), *up_weight.stride(), h.stride(0), h.stride(1),
-        GATHER_A=True, SCATTER_OUT=False, RELU2=True, HAS_SCALE=up_scale is not None, **common)
+        **dots, **cfg)
     out = torch.empty(pairs, d, device=x.device, dtype=torch.float32)  # every pair's row is written once
     _matmul_kernel[(blocks, triton.cdiv(d, cfg["BLOCK_N"]))](
-        h, down_weight, down_scale if down_scale is not None else h, out, pair_of_row, block_expert,
-        weights.float().contiguous(), pairs, d, f, top_k, h.stride(0), h.stride(1), *down_weight.stride(),
-        out.stride(0), out.stride(1),
-        GATHER_A=False, SCATTER_OUT=True, RELU2=False, HAS_SCALE=down_scale is not None, **common)
+        h, down_weight, out, down_scale, pair_of_row, block_expert, weights.float().contiguous(),
+        pairs, d, f, top_k, h.stride(0), h.stride(1), *down_weight.stride(), out.stride(0), out.stride(1),
+        **dots, **cfg)
     return out.view(n, top_k, d).sum(1).to(x.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------
-# 2. The chunked SSD scan (prefill), in three kernels over (batch x head, chunk):
-#    a. each chunk's own end state, b. states passed between chunks (sequential in c), c. the outputs.
-# Within a chunk the decay from step j to step i is exp(cum_i - cum_j), cum the cumulative sum of dt*A.
+# 2. The chunked SSD scan (prefill), in three kernels over (batch x head, chunk, tile):
+#    a. each chunk's own end state, b. the states passed between chunks (sequential over chunks),
+#    c. the outputs. Within a chunk the decay from step j to step i is exp(cum_i - cum_j), where cum is the
+#    within-chunk cumulative sum of dt * A, computed once beforehand (torch) so that any tile reads it.
+#
+# The products are tensor-core dots (as mamba_ssm does it): bf16 x, B, C stay bf16 and the fp32 factors
+# multiplied into them (decays, dt, the states) are rounded to bf16 on the way in; fp32 x, B, C (the tests'
+# exact mode) multiply in full fp32. Accumulation is fp32 either way. Tiles are 64 wide so that one
+# program's operands and accumulator fit in registers without spilling (see test_compile.py).
+# Offsets that grow with batch x tokens are int64: one call may hold more than 2^31 elements.
 
 @triton.jit
-def _ssd_chunk_inputs(x_ptr, dt_ptr, A_ptr, B_ptr, T, H, P, N, HEADS_PER_GROUP, CHUNK,
-                      s_xb, s_xt, s_xh, s_dtb, s_dtt, s_Bb, s_Bt, s_Bg,
-                      BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
-    """What both chunk kernels read for this program's (batch x head, chunk): dt [L], its cumulative log
-    decay cum [L], x [L, P], B [L, N] (zero past the chunk and past T), and the offsets of B's rows."""
-    bh, c = tl.program_id(0), tl.program_id(1)
-    b, h = bh // H, bh % H
-    ls, ps, ns = tl.arange(0, BLOCK_L), tl.arange(0, BLOCK_P), tl.arange(0, BLOCK_N)
-    t = c * CHUNK + ls
-    in_chunk = (ls < CHUNK) & (t < T)
-    dt = tl.load(dt_ptr + b * s_dtb + t * s_dtt + h, mask=in_chunk, other=0.0)
-    cum = tl.cumsum(dt * tl.load(A_ptr + h), axis=0)
-    x = tl.load(x_ptr + b * s_xb + t[:, None] * s_xt + h * s_xh + ps[None, :],
-                mask=in_chunk[:, None] & (ps[None, :] < P), other=0.0)
-    bc_offs = b * s_Bb + t[:, None] * s_Bt + (h // HEADS_PER_GROUP) * s_Bg + ns[None, :]
-    bc_mask = in_chunk[:, None] & (ns[None, :] < N)
-    Bm = tl.load(B_ptr + bc_offs, mask=bc_mask, other=0.0)
-    return in_chunk, dt, cum, x, Bm, bc_offs, bc_mask
-
-
-@triton.jit
-def _ssd_chunk_state_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, states_ptr, log_decay_ptr,
+def _ssd_chunk_state_kernel(x_ptr, B_ptr, dt_ptr, cum_ptr, states_ptr,
                             T, H, P, N, HEADS_PER_GROUP, CHUNK, n_chunks,
-                            s_xb, s_xt, s_xh, s_dtb, s_dtt, s_Bb, s_Bt, s_Bg,
-                            BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
-    in_chunk, dt, cum, x, Bm, _, _ = _ssd_chunk_inputs(
-        x_ptr, dt_ptr, A_ptr, B_ptr, T, H, P, N, HEADS_PER_GROUP, CHUNK, s_xb, s_xt, s_xh, s_dtb, s_dtt,
-        s_Bb, s_Bt, s_Bg, BLOCK_L, BLOCK_P, BLOCK_N)
-    bh, c = tl.program_id(0), tl.program_id(1)
-    ps, ns = tl.arange(0, BLOCK_P), tl.arange(0, BLOCK_N)
-    total = tl.sum(dt * tl.load(A_ptr + bh % H), axis=0)  # the chunk's whole log decay
-    coef = tl.where(in_chunk, tl.exp(total - cum) * dt, 0.0)  # dt_j * decay from j to the chunk's end
-    state = tl.dot(tl.trans(x * coef[:, None]), Bm, input_precision="ieee")  # [P, N]
-    out = states_ptr + ((bh * n_chunks + c) * P + ps[:, None]) * N + ns[None, :]
-    tl.store(out, state, mask=(ps[:, None] < P) & (ns[None, :] < N))
-    tl.store(log_decay_ptr + bh * n_chunks + c, total)
+                            s_xb, s_xt, s_xh, s_Bb, s_Bt, s_Bg,
+                            DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_P: tl.constexpr,
+                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """states[bh, c, p, n] = sum_l x[l, p] * exp(cum_last - cum_l) * dt_l * B[l, n] over chunk c:
+    what the chunk adds to the state by its end, one [BLOCK_P, BLOCK_N] tile per program."""
+    bh, c, tile = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b, h = bh // H, bh % H
+    n_tiles_p = tl.cdiv(P, BLOCK_P)
+    ps = (tile % n_tiles_p) * BLOCK_P + tl.arange(0, BLOCK_P)
+    ns = (tile // n_tiles_p) * BLOCK_N + tl.arange(0, BLOCK_N)
+    t0 = c * CHUNK
+    x_base = x_ptr + b.to(tl.int64) * s_xb + t0.to(tl.int64) * s_xt + h * s_xh
+    B_base = B_ptr + b.to(tl.int64) * s_Bb + t0.to(tl.int64) * s_Bt + (h // HEADS_PER_GROUP) * s_Bg
+    row = (bh.to(tl.int64) * n_chunks + c) * CHUNK  # this chunk in dt and cum [b * H, n_chunks, CHUNK]
+    cum_last = tl.load(cum_ptr + row + CHUNK - 1)
+    acc = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
+    for l0 in range(0, CHUNK, BLOCK_K):
+        ls = l0 + tl.arange(0, BLOCK_K)
+        valid = (ls < CHUNK) & (t0 + ls < T)
+        coef = tl.load(dt_ptr + row + ls, mask=valid, other=0.0) * tl.exp(
+            cum_last - tl.load(cum_ptr + row + ls, mask=valid, other=0.0))
+        x = tl.load(x_base + ls[None, :] * s_xt + ps[:, None], mask=valid[None, :] & (ps[:, None] < P),
+                    other=0.0)  # x^T [BLOCK_P, BLOCK_K]
+        Bm = tl.load(B_base + ls[:, None] * s_Bt + ns[None, :], mask=valid[:, None] & (ns[None, :] < N),
+                     other=0.0)
+        Bm = (Bm.to(tl.float32) * coef[:, None]).to(DOT_DTYPE)
+        acc = tl.dot(x.to(DOT_DTYPE), Bm, acc, input_precision=PRECISION)
+    out = states_ptr + (bh.to(tl.int64) * n_chunks + c) * P * N + ps[:, None] * N + ns[None, :]
+    tl.store(out, acc, mask=(ps[:, None] < P) & (ns[None, :] < N))
 
 
 @triton.jit
-def _ssd_state_passing_kernel(states_ptr, log_decay_ptr, init_ptr, final_ptr, n_chunks, PN,
+def _ssd_state_passing_kernel(states_ptr, cum_ptr, init_ptr, final_ptr, n_chunks, PN, CHUNK,
                               HAS_INIT: tl.constexpr, BLOCK: tl.constexpr):
-    """states[c] := the state entering chunk c (it held the state chunk c adds); final = after the last."""
-    bh, blk = tl.program_id(0), tl.program_id(1)
+    """states[c] := the state entering chunk c (it held the state chunk c adds); final = after the last.
+    Sequential over chunks, parallel over (batch x head, BLOCK of the P*N state entries)."""
+    bh, blk = tl.program_id(0).to(tl.int64), tl.program_id(1)
     offs = blk * BLOCK + tl.arange(0, BLOCK)
     mask = offs < PN
     state = tl.zeros((BLOCK,), dtype=tl.float32)
@@ -221,55 +246,103 @@ def _ssd_state_passing_kernel(states_ptr, log_decay_ptr, init_ptr, final_ptr, n_
         ptr = states_ptr + (bh * n_chunks + c) * PN + offs
         added = tl.load(ptr, mask=mask, other=0.0)
         tl.store(ptr, state, mask=mask)
-        state = state * tl.exp(tl.load(log_decay_ptr + bh * n_chunks + c)) + added
+        chunk_decay = tl.exp(tl.load(cum_ptr + (bh * n_chunks + c) * CHUNK + CHUNK - 1))
+        state = state * chunk_decay + added
     tl.store(final_ptr + bh * PN + offs, state, mask=mask)
 
 
 @triton.jit
-def _ssd_chunk_scan_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, states_ptr, y_ptr,
+def _ssd_chunk_scan_kernel(x_ptr, B_ptr, C_ptr, dt_ptr, cum_ptr, states_ptr, y_ptr,
                            T, H, P, N, HEADS_PER_GROUP, CHUNK, n_chunks,
-                           s_xb, s_xt, s_xh, s_dtb, s_dtt, s_Bb, s_Bt, s_Bg, s_yb, s_yt, s_yh,
-                           BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
-    in_chunk, dt, cum, x, Bm, bc_offs, bc_mask = _ssd_chunk_inputs(
-        x_ptr, dt_ptr, A_ptr, B_ptr, T, H, P, N, HEADS_PER_GROUP, CHUNK, s_xb, s_xt, s_xh, s_dtb, s_dtt,
-        s_Bb, s_Bt, s_Bg, BLOCK_L, BLOCK_P, BLOCK_N)
-    Cm = tl.load(C_ptr + bc_offs, mask=bc_mask, other=0.0)
-    bh, c = tl.program_id(0), tl.program_id(1)
+                           s_xb, s_xt, s_xh, s_Bb, s_Bt, s_Bg, s_yb, s_yt, s_yh,
+                           DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                           BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+    """y for BLOCK_M rows i of chunk c and BLOCK_P channels: the entering state read out,
+    exp(cum_i) S C_i, plus the causal within-chunk part, sum_{j <= i} (C_i . B_j) exp(cum_i - cum_j) dt_j x_j,
+    over source blocks of BLOCK_K rows up to the diagonal; the products over N in blocks of BLOCK_N."""
+    bh, c, tile = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, h = bh // H, bh % H
-    ls, ps, ns = tl.arange(0, BLOCK_L), tl.arange(0, BLOCK_P), tl.arange(0, BLOCK_N)
-    t = c * CHUNK + ls
+    n_tiles_p = tl.cdiv(P, BLOCK_P)
+    ms = (tile // n_tiles_p) * BLOCK_M + tl.arange(0, BLOCK_M)
+    ps = (tile % n_tiles_p) * BLOCK_P + tl.arange(0, BLOCK_P)
+    t0 = c * CHUNK
+    x_base = x_ptr + b.to(tl.int64) * s_xb + t0.to(tl.int64) * s_xt + h * s_xh
+    state_offset = (bh.to(tl.int64) * n_chunks + c) * P * N
+    bc_offset = b.to(tl.int64) * s_Bb + t0.to(tl.int64) * s_Bt + (h // HEADS_PER_GROUP) * s_Bg
+    row = (bh.to(tl.int64) * n_chunks + c) * CHUNK
+    rows_valid = (ms < CHUNK) & (t0 + ms < T)
+    cum_i = tl.load(cum_ptr + row + ms, mask=rows_valid, other=0.0)
 
-    # Within the chunk: y_i = sum_{j <= i} (C_i . B_j) exp(cum_i - cum_j) dt_j x_j
-    causal = ls[:, None] >= ls[None, :]
-    decay = tl.exp(tl.where(causal, cum[:, None] - cum[None, :], float("-inf")))
-    scores = tl.dot(Cm, tl.trans(Bm), input_precision="ieee") * decay * dt[None, :]
-    y = tl.dot(scores, x, input_precision="ieee")
-    # From the state entering the chunk: y_i += exp(cum_i) S C_i
-    state = tl.load(states_ptr + ((bh * n_chunks + c) * P + ps[None, :]) * N + ns[:, None],  # S^T [N, P]
-                    mask=(ps[None, :] < P) & (ns[:, None] < N), other=0.0)
-    y += tl.dot(Cm, state, input_precision="ieee") * tl.exp(cum)[:, None]
-    tl.store(y_ptr + b * s_yb + t[:, None] * s_yt + h * s_yh + ps[None, :], y,
-             mask=in_chunk[:, None] & (ps[None, :] < P))
+    # From the state entering the chunk: y_i = exp(cum_i) S C_i
+    y = tl.zeros((BLOCK_M, BLOCK_P), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        ns = n0 + tl.arange(0, BLOCK_N)
+        Cm = tl.load(C_ptr + bc_offset + ms[:, None] * s_Bt + ns[None, :],
+                     mask=rows_valid[:, None] & (ns[None, :] < N), other=0.0)  # [BLOCK_M, BLOCK_N]
+        S_t = tl.load(states_ptr + state_offset + ps[None, :] * N + ns[:, None],
+                      mask=(ps[None, :] < P) & (ns[:, None] < N), other=0.0)  # S^T [BLOCK_N, BLOCK_P]
+        y = tl.dot(Cm.to(DOT_DTYPE), S_t.to(DOT_DTYPE), y, input_precision=PRECISION)
+    y = y * tl.exp(cum_i)[:, None]
+
+    # Within the chunk, source rows j up to the last row of this tile
+    hi = tl.minimum((tile // n_tiles_p + 1) * BLOCK_M, CHUNK)
+    for j0 in range(0, hi, BLOCK_K):
+        js = j0 + tl.arange(0, BLOCK_K)
+        cols_valid = (js < CHUNK) & (t0 + js < T)
+        scores = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)  # C_i . B_j
+        for n0 in range(0, N, BLOCK_N):
+            ns = n0 + tl.arange(0, BLOCK_N)
+            Cm = tl.load(C_ptr + bc_offset + ms[:, None] * s_Bt + ns[None, :],
+                         mask=rows_valid[:, None] & (ns[None, :] < N), other=0.0)
+            Bm = tl.load(B_ptr + bc_offset + js[None, :] * s_Bt + ns[:, None],
+                         mask=cols_valid[None, :] & (ns[:, None] < N), other=0.0)  # B^T [BLOCK_N, BLOCK_K]
+            scores = tl.dot(Cm.to(DOT_DTYPE), Bm.to(DOT_DTYPE), scores, input_precision=PRECISION)
+        cum_j = tl.load(cum_ptr + row + js, mask=cols_valid, other=0.0)
+        dt_j = tl.load(dt_ptr + row + js, mask=cols_valid, other=0.0)
+        causal = (ms[:, None] >= js[None, :]) & cols_valid[None, :]
+        decay = tl.exp(tl.where(causal, cum_i[:, None] - cum_j[None, :], float("-inf")))
+        scores = scores * decay * dt_j[None, :]
+        x = tl.load(x_base + js[:, None] * s_xt + ps[None, :], mask=cols_valid[:, None] & (ps[None, :] < P),
+                    other=0.0)  # [BLOCK_K, BLOCK_P]
+        y = tl.dot(scores.to(DOT_DTYPE), x.to(DOT_DTYPE), y, input_precision=PRECISION)
+    out = y_ptr + b.to(tl.int64) * s_yb + (t0 + ms[:, None]).to(tl.int64) * s_yt + h * s_yh + ps[None, :]
+    tl.store(out, y, mask=rows_valid[:, None] & (ps[None, :] < P))
 
 
 def ssd_chunked(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk: int,
                 initial_state: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """x [b, T, H, P], dt [b, T, H], A [H], B and C [b, T, G, N] (fp32) -> y [b, T, H, P], final state [b, H, P, N]."""
+    """x [b, T, H, P] and B, C [b, T, G, N] (bf16 or fp32), dt [b, T, H] and A [H] fp32
+    -> y [b, T, H, P] fp32, final state [b, H, P, N] fp32."""
     b, T, H, P = x.shape
     G, N = B.shape[-2:]
-    x, dt, B, C = (t.float().contiguous() for t in (x, dt, B, C))
+    dtype = torch.promote_types(x.dtype, B.dtype)
+    x, B, C = (_rows_last(t.to(dtype)) for t in (x, B, C))
+    if C.stride() != B.stride():  # the kernels read both through one set of strides
+        B, C = B.contiguous(), C.contiguous()
     n_chunks = triton.cdiv(T, chunk)
+    # dt and its within-chunk cumulative log decay, [b * H, n_chunks, chunk], zero past T
+    dt = torch.nn.functional.pad(dt.float().transpose(1, 2), (0, n_chunks * chunk - T))
+    dt = dt.reshape(b * H, n_chunks, chunk).contiguous()
+    cum = (dt * A.float().repeat(b)[:, None, None]).cumsum(-1)
     states = torch.empty(b * H, n_chunks, P, N, device=x.device, dtype=torch.float32)
-    log_decay = torch.empty(b * H, n_chunks, device=x.device, dtype=torch.float32)
-    y = torch.empty_like(x)
+    y = torch.empty(b, T, H, P, device=x.device, dtype=torch.float32)
     final = torch.empty(b, H, P, N, device=x.device, dtype=torch.float32)
-    blocks = dict(BLOCK_L=_pow2(chunk), BLOCK_P=_pow2(P), BLOCK_N=_pow2(N), num_warps=8 if chunk >= 128 else 4)
-    dims = (T, H, P, N, H // G, chunk, n_chunks, *x.stride()[:3], *dt.stride()[:2], *B.stride()[:3])
-    _ssd_chunk_state_kernel[(b * H, n_chunks)](x, dt, A.float(), B, states, log_decay, *dims, **blocks)
+    dims = (T, H, P, N, H // G, chunk, n_chunks, *x.stride()[:3], *B.stride()[:3])
+    dots = _dot_args(dtype)
+    # tensor cores: 64-wide tiles, N whole; FMA units (fp32): 32-wide tiles and 32-long inner products,
+    # since each thread then holds its whole slice of the inner dimension in registers
+    tile = 32 if dots["DOT_DTYPE"] == tl.float32 else 64
+    BP, BL = min(tile, _pow2(P)), min(tile, _pow2(chunk))
+    BN = min(tile, _pow2(N))
+    _ssd_chunk_state_kernel[(b * H, n_chunks, triton.cdiv(P, BP) * triton.cdiv(N, BN))](
+        x, B, dt, cum, states, *dims, **dots, BLOCK_P=BP, BLOCK_N=BN, BLOCK_K=BL, num_warps=4)
     init = initial_state.float().contiguous() if initial_state is not None else final
     _ssd_state_passing_kernel[(b * H, triton.cdiv(P * N, 1024))](
-        states, log_decay, init, final, n_chunks, P * N, HAS_INIT=initial_state is not None, BLOCK=1024)
-    _ssd_chunk_scan_kernel[(b * H, n_chunks)](x, dt, A.float(), B, C, states, y, *dims, *y.stride()[:3], **blocks)
+        states, cum, init, final, n_chunks, P * N, chunk, HAS_INIT=initial_state is not None, BLOCK=1024)
+    BN = _pow2(N) if tile == 64 else BN
+    _ssd_chunk_scan_kernel[(b * H, n_chunks, triton.cdiv(chunk, BL) * triton.cdiv(P, BP))](
+        x, B, C, dt, cum, states, y, *dims, *y.stride()[:3], **dots, BLOCK_M=BL, BLOCK_K=BL,
+        BLOCK_P=BP, BLOCK_N=BN, num_warps=8 if tile == 64 else 4, num_stages=2)
     return y, final
 
 
@@ -279,9 +352,11 @@ def ssd_chunked(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk: i
 
 @triton.jit
 def _conv_step_kernel(xBC_ptr, conv_state_ptr, w_ptr, bias_ptr, out_ptr, CH,
-                      s_xb, s_sb, s_sc, s_sk, s_wc, s_wk,
-                      K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
-    b, blk = tl.program_id(0), tl.program_id(1)
+                      s_xb, s_sb, s_sc, s_sk, s_wc, s_wk, K: tl.constexpr, BLOCK: tl.constexpr):
+    """out = silu(conv over the K-1 cached inputs and the new one + bias) for BLOCK channels of one
+    sequence, shifting the new input into the conv state. Depthwise: channels are independent, so a
+    program is a slice of channels; bias_ptr None: no bias."""
+    b, blk = tl.program_id(0).to(tl.int64), tl.program_id(1)  # int64: batch x state may pass 2^31
     ch = blk * BLOCK + tl.arange(0, BLOCK)
     mask = ch < CH
     new = tl.load(xBC_ptr + b * s_xb + ch, mask=mask, other=0.0).to(tl.float32)
@@ -293,7 +368,7 @@ def _conv_step_kernel(xBC_ptr, conv_state_ptr, w_ptr, bias_ptr, out_ptr, CH,
         if k > 0:
             tl.store(state + (k - 1) * s_sk, past, mask=mask)
     tl.store(state + (K - 2) * s_sk, new.to(conv_state_ptr.dtype.element_ty), mask=mask)
-    if HAS_BIAS:
+    if bias_ptr is not None:
         acc += tl.load(bias_ptr + ch, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + b * CH + ch, acc * tl.sigmoid(acc), mask=mask)  # silu
 
@@ -303,7 +378,10 @@ def _ssm_step_kernel(xBC_ptr, dt_ptr, dt_bias_ptr, A_log_ptr, D_ptr, state_ptr, 
                      CH, H, P, N, HEADS_PER_GROUP, GN, dt_min, dt_max,
                      s_dtb, s_sb, s_sh, s_sp,
                      BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
-    b, h = tl.program_id(0), tl.program_id(1)
+    """One head of one sequence: dt = softplus(dt + dt_bias) clamped to the limits, the state update
+    S = exp(dt A) S + dt x B^T in place, y = S C + D x. A program holds its head's whole [P, N] state, read
+    and written once: the step is bound by reading the states, so nothing else is tiled."""
+    b, h = tl.program_id(0).to(tl.int64), tl.program_id(1)  # int64: batch x state may pass 2^31
     g = h // HEADS_PER_GROUP
     ps, ns = tl.arange(0, BLOCK_P), tl.arange(0, BLOCK_N)
     pm, nm = ps < P, ns < N
@@ -335,8 +413,8 @@ def mamba_step(xBC: Tensor, dt: Tensor, conv_state: Tensor, ssm_state: Tensor, c
     conv_out = torch.empty(b, CH, device=xBC.device, dtype=torch.float32)
     w = conv_weight.view(CH, K)
     _conv_step_kernel[(b, triton.cdiv(CH, 256))](
-        xBC, conv_state, w, conv_bias if conv_bias is not None else w, conv_out, CH,
-        xBC.stride(0), *conv_state.stride(), *w.stride(), K=K, HAS_BIAS=conv_bias is not None, BLOCK=256)
+        xBC, conv_state, w, conv_bias, conv_out, CH, xBC.stride(0), *conv_state.stride(), *w.stride(),
+        K=K, BLOCK=256)
     y = torch.empty(b, H * P, device=xBC.device, dtype=torch.float32)
     _ssm_step_kernel[(b, H)](
         conv_out, dt, dt_bias, A_log, D, ssm_state, y, CH, H, P, N, H // n_groups, n_groups * N,
@@ -350,51 +428,57 @@ def mamba_step(xBC: Tensor, dt: Tensor, conv_state: Tensor, ssm_state: Tensor, c
 #    or g = x + update, also stored (the residual add fused with the next layer's norm), or g = x
 
 @triton.jit
-def _rms_norm_kernel(x_ptr, other_ptr, w_ptr, out_ptr, sum_ptr, n_rows, width, eps, s_x, s_other, s_out,
-                     GATE: tl.constexpr, ADD: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK: tl.constexpr):
+def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, gate_ptr, update_ptr, sum_ptr, n_rows, width, eps,
+                     s_x, s_other, s_out, BLOCK_ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    """BLOCK_ROWS rows of one group of `width` channels: out = w * g / sqrt(mean(g^2) + eps) with fp32
+    statistics, where g = x * silu(gate) (gate_ptr given: the Mamba output norm), or g = x + update, also
+    stored at sum_ptr (update_ptr given: the residual add fused with the next layer's norm), or g = x.
+    A program normalises whole rows (one reduction, no second pass); narrow rows go several per program."""
     rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-    cols = tl.program_id(1) * width + tl.arange(0, BLOCK)  # one group of `width` channels
+    cols = tl.program_id(1) * width + tl.arange(0, BLOCK)
     mask = (rows[:, None] < n_rows) & (tl.arange(0, BLOCK)[None, :] < width)
     rows = rows.to(tl.int64)[:, None]
     x = tl.load(x_ptr + rows * s_x + cols[None, :], mask=mask, other=0.0)
-    if GATE or ADD:
-        other = tl.load(other_ptr + rows * s_other + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    if ADD:  # the sum is rounded to the data type, as the residual stream is
-        x = (x.to(tl.float32) + other).to(sum_ptr.dtype.element_ty)
+    if update_ptr is not None:  # the sum is rounded to the data type, as the residual stream is
+        update = tl.load(update_ptr + rows * s_other + cols[None, :], mask=mask, other=0.0)
+        x = (x.to(tl.float32) + update.to(tl.float32)).to(sum_ptr.dtype.element_ty)
         tl.store(sum_ptr + rows * s_out + cols[None, :], x, mask=mask)
     x = x.to(tl.float32)
-    if GATE:
-        x = x * other * tl.sigmoid(other)
+    if gate_ptr is not None:
+        gate = tl.load(gate_ptr + rows * s_other + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        x = x * gate * tl.sigmoid(gate)
     rstd = tl.rsqrt(tl.sum(x * x, axis=1) / width + eps)
     w = tl.load(w_ptr + cols, mask=cols < (tl.program_id(1) + 1) * width, other=0.0).to(tl.float32)
-    tl.store(out_ptr + rows * s_out + cols[None, :], (x * rstd[:, None] * w[None, :]).to(out_ptr.dtype.element_ty),
-             mask=mask)
+    out = (x * rstd[:, None] * w[None, :]).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + rows * s_out + cols[None, :], out, mask=mask)
 
 
-def _norm(x: Tensor, weight: Tensor, eps: float, groups: int, other: Tensor | None, add: bool) -> tuple[Tensor, Tensor]:
+def _norm(x: Tensor, weight: Tensor, eps: float, groups: int = 1, gate: Tensor | None = None,
+          update: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    """(the norm, x + update or None): rows with unit channel stride; gate and update are exclusive."""
     C = x.shape[-1]
-    rows = x.reshape(-1, C)
-    other = other.reshape(-1, C) if other is not None else rows
-    rows, other = (t if t.stride(-1) == 1 else t.contiguous() for t in (rows, other))
+    rows_of = lambda t: None if t is None else _rows_last(t.reshape(-1, C))
+    rows, gate, update = rows_of(x), rows_of(gate), rows_of(update)
+    other = gate if gate is not None else update
     out = torch.empty(rows.shape, device=x.device, dtype=x.dtype)
-    total = torch.empty_like(out) if add else out
+    total = torch.empty_like(out) if update is not None else None
     width = C // groups
     block = _pow2(width, 1)
     block_rows = max(1, min(16, 4096 // block))  # narrow rows: several per program
     grid = (triton.cdiv(rows.shape[0], block_rows), groups)
-    _rms_norm_kernel[grid](rows, other, weight, out, total, rows.shape[0], width, eps, rows.stride(0), other.stride(0),
-                           out.stride(0), GATE=other is not rows and not add, ADD=add, BLOCK_ROWS=block_rows,
-                           BLOCK=block, num_warps=4 if width <= 4096 else 8)
-    return out.view(x.shape), total.view(x.shape)
+    _rms_norm_kernel[grid](rows, weight, out, gate, update, total, rows.shape[0], width, eps, rows.stride(0),
+                           other.stride(0) if other is not None else 0, out.stride(0),
+                           BLOCK_ROWS=block_rows, BLOCK=block, num_warps=4 if width <= 4096 else 8)
+    return out.view(x.shape), None if total is None else total.view(x.shape)
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float, groups: int = 1, gate: Tensor | None = None) -> Tensor:
     """x [..., C] (times silu(gate) first, if given) normalised over `groups` equal slices -> x.dtype."""
-    return _norm(x, weight, eps, groups, gate, add=False)[0]
+    return _norm(x, weight, eps, groups, gate=gate)[0]
 
 
 def add_rms_norm(h: Tensor, update: Tensor | None, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     """(rms_norm(h + update), h + update) in one pass; update None: (rms_norm(h), h)."""
     if update is None:
         return rms_norm(h, weight, eps), h
-    return _norm(h, weight, eps, 1, update, add=True)
+    return _norm(h, weight, eps, update=update)

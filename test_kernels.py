@@ -197,6 +197,60 @@ def test_ssd_chunked(b, T, H, P, G, N, chunk, initial):
     assert rel_err(y, y_ref) < tol and rel_err(final, final_ref) < tol
 
 
+def test_ssd_chunked_bf16_inputs():
+    """The model's path: bf16 x, B, C (tensor-core operands on a GPU) as strided views of one xBC row."""
+    gen = torch.Generator().manual_seed(1)
+    b, T, H, P, G, N, chunk = 2, 45, 4, 16, 2, 16, 16
+    xBC = rand(b, T, H * P + 2 * G * N, dtype=torch.bfloat16, gen=gen)
+    x, B, C = xBC.split([H * P, G * N, G * N], dim=-1)
+    x, B, C = x.unflatten(-1, (H, P)), B.unflatten(-1, (G, N)), C.unflatten(-1, (G, N))
+    dt = torch.nn.functional.softplus(rand(b, T, H, gen=gen) - 1)
+    A = -torch.rand(H, generator=gen).to(DEVICE) * 4
+    init = rand(b, H, P, N, gen=gen)
+    y, final = kernels.ssd_chunked(x, dt, A, B, C, chunk, init)
+    y_ref, final_ref = ne.ssd_chunked.reference(x.float(), dt, A, B.float(), C.float(), chunk, init)
+    assert y.dtype == final.dtype == torch.float32
+    assert rel_err(y, y_ref) < TOL[torch.bfloat16] and rel_err(final, final_ref) < TOL[torch.bfloat16]
+
+
+def huge_view(shape, strides, dtype):
+    """A view whose offsets pass 2^31 elements, over memory that is reserved but never touched (Linux
+    maps pages on first use), so that 64-bit offsets are tested without gigabytes of RAM."""
+    numel = 1 + sum((n - 1) * s for n, s in zip(shape, strides))
+    assert numel > 2**31
+    return torch.empty(numel, dtype=dtype, device=DEVICE).as_strided(shape, strides).normal_()
+
+
+def test_ssd_chunked_offsets_past_2_31():
+    """Chunk starts t0 * (stride of a token) pass 2^31, as they do for a prompt of more than
+    2^31 / conv_dim (about 200K) tokens in one call."""
+    gen = torch.Generator().manual_seed(2)
+    b, T, H, P, G, N, chunk = 1, 200, 2, 16, 1, 16, 8
+    x = huge_view((b, T, H, P), (T * 2**24, 2**24, P, 1), torch.bfloat16)  # 6.7 GB reserved, 13 KB used
+    B, C = rand(b, T, G, N, dtype=torch.bfloat16, gen=gen), rand(b, T, G, N, dtype=torch.bfloat16, gen=gen)
+    dt = torch.nn.functional.softplus(rand(b, T, H, gen=gen) - 1)
+    A = -torch.rand(H, generator=gen).to(DEVICE)
+    y, final = kernels.ssd_chunked(x, dt, A, B, C, chunk)
+    y_ref, final_ref = ne.ssd_chunked.reference(x.float(), dt, A, B.float(), C.float(), chunk)
+    assert rel_err(y, y_ref) < TOL[torch.bfloat16] and rel_err(final, final_ref) < TOL[torch.bfloat16]
+
+
+def test_mamba_step_offsets_past_2_31():
+    """Batch offsets b * (stride of a sequence's SSM state) pass 2^31, as at a batch of more than 4096
+    sequences of the real model."""
+    gen = torch.Generator().manual_seed(3)
+    b, H, P, G, N, K = 3, 2, 4, 1, 8, 4
+    ch = H * P + 2 * G * N
+    ssm_state = huge_view((b, H, P, N), (2**30 + 64, P * N, N, 1), torch.float32)  # 12.9 GB reserved
+    xBC, dt, conv_state = rand(b, ch, gen=gen), rand(b, H, gen=gen), rand(b, ch, K - 1, gen=gen)
+    args = (rand(ch, 1, K, gen=gen), rand(ch, gen=gen), rand(H, gen=gen), rand(H, gen=gen), rand(H, gen=gen),
+            G, (0.0, float("inf")))
+    ref_ssm, ref_conv = ssm_state.clone(), conv_state.clone()
+    y = kernels.mamba_step(xBC, dt, conv_state, ssm_state, *args)
+    y_ref = ne.mamba_step.reference(xBC, dt, ref_conv, ref_ssm, *args)
+    assert rel_err(y, y_ref) < TOL[torch.float32] and rel_err(ssm_state, ref_ssm) < TOL[torch.float32]
+
+
 STEP_SHAPES = [(1, 4, 6, 1, 8, 4), (3, 4, 6, 2, 8, 4), (2, 2, 5, 1, 3, 2)]  # (batch, H, P, G, N, conv kernel)
 if CUDA:
     STEP_SHAPES += [(1, 64, 64, 8, 128, 4), (32, 64, 64, 8, 128, 4)]

@@ -1,0 +1,223 @@
+"""
+The compile test: every Triton kernel launch the model makes, compiled for an H100 on a machine without a GPU.
+
+Most machines that run this suite (CI among them) have no GPU, and Triton's interpreter, which runs the
+kernels there, is no compiler: it never shows a kernel that fails to compile for a GPU, spills registers to
+local memory, or asks for more shared memory than a Hopper block has. Triton can compile for a GPU that is
+not there (`triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))`), and the ptxas that ships in
+Triton's wheel reports what the cubin uses. So this test
+
+  1. records the launches a real-width model makes: Config()'s widths (the 30B's) with one layer of each
+     kind (Mamba-2, MoE, attention), at the 30B, 23B and 12B sizes, FP8 and BF16 weights, bf16 and fp32
+     activations, prefill and decode at the row counts that choose each block-size branch. Launch arguments
+     depend on shapes and dtypes, never on values, so the weights are left uninitialised and no kernel runs:
+     `JITFunction.run` is replaced by a recorder;
+  2. compiles each distinct launch (kernel, argument types, Triton's specialisations, constexprs, warps,
+     stages) for sm_90 and runs `ptxas -v --gpu-name sm_90a` on its PTX;
+  3. asserts that every launch compiles, that nothing on the bf16 path (what a GPU runs) spills, and that
+     every kernel's shared memory fits an H100 block (227 KiB).
+
+    python -m pytest -q test_compile.py    # part of the test suite
+    python test_compile.py                 # print the table of README.md's kernel section
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+H100_SHARED = 227 * 1024  # the most dynamic shared memory one block may use on sm_90
+SPILL_OK = 8  # bytes: "a few bytes at most"
+PHASES = {  # name -> (batch, new tokens): each block-size branch of kernels.py, bench.py's batches
+    "decode": (1, 1), "decode x8": (8, 1), "decode x32": (32, 1), "prefill 40": (1, 40),
+    "prefill 1000": (1, 1000), "prefill 2048": (1, 2048)}
+MODES = {  # name -> (FP8 weights, activation dtype name)
+    "fp8/bf16": (True, "bfloat16"), "bf16/bf16": (False, "bfloat16"),
+    "fp8/fp32": (True, "float32"), "fp32/fp32": (False, "float32")}
+
+
+# ------------------------------------------------------------------------------------------------------
+# 1. Recording: run the model with every launch intercepted (this process has no Triton interpreter)
+
+def specialise(value):
+    """(type, attribute) of one kernel argument, as Triton's launcher specialises it on a GPU: ints equal
+    to 1 become constexprs, ints and pointers divisible by 16 are marked so (what lets loads vectorise)."""
+    import torch
+    if value is None:
+        return "constexpr", None
+    if isinstance(value, bool):
+        return "u1", None
+    if isinstance(value, int):
+        if value == 1:
+            return "constexpr", 1
+        kind = "i32" if -2**31 <= value < 2**31 else "i64"
+        return kind, "D" if value % 16 == 0 else None
+    if isinstance(value, float):
+        return "fp32", None
+    if isinstance(value, torch.Tensor):
+        names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
+                 torch.float8_e4m3fn: "fp8e4nv", torch.int64: "i64", torch.int32: "i32"}
+        return "*" + names[value.dtype], "D" if value.data_ptr() % 16 == 0 else None
+    raise TypeError(f"unexpected kernel argument {value!r}")
+
+
+def fp8_model(ne, model):
+    """Make the Linears the FP8 release quantises float8_e4m3fn with a scale (uninitialised values)."""
+    import torch
+    quantised = {re.sub(r"experts\.\d+\.", "experts.", n) for n in ne.fp8_recipe(model.config)}
+    for name, module in model.named_modules():
+        if name in quantised:
+            w = module.weight
+            module.weight = torch.nn.Parameter(torch.empty_like(w, dtype=torch.float8_e4m3fn),
+                                               requires_grad=False)
+            module.weight_scale = torch.ones(w.shape[0] if w.dim() == 3 else (), dtype=torch.float32)
+    return model
+
+
+def record_launches() -> list[dict]:
+    """Every distinct launch of the model's phases x sizes x modes, with the cases that made it."""
+    os.environ.pop("TRITON_INTERPRET", None)
+    from triton.runtime.jit import JITFunction
+    seen = {}
+
+    def record(fn, *args, grid, warmup, **kwargs):
+        bound = dict(zip(fn.arg_names, args)) | {k: v for k, v in kwargs.items() if k in fn.arg_names}
+        options = {k: v for k, v in kwargs.items() if k not in fn.arg_names}
+        signature, constexprs, attrs = {}, {}, {}
+        for i, p in enumerate(fn.params):
+            value = bound[p.name]
+            kind, attr = ("constexpr", None) if p.is_constexpr else specialise(value)
+            signature[p.name] = kind
+            if kind == "constexpr":
+                constexprs[p.name] = value
+            elif attr:
+                attrs[i] = attr
+        key = (fn.__name__, repr(signature), repr(constexprs), repr(attrs), repr(sorted(options.items())))
+        launch = seen.setdefault(key, dict(fn=fn, signature=signature, constexprs=constexprs,
+                                           attrs=attrs, options=options, cases=[]))
+        launch["cases"].append(case)
+
+    JITFunction.run = record
+    import kernels  # noqa: F401  (made without the interpreter: JITFunctions, GPU dot dtypes)
+    os.environ["TRITON_INTERPRET"] = "1"  # lets nanoelastic route CPU tensors to kernels.py
+    os.environ["NANOELASTIC_KERNELS"] = "triton"
+    import torch
+    import nanoelastic as ne
+
+    config = ne.Config(layers_block_type=["mamba", "moe", "attention"])
+    case = ""
+    for mode, (fp8, dtype_name) in MODES.items():
+        model = ne.Model(config).to(getattr(torch, dtype_name))
+        if fp8:
+            fp8_model(ne, model)
+        for size in ("30B", "23B", "12B"):
+            for phase, (batch, T) in PHASES.items():
+                case = f"{mode} {size} {phase}"
+                cache = model.new_cache(batch, T + 1)
+                if T == 1:  # decode after one prefilled token
+                    model(torch.zeros(batch, 1, dtype=torch.long), cache, size=size)
+                model(torch.zeros(batch, T, dtype=torch.long), cache, size=size)
+        del model
+    return list(seen.values())
+
+
+# ------------------------------------------------------------------------------------------------------
+# 2. Compiling for sm_90 and reading ptxas' report
+
+def ptxas() -> str:
+    """The ptxas Triton itself uses for sm_90 (its wheel carries more than one)."""
+    from triton.backends.nvidia import compiler
+    try:
+        return compiler.get_ptxas(90).path
+    except TypeError:  # older Triton: one ptxas
+        return compiler.get_ptxas().path
+
+
+def compile_for_hopper(launch: dict) -> dict:
+    """Registers, spill bytes (stores + loads) and shared memory of one launch compiled for sm_90."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.compiler.compiler import make_backend
+
+    target = GPUTarget("cuda", 90, 32)
+    backend = make_backend(target)
+    attrs = {(i,): backend.parse_attr(a) for i, a in launch["attrs"].items()}
+    src = ASTSource(launch["fn"], launch["signature"], launch["constexprs"], attrs)
+    compiled = triton.compile(src, target=target, options=launch["options"])
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx = Path(tmp) / "kernel.ptx"
+        ptx.write_text(compiled.asm["ptx"])
+        # the flags Triton compiles with (its ptxas 13 needs --regAllocOptLevel=2), plus -v
+        command = [ptxas(), "-v", "--regAllocOptLevel=2", "--gpu-name=sm_90a", str(ptx), "-o", f"{ptx}.o"]
+        report = subprocess.run(command, capture_output=True, text=True, check=True).stderr
+    regs = int(re.search(r"Used (\d+) registers", report).group(1))
+    spills = sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", report))
+    return dict(registers=regs, spill_bytes=spills, shared=compiled.metadata.shared)
+
+
+def results() -> list[dict]:
+    """One row per distinct launch: kernel, its constexprs, the cases that make it, and what it uses."""
+    rows = []
+    for launch in record_launches():
+        usage = compile_for_hopper(launch)
+        consts = {k: str(v) for k, v in launch["constexprs"].items() if v is not None}
+        rows.append(dict(kernel=launch["fn"].__name__, constexprs=consts, options=launch["options"],
+                         cases=launch["cases"], **usage))
+    return rows
+
+
+def run_in_subprocess() -> list[dict]:
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "NANOELASTIC_KERNELS")}
+    out = subprocess.run([sys.executable, str(ROOT / "test_compile.py"), "--json"], env=env, cwd=ROOT,
+                         capture_output=True, text=True, timeout=1800)
+    assert out.returncode == 0, out.stderr[-4000:]
+    return json.loads(out.stdout.splitlines()[-1])
+
+
+def path(row: dict) -> str:
+    """'bf16' for launches a GPU makes with bf16 activations (what users run), 'fp32' for the tests' exact
+    mode; a launch made by both counts as bf16."""
+    return "bf16" if any(case.split()[0].endswith("/bf16") for case in row["cases"]) else "fp32"
+
+
+# ------------------------------------------------------------------------------------------------------
+# 3. The test, and the table
+
+def test_every_launch_compiles_for_hopper_without_spills():
+    rows = run_in_subprocess()
+    assert {r["kernel"] for r in rows} == {
+        "_matmul_kernel", "_ssd_chunk_state_kernel", "_ssd_state_passing_kernel", "_ssd_chunk_scan_kernel",
+        "_conv_step_kernel", "_ssm_step_kernel", "_rms_norm_kernel"}
+    cases = {c for r in rows for c in r["cases"]}
+    assert len(cases) == len(MODES) * 3 * len(PHASES)  # every case launched kernels
+    for r in rows:
+        assert r["shared"] <= H100_SHARED, r
+        assert r["spill_bytes"] <= (SPILL_OK if path(r) == "bf16" else 1024), r
+
+
+def table(rows: list[dict]) -> str:
+    """One line per kernel, path and block shape; the worst of its variants (argument alignments, sizes)."""
+    groups = {}
+    for r in rows:
+        blocks = ", ".join(f"{k}={v}" for k, v in r["constexprs"].items() if k.startswith("BLOCK"))
+        warps = r["options"].get("num_warps", 4)
+        groups.setdefault((r["kernel"].strip("_"), path(r), blocks, warps), []).append(r)
+    lines = ["| kernel | activations | blocks | warps | variants | registers | spills (B) | shared (KiB) |",
+             "|---|---|---|---:|---:|---:|---:|---:|"]
+    for (kernel, act, blocks, warps), g in sorted(groups.items()):
+        worst = lambda key: max(r[key] for r in g)
+        lines.append(f"| {kernel} | {act} | {blocks} | {warps} | {len(g)} | {worst('registers')} | "
+                     f"{worst('spill_bytes')} | {worst('shared') / 1024:.0f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    if "--json" in sys.argv:
+        print(json.dumps(results()))
+    else:
+        print(table(run_in_subprocess()))
