@@ -379,7 +379,8 @@ class Mamba2Mixer(nn.Module):
 
     def step(self, xBC: Tensor, dt: Tensor, conv_state: Tensor, ssm_state: Tensor) -> Tensor:
         """Decode: the same for one token, one recurrence step on the cached states (mamba_step)."""
-        conv, c = self.conv1d, self.config
+        c = self.config
+        conv = self.conv1d
         y = mamba_step(xBC[:, 0], dt[:, 0], conv_state, ssm_state, conv.weight, conv.bias,
                        self.dt_bias, self.A_log, self.D, c.n_groups, c.time_step_limit)
         return y[:, None]
@@ -460,7 +461,8 @@ def moe_experts(x: Tensor, weights: Tensor, experts: Tensor, up_weight: Tensor,
     down_weight [E, D, F] and FP8 scales [E] (or None)."""
     # The n*k (token, expert) pairs grouped by expert: each expert runs once on its tokens.
     order = experts.flatten().argsort(stable=True)
-    tokens, pair_weights = order // experts.shape[1], weights.flatten()[order]
+    tokens = order // experts.shape[1]  # the token of each pair, pairs in expert order
+    pair_weights = weights.flatten()[order]
     E = up_weight.shape[0]
     counts = torch.bincount(experts.flatten(), minlength=E).tolist()  # a host sync: fine here
     if up_scale is None:  # BF16 weights
@@ -618,7 +620,8 @@ class Model(nn.Module):
 
     def num_params(self, size: str | None = None) -> tuple[int, int]:
         """(total, active per token) parameters at `size`; active counts k of the E experts."""
-        model, c = self.nested(size), self.config
+        c = self.config
+        model = self.nested(size)
         total = sum(p.numel() for p in model.parameters())
         named = model.named_parameters()
         idle = sum(p.numel() for n, p in named if ".experts." in n and "shared" not in n)
@@ -651,7 +654,8 @@ class Cache:
         if max_len > c.max_position_embeddings:
             raise NanoElasticError(f"max_len {max_len} > max_position_embeddings "
                                    f"{c.max_position_embeddings}")
-        self.batch_size, self.max_len, self.length = batch_size, max_len, 0
+        self.batch_size, self.max_len = batch_size, max_len
+        self.length = 0
         self.position = torch.zeros((), dtype=torch.int64, device=device)
         self.interrupted = False  # set while a step is half-written (Ctrl-C): see begin()
         self.kinds = c.layers_block_type
@@ -725,7 +729,8 @@ class Cache:
         """A copy of the state after the first `length` tokens: KV up to there, conv and SSM states
         (small). Mamba states cannot be rewound, so this is how to go back to a prefix (chat.py, per
         turn)."""
-        n, saved = self.length, []
+        n = self.length
+        saved = []
         for kind, state in zip(self.kinds, self.layers):
             if kind == "attention":
                 state = tuple(t[:, :, :n] for t in state)
@@ -834,7 +839,8 @@ class DecodeGraph:
                 model(tokens, scratch, size, last_only=True)
         torch.cuda.current_stream().wait_stream(stream)
         del scratch
-        graph, length = torch.cuda.CUDAGraph(), cache.length
+        graph = torch.cuda.CUDAGraph()
+        length = cache.length
         pool = self.pools.setdefault(sized, torch.cuda.graph_pool_handle())
         try:
             with torch.cuda.graph(graph, pool=pool):  # records the kernels on the cache's tensors
@@ -1147,7 +1153,8 @@ def generate(model: Model, prompt: list[int] | Tensor, max_new_tokens: int, *,
     if max_new_tokens < 0:
         raise NanoElasticError("max_new_tokens must be >= 0")
     step = generation_cache(model, prompt, max_new_tokens, cache)
-    cache, device = step.cache, model.lm_head.weight.device
+    cache = step.cache
+    device = model.lm_head.weight.device
     generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
     tokens = list(prompt)
     try:
@@ -1162,7 +1169,9 @@ def generate(model: Model, prompt: list[int] | Tensor, max_new_tokens: int, *,
             if token in stop_tokens or n == max_new_tokens:
                 return
             if switch is not None and switch.due(n, token):
-                size, mode, switch = switch.size, switch.mode, None
+                size = switch.size
+                mode = switch.mode
+                switch = None  # one switch per generation
                 if mode == "reprefill":
                     cache.reset()
                     logits = prefill(model, torch.tensor([tokens], device=device), cache, size,
