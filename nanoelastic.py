@@ -1112,6 +1112,8 @@ def prefill(model: Model, tokens: Tensor, cache: Cache, size: str | None = None,
 def generation_cache(model: Model, prompt: list[int], max_new_tokens: int,
                      cache: Cache | DecodeGraph | None) -> DecodeGraph:
     """The decode step for a generation, on the given cache (or a new one that fits it), checked."""
+    if max_new_tokens < 0:
+        raise NanoElasticError("max_new_tokens must be >= 0")
     max_len = model.config.max_position_embeddings
     if cache is None:
         if len(prompt) >= max_len:
@@ -1150,8 +1152,6 @@ def generate(model: Model, prompt: list[int] | Tensor, max_new_tokens: int, *,
         raise NanoElasticError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
     for s in (size, switch.size if switch else None):
         parse_size(s, model.config)  # unknown or too large sizes fail before any work
-    if max_new_tokens < 0:
-        raise NanoElasticError("max_new_tokens must be >= 0")
     step = generation_cache(model, prompt, max_new_tokens, cache)
     cache = step.cache
     device = model.lm_head.weight.device
