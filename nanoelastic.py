@@ -21,11 +21,12 @@ What differs from a vanilla decoder-only transformer:
      shape at every size, so one cache serves every size and the size can change mid-generation.
 
 The file: sections 1-6 are the network (config, layers, model), in the order of the forward pass;
-sections 7-13 are the machinery around it (caches, fast paths, nested sizes, checkpoints,
-generation, the command line). Shapes use B = batch, T = new tokens, L = cached + new tokens, D =
-hidden (d when nested), V = vocab, H = heads, P = head dim, N = SSM state, G = groups, E = experts,
-F = expert FFN width (f when nested). README.md (How the model works) gives the equations; tensor
-names are the HF checkpoint's.
+sections 7-13 are the machinery around it (caches, fast paths, nested sizes, FP8, generation, the
+command line); checkpoint.py reads, checks and writes the checkpoint files.
+
+Shapes use B = batch, T = new tokens, L = cached + new tokens, D = hidden (d when nested),
+V = vocab, H = heads, P = head dim, N = SSM state, G = groups, E = experts, F = expert FFN width (f
+when nested). README.md (How the model works) gives the equations; tensor names are the HF checkpoint's.
 """
 
 from __future__ import annotations
