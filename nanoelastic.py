@@ -26,7 +26,8 @@ command line); checkpoint.py reads, checks and writes the checkpoint files.
 
 Shapes use B = batch, T = new tokens, L = cached + new tokens, D = hidden (d when nested),
 V = vocab, H = heads, P = head dim, N = SSM state, G = groups, E = experts, F = expert FFN width (f
-when nested). README.md (How the model works) gives the equations; tensor names are the HF checkpoint's.
+when nested). README.md (How the model works) gives the equations; tensor names are the HF
+checkpoint's.
 """
 
 from __future__ import annotations
