@@ -18,7 +18,6 @@ a decode graph attends over) and the Mamba states; the achieved bandwidth is tho
 from __future__ import annotations
 
 import argparse
-import gc
 import hashlib
 import json
 import math
@@ -39,6 +38,7 @@ CUDA = torch.cuda.is_available()
 if not CUDA:  # the Triton kernels can only run in Triton's interpreter here; set before triton is imported
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import checkpoint  # noqa: E402
 import nanoelastic as ne  # noqa: E402 (after TRITON_INTERPRET)
 from nanoelastic import NanoElasticError  # noqa: E402
 
@@ -178,7 +178,7 @@ def contiguous_copy(model: ne.Model, size: str) -> ne.Model:
     with torch.device("meta"):
         copy = ne.Model(view.config)
     for name, t in chain(view.named_parameters(), view.named_buffers()):
-        ne.assign_tensor(copy, name, t.contiguous().clone())
+        checkpoint.assign_tensor(copy, name, t.contiguous().clone())
     return copy
 
 
@@ -222,15 +222,15 @@ def bench_decode(model: ne.Model, size: str | None, batch: int, steps: int, prom
     model(tokens, cache, size)
     touched = experts_touched(view, cache, tokens[:, -1:])
     nbytes = decode_bytes(view, cache, batch, touched)
-    step = model.decode_step(cache, size)
+    step = ne.DecodeGraph(model, cache)
     token = tokens[:, -1:]
     for _ in range(3):  # warm up (and capture the graph)
-        token = step(token).argmax(-1, keepdim=True)
+        token = step(token, size).argmax(-1, keepdim=True)
     if CUDA:
         torch.cuda.synchronize()
     t = time.perf_counter()
     for _ in range(steps):
-        token = step(token).argmax(-1, keepdim=True)  # stays on the device: no host round trip
+        token = step(token, size).argmax(-1, keepdim=True)  # stays on the device: no host round trip
     if CUDA:
         torch.cuda.synchronize()
     seconds = (time.perf_counter() - t) / steps
@@ -246,7 +246,7 @@ def bench_prefill(model: ne.Model, size: str | None, length: int, chunk: int) ->
 
     def prefill():
         cache.reset()
-        model.prefill(tokens, cache, size, chunk)  # in pieces, as generate() does
+        ne.prefill(model, tokens, cache, size, chunk)  # in pieces, as generate() does
     seconds = timed(prefill, 2 if CUDA else 1, warmup=1)
     return {"length": length, "tok_per_s": length / seconds, "seconds": seconds}
 
@@ -256,24 +256,24 @@ def bench_switch(model: ne.Model, think: str, answer: str, thought: int, chunk: 
     step at the new size on the same cache; re-prefill = rebuilding the cache at the new size."""
     cache = model.new_cache(1, thought + 16)
     tokens = torch.randint(0, model.config.vocab_size, (1, thought), device=DEVICE)
-    think_step, answer_step = model.decode_step(cache, think), model.decode_step(cache, answer)
+    step = ne.DecodeGraph(model, cache)
     token = tokens[:, -1:]
 
     def transplant():
         cache.reset()
         model(tokens[:, :-1], cache, think)
-        think_step(token)
+        step(token, think)
         if CUDA:
             torch.cuda.synchronize()
         t = time.perf_counter()
-        answer_step(token)
+        step(token, answer)
         if CUDA:
             torch.cuda.synchronize()
         return time.perf_counter() - t
 
     def reprefill():
         cache.reset()
-        model.prefill(tokens, cache, answer, chunk)
+        ne.prefill(model, tokens, cache, answer, chunk)
     transplant()  # warm up
     t_transplant = sorted(transplant() for _ in range(3))[1]
     t_reprefill = timed(reprefill, 2 if CUDA else 1, warmup=1)
@@ -285,7 +285,7 @@ def bench_model(small: bool, ceil: dict, batches: list[int]) -> dict:
     sizes = ["256x128", "224x112", "192x96"] if small else ["30B", "23B", "12B"]
     names = ["full", "mid", "small"] if small else sizes
     t = time.perf_counter()
-    model = ne.Model.from_random(config, DEVICE, torch.bfloat16 if CUDA else torch.float32, fp8=True, seed=0)
+    model = checkpoint.random_model(config, DEVICE, torch.bfloat16 if CUDA else torch.float32, fp8=True, seed=0)
     print(f"random FP8 model of {'the small demo config' if small else 'the 30B config'} made on {DEVICE} "
           f"in {time.perf_counter() - t:.1f} s", file=sys.stderr)
     steps, prompt = (4, 16) if small else (128, 256)
@@ -296,8 +296,7 @@ def bench_model(small: bool, ceil: dict, batches: list[int]) -> dict:
         for size, name in zip(sizes[1:], names[1:]):
             sliced = contiguous_copy(model, size)
             decode.append(bench_decode(sliced, None, batch, steps, prompt, ceil, f"{name} (sliced copy)"))
-            del sliced
-            gc.collect()  # a cache's decode graphs refer back to it: free the copy before making the next
+            del sliced  # freed here: nothing refers back to it
             if CUDA:
                 torch.cuda.empty_cache()
     chunk = 8192
@@ -477,19 +476,19 @@ def load_problems(path: str, limit: int | None) -> list[dict]:
     return problems[:limit]
 
 
-def solve(model: ne.Model, tokenizer, cache: ne.Cache, prompt: list[int], think: str, answer: str, budget: int,
+def solve(model: ne.Model, tokenizer, step: ne.DecodeGraph, prompt: list[int], think: str, answer: str, budget: int,
           args: argparse.Namespace, seed: int) -> tuple[dict, list[ne.Token]]:
     """One reply to `prompt` (chat.render_chat's, thinking on), timed: think at `think` (a model size), answer
     at `answer`. Returns its measurements and its tokens. Ctrl-C (which ends generate()'s stream) raises
     KeyboardInterrupt: a cut reply is not a result."""
     mode = args.switch if think != answer else "transplant"  # the same size: nothing to rebuild
     switch = ne.Switch(answer, on_token=tokenizer.think_end, after=budget, mode=mode)
-    cache.reset()
+    step.cache.reset()
     tokens, times = [], []
     t0 = time.perf_counter()
     for token in ne.generate(model, prompt, args.max_new_tokens, size=think, switch=switch,
                              stop_tokens=tokenizer.stop, temperature=args.temperature, top_p=args.top_p,
-                             seed=seed, cache=cache):
+                             seed=seed, cache=step):
         tokens.append(token)
         times.append(time.perf_counter() - t0)
     ids = [t.id for t in tokens]
@@ -753,14 +752,14 @@ def solve_all(args, problems, wanted, key, size_names, results: Path, done: dict
             if max_len > model.config.max_position_embeddings:
                 fail(f"the longest prompt ({max(map(len, prompts))} tokens) + --max-new-tokens "
                      f"{args.max_new_tokens} > the model's {model.config.max_position_embeddings} positions")
-            cache = model.new_cache(1, max_len)  # one cache for every reply (and its CUDA graphs)
+            step = ne.DecodeGraph(model, model.new_cache(1, max_len))  # one cache (and its graphs) for every reply
             warm_up = Namespace(**{**vars(args), "max_new_tokens": min(8, args.max_new_tokens)})
             for think, answer in dict.fromkeys(w[:2] for w in todo):  # compile kernels, capture graphs: untimed
-                solve(model, tokenizer, cache, prompts[0], size_names.get(think, think),
+                solve(model, tokenizer, step, prompts[0], size_names.get(think, think),
                       size_names.get(answer, answer), 2, warm_up, args.seed)
             t_start = time.perf_counter()
             for n, (think, answer, budget, i) in enumerate(todo, 1):
-                measured, _ = solve(model, tokenizer, cache, prompts[i], size_names.get(think, think),
+                measured, _ = solve(model, tokenizer, step, prompts[i], size_names.get(think, think),
                                     size_names.get(answer, answer), budget, args, args.seed + i)
                 k = key(think, answer, budget, i)
                 record = {"key": list(k), "think": think, "answer": answer, "budget": budget, "problem": i,

@@ -1,14 +1,16 @@
 """
-chat.py: chat with Nemotron 3 Nano Elastic, thinking with one nested size and answering with another.
+chat.py: chat with Nemotron 3 Nano Elastic, thinking with one nested size and answering with
+another.
 
     python chat.py --think 23B --answer 30B     # a multi-turn chat with the real checkpoint
-    python chat.py --demo                       # the same on a small random checkpoint: no GPU, no download
-    python chat.py --prompt "What is 17 * 23?"  # one-shot (a prompt piped on stdin works the same way)
+    python chat.py --demo                       # the same on random weights: no GPU, no download
+    python chat.py --prompt "What is 17 * 23?"  # one-shot (or a prompt piped on stdin)
 
-The model thinks with the --think size until it writes </think> (or the --max-think budget runs out and
-</think> is written for it), then the same cache carries on with the --answer size: "transplant" keeps the
-caches as the thinking size left them, "reprefill" rebuilds them with the answering size (exact, one prefill).
-Prompts are the checkpoint's own chat template (render_chat below), tokenized by its tokenizer.json.
+The model thinks with the --think size until it writes </think> (or the --max-think budget runs out
+and </think> is written for it), then the same cache carries on with the --answer size: "transplant"
+keeps the caches as the thinking size left them, "reprefill" rebuilds them with the answering size
+(exact, one prefill). Prompts are the checkpoint's own chat template (render_chat below), tokenized
+by its tokenizer.json.
 """
 
 from __future__ import annotations
@@ -24,11 +26,14 @@ from pathlib import Path
 
 import torch
 
+import checkpoint
 import nanoelastic as ne
 from nanoelastic import NanoElasticError
 
-HF_REPOS = ("nvidia/NVIDIA-Nemotron-Labs-3-Elastic-30B-A3B-FP8", "nvidia/NVIDIA-Nemotron-Labs-3-Elastic-30B-A3B-BF16")
-MAX_CONTEXT = 65536  # tokens the chat's one cache holds (KV is about 6 KB a token on the real model)
+HF_REPOS = ("nvidia/NVIDIA-Nemotron-Labs-3-Elastic-30B-A3B-FP8",
+            "nvidia/NVIDIA-Nemotron-Labs-3-Elastic-30B-A3B-BF16")
+# tokens the chat's one cache holds (KV is about 6 KB a token on the real model)
+MAX_CONTEXT = 65536
 PREFILL_CHUNK = 8192
 
 HELP = """commands:
@@ -44,12 +49,13 @@ a prompt of several lines: end a line with \\ to go on on the next one, or put t
 lines of \"\"\"; a paste of several lines is one prompt."""
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 1. The chat format: the checkpoint's chat template (tokenizer_config.json's chat_template, jinja2)
 #    in plain Python, for conversations without tools. test_chat.py compares it with stored jinja2
 #    renderings of that template (and with the template itself when a checkpoint is at hand).
 
-def render_chat(messages: list[dict], add_generation_prompt: bool = False, enable_thinking: bool = True,
+def render_chat(messages: list[dict], add_generation_prompt: bool = False,
+                enable_thinking: bool = True,
                 truncate_history_thinking: bool = True) -> str:
     system, turns = "", messages
     if messages and messages[0]["role"] == "system":
@@ -65,13 +71,13 @@ def render_chat(messages: list[dict], add_generation_prompt: bool = False, enabl
         else:
             text += f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n"
     if add_generation_prompt:
-        text += "<|im_start|>assistant\n<think>\n" if enable_thinking else "<|im_start|>assistant\n<think></think>"
+        text += "<|im_start|>assistant\n" + ("<think>\n" if enable_thinking else "<think></think>")
     return text
 
 
 def assistant_content(message: dict, cut_thinking: bool) -> str:
-    """An assistant turn's text: its thinking in <think> tags (empty tags when it has none), then the answer.
-    Turns before the last user turn keep only the answer (cut_thinking)."""
+    """An assistant turn's text: its thinking in <think> tags (empty tags when it has none), then
+    the answer. Turns before the last user turn keep only the answer (cut_thinking)."""
     reasoning, content = message.get("reasoning_content"), message.get("content") or ""
     if isinstance(reasoning, str) and reasoning.strip():
         content = f"<think>\n{reasoning}\n</think>\n{content}"
@@ -82,17 +88,19 @@ def assistant_content(message: dict, cut_thinking: bool) -> str:
     return content.strip()
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 2. Checkpoint and tokenizer
 
 def hf_cache_checkpoint() -> Path | None:
     """The downloaded snapshot of the FP8 (else BF16) release in the Hugging Face cache, if any."""
-    hub = os.environ.get("HF_HUB_CACHE") or Path(os.environ.get("HF_HOME") or Path.home() / ".cache/huggingface") / "hub"
+    home = Path(os.environ.get("HF_HOME") or Path.home() / ".cache/huggingface")
+    hub = os.environ.get("HF_HUB_CACHE") or home / "hub"
     for repo in HF_REPOS:
         folder = Path(hub) / f"models--{repo.replace('/', '--')}"
         main = folder / "refs" / "main"
         snapshots = [folder / "snapshots" / main.read_text().strip()] if main.is_file() else []
-        snapshots += sorted((folder / "snapshots").glob("*"), key=lambda p: p.stat().st_mtime, reverse=True)
+        snapshots += sorted((folder / "snapshots").glob("*"), key=lambda p: p.stat().st_mtime,
+                            reverse=True)
         for snapshot in snapshots:
             if (snapshot / "config.json").is_file():
                 return snapshot
@@ -104,11 +112,13 @@ def find_checkpoint(ckpt: str | None) -> Path:
     path = ckpt or os.environ.get("NANOELASTIC_CKPT") or hf_cache_checkpoint()
     if path is None:
         raise NanoElasticError(
-            f"no checkpoint found (--ckpt DIR, $NANOELASTIC_CKPT, or the Hugging Face cache): download one with "
-            f"`hf download {HF_REPOS[0]}` (about 32 GB), or try `python chat.py --demo` (no GPU, no download)")
+            f"no checkpoint found (--ckpt DIR, $NANOELASTIC_CKPT, or the Hugging Face cache): "
+            f"download one with `hf download {HF_REPOS[0]}` (about 32 GB), or try `python chat.py "
+            f"--demo` (no GPU, no download)")
     path = Path(path)
     if not (path / "config.json").is_file():
-        raise NanoElasticError(f"{path} is not a checkpoint folder (no config.json); try `python chat.py --demo`")
+        raise NanoElasticError(f"{path} is not a checkpoint folder (no config.json); try `python "
+                               f"chat.py --demo`")
     return path
 
 
@@ -121,19 +131,13 @@ class ChatTokenizer:
 
     @classmethod
     def load(cls, ckpt: Path) -> "ChatTokenizer":
-        from tokenizers import Tokenizer
-        file = ckpt / "tokenizer.json"
-        if not file.is_file():
-            raise NanoElasticError(f"missing tokenizer: {file}")
-        try:
-            tokenizer = Tokenizer.from_file(str(file))
-        except Exception as e:  # the Rust side's message, e.g. "expected value at line 1 column 1"
-            raise NanoElasticError(f"{file}: {e}") from None
+        tokenizer = ne.load_tokenizer(ckpt)
         needed = ("<|im_start|>", "<|im_end|>", "<think>", "</think>")
         ids = {t: tokenizer.token_to_id(t) for t in needed + ("</s>",)}
         missing = [t for t in needed if ids[t] is None]
         if missing:
-            raise NanoElasticError(f"{file} has no {', '.join(missing)}: not the chat tokenizer of this model")
+            raise NanoElasticError(f"{ckpt / 'tokenizer.json'} has no {', '.join(missing)}: "
+                                   f"not the chat tokenizer of this model")
         stop = tuple(ids[t] for t in ("<|im_end|>", "</s>") if ids[t] is not None)
         return cls(tokenizer, ids["</think>"], stop)
 
@@ -145,14 +149,16 @@ class ChatTokenizer:
 
 
 class TextStream:
-    """Token ids in, printable text out, one token at a time. A byte-level BPE token can hold part of a
-    UTF-8 character, so text ending in a half character (U+FFFD) is held back, but never more than 3
-    tokens: a half character has at most 3 bytes, so what comes before them is final (invalid bytes, which
-    random weights write plenty of, would otherwise hold everything back). Decoding restarts from the last
-    released token, so each step decodes a few tokens, not the whole reply."""
+    """Token ids in, printable text out, one token at a time. A byte-level BPE token can hold part
+    of a UTF-8 character, so text ending in a half character (U+FFFD) is held back, but never more
+    than 3 tokens: a half character has at most 3 bytes, so what comes before them is final
+    (invalid bytes, which random weights write plenty of, would otherwise hold everything back).
+    Decoding restarts from the last released token, so each step decodes a few tokens, not the
+    whole reply."""
 
     def __init__(self, tokenizer: ChatTokenizer):
-        self.tokenizer, self.ids, self.start, self.done = tokenizer, [], 0, 0  # ids[start:done] already shown
+        # ids[start:done] already shown
+        self.tokenizer, self.ids, self.start, self.done = tokenizer, [], 0, 0
 
     def push(self, token: int) -> str:
         self.ids.append(token)
@@ -171,15 +177,15 @@ class TextStream:
         return text[len(shown):]
 
 
-# ----------------------------------------------------------------------------------------------------
-# 3. The demo: a small random checkpoint with nested sizes and a byte-level tokenizer, made on the fly
+# --------------------------------------------------------------------------------------------------
+# 3. The demo: a small random checkpoint with nested sizes and a byte-level tokenizer, on the fly
 
-DEMO_SIZES = {"30B": "256x128", "23B": "192x96", "12B": "128x64"}  # stand-ins inside the demo's 256x128
+DEMO_SIZES = ne.DEMO_SIZES  # stand-ins for 30B/23B/12B inside the demo's 256x128
 DEMO_SPECIAL = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
 
 
 def demo_tokenizer():
-    """Byte-level BPE without merges: the chat's special tokens, then one token per byte, in byte order."""
+    """Byte-level BPE without merges: the chat's special tokens, then one token per byte."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     # GPT-2's byte -> character map that ByteLevel uses (printable bytes stand for themselves)
     printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
@@ -198,18 +204,20 @@ def demo_config() -> ne.Config:
 
 
 def write_demo_checkpoint(path: str | Path) -> Path:
-    """ne.DEMO_CONFIG (vocab cut to the byte-level tokenizer), random FP8 weights, and a tokenizer.json;
-    all of it in place at once (a folder renamed), so an interrupted run or a full disk leaves nothing."""
+    """ne.DEMO_CONFIG (vocab cut to the byte-level tokenizer), random FP8 weights, and a
+    tokenizer.json; all of it in place at once (a folder renamed), so an interrupted run or a full
+    disk leaves nothing."""
     def add_tokenizer(folder: Path) -> None:
         demo_tokenizer().save(str(folder / "tokenizer.json"))
-    return ne.write_random_checkpoint(path, demo_config(), extra_files=add_tokenizer)
+    return checkpoint.write_random_checkpoint(path, demo_config(), extra_files=add_tokenizer)
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 4. The chat: one conversation, one cache, a reply streamed phase by phase
 
 @dataclass
 class Settings:
+    """A chat's settings; the defaults here are the command line's (DEMO_SETTINGS: the demo's)."""
     think: str = "30B"
     answer: str = "30B"
     switch: str = "transplant"
@@ -222,19 +230,37 @@ class Settings:
     system: str | None = None
 
 
+# The demo: the 23B thinks, and not for long, so that the switch shows; reproducible (with seed 1
+# the first reply shows the switch).
+DEMO_SETTINGS = dict(think="23B", max_think=16, max_new_tokens=64, seed=1)
+
+
 @dataclass
 class Phase:  # thinking or answering, as the status line reports it
     label: str
     size: str
     stream: TextStream
     tokens: int = 0  # of text (not </think>, not the stop token)
-    steps: int = 0  # decode steps timed (every token but the reply's first, whose time is the time to first token)
+    # decode steps timed (every token but the reply's first, whose time is the time to first token)
+    steps: int = 0
     seconds: float = 0.0
     started: bool = False  # some text is out (the model opens a phase with a newline: not shown)
 
 
 @dataclass
-class Snapshot:  # the cache right after a conversation's history was prefilled (see Chat.prefill_history)
+class Turn:  # one reply as it streams
+    think: Phase
+    answer: Phase
+    phase: Phase | None = None  # the one streaming now
+    count: int = 0  # tokens generated
+    first_token: float | None = None  # seconds to the first token
+    stopped: bool = False  # the model wrote a stop token
+    interrupted: bool = False  # Ctrl-C (set at the end)
+
+
+@dataclass
+# the cache right after a conversation's history was prefilled (see Chat.prefill_history)
+class Snapshot:
     ids: list[int]
     size: str
     states: tuple  # Cache.snapshot()
@@ -249,8 +275,8 @@ def size_name(size: str) -> str:
 
 
 def model_size(size: str, config: ne.Config, size_names: dict[str, str]) -> str:
-    """The size the model knows (any case; the demo's stand-in for 30B/23B/12B); a size that does not
-    fit `config` fails here, with a hint naming sizes that do."""
+    """The size the model knows (any case; the demo's stand-in for 30B/23B/12B); a size that does
+    not fit `config` fails here, with a hint naming sizes that do."""
     size = size_names.get(size.strip().upper(), size)
     try:
         ne.parse_size(size, config)
@@ -268,11 +294,13 @@ class Chat:
     def __init__(self, model: ne.Model, tokenizer: ChatTokenizer, settings: Settings,
                  size_names: dict[str, str] | None = None, color: bool = False, out=sys.stdout):
         self.model, self.tokenizer, self.settings, self.out = model, tokenizer, settings, out
-        self.size_names = size_names or {}  # what the user calls a size -> what the model calls it (the demo)
+        # what the user calls a size -> what the model calls it (the demo)
+        self.size_names = size_names or {}
         self.color = color  # dim the thinking (a terminal)
         self.at_line_start = True
         self.messages: list[dict] = []
         self.cache = model.new_cache(1, min(model.config.max_position_embeddings, MAX_CONTEXT))
+        self.decoder = ne.DecodeGraph(model, self.cache)  # its CUDA graphs serve every turn
         self.snapshot: Snapshot | None = None
         self.turn = 0
 
@@ -284,98 +312,115 @@ class Chat:
             self.out.write(f"\x1b[2m{text}\x1b[0m" if dim and self.color else text)
             self.out.flush()
 
-    # -- multi-turn cache reuse ---------------------------------------------------------------------
-    # The template cuts earlier turns' thinking out of the history, so the next prompt is NOT the last
-    # prompt plus what was generated, and Mamba state cannot be rewound to a common prefix. What does
-    # carry over is the rendered history up to the last user turn (everything before the generation
-    # prompt): each turn prefills that, keeps a copy of the cache there (Mamba states and the KV
-    # prefix: small), and the next turn starts from the copy when it is a prefix of its own history
-    # and was made at the same size. Otherwise the history is prefilled from scratch. Either way the
-    # cache the reply starts from equals a fresh prefill of the whole prompt at the starting size.
+    # -- multi-turn cache reuse -------------------------------------------------------------------
+    # The template cuts earlier turns' thinking out of the history, so the next prompt is NOT the
+    # last prompt plus what was generated, and Mamba state cannot be rewound to a common prefix.
+    # What does carry over is the rendered history up to the last user turn (everything before the
+    # generation prompt): each turn prefills that, keeps a copy of the cache there (Mamba states
+    # and the KV prefix: small), and the next turn starts from the copy when it is a prefix of its
+    # own history and was made at the same size. Otherwise the history is prefilled from scratch.
+    # Either way the cache the reply starts from equals a fresh prefill of the whole prompt at the
+    # starting size.
 
     def prefill_history(self, history: list[int], size: str) -> None:
         saved, cache = self.snapshot, self.cache
-        if saved and saved.size == size and len(saved.ids) <= len(history) and history[:len(saved.ids)] == saved.ids:
+        n = len(saved.ids) if saved else 0
+        if saved and saved.size == size and n <= len(history) and history[:n] == saved.ids:
             cache.restore(saved.states)
         else:
             cache.reset()
         if len(history) > cache.length:
             new = torch.tensor([history[cache.length:]], device=self.model.lm_head.weight.device)
-            self.model.prefill(new, cache, size, PREFILL_CHUNK)
+            ne.prefill(self.model, new, cache, size, PREFILL_CHUNK)
         self.snapshot = Snapshot(list(history), size, cache.snapshot())
 
     def clear(self) -> None:
         self.messages, self.snapshot = [], None
         self.cache.reset()
 
-    # -- one reply ------------------------------------------------------------------------------------
+    # -- one reply ---------------------------------------------------------------------------------
 
     def reply(self, text: str) -> bool:
-        """Stream the reply to `text`, then its status line; False when Ctrl-C stopped it. A stopped reply
-        stays in the conversation as far as it got (the next turn can say "go on"; /clear forgets it)."""
+        """Stream the reply to `text`, then its status line; False when Ctrl-C stopped it. A stopped
+        reply stays in the conversation as far as it got (the next turn can say "go on"; /clear
+        forgets it)."""
         st, tok = self.settings, self.tokenizer
         start_size = self.model_size(st.think if st.thinking else st.answer)
         end_size = self.model_size(st.answer)
         switch = None
         if st.thinking and (start_size != end_size or st.max_think is not None):
-            mode = st.switch if start_size != end_size else "transplant"  # the same size: nothing to rebuild
+            # the same size: nothing to rebuild
+            mode = st.switch if start_size != end_size else "transplant"
             switch = ne.Switch(end_size, on_token=tok.think_end, after=st.max_think, mode=mode)
-
         system = [{"role": "system", "content": st.system}] if st.system is not None else []
         messages = self.messages + [{"role": "user", "content": text}]
         history = tok.encode(render_chat(system + messages))
-        prompt = tok.encode(render_chat(system + messages, add_generation_prompt=True, enable_thinking=st.thinking))
+        prompt = tok.encode(render_chat(system + messages, add_generation_prompt=True,
+                                        enable_thinking=st.thinking))
         max_new = min(st.max_new_tokens, self.cache.max_len - len(prompt))
         if max_new <= 0:
-            raise NanoElasticError(f"the conversation fills the context ({self.cache.max_len} tokens): /clear starts a new one")
-
-        think, answer = Phase("think", st.think, TextStream(tok)), Phase("answer", st.answer, TextStream(tok))
-        phase = think if st.thinking else answer
-        stopped, first_token, count = False, None, 0
-        t0 = last = time.perf_counter()
+            raise NanoElasticError(f"the conversation fills the context ({self.cache.max_len} "
+                                   f"tokens): /clear starts a new one")
+        turn = Turn(Phase("think", st.think, TextStream(tok)),
+                    Phase("answer", st.answer, TextStream(tok)))
+        turn.phase = turn.think if st.thinking else turn.answer
         try:
             # (history is a prefix of prompt: the generation prompt starts with a special token)
             self.prefill_history(history if prompt[:len(history)] == history else [], start_size)
-            self.start_phase(phase)
-            seed = None if st.seed is None else st.seed + self.turn
-            for token in ne.generate(self.model, prompt, max_new, size=start_size, switch=switch,
-                                     stop_tokens=tok.stop, temperature=st.temperature, top_p=st.top_p,
-                                     seed=seed, cache=self.cache, prefill_chunk=PREFILL_CHUNK):
-                now, count = time.perf_counter(), count + 1
-                if first_token is None:
-                    first_token = now - t0
-                else:
-                    phase.steps, phase.seconds = phase.steps + 1, phase.seconds + now - last
-                last = now
-                if token.id in tok.stop:
-                    stopped = True
-                    break
-                if phase is think and token.id == tok.think_end:
-                    self.show(think, think.stream.flush())
-                    phase = answer
-                    self.start_phase(answer)
-                    continue
-                phase.tokens += 1
-                self.show(phase, phase.stream.push(token.id))
-        except KeyboardInterrupt:  # Ctrl-C outside generate(), which ends its stream itself on one inside
-            pass
-        interrupted = not stopped and count < max_new
-        self.show(phase, phase.stream.flush())
+            self.stream(turn, prompt, max_new, start_size, switch)
+        finally:  # Ctrl-C inside generate() ends its stream; one outside it goes on up, after this
+            switched = switch.mode if switch is not None and start_size != end_size else None
+            self.finish(turn, messages, max_new, switched)
+        return not turn.interrupted
+
+    def stream(self, turn: Turn, prompt: list[int], max_new: int, size: str, switch) -> None:
+        st, tok = self.settings, self.tokenizer
+        self.start_phase(turn.phase)
+        seed = None if st.seed is None else st.seed + self.turn
+        t0 = last = time.perf_counter()
+        for token in ne.generate(self.model, prompt, max_new, size=size, switch=switch,
+                                 stop_tokens=tok.stop, temperature=st.temperature, top_p=st.top_p,
+                                 seed=seed, cache=self.decoder, prefill_chunk=PREFILL_CHUNK):
+            now, phase = time.perf_counter(), turn.phase
+            turn.count += 1
+            if turn.first_token is None:
+                turn.first_token = now - t0
+            else:
+                phase.steps += 1
+                phase.seconds += now - last
+            last = now
+            if token.id in tok.stop:
+                turn.stopped = True
+                return
+            if phase is turn.think and token.id == tok.think_end:
+                self.show(phase, phase.stream.flush())
+                turn.phase = turn.answer
+                self.start_phase(turn.answer)
+                continue
+            phase.tokens += 1
+            self.show(phase, phase.stream.push(token.id))
+
+    def finish(self, turn: Turn, messages: list[dict], max_new: int, switched: str | None) -> None:
+        """The end of a reply, however it ended: the rest of its text, why it ended, its status."""
+        turn.interrupted = not turn.stopped and turn.count < max_new
+        self.show(turn.phase, turn.phase.stream.flush())
         self.write("" if self.at_line_start else "\n")
-        if interrupted:
+        if turn.interrupted:
             self.write("[stopped]\n")
-        elif not stopped:
+        elif not turn.stopped:
             self.write(f"[cut at {max_new} tokens: --max-new-tokens]\n")
-        switched = switch.mode if switch is not None and start_size != end_size else None
-        self.write(self.status(think if st.thinking else None, answer, first_token, switched) + "\n")
+        think = turn.think if self.settings.thinking else None
+        self.write(self.status(think, turn.answer, turn.first_token, switched) + "\n")
         self.at_line_start = True
-        thought, said = tok.decode(think.stream.ids), tok.decode(answer.stream.ids)
-        self.messages = messages + [{"role": "assistant", "content": said, "reasoning_content": thought}]
+        thought = self.tokenizer.decode(turn.think.stream.ids)
+        said = self.tokenizer.decode(turn.answer.stream.ids)
+        answer = {"role": "assistant", "content": said, "reasoning_content": thought}
+        self.messages = messages + [answer]
         self.turn += 1
-        return not interrupted
 
     def start_phase(self, phase: Phase) -> None:
-        self.write(("" if self.at_line_start else "\n") + f"[{phase.label} {phase.size}] ", dim=phase.label == "think")
+        self.write(("" if self.at_line_start else "\n") + f"[{phase.label} {phase.size}] ",
+                   dim=phase.label == "think")
         self.at_line_start = False
 
     def show(self, phase: Phase, text: str) -> None:
@@ -387,7 +432,8 @@ class Chat:
             self.write(text, dim=phase.label == "think")
             self.at_line_start = text.endswith("\n")
 
-    def status(self, think: Phase | None, answer: Phase, first_token: float | None, switched: str | None) -> str:
+    def status(self, think: Phase | None, answer: Phase, first_token: float | None,
+               switched: str | None) -> str:
         parts = []
         for p in (think, answer):
             if p is not None:
@@ -400,15 +446,16 @@ class Chat:
 
 
 def printable(text: str) -> str:
-    """Control characters (random weights write plenty) would move the cursor or change colours: show U+FFFD."""
+    """Control characters (random weights write plenty) would move the cursor: show U+FFFD."""
     return "".join(c if c in "\n\t" or unicodedata.category(c) != "Cc" else "\ufffd" for c in text)
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 5. The REPL and the command line
 
-USAGE = {"/think": "/think SIZE   (30B, 23B, 12B or HIDDENxFFN)", "/answer": "/answer SIZE   (30B, 23B, 12B or "
-         "HIDDENxFFN)", "/switch": "/switch transplant|reprefill", "/nothink": "/nothink", "/clear": "/clear",
+USAGE = {"/think": "/think SIZE   (30B, 23B, 12B or HIDDENxFFN)",
+         "/answer": "/answer SIZE   (30B, 23B, 12B or HIDDENxFFN)",
+         "/switch": "/switch transplant|reprefill", "/nothink": "/nothink", "/clear": "/clear",
          "/help": "/help", "/exit": "/exit", "/quit": "/quit"}
 
 
@@ -442,8 +489,8 @@ def command(chat: Chat, line: str) -> bool:
 
 
 def pending_input(seconds: float = 0.03) -> bool:
-    """Whether more typed or pasted input is already waiting on a terminal's stdin (a paste arrives at once;
-    typing does not)."""
+    """Whether more typed or pasted input is already waiting on a terminal's stdin (a paste arrives
+    at once; typing does not)."""
     import select
 
     try:
@@ -453,8 +500,9 @@ def pending_input(seconds: float = 0.03) -> bool:
 
 
 def read_prompt(echo: bool) -> str:
-    """One prompt: a line; lines ending in \\ go on; lines between two \"\"\" lines are one prompt; on a
-    terminal, lines that arrive together (a paste) are one prompt. EOFError at the end of input."""
+    """One prompt: a line; lines ending in \\ go on; lines between two \"\"\" lines are one prompt;
+    on a terminal, lines that arrive together (a paste) are one prompt. EOFError at the end of
+    input."""
     lines, block = [], False
     while True:
         line = input("> " if not lines else ". ")
@@ -475,7 +523,7 @@ def read_prompt(echo: bool) -> str:
 
 
 def repl(chat: Chat, echo: bool) -> None:
-    """Read a prompt, answer it; until /exit or Ctrl-D. Ctrl-C at the prompt clears what was typed."""
+    """Read a prompt, answer it; until /exit or Ctrl-D. Ctrl-C at the prompt clears the line."""
     if not echo:
         try:
             import readline  # noqa: F401  (line editing and history for input())
@@ -483,26 +531,20 @@ def repl(chat: Chat, echo: bool) -> None:
             pass
     while True:
         try:
-            line = read_prompt(echo)
+            line = read_prompt(echo).strip()
+            if line.startswith("/") and not command(chat, line):
+                return
+            if line and not line.startswith("/"):
+                chat.reply(line)
         except EOFError:
             print()
             return
-        except KeyboardInterrupt:  # as in a shell: the line is dropped, the chat goes on
+        except KeyboardInterrupt:
+            # The one place for Ctrl-C. At the prompt the line is dropped (as in a shell); in a
+            # reply, the reply has stopped (and said so). The chat goes on.
             print("^C" if echo else "")
-            continue
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            if line.startswith("/"):
-                if not command(chat, line):
-                    return
-            else:
-                chat.reply(line)
         except NanoElasticError as e:
             print(f"error: {e}")
-        except KeyboardInterrupt:  # a second Ctrl-C while a stopped reply was being wrapped up
-            print()
 
 
 class Parser(argparse.ArgumentParser):
@@ -511,43 +553,68 @@ class Parser(argparse.ArgumentParser):
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = Parser(prog="chat.py", description="Chat with Nemotron 3 Nano Elastic: think with one nested size, "
-                "answer with another, switching when the model writes </think>.", epilog=HELP,
+    ap = Parser(prog="chat.py", description="Chat with Nemotron 3 Nano Elastic: think with one "
+                "nested size, answer with another, switching when the model writes </think>.",
+                epilog=HELP,
                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--ckpt", metavar="DIR", help="checkpoint folder (default: $NANOELASTIC_CKPT, else the "
-                    "Hugging Face cache of nvidia/NVIDIA-Nemotron-Labs-3-Elastic-30B-A3B-FP8 or -BF16)")
-    ap.add_argument("--demo", action="store_true", help="a small random checkpoint (random weights: the text is "
-                    "noise); with --ckpt DIR it is kept in DIR (written there when missing)")
-    ap.add_argument("--think", metavar="SIZE", help="size that thinks: 30B, 23B, 12B or HIDDENxFFN (default 30B; demo 23B)")
-    ap.add_argument("--answer", default="30B", metavar="SIZE", help="size that answers")
-    ap.add_argument("--switch", default="transplant", choices=["transplant", "reprefill"],
-                    help="at </think>: keep the caches (transplant) or rebuild them with the answer size")
+    ap.add_argument("--ckpt", metavar="DIR", help="checkpoint folder (default: $NANOELASTIC_CKPT, "
+                    "else the Hugging Face cache of "
+                    "nvidia/NVIDIA-Nemotron-Labs-3-Elastic-30B-A3B-FP8 or -BF16)")
+    ap.add_argument("--demo", action="store_true", help="a small random checkpoint (random "
+                    "weights: the text is noise); with --ckpt DIR it is kept in DIR (written there "
+                    "when missing)")
+    # every default is Settings' (or the demo's), none is set here
+    d, demo = Settings(), DEMO_SETTINGS
+    ap.add_argument("--think", metavar="SIZE", help=f"size that thinks: 30B, 23B, 12B or "
+                    f"HIDDENxFFN (default {d.think}; demo {demo['think']})")
+    ap.add_argument("--answer", metavar="SIZE", help="size that answers")
+    ap.add_argument("--switch", choices=["transplant", "reprefill"], help="at </think>: keep the "
+                    "caches (transplant) or rebuild them with the answer size")
     ap.add_argument("--no-think", action="store_true", help="answer without thinking")
-    ap.add_argument("--max-think", type=int, metavar="N", help="thinking budget: after N tokens, </think> is "
-                    "written for the model and the size switches (demo: 16)")
-    ap.add_argument("--max-new-tokens", type=int, metavar="N", help="per reply, thinking included (default 8192; demo 64)")
-    ap.add_argument("--temperature", type=float, default=1.0, metavar="T",
-                    help="default 1.0 with --top-p 1.0: the model card's advice for reasoning; 0 = greedy")
-    ap.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling")
-    ap.add_argument("--seed", type=int, help="for reproducible sampling (demo: 1)")
+    ap.add_argument("--max-think", type=int, metavar="N", help=f"thinking budget: after N tokens, "
+                    f"</think> is written for the model and the size switches "
+                    f"(demo: {demo['max_think']})")
+    ap.add_argument("--max-new-tokens", type=int, metavar="N", help=f"per reply, thinking included "
+                    f"(default {d.max_new_tokens}; demo {demo['max_new_tokens']})")
+    ap.add_argument("--temperature", type=float, metavar="T", help=f"default {d.temperature} with "
+                    f"--top-p {d.top_p}: the model card's advice for reasoning; 0 = greedy")
+    ap.add_argument("--top-p", type=float, metavar="P", help="nucleus sampling")
+    ap.add_argument("--seed", type=int, help=f"for reproducible sampling (demo: {demo['seed']})")
     ap.add_argument("--system", metavar="TEXT", help="system prompt")
     ap.add_argument("--prompt", metavar="TEXT", help="answer this and exit")
-    ap.add_argument("--interactive", action="store_true", help="chat line by line even when stdin is not a terminal")
+    ap.add_argument("--interactive", action="store_true", help="chat line by line even when stdin "
+                    "is not a terminal")
     args = ap.parse_args(argv)
-    for name in ("max_think", "max_new_tokens"):
-        if getattr(args, name) is not None and getattr(args, name) < (0 if name == "max_think" else 1):
-            ap.error(f"--{name.replace('_', '-')} must be {'>= 0' if name == 'max_think' else '>= 1'}")
-    if args.temperature < 0 or not 0 < args.top_p <= 1:
+    for name, low in (("max_think", 0), ("max_new_tokens", 1)):
+        if getattr(args, name) is not None and getattr(args, name) < low:
+            ap.error(f"--{name.replace('_', '-')} must be >= {low}")
+    bad_top_p = args.top_p is not None and not 0 < args.top_p <= 1
+    if (args.temperature is not None and args.temperature < 0) or bad_top_p:
         ap.error("--temperature must be >= 0 and --top-p in (0, 1]")
     return args
 
 
-def check_sizes(args: argparse.Namespace) -> dict[str, str]:
+def settings_of(args: argparse.Namespace) -> Settings:
+    """The command line's settings over the defaults (Settings', or the demo's)."""
+    given = dict(think=args.think, answer=args.answer, switch=args.switch,
+                 thinking=not args.no_think, max_think=args.max_think,
+                 max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                 top_p=args.top_p, seed=args.seed, system=args.system)
+    defaults = Settings(**DEMO_SETTINGS) if args.demo else Settings()
+    settings = replace(defaults, **{k: v for k, v in given.items() if v is not None})
+    settings.think, settings.answer = size_name(settings.think), size_name(settings.answer)
+    return settings
+
+
+def check_sizes(args: argparse.Namespace, settings: Settings) -> dict[str, str]:
     """Refuse a size that does not fit the checkpoint before anything is loaded (its config.json is
     enough); the size names that differ from the model's (the demo's stand-ins)."""
     size_names = DEMO_SIZES if args.demo else {}
-    config = demo_config() if args.demo else ne.Config.from_file(find_checkpoint(args.ckpt) / "config.json")
-    for size in (args.think, args.answer):
+    if args.demo:
+        config = demo_config()
+    else:
+        config = ne.Config.from_file(find_checkpoint(args.ckpt) / "config.json")
+    for size in (settings.think, settings.answer):
         model_size(size, config, size_names)
     return size_names
 
@@ -563,13 +630,15 @@ def load(args: argparse.Namespace, tmp: str) -> tuple[ne.Model, ChatTokenizer]:
                 if not path.is_dir():
                     raise
         if ne.Config.from_file(path / "config.json") != demo_config():
-            raise NanoElasticError(f"{path} is not a demo checkpoint (its config is not the demo's)")
+            raise NanoElasticError(f"{path} is not a demo checkpoint (its config is not the "
+                                   f"demo's)")
     else:
         path = find_checkpoint(args.ckpt)
     tokenizer = ChatTokenizer.load(path)
     if args.demo and not torch.cuda.is_available():
         torch.set_num_threads(1)  # tiny matrices: more threads only add overhead
-    model = ne.Model.from_pretrained(path, dtype=torch.float32 if args.demo else None, verbose=not args.demo)
+    model = ne.Model.from_pretrained(path, dtype=torch.float32 if args.demo else None,
+                                     verbose=not args.demo)
     return model, tokenizer
 
 
@@ -577,27 +646,24 @@ def main(argv: list[str] | None = None) -> int:
     import tempfile
 
     args = parse_args(argv)
-    for name in ("prompt", "system"):  # not UTF-8 (Python hands them over surrogate-escaped): U+FFFD
-        if getattr(args, name) is not None:
-            setattr(args, name, getattr(args, name).encode(errors="surrogateescape").decode(errors="replace"))
+    # not UTF-8 (Python hands them over surrogate-escaped): U+FFFD
+    for name in ("prompt", "system"):
+        text = getattr(args, name)
+        if text is not None:
+            setattr(args, name, text.encode(errors="surrogateescape").decode(errors="replace"))
     prompt = args.prompt
     if prompt is None and not args.interactive and not sys.stdin.isatty():
         prompt = sys.stdin.read()
     if prompt is not None and not prompt.strip():
         raise NanoElasticError("empty prompt")
-    args.think, args.answer = size_name(args.think or ("23B" if args.demo else "30B")), size_name(args.answer)
-    if args.demo:  # the switch must show: the 23B thinks (above), and not for long
-        args.max_think = 16 if args.max_think is None else args.max_think
-        args.max_new_tokens = args.max_new_tokens or 64
-        args.seed = 1 if args.seed is None else args.seed  # reproducible; with seed 1 the first reply shows the switch
-    settings = Settings(args.think, args.answer, args.switch, not args.no_think, args.max_think,
-                        args.max_new_tokens or 8192, args.temperature, args.top_p, args.seed, args.system)
-
-    size_names = check_sizes(args)
-    if args.demo:  # on stderr when the output is an answer (one-shot, piped), so stdout is only the reply
-        print(f"DEMO: random weights, so the text is noise; the sizes, caches and switch are real.\n"
-              f"30B/23B/12B stand for the nested sizes {'/'.join(DEMO_SIZES.values())} of a small random checkpoint.\n"
-              f"Random weights rarely write </think>: thinking stops after {settings.max_think} tokens (--max-think).",
+    settings = settings_of(args)
+    size_names = check_sizes(args, settings)
+    # on stderr when the output is an answer (one-shot, piped), so stdout is only the reply
+    if args.demo:
+        print(f"DEMO: random weights, so the text is noise; the sizes, caches and switch are "
+              f"real.\n30B/23B/12B stand for the nested sizes {'/'.join(DEMO_SIZES.values())} of a "
+              f"small random checkpoint.\nRandom weights rarely write </think>: thinking stops "
+              f"after {settings.max_think} tokens (--max-think).",
               file=sys.stderr if prompt is not None else sys.stdout, flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         model, tokenizer = load(args, tmp)
@@ -605,18 +671,22 @@ def main(argv: list[str] | None = None) -> int:
         chat = Chat(model, tokenizer, settings, size_names, color)
         if prompt is not None:
             return 0 if chat.reply(prompt.strip()) else 130
-        thinking = f"think {settings.think}, answer {settings.answer}, switch {settings.switch}"
-        print(f"nanoelastic chat: {thinking if settings.thinking else 'answer ' + settings.answer + ', thinking off'}."
-              f" /help for commands, Ctrl-D to leave.")
+        sizes = f"think {settings.think}, answer {settings.answer}, switch {settings.switch}"
+        if not settings.thinking:
+            sizes = f"answer {settings.answer}, thinking off"
+        print(f"nanoelastic chat: {sizes}. /help for commands, Ctrl-D to leave.")
         repl(chat, echo=not sys.stdin.isatty())
     return 0
 
 
 if __name__ == "__main__":
-    ne.sigterm_as_interrupt()  # SIGTERM cleans up like Ctrl-C: the demo's temporary checkpoint is removed
+    # SIGTERM cleans up like Ctrl-C: the demo's temporary checkpoint is removed
+    ne.sigterm_as_interrupt()
     try:
-        sys.stdout.reconfigure(errors="replace")  # a terminal that cannot show a character shows '?'
-        sys.stdin.reconfigure(errors="replace")  # bytes that are not UTF-8 read as U+FFFD; the chat goes on
+        # a terminal that cannot show a character shows '?'
+        sys.stdout.reconfigure(errors="replace")
+        # bytes that are not UTF-8 read as U+FFFD; the chat goes on
+        sys.stdin.reconfigure(errors="replace")
         sys.exit(main())
     except NanoElasticError as e:
         sys.exit(f"chat.py: error: {e}")

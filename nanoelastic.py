@@ -1,31 +1,38 @@
 """
-nanoelastic: NVIDIA Nemotron 3 Nano Elastic (30B / 23B / 12B in one checkpoint) in one readable file.
+nanoelastic: NVIDIA Nemotron 3 Nano Elastic (30B / 23B / 12B in one checkpoint) in one readable
+file.
 
-What differs from a vanilla decoder-only transformer (all of it in this file, top to bottom):
-  1. Hybrid layers. 52 pre-norm residual layers, each ONE mixer: Mamba-2 (M), mixture-of-experts FFN (E)
-     or grouped-query attention (*), in the order of `hybrid_override_pattern`. No layer has both an
-     attention and an FFN part.
+What differs from a vanilla decoder-only transformer:
+  1. Hybrid layers. 52 pre-norm residual layers, h = h + mixer(norm(h)), each with ONE mixer:
+     Mamba-2 (M), mixture-of-experts FFN (E) or grouped-query attention (*), in the order of
+     `hybrid_override_pattern`. No layer has both an attention and an FFN part.
   2. No positional encoding at all: the Mamba layers carry order; attention is plain causal GQA.
   3. Mamba-2 mixer: in_proj -> causal depthwise conv -> selective state space scan (chunked SSD for
      prefill, an O(1) recurrence step for decode) -> gated RMSNorm in groups -> out_proj.
-  4. MoE: sigmoid router whose score bias only chooses the top-6 of 128 experts; the unbiased scores are
-     renormalised and scaled by 2.5; experts are relu^2 MLPs without a gate; one shared expert always on.
+  4. MoE: sigmoid router whose score bias only chooses the top-6 of 128 experts; the unbiased scores
+     are renormalised and scaled by 2.5; experts are relu^2 MLPs without a gate; one shared expert
+     always on.
   5. FP8: ModelOpt per-tensor FP8 weights stay float8_e4m3fn in memory and are dequantised on use by
-     the one `linear()` seam below; nothing else in the model knows about FP8.
-  6. Nested sizes: the 23B and 12B models are prefixes of the 30B's hidden (D) and routed-FFN (F) axes.
-     A size is the same module tree whose tensors are prefix *views* (table NESTED_AXES): no copies.
-  7. Caches: KV for attention layers, conv + SSM state for Mamba layers; all of them have the same shape
-     at every size, so one cache serves every size and the size can change mid-generation.
+     the one `linear()` seam; nothing else in the model knows about FP8.
+  6. Nested sizes: the 23B and 12B models are prefixes of the 30B's hidden (D) and routed-FFN (F)
+     axes. A size is the same module tree whose tensors are prefix *views* (table NESTED_AXES): no
+     copies.
+  7. Caches: KV for attention layers, conv + SSM state for Mamba layers; all of them have the same
+     shape at every size, so one cache serves every size and the size can change mid-generation.
 
-Shapes use B = batch, T = new tokens, L = cached + new tokens, D = hidden (d when nested), V = vocab,
-H = heads, P = head dim, N = SSM state, G = groups, E = experts, F = expert FFN width (f when nested).
-README.md (How the model works) gives the equations and sizes; the tensor names are those of the HF checkpoint.
+The file: sections 1-6 are the network (config, layers, model), in the order of the forward pass;
+sections 7-13 are the machinery around it (caches, fast paths, nested sizes, FP8, generation, the
+command line); checkpoint.py reads, checks and writes the checkpoint files.
+
+Shapes use B = batch, T = new tokens, L = cached + new tokens, D = hidden (d when nested),
+V = vocab, H = heads, P = head dim, N = SSM state, G = groups, E = experts, F = expert FFN width (f
+when nested). README.md (How the model works) gives the equations; tensor names are the HF
+checkpoint's.
 """
 
 from __future__ import annotations
 
 import copy
-import errno
 import functools
 import json
 import math
@@ -44,89 +51,22 @@ from torch import Tensor, nn
 
 
 class NanoElasticError(ValueError):
-    """Bad input: a missing file, a wrong shape, an unknown size, a prompt too long... One clear line."""
+    """Bad input: a missing file, a wrong shape, an unknown size, a prompt too long: one line."""
 
 
-class Terminated(BaseException):
-    """SIGTERM: unwinds like Ctrl-C, so that the same cleanup runs (finally, with), but is not a
-    KeyboardInterrupt, which only stops a generation: the CLIs exit with 143."""
-
-
-def sigterm_as_interrupt() -> None:
-    """From now on, SIGTERM (kill, a job scheduler) raises Terminated: temporary files are removed."""
-    def raise_terminated(signum, frame):
-        raise Terminated()
-    signal.signal(signal.SIGTERM, raise_terminated)
-
-
-def interrupted_exit_code(e: BaseException) -> int:
-    return 143 if isinstance(e, Terminated) else 130  # 128 + the signal's number, as shells report it
-
-
-# ----------------------------------------------------------------------------------------------------
-# 1. Config: HF config.json field names, kept verbatim
-
-LAYER_TYPES = {  # every spelling seen in config.json -> the name used here
-    "M": "mamba", "mamba": "mamba", "linear_attention": "mamba",
-    "*": "attention", "attention": "attention", "full_attention": "attention",
-    "E": "moe", "moe": "moe",
-    "-": "mlp", "mlp": "mlp",
-}
-OLD_SPELLINGS = {  # older config.json spellings -> HF's current field names
-    "mamba_n_groups": "n_groups", "mamba_d_conv": "conv_kernel", "mamba_chunk_size": "chunk_size",
-    "mamba_dt_limit": "time_step_limit", "mamba_conv_bias": "use_conv_bias", "mamba_d_state": "ssm_state_size",
-}
-
-
-MAX_LAYERS = 1000  # the real model has 52; a bigger pattern is a broken config, refused before any allocation
-CONFIG_FIELDS = {  # config.json field -> (type, smallest value): checked before anything is built
-    **dict.fromkeys(("vocab_size", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
-                     "mamba_num_heads", "mamba_head_dim", "ssm_state_size", "n_groups", "conv_kernel",
-                     "chunk_size", "n_routed_experts", "num_experts_per_tok", "moe_intermediate_size",
-                     "moe_shared_expert_intermediate_size", "intermediate_size", "n_group", "topk_group",
-                     "max_position_embeddings"), (int, 1)),
-    **dict.fromkeys(("bos_token_id", "pad_token_id"), (int, 0)),
-    "eos_token_id": ("int or list of int", 0),
-    "routed_scaling_factor": (float, 0.0), "layer_norm_epsilon": (float, 0.0),
-    "time_step_limit": ("pair of float", 0.0),
-    **dict.fromkeys(("use_conv_bias", "norm_topk_prob", "tie_word_embeddings"), (bool, None)),
-    "mlp_hidden_act": (str, None),
-}
-REQUIRED_FIELDS = ("vocab_size", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
-                   "mamba_num_heads", "mamba_head_dim", "ssm_state_size", "n_groups", "n_routed_experts",
-                   "num_experts_per_tok", "moe_intermediate_size", "moe_shared_expert_intermediate_size")
-
-
-def check_config_field(name: str, value, kind, low) -> None:
-    """One config.json value against its CONFIG_FIELDS entry (bool is not an int here, 16.0 is not an int)."""
-    def number(v, t):
-        return not isinstance(v, bool) and isinstance(v, int if t is int else (int, float))
-
-    if kind == "int or list of int":
-        values = value if isinstance(value, list) else [value]
-        ok = all(number(v, int) for v in values)
-    elif kind == "pair of float":
-        values = value if isinstance(value, list) and len(value) == 2 else None
-        ok = values is not None and all(number(v, float) for v in values)
-    else:
-        values = [value]
-        ok = number(value, kind) if kind in (int, float) else isinstance(value, kind)
-    if not ok:
-        raise NanoElasticError(f"config: {name} must be {getattr(kind, '__name__', kind)}, not {value!r}"[:160])
-    if low is not None and any(v < low or (kind is float and v == low) for v in values):
-        raise NanoElasticError(f"config: {name} = {value!r} is out of range (must be "
-                               f"{'>' if kind is float else '>='} {low})")
-
+# --------------------------------------------------------------------------------------------------
+# 1. Config: HF config.json field names, kept verbatim (checkpoint.py reads and checks config.json)
 
 @dataclass
 class Config:
-    """The model's shape, with the field names of the checkpoint's config.json (Config.from_file reads one);
-    the defaults are the 30B's. layers_block_type lists each layer's mixer: 'mamba', 'moe', 'attention' or
-    'mlp'. config.sliced(d, f) is the config of the nested model of hidden d and expert FFN width f."""
+    """The model's shape, with the field names of the checkpoint's config.json (Config.from_file
+    reads one); the defaults are the 30B's. layers_block_type lists each layer's mixer: 'mamba',
+    'moe', 'attention' or 'mlp'. config.sliced(d, f) is the config of the nested model of hidden d
+    and expert FFN width f."""
     vocab_size: int = 131072
     hidden_size: int = 2688
-    layers_block_type: list = field(default_factory=lambda: [
-        LAYER_TYPES[c] for c in "MEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEMEM*EMEMEMEME"])
+    layers_block_type: list = field(default_factory=lambda: layer_kinds(
+        "MEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEMEM*EMEMEMEME"))
     # attention
     num_attention_heads: int = 32
     num_key_value_heads: int = 2
@@ -173,90 +113,755 @@ class Config:
         return self.mamba_inner + self.conv_dim + self.mamba_num_heads
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Config":
+    def from_dict(cls, d: dict) -> Config:
         """A Config from config.json's fields, each checked (type, range) before anything is built:
         a bad one is a NanoElasticError naming the field. Fields it does not know are ignored."""
-        if not isinstance(d, dict):
-            raise NanoElasticError(f"config must be a JSON object, not {type(d).__name__}")
-        d = {OLD_SPELLINGS.get(k, k): v for k, v in d.items()}
-        layers = d.get("layers_block_type") or d.get("hybrid_override_pattern")
-        if layers is None:
-            raise NanoElasticError("config has neither hybrid_override_pattern nor layers_block_type")
-        if not isinstance(layers, (str, list)) or not all(isinstance(t, str) for t in layers):
-            raise NanoElasticError("config: the layer pattern must be a string or a list of layer type names")
-        unknown = sorted({t for t in layers if t not in LAYER_TYPES})
-        if unknown:
-            raise NanoElasticError(f"config: unknown layer types {unknown}")
-        if not 1 <= len(layers) <= MAX_LAYERS:
-            raise NanoElasticError(f"config: {len(layers)} layers, expected 1 to {MAX_LAYERS}")
-        d["layers_block_type"] = [LAYER_TYPES[t] for t in layers]
-        for name, (kind, low) in CONFIG_FIELDS.items():
-            if d.get(name) is not None:
-                check_config_field(name, d[name], kind, low)
-        if d.get("time_step_limit") is not None:
-            d["time_step_limit"] = tuple(float(v) for v in d["time_step_limit"])
-        known = {f.name for f in fields(cls)}
-        cfg = cls(**{k: v for k, v in d.items() if k in known and v is not None})
-        if cfg.mlp_hidden_act != "relu2":
-            raise NanoElasticError(f"config: mlp_hidden_act {cfg.mlp_hidden_act!r} is not supported (relu2)")
-        if cfg.tie_word_embeddings:
-            raise NanoElasticError("config: tie_word_embeddings is not supported (this model has its own lm_head)")
-        for small, large in (("n_groups", "mamba_num_heads"), ("num_key_value_heads", "num_attention_heads"),
-                             ("n_group", "n_routed_experts")):
-            if getattr(cfg, large) % getattr(cfg, small):
-                raise NanoElasticError(f"config: {large} ({getattr(cfg, large)}) is not a multiple of "
-                                       f"{small} ({getattr(cfg, small)})")
-        for small, large in (("num_experts_per_tok", "n_routed_experts"), ("topk_group", "n_group")):
-            if getattr(cfg, small) > getattr(cfg, large):
-                raise NanoElasticError(f"config: {small} ({getattr(cfg, small)}) > {large} ({getattr(cfg, large)})")
-        return cfg
+        import checkpoint  # the checks of config.json (and of the files beside it) live there
+
+        config = cls(**checkpoint.config_fields(d, {f.name for f in fields(cls)}))
+        checkpoint.check_config(config)
+        return config
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "Config":
-        """A checkpoint's config.json: every field that sets a shape must be there (no silent default)."""
-        path = Path(path)
-        if not path.is_file():
-            raise NanoElasticError(f"missing config: {path}")
-        try:
-            d = json.loads(path.read_bytes().decode())
-        except OSError as e:
-            raise NanoElasticError(f"cannot read {path}: {e.strerror}") from None
-        except UnicodeDecodeError:
-            raise NanoElasticError(f"{path} is not UTF-8 text") from None
-        except json.JSONDecodeError as e:
-            raise NanoElasticError(f"{path} is not valid JSON: {e}") from None
-        missing = [name for name in REQUIRED_FIELDS if isinstance(d, dict) and d.get(name) is None]
-        if missing:
-            raise NanoElasticError(f"{path}: missing field {missing[0]}" + (f" (and {len(missing) - 1} more)"
-                                                                            if len(missing) > 1 else ""))
-        try:
-            return cls.from_dict(d)
-        except NanoElasticError as e:
-            raise NanoElasticError(f"{path}: {e}") from None
+    def from_file(cls, path: str | Path) -> Config:
+        """A checkpoint's config.json: every field that sets a shape must be there (no default)."""
+        import checkpoint
+
+        return checkpoint.read_config(Path(path))
 
     def to_dict(self) -> dict:
         """The config.json of a checkpoint of this config (HF nemotron_h field names)."""
         d = asdict(self)
-        pattern = {v: k for k, v in LAYER_TYPES.items() if len(k) == 1}
-        d["hybrid_override_pattern"] = "".join(pattern[t] for t in d.pop("layers_block_type"))
+        kinds = d.pop("layers_block_type")
+        d["hybrid_override_pattern"] = "".join(PATTERN_LETTERS[t] for t in kinds)
         d["time_step_limit"] = list(self.time_step_limit)
         return {"architectures": ["NemotronHForCausalLM"], "model_type": "nemotron_h",
                 "num_hidden_layers": len(self.layers_block_type), **d}
 
-    def sliced(self, d: int, f: int) -> "Config":
+    def sliced(self, d: int, f: int) -> Config:
         """The config of the nested model of hidden width d and routed-expert FFN width f."""
-        return Config(**{**self.__dict__, "hidden_size": d, "moe_intermediate_size": f, "intermediate_size": f})
+        return Config(**{**self.__dict__, "hidden_size": d, "moe_intermediate_size": f,
+                         "intermediate_size": f})
 
 
-# ----------------------------------------------------------------------------------------------------
-# 2. Nested sizes: one table of which tensor axes shrink, used by the model's views and by slice.py
+# --------------------------------------------------------------------------------------------------
+# 2. The seams, linear() (the one place that knows about FP8) and RMSNorm
+#
+# A function marked @kernel is the plain-torch reference; kernels.py has a Triton function of the
+# same name and signature, which use_kernels() (section 8) chooses.
 
-SIZE_PRESETS = {"30B": (2688, 1856), "23B": (2304, 1600), "12B": (1920, 960)}  # name -> (hidden, expert FFN)
+def kernel(reference):
+    """Route a call to kernels.<same name> if use_kernels(its first tensor); .reference: torch's."""
+    @functools.wraps(reference)
+    def routed(*args, **kwargs):
+        fn = getattr(kernels, reference.__name__) if use_kernels(args[0]) else reference
+        return fn(*args, **kwargs)
+    routed.reference = reference
+    return routed
 
-# For each tensor, which of its trailing axes shrink: "d" = hidden, "f" = routed-expert (or dense MLP) FFN,
-# "." = unchanged. A stacked expert tensor [E, F, D] matches on its last two axes. Tensors not listed
-# (conv1d, A_log, D, dt_bias, the Mamba gated-norm weight, e_score_correction_bias, every *_scale) keep
-# their shape at every size.
+
+@kernel
+def linear(x: Tensor, weight: Tensor, weight_scale: Tensor | None = None) -> Tensor:
+    """x @ weight^T. An FP8 weight (weight_scale given) is dequantised on use: weight * scale."""
+    if weight_scale is not None:
+        weight = (weight.float() * weight_scale).to(x.dtype)
+    return F.linear(x, weight)
+
+
+class Linear(nn.Module):
+    """Bias-free Linear. FP8 exactly when the checkpoint gave it a weight_scale (set at load time);
+    input_scale is kept for W8A8 kernels. Stacked experts use a weight [E, out, in] and scales
+    [E]."""
+
+    def __init__(self, in_features: int, out_features: int, experts: int | None = None):
+        super().__init__()
+        shape = (out_features, in_features)
+        if experts is not None:
+            shape = (experts, *shape)
+        self.weight = nn.Parameter(torch.empty(shape), requires_grad=False)
+        self.register_buffer("weight_scale", None)
+        self.register_buffer("input_scale", None)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return linear(x, self.weight, self.weight_scale)
+
+    def extra_repr(self) -> str:  # from the weight itself, so a nested view shows its nested widths
+        *experts, out_features, in_features = self.weight.shape
+        text = f"in={in_features}, out={out_features}"
+        if experts:
+            text += f", experts={experts[0]}"
+        return text + (", fp8" if self.weight_scale is not None else "")
+
+
+@kernel
+def rms_norm(x: Tensor, weight: Tensor, eps: float, groups: int = 1,
+             gate: Tensor | None = None) -> Tensor:
+    """weight * x / sqrt(mean(x^2) + eps), statistics in fp32, over `groups` equal slices of the
+    channels. With a gate (the Mamba output norm), x is first multiplied by silu(gate)."""
+    xf = x.float() if gate is None else x.float() * F.silu(gate.float())
+    xf = xf.unflatten(-1, (groups, -1))
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (weight.float() * xf.flatten(-2)).to(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(dim), requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+# --------------------------------------------------------------------------------------------------
+# 3. Mamba-2: the chunked SSD scan (prefill) and its O(1) recurrence step (decode)
+
+def segsum(a: Tensor) -> Tensor:
+    """[..., Q] -> [..., Q, Q]: out[i, j] = a[j+1] + ... + a[i] for j <= i, and -inf above the
+    diagonal. A masked cumsum rather than a difference of cumsums, which would lose precision to
+    cancellation."""
+    Q = a.shape[-1]
+    tril = torch.ones(Q, Q, dtype=torch.bool, device=a.device).tril
+    a = a[..., None].expand(*a.shape, Q)  # a[..., i, j] = a_i
+    out = a.masked_fill(~tril(-1), 0).cumsum(-2)  # sum of a_k over j < k <= i
+    return out.masked_fill(~tril(0), -math.inf)
+
+
+@kernel
+def ssd_chunked(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk: int,
+                initial_state: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """The selective scan S_t = exp(dt_t A) S_{t-1} + dt_t x_t B_t^T,  y_t = S_t C_t, by chunks.
+
+    x [B, T, H, P], B and C [B, T, G, N] in the activations' dtype; dt [B, T, H] (after softplus)
+    and A [H] (negative) fp32; initial_state [B, H, P, N] fp32 or None (zeros). Returns y
+    [B, T, H, P] fp32 (without the D skip) and the final state [B, H, P, N] fp32. Head h reads
+    group h // (H / G). This reference computes in dt's dtype; the kernel multiplies bf16 x, B, C.
+    """
+    b, T, H, P = x.shape
+    G, N = B.shape[-2:]
+    R = H // G  # heads per group
+    # Chunks of Q = chunk tokens; the zero-padded tail has dt = 0, so it changes nothing.
+    x, B, C = x.to(dt.dtype), B.to(dt.dtype), C.to(dt.dtype)
+    x, dt, B, C = (pad_to_chunks(t, chunk) for t in (x, dt, B, C))  # [b, c, l, ...]
+    x = x.unflatten(3, (G, R))  # [b, c, l, G, R, P]: the R heads of each group side by side
+    a = (dt * A).permute(0, 3, 1, 2).unflatten(1, (G, R))  # log-decay per step, [b, G, R, c, l]
+    a_cum = a.cumsum(-1)
+    xdt = x * dt.unflatten(3, (G, R))[..., None]  # dt_t x_t, [b, c, l, G, R, P]
+
+    # 1. Within each chunk (the quadratic, attention-like part), with the decay mask
+    #    L_ij = exp(a_{j+1} + ... + a_i):  y_i = sum_{j<=i} (C_i . B_j) L_ij dt_j x_j.
+    L = torch.exp(segsum(a))  # [b, G, R, c, l, s]
+    CB = torch.einsum("bclgn,bcsgn->bgcls", C, B)  # [b, G, c, l, s]
+    y_diag = torch.einsum("bgcls,bgrcls,bcsgrp->bclgrp", CB, L, xdt)
+
+    # 2. The state each chunk adds by its end: sum_j exp(a_{j+1} + ... + a_last) dt_j x_j B_j^T.
+    decay_to_end = torch.exp(a_cum[..., -1:] - a_cum)  # [b, G, R, c, l]
+    states = torch.einsum("bcsgn,bgrcs,bcsgrp->bcgrpn", B, decay_to_end, xdt)
+
+    # 3. Between chunks: the state entering chunk c is the decayed sum of all earlier chunks' states
+    #    and of the initial state (a recurrence over c, written as one segsum matmul).
+    if initial_state is None:
+        initial_state = x.new_zeros(b, H, P, N)
+    initial_state = initial_state.unflatten(1, (G, R))[:, None]  # [b, 1, G, R, P, N]
+    states = torch.cat([initial_state, states], dim=1)  # [b, c+1, G, R, P, N]
+    chunk_decay = torch.exp(segsum(F.pad(a_cum[..., -1], (1, 0))))  # [b, G, R, c+1, c+1]
+    states = torch.einsum("bgrzc,bcgrpn->bzgrpn", chunk_decay, states)
+    states, final_state = states[:, :-1], states[:, -1]
+
+    # 4. Each chunk's entering state, read out at every position: y_i += exp(a_1 + ... + a_i) S C_i.
+    y_off = torch.einsum("bclgn,bcgrpn,bgrcl->bclgrp", C, states, torch.exp(a_cum))
+
+    y = (y_diag + y_off).flatten(3, 4).flatten(1, 2)[:, :T]  # [b, T, H, P]
+    return y, final_state.flatten(1, 2)
+
+
+def pad_to_chunks(t: Tensor, chunk: int) -> Tensor:
+    """[b, T, ...] -> [b, c, chunk, ...], the tail zero-padded."""
+    pad = (0, 0) * (t.dim() - 2) + (0, -t.shape[1] % chunk)
+    return F.pad(t, pad).unflatten(1, (-1, chunk))
+
+
+def ssd_step(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor) -> Tensor:
+    """One step of the same recurrence, updating state [B, H, P, N] in place.
+    x [B, H, P], dt [B, H], B and C [B, G, N]; returns y [B, H, P]."""
+    H, G = x.shape[1], B.shape[1]
+    B = B.repeat_interleave(H // G, dim=1)  # [B, H, N]
+    C = C.repeat_interleave(H // G, dim=1)
+    state.mul_(torch.exp(dt * A)[..., None, None])
+    state.add_((dt[..., None] * x)[..., None] * B[:, :, None, :])  # + dt x B^T
+    return torch.einsum("bhpn,bhn->bhp", state, C)
+
+
+def causal_conv(xBC: Tensor, conv_state: Tensor | None, weight: Tensor,
+                bias: Tensor | None) -> Tensor:
+    """silu(causal depthwise conv) over xBC [B, T, C], continuing from the cached last K-1 inputs
+    (zeros at the start); conv_state [B, C, K-1] becomes the last K-1 inputs."""
+    b, T, ch = xBC.shape
+    K = weight.shape[-1]
+    past = conv_state if conv_state is not None else xBC.new_zeros(b, ch, K - 1)
+    xBC = torch.cat([past, xBC.transpose(1, 2)], dim=-1)  # [B, C, K-1+T]
+    if conv_state is not None:
+        conv_state.copy_(xBC[:, :, -(K - 1):])
+    return F.silu(F.conv1d(xBC, weight, bias, groups=ch)).transpose(1, 2)
+
+
+def split_heads(xBC: Tensor, H: int, G: int, N: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The conv output [..., C] -> x [..., H, P], B [..., G, N], C [..., G, N]."""
+    x, B, C = xBC.split([xBC.shape[-1] - 2 * G * N, G * N, G * N], dim=-1)
+    return x.unflatten(-1, (H, -1)), B.unflatten(-1, (G, N)), C.unflatten(-1, (G, N))
+
+
+def discretise(dt: Tensor, dt_bias: Tensor, A_log: Tensor,
+               dt_limit: tuple[float, float]) -> tuple[Tensor, Tensor]:
+    """Raw dt [..., H] -> softplus(dt + dt_bias) in fp32, and A = -exp(A_log) [H]. time_step_limit
+    is (0, inf), i.e. no clamp, unless the config says otherwise."""
+    return F.softplus(dt.float() + dt_bias.float()).clamp(*dt_limit), -torch.exp(A_log.float())
+
+
+@kernel
+def mamba_step(xBC: Tensor, dt: Tensor, conv_state: Tensor, ssm_state: Tensor, conv_weight: Tensor,
+               conv_bias: Tensor | None, dt_bias: Tensor, A_log: Tensor, D: Tensor, n_groups: int,
+               dt_limit: tuple[float, float]) -> Tensor:
+    """The decode step of one token after in_proj: xBC [B, C] and raw dt [B, H] -> y [B, H*P] fp32
+    (with the D skip, before the gated norm). conv_state [B, C, K-1] and ssm_state [B, H, P, N] are
+    updated in place."""
+    H, P, N = ssm_state.shape[1:]
+    xBC = causal_conv(xBC[:, None], conv_state, conv_weight, conv_bias)[:, 0]
+    x, B, C = split_heads(xBC.float(), H, n_groups, N)
+    dt, A = discretise(dt, dt_bias, A_log, dt_limit)
+    y = ssd_step(ssm_state, x, dt, A, B, C)
+    return (y + D.float()[:, None] * x).flatten(1)  # the D skip connection
+
+
+class Mamba2Mixer(nn.Module):
+    def __init__(self, config: Config, layer_idx: int):
+        super().__init__()
+        c = config
+        self.config, self.layer_idx = c, layer_idx
+        self.in_proj = Linear(c.hidden_size, c.in_proj_dim)
+        self.conv1d = nn.Conv1d(c.conv_dim, c.conv_dim, c.conv_kernel, groups=c.conv_dim,
+                                bias=c.use_conv_bias).requires_grad_(False)
+        self.dt_bias = nn.Parameter(torch.empty(c.mamba_num_heads), requires_grad=False)
+        self.A_log = nn.Parameter(torch.empty(c.mamba_num_heads), requires_grad=False)
+        self.D = nn.Parameter(torch.empty(c.mamba_num_heads), requires_grad=False)
+        self.norm = RMSNorm(c.mamba_inner, c.layer_norm_epsilon)
+        self.out_proj = Linear(c.mamba_inner, c.hidden_size)
+
+    def forward(self, u: Tensor, cache: Cache | None = None) -> Tensor:  # u [B, T, D] -> [B, T, D]
+        c = self.config
+        # z (the gate) [B, T, H*P], xBC (conv input) [B, T, H*P + 2*G*N], dt [B, T, H]
+        z, xBC, dt = self.in_proj(u).split([c.mamba_inner, c.conv_dim, c.mamba_num_heads], dim=-1)
+        conv_state, ssm_state = None, None
+        if cache is not None:
+            conv_state, ssm_state = cache.layers[self.layer_idx]  # [B, C, K-1], [B, H, P, N]
+        if ssm_state is not None and u.shape[1] == 1:
+            y = self.step(xBC, dt, conv_state, ssm_state)  # [B, 1, H*P] fp32
+        else:
+            y = self.scan(xBC, dt, conv_state, ssm_state)  # [B, T, H*P] fp32
+        # Gated RMSNorm: gate y * silu(z) first, then normalise in G groups of H*P/G channels.
+        y = rms_norm(y, self.norm.weight, self.norm.eps, groups=c.n_groups, gate=z)
+        return self.out_proj(y.to(u.dtype))
+
+    def scan(self, xBC: Tensor, dt: Tensor, conv_state: Tensor | None,
+             ssm_state: Tensor | None) -> Tensor:
+        """Prefill: the conv, then the chunked scan from the cached state (zeros without one)."""
+        c = self.config
+        xBC = causal_conv(xBC, conv_state, self.conv1d.weight, self.conv1d.bias)  # [B, T, C]
+        # x [B, T, H, P], B and C [B, T, G, N], in the activations' dtype
+        x, B, C = split_heads(xBC, c.mamba_num_heads, c.n_groups, c.ssm_state_size)
+        dt, A = discretise(dt, self.dt_bias, self.A_log, c.time_step_limit)  # [B, T, H], [H]
+        y, final_state = ssd_chunked(x, dt, A, B, C, c.chunk_size, ssm_state)  # [B, T, H, P]
+        if ssm_state is not None:
+            ssm_state.copy_(final_state)
+        return (y + self.D.float()[:, None] * x.float()).flatten(2)  # the D skip connection
+
+    def step(self, xBC: Tensor, dt: Tensor, conv_state: Tensor, ssm_state: Tensor) -> Tensor:
+        """Decode: the same for one token, one recurrence step on the cached states (mamba_step)."""
+        c = self.config
+        conv = self.conv1d
+        y = mamba_step(xBC[:, 0], dt[:, 0], conv_state, ssm_state, conv.weight, conv.bias,
+                       self.dt_bias, self.A_log, self.D, c.n_groups, c.time_step_limit)
+        return y[:, None]
+
+
+# --------------------------------------------------------------------------------------------------
+# 4. Attention: GQA, no positional encoding; the cache returns what to attend over
+
+class Attention(nn.Module):
+    def __init__(self, config: Config, layer_idx: int):
+        super().__init__()
+        c = config
+        self.config, self.layer_idx = c, layer_idx
+        self.q_proj = Linear(c.hidden_size, c.num_attention_heads * c.head_dim)
+        self.k_proj = Linear(c.hidden_size, c.num_key_value_heads * c.head_dim)
+        self.v_proj = Linear(c.hidden_size, c.num_key_value_heads * c.head_dim)
+        self.o_proj = Linear(c.num_attention_heads * c.head_dim, c.hidden_size)
+
+    def forward(self, x: Tensor, cache: Cache | None = None) -> Tensor:  # x [B, T, D] -> [B, T, D]
+        T, hd = x.shape[1], self.config.head_dim
+        q = self.q_proj(x).unflatten(-1, (-1, hd)).transpose(1, 2)  # [B, Hq, T, hd]
+        k = self.k_proj(x).unflatten(-1, (-1, hd)).transpose(1, 2)  # [B, Hkv, T, hd]
+        v = self.v_proj(x).unflatten(-1, (-1, hd)).transpose(1, 2)
+        mask = None  # None: plain causal
+        if cache is not None:  # all keys and values so far [B, Hkv, L, hd]; what each query sees
+            k, v, mask = cache.update(self.layer_idx, k, v)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                           is_causal=mask is None and T > 1,
+                                           scale=hd ** -0.5, enable_gqa=True)  # [B, Hq, T, hd]
+        return self.o_proj(o.transpose(1, 2).flatten(2))
+
+
+# --------------------------------------------------------------------------------------------------
+# 5. MoE: a sigmoid router whose bias only selects, top-k relu^2 experts, a shared expert
+
+class MLP(nn.Module):
+    """down(relu(up(x))^2): the shared expert, and the dense FFN of '-' layers."""
+
+    def __init__(self, hidden: int, ffn: int):
+        super().__init__()
+        self.up_proj = Linear(hidden, ffn)
+        self.down_proj = Linear(ffn, hidden)
+
+    def forward(self, x: Tensor, cache: Cache | None = None) -> Tensor:
+        return self.down_proj(F.relu(self.up_proj(x)).square())
+
+
+class Router(nn.Module):
+    def __init__(self, config: Config):
+        super().__init__()
+        E = config.n_routed_experts
+        self.config = config
+        self.weight = nn.Parameter(torch.empty(E, config.hidden_size), requires_grad=False)
+        self.e_score_correction_bias = nn.Parameter(torch.empty(E), requires_grad=False)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """x [n, D] -> routing weights [n, k] fp32, chosen experts [n, k]."""
+        c = self.config
+        scores = torch.sigmoid(F.linear(x.float(), self.weight.float()))  # [n, E]
+        choice = scores + self.e_score_correction_bias.float()  # the bias only chooses experts
+        if c.n_group > 1:  # group-limited routing: the topk_group groups of best top-2 sums
+            groups = choice.unflatten(-1, (c.n_group, -1))
+            best = groups.topk(2, dim=-1).values.sum(-1).topk(c.topk_group, dim=-1).indices
+            keep = torch.zeros_like(groups[..., 0], dtype=torch.bool).scatter_(1, best, True)
+            choice = groups.masked_fill(~keep[..., None], -math.inf).flatten(1)
+        experts = choice.topk(c.num_experts_per_tok, dim=-1).indices
+        weights = scores.gather(1, experts)
+        if c.norm_topk_prob:
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        return weights * c.routed_scaling_factor, experts
+
+
+@kernel
+def moe_experts(x: Tensor, weights: Tensor, experts: Tensor, up_weight: Tensor,
+                up_scale: Tensor | None, down_weight: Tensor, down_scale: Tensor | None) -> Tensor:
+    """x [n, D], routing weights [n, k] fp32, chosen experts [n, k]
+    -> sum_j weights_j down_j(relu(up_j(x))^2) [n, D], with stacked up_weight [E, F, D],
+    down_weight [E, D, F] and FP8 scales [E] (or None)."""
+    # The n*k (token, expert) pairs grouped by expert: each expert runs once on its tokens.
+    order = experts.flatten().argsort(stable=True)
+    tokens = order // experts.shape[1]  # the token of each pair, pairs in expert order
+    pair_weights = weights.flatten()[order]
+    E = up_weight.shape[0]
+    counts = torch.bincount(experts.flatten(), minlength=E).tolist()  # a host sync: fine here
+    if up_scale is None:  # BF16 weights
+        up_scale = [None] * E
+    if down_scale is None:
+        down_scale = [None] * E
+    out = torch.zeros_like(x, dtype=torch.float32)
+    for e, (idx, w) in enumerate(zip(tokens.split(counts), pair_weights.split(counts))):
+        if len(idx):
+            h = F.relu(linear(x[idx], up_weight[e], up_scale[e])).square()
+            out.index_add_(0, idx, linear(h, down_weight[e], down_scale[e]).float() * w[:, None])
+    return out.to(x.dtype)
+
+
+class Experts(nn.Module):
+    """The routed experts, stacked at load time: up_proj.weight [E, F, D], down_proj [E, D, F]."""
+
+    def __init__(self, config: Config):
+        super().__init__()
+        E, D, Fe = config.n_routed_experts, config.hidden_size, config.moe_intermediate_size
+        self.up_proj = Linear(D, Fe, experts=E)
+        self.down_proj = Linear(Fe, D, experts=E)
+
+    def forward(self, x: Tensor, weights: Tensor, experts: Tensor) -> Tensor:  # x [n, D] -> [n, D]
+        up, down = self.up_proj, self.down_proj
+        return moe_experts(x, weights, experts, up.weight, up.weight_scale,
+                           down.weight, down.weight_scale)
+
+
+class MoE(nn.Module):
+    def __init__(self, config: Config):
+        super().__init__()
+        self.gate = Router(config)
+        self.experts = Experts(config)
+        self.shared_experts = MLP(config.hidden_size, config.moe_shared_expert_intermediate_size)
+
+    def forward(self, x: Tensor, cache: Cache | None = None) -> Tensor:  # x [B, T, D] -> [B, T, D]
+        flat = x.flatten(0, 1)  # [n = B*T, D]
+        weights, experts = self.gate(flat)
+        return self.experts(flat, weights, experts).view_as(x) + self.shared_experts(x)
+
+
+# --------------------------------------------------------------------------------------------------
+# 6. The block and the model
+
+MIXERS = {"mamba": Mamba2Mixer, "attention": Attention, "moe": lambda c, i: MoE(c),
+          "mlp": lambda c, i: MLP(c.hidden_size, c.intermediate_size)}
+
+
+class Block(nn.Module):
+    """One pre-norm residual layer; its mixer is Mamba-2, attention, MoE (or a dense MLP)."""
+
+    def __init__(self, config: Config, layer_idx: int):
+        super().__init__()
+        self.norm = RMSNorm(config.hidden_size, config.layer_norm_epsilon)
+        self.mixer = MIXERS[config.layers_block_type[layer_idx]](config, layer_idx)
+
+    def forward(self, h: Tensor, cache: Cache | None = None) -> Tensor:  # [B, T, D] -> [B, T, D]
+        return h + self.mixer(self.norm(h), cache)
+
+
+class Backbone(nn.Module):
+    def __init__(self, config: Config):
+        super().__init__()
+        self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size).requires_grad_(False)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(len(config.layers_block_type)))
+        self.norm_f = RMSNorm(config.hidden_size, config.layer_norm_epsilon)
+
+    def forward(self, tokens: Tensor, cache: Cache | None = None) -> Tensor:  # [B, T] -> [B, T, D]
+        h = self.embeddings(tokens)  # no positions: the Mamba layers carry order
+        for layer in self.layers:
+            h = layer(h, cache)  # h + mixer(norm(h))
+        return self.norm_f(h)
+
+
+class Model(nn.Module):
+    """Nemotron 3 Nano Elastic: embeddings, the hybrid layers of config.layers_block_type, a final
+    norm and the LM head. Every size of the checkpoint is this one module tree:
+
+        model = Model.from_pretrained(folder)
+        logits = model(tokens, size="23B")        # tokens [B, T] -> fp32 logits [B, T, V]
+        small = model.nested("12B")               # the same weights as prefix views, no copy
+        cache = model.new_cache(1, 4096)          # one cache for every size:
+        logits = model(tokens, cache, "12B")      # ... which then holds the tokens
+        for t in generate(model, prompt, 100, size="23B", switch=Switch("30B", after=50)): ...
+
+    Sizes are '30B', '23B', '12B' (any case) or 'HIDDENxFFN' prefixes; None is the checkpoint's
+    own."""
+
+    def __init__(self, config: Config):
+        super().__init__()
+        self.config = config
+        self.backbone = Backbone(config)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size)
+        # (d, f) -> this module tree with prefix views of every tensor (section 9)
+        self._nested = {}
+
+    @torch.no_grad()
+    def forward(self, tokens: Tensor, cache: Cache | None = None, size: str | None = None,
+                last_only: bool = False) -> Tensor:
+        """tokens [B, T] -> fp32 logits [B, T, V] ([B, 1, V] with last_only), at nested `size`. With
+        a cache, the tokens continue what it holds, and it holds them afterwards."""
+        model = self.nested(size)
+        tokens = checked_tokens(tokens, self.config.vocab_size).to(self.lm_head.weight.device)
+        if cache is not None:
+            cache.begin(*tokens.shape)
+        # the same sum, each residual add fused with the next norm (section 8)
+        if use_kernels(tokens):
+            h = fused_backbone(model.backbone, tokens, cache)
+        else:
+            h = model.backbone(tokens, cache)  # [B, T, D]
+        if last_only:
+            h = h[:, -1:]
+        logits = model.lm_head(h).float()  # [B, T, V]
+        if cache is not None:
+            cache.end(tokens.shape[1])
+        return logits
+
+    def new_cache(self, batch_size: int, max_len: int) -> Cache:
+        """An empty Cache for `batch_size` sequences of up to `max_len` tokens, on the model's
+        device. It serves every nested size, so a generation can change size and keep it."""
+        dtype = self.backbone.embeddings.weight.dtype
+        return Cache(self.config, batch_size, max_len, self.lm_head.weight.device, dtype)
+
+    def nested(self, size: str | None) -> Model:
+        """This model at a nested size: the same modules, its tensors prefix views (NESTED_AXES)."""
+        d, f = parse_size(size, self.config)
+        if (d, f) == (self.config.hidden_size, self.config.moe_intermediate_size):
+            return self
+        if (d, f) not in self._nested:
+            self._nested[(d, f)] = nested_model(self, d, f)
+        return self._nested[(d, f)]
+
+    # .to() / .cuda() make new tensors: forget views of the old ones
+    def _apply(self, fn, recurse=True):
+        self._nested = {}
+        return super()._apply(fn, recurse)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None,
+                        dtype: torch.dtype | None = None, verbose: bool = True) -> Model:
+        """Load an HF-format checkpoint folder: FP8 or BF16, sharded or not. dtype is the compute
+        dtype (bfloat16 by default; float32 for exact tests). FP8 weights stay FP8."""
+        path = Path(path)
+        if not path.is_dir():
+            raise NanoElasticError(f"checkpoint folder not found: {path}")
+        config = Config.from_file(path / "config.json")
+        device = resolve_device(device)
+        with torch.device("meta"):
+            model = cls(config)
+        import checkpoint  # the checkpoint format: checked, then read one tensor at a time
+
+        checkpoint.load_checkpoint(model, path, device, dtype or torch.bfloat16, verbose)
+        return model
+
+    def num_params(self, size: str | None = None) -> tuple[int, int]:
+        """(total, active per token) parameters at `size`; active counts k of the E experts."""
+        c = self.config
+        model = self.nested(size)
+        total = sum(p.numel() for p in model.parameters())
+        named = model.named_parameters()
+        idle = sum(p.numel() for n, p in named if ".experts." in n and "shared" not in n)
+        return total, total - idle + idle * c.num_experts_per_tok // c.n_routed_experts
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return f"size {c.hidden_size}x{c.moe_intermediate_size} (hidden x expert FFN)"
+
+
+# ==================================================================================================
+# The machinery: everything below serves the network above and changes none of its math.
+# ==================================================================================================
+
+# --------------------------------------------------------------------------------------------------
+# 7. Caches
+
+class Cache:
+    """Preallocated decode state for every layer, the same shapes at every nested size:
+    attention: K and V [B, Hkv, max_len, hd] (compute dtype); Mamba: conv [B, C, K-1], SSM [B, H, P,
+    N] fp32. `length` tokens are in it (on the host; `position` is the same count on the device,
+    which a decode step reads without waiting for the host). A model call with the cache continues
+    from there."""
+
+    def __init__(self, config: Config, batch_size: int, max_len: int, device, dtype):
+        c = config
+        if batch_size < 1 or max_len < 1:
+            raise NanoElasticError(f"new_cache needs batch_size >= 1 and max_len >= 1, "
+                                   f"got {batch_size}, {max_len}")
+        if max_len > c.max_position_embeddings:
+            raise NanoElasticError(f"max_len {max_len} > max_position_embeddings "
+                                   f"{c.max_position_embeddings}")
+        self.batch_size, self.max_len = batch_size, max_len
+        self.length = 0
+        self.position = torch.zeros((), dtype=torch.int64, device=device)
+        self.interrupted = False  # set while a step is half-written (Ctrl-C): see begin()
+        self.kinds = c.layers_block_type
+        self.layers = []
+        zeros = functools.partial(torch.zeros, device=device, dtype=dtype)
+        for kind in c.layers_block_type:
+            if kind == "attention":
+                kv = (batch_size, c.num_key_value_heads, max_len, c.head_dim)
+                self.layers.append((zeros(kv), zeros(kv)))
+            elif kind == "mamba":
+                ssm = (batch_size, c.mamba_num_heads, c.mamba_head_dim, c.ssm_state_size)
+                conv = zeros(batch_size, c.conv_dim, c.conv_kernel - 1)
+                self.layers.append((conv, zeros(ssm, dtype=torch.float32)))
+            else:
+                self.layers.append(None)
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Write attention layer `layer`'s new keys and values [B, Hkv, T, hd] at their positions;
+        return the keys and values to attend over and the mask of what each new query sees (None:
+        causal)."""
+        k_cache, v_cache = self.layers[layer]
+        T = k.shape[2]
+        if T == 1:
+            # Decode: write at the device-side position and attend over a window of the cache that
+            # holds it, masked: no host sync, and a window that changes only at powers of two (a
+            # CUDA graph each).
+            k_cache.index_copy_(2, self.position.view(1), k)
+            v_cache.index_copy_(2, self.position.view(1), v)
+            window = self.window()
+            mask = (torch.arange(window, device=k.device) <= self.position)[None]  # [1, window]
+            return k_cache[:, :, :window], v_cache[:, :, :window], mask
+        start = self.length
+        k_cache[:, :, start:start + T] = k
+        v_cache[:, :, start:start + T] = v
+        mask = None
+        if start > 0:  # query i sits at position start + i and sees keys 0..start + i
+            positions = torch.arange(start + T, device=k.device)
+            mask = positions <= positions[start:, None]  # [T, start + T]
+        return k_cache[:, :, :start + T], v_cache[:, :, :start + T], mask
+
+    def window(self) -> int:
+        """The KV positions a decoded token attends over: > length, a power of two (or max_len)."""
+        return min(self.max_len, max(256, 1 << self.length.bit_length()))
+
+    def begin(self, batch_size: int, new_tokens: int) -> None:
+        """Check that a step of `new_tokens` per row fits; the cache is mid-step until end()."""
+        if self.interrupted:
+            raise NanoElasticError("this cache was interrupted in the middle of a step: "
+                                   "reset it and prefill again")
+        if batch_size != self.batch_size:
+            raise NanoElasticError(f"batch size {batch_size} != the cache's {self.batch_size}")
+        if self.length + new_tokens > self.max_len:
+            raise NanoElasticError(f"cache overflow: {self.length} cached + {new_tokens} new "
+                                   f"tokens > max_len {self.max_len}")
+        self.interrupted = True
+
+    def end(self, new_tokens: int) -> None:
+        self.position += new_tokens  # on the device: a CUDA graph's replay advances it too
+        self.length += new_tokens
+        self.interrupted = False
+
+    def reset(self) -> None:
+        """Empty the cache (keeping its memory): what a re-prefill starts from."""
+        for state in self.layers:
+            for t in state or ():
+                t.zero_()
+        self.position.zero_()
+        self.length, self.interrupted = 0, False
+
+    def snapshot(self) -> tuple[int, list]:
+        """A copy of the state after the first `length` tokens: KV up to there, conv and SSM states
+        (small). Mamba states cannot be rewound, so this is how to go back to a prefix (chat.py, per
+        turn)."""
+        n = self.length
+        saved = []
+        for kind, state in zip(self.kinds, self.layers):
+            if kind == "attention":
+                state = tuple(t[:, :, :n] for t in state)
+            saved.append(None if state is None else tuple(t.clone() for t in state))
+        return n, saved
+
+    def restore(self, snapshot: tuple[int, list]) -> None:
+        n, states = snapshot
+        for kind, saved, state in zip(self.kinds, states, self.layers):
+            for copy_, t in zip(saved or (), state or ()):
+                (t[:, :, :n] if kind == "attention" else t).copy_(copy_)
+        self.position.fill_(n)
+        self.length, self.interrupted = n, False
+
+
+# --------------------------------------------------------------------------------------------------
+# 8. Fast paths at the seams: the kernels, the fused residual add, CUDA-graph decoding. Each is
+#    checked against the plain path by a test (test_nanoelastic.py, test_kernels.py).
+
+# NANOELASTIC_KERNELS: unset = Triton on CUDA tensors; "torch" = the torch references everywhere;
+# "triton" = Triton everywhere (CPU tensors need TRITON_INTERPRET=1).
+
+try:
+    import kernels
+except ImportError:  # no Triton (e.g. macOS): the references run everywhere
+    kernels = None
+
+
+def use_kernels(t: Tensor) -> bool:
+    mode = os.environ.get("NANOELASTIC_KERNELS", "")
+    if mode not in ("", "torch", "triton"):
+        raise NanoElasticError(f"NANOELASTIC_KERNELS={mode!r}: use 'torch' or 'triton', or leave "
+                               f"it unset")
+    if mode == "triton" and kernels is None:
+        raise NanoElasticError("NANOELASTIC_KERNELS=triton but Triton is not installed")
+    if mode == "triton" and not t.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise NanoElasticError("NANOELASTIC_KERNELS=triton on the CPU needs TRITON_INTERPRET=1 "
+                               "(Triton's interpreter); or leave NANOELASTIC_KERNELS unset to use "
+                               "the torch references")
+    return mode == "triton" or (mode == "" and t.is_cuda and kernels is not None)
+
+
+def fused_backbone(backbone: Backbone, tokens: Tensor, cache: Cache | None = None) -> Tensor:
+    """Backbone.forward with each residual add fused into the next norm (add_rms_norm, one kernel
+    and one pass over h instead of two per layer): the same sums in the same order."""
+    h, update = backbone.embeddings(tokens), None
+    for layer in backbone.layers:
+        # h += update; x = norm(h)
+        x, h = add_rms_norm(h, update, layer.norm.weight, layer.norm.eps)
+        update = layer.mixer(x, cache)
+    x, _ = add_rms_norm(h, update, backbone.norm_f.weight, backbone.norm_f.eps)
+    return x
+
+
+@kernel
+def add_rms_norm(h: Tensor, update: Tensor | None, weight: Tensor,
+                 eps: float) -> tuple[Tensor, Tensor]:
+    """The residual add fused with the next norm: (rms_norm(h + update), h + update)."""
+    if update is not None:
+        h = h + update
+    return rms_norm(h, weight, eps), h
+
+
+class DecodeGraph:
+    """The decode step on one cache: step(tokens [B, 1], size) -> fp32 logits [B, V], the cache one
+    token longer. On a GPU with the kernels, CUDA graphs: one launch per token instead of hundreds
+    (the logits are then a static buffer that the next step overwrites). A graph attends over a
+    fixed window of the KV cache, so there is one per size and window (powers of two from 256 up to
+    max_len), each captured the first time it is needed. Elsewhere (the torch MoE reference syncs
+    with the host), model() itself. It holds the cache and the cache knows nothing of it: dropping
+    it frees both."""
+
+    def __init__(self, model: Model, cache: Cache):
+        self.model, self.cache = model, cache
+        self.graphs = {}  # (size, window) -> (graph, static tokens, static logits)
+        self.pools = {}  # size -> the memory pool that its graphs share
+        self.capture_graphs = cache.position.is_cuda and use_kernels(cache.position)
+
+    def __call__(self, tokens: Tensor, size: str | None = None) -> Tensor:
+        cache = self.cache
+        if not self.capture_graphs:
+            return self.model(tokens, cache, size, last_only=True)[:, -1]
+        sized = parse_size(size, self.model.config)
+        key = (sized, cache.window())
+        if key not in self.graphs:
+            self.graphs[key] = self.capture(size, sized, tokens.shape[0])
+        graph, static_tokens, logits = self.graphs[key]
+        cache.begin(*tokens.shape)
+        static_tokens.copy_(tokens)
+        graph.replay()
+        cache.length += 1  # the replay advanced cache.position
+        cache.interrupted = False
+        return logits
+
+    def capture(self, size: str | None, sized: tuple[int, int], batch: int):
+        """Record the decode step at the cache's current window; the cache is left as it was."""
+        model, cache = self.model, self.cache
+        tokens = torch.zeros(batch, 1, dtype=torch.int64, device=cache.position.device)
+        # Warm up (Triton compiles, SDPA picks its kernel) on a scratch cache, not the real one.
+        scratch = model.new_cache(cache.batch_size, cache.max_len)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                scratch.length = cache.length  # the same window
+                model(tokens, scratch, size, last_only=True)
+        torch.cuda.current_stream().wait_stream(stream)
+        del scratch
+        graph = torch.cuda.CUDAGraph()
+        length = cache.length
+        pool = self.pools.setdefault(sized, torch.cuda.graph_pool_handle())
+        try:
+            with torch.cuda.graph(graph, pool=pool):  # records the kernels on the cache's tensors
+                logits = model(tokens, cache, size, last_only=True)[:, -1]
+        finally:
+            cache.length, cache.interrupted = length, False  # recorded, not run
+        return graph, tokens, logits
+
+
+# --------------------------------------------------------------------------------------------------
+# 9. Nested sizes, in one place: which tensor axes shrink, the size names, the nested module trees
+
+# name -> (hidden, expert FFN)
+SIZE_PRESETS = {"30B": (2688, 1856), "23B": (2304, 1600), "12B": (1920, 960)}
+
+# For each tensor, which of its trailing axes shrink: "d" = hidden, "f" = routed-expert (or dense
+# MLP) FFN, "." = unchanged. A stacked expert tensor [E, F, D] matches on its last two axes. Tensors
+# not listed (conv1d, A_log, D, dt_bias, the Mamba gated-norm weight, e_score_correction_bias, every
+# *_scale) keep their shape at every size. The model's views and slice.py both read this table.
 NESTED_AXES = [
     (r"embeddings\.weight|lm_head\.weight", ".d"),
     (r"(q|k|v)_proj\.weight|in_proj\.weight|gate\.weight|shared_experts\.up_proj\.weight", ".d"),
@@ -276,882 +881,76 @@ def nested_axes(name: str) -> str:
 
 
 def nested_view(name: str, t: Tensor, d: int, f: int) -> Tensor:
-    """The prefix view of tensor `name` at nested size (d, f): t[..., :f, :d] and so on. Never a copy."""
-    axes = nested_axes(name)
-    index = (...,) + tuple({"d": slice(0, d), "f": slice(0, f), ".": slice(None)}[a] for a in axes)
-    return t[index] if axes else t
+    """The prefix view of tensor `name` at nested size (d, f): t[..., :f, :d] etc. Never a copy."""
+    prefix = {"d": slice(0, d), "f": slice(0, f), ".": slice(None)}
+    return t[(..., *(prefix[a] for a in nested_axes(name)))]
 
 
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """`device`, or cuda when there is one, else cpu; a CUDA device on a machine without one is an error."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise NanoElasticError(f"device {device} asked for, but torch sees no CUDA GPU here (use --device cpu)")
-    return device
+def nested_model(model: Model, d: int, f: int) -> Model:
+    """A copy of `model`'s module tree whose tensors are nested_view()s of its own and whose config
+    is the sliced one: the module code runs unchanged and reads only the nested prefix of every
+    weight."""
+    # deepcopy's memo: the objects in it are replaced by these, not copied
+    memo = {id(model.config): model.config.sliced(d, f), id(model._nested): {}}
+    for name, p in model.named_parameters():
+        memo[id(p)] = nn.Parameter(nested_view(name, p, d, f), requires_grad=False)
+    for b in model.buffers():
+        memo[id(b)] = b
+    nested = copy.deepcopy(model, memo)
+    nested.backbone.embeddings.embedding_dim = d  # its repr reads this attribute
+    return nested
 
 
 def parse_size(size: str | None, config: Config) -> tuple[int, int]:
-    """'30B' | '23B' | '12B' | 'HIDDENxFFN' | None (= the checkpoint's own size) -> (d, f), validated."""
-    full = (config.hidden_size, config.moe_intermediate_size)
+    """'30B' | '23B' | '12B' | 'HIDDENxFFN' | None (the checkpoint's own) -> (d, f), checked."""
+    D, Fe = config.hidden_size, config.moe_intermediate_size
     if size is None:
-        return full
+        return D, Fe
     name = str(size).strip().upper()  # 12b and 2304X1600 are what a user means too
     if name in SIZE_PRESETS:
         d, f = SIZE_PRESETS[name]
     elif re.fullmatch(r"\d+X\d+", name):
         d, f = map(int, name.split("X"))
     else:
-        fit = [n for n, (d, f) in SIZE_PRESETS.items() if d <= full[0] and f <= full[1]]
-        raise NanoElasticError(f"unknown size {size!r}: use {', '.join(fit) + ' or ' if fit else ''}HIDDENxFFN "
-                               f"up to {full[0]}x{full[1]} (this checkpoint's widths)")
-    if not (0 < d <= full[0] and 0 < f <= full[1]):
-        raise NanoElasticError(
-            f"size {size} = hidden {d} x expert FFN {f} does not fit in this checkpoint ({full[0]}x{full[1]})")
+        fit = [n for n, (d, f) in SIZE_PRESETS.items() if d <= D and f <= Fe]
+        fit = ", ".join(fit) + " or " if fit else ""
+        raise NanoElasticError(f"unknown size {size!r}: use {fit}HIDDENxFFN up to {D}x{Fe} "
+                               f"(this checkpoint's widths)")
+    if not (0 < d <= D and 0 < f <= Fe):
+        raise NanoElasticError(f"size {size} = hidden {d} x expert FFN {f} does not fit in this "
+                               f"checkpoint ({D}x{Fe})")
     return d, f
 
 
-# ----------------------------------------------------------------------------------------------------
-# 3. Kernels seam, the linear() seam (the one place that knows about FP8), RMSNorm
-#
-# The functions marked @kernel are the plain-torch references; kernels.py has a Triton function of the same
-# name and signature for each. NANOELASTIC_KERNELS: unset = Triton on CUDA tensors; "torch" = references
-# everywhere; "triton" = Triton everywhere (CPU tensors need TRITON_INTERPRET=1).
-
-try:
-    import kernels
-except ImportError:  # no Triton (e.g. macOS): the references run everywhere
-    kernels = None
-
-
-def use_kernels(t: Tensor) -> bool:
-    mode = os.environ.get("NANOELASTIC_KERNELS", "")
-    if mode not in ("", "torch", "triton"):
-        raise NanoElasticError(f"NANOELASTIC_KERNELS={mode!r}: use 'torch' or 'triton', or leave it unset")
-    if mode == "triton" and kernels is None:
-        raise NanoElasticError("NANOELASTIC_KERNELS=triton but Triton is not installed")
-    if mode == "triton" and not t.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        raise NanoElasticError("NANOELASTIC_KERNELS=triton on the CPU needs TRITON_INTERPRET=1 (Triton's "
-                               "interpreter); or leave NANOELASTIC_KERNELS unset to use the torch references")
-    return mode == "triton" or (mode == "" and t.is_cuda and kernels is not None)
-
-
-def kernel(reference):
-    """Route a call to kernels.<same name> when use_kernels(its first tensor); `.reference` is the torch one."""
-    @functools.wraps(reference)
-    def routed(*args, **kwargs):
-        fn = getattr(kernels, reference.__name__) if use_kernels(args[0]) else reference
-        return fn(*args, **kwargs)
-    routed.reference = reference
-    return routed
-
-
-@kernel
-def linear(x: Tensor, weight: Tensor, weight_scale: Tensor | None = None) -> Tensor:
-    """x @ weight^T. An FP8 weight (weight_scale given) is dequantised on use: weight.float() * scale."""
-    if weight_scale is not None:
-        weight = (weight.float() * weight_scale).to(x.dtype)
-    return F.linear(x, weight)
-
-
-class Linear(nn.Module):
-    """Bias-free Linear. FP8 exactly when the checkpoint gave it a weight_scale (set at load time);
-    input_scale is kept for W8A8 kernels. Stacked experts use a weight [E, out, in] and scales [E]."""
-
-    def __init__(self, in_features: int, out_features: int, experts: int | None = None):
-        super().__init__()
-        shape = (out_features, in_features) if experts is None else (experts, out_features, in_features)
-        self.weight = nn.Parameter(torch.empty(shape), requires_grad=False)
-        self.register_buffer("weight_scale", None)
-        self.register_buffer("input_scale", None)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return linear(x, self.weight, self.weight_scale)
-
-    def extra_repr(self) -> str:  # from the weight itself, so a nested view shows its nested widths
-        *experts, out_features, in_features = self.weight.shape
-        fp8 = ", fp8" if self.weight_scale is not None else ""
-        return f"in={in_features}, out={out_features}" + (f", experts={experts[0]}" if experts else "") + fp8
-
-
-@kernel
-def rms_norm(x: Tensor, weight: Tensor, eps: float, groups: int = 1, gate: Tensor | None = None) -> Tensor:
-    """weight * x / sqrt(mean(x^2) + eps), statistics in fp32, over `groups` equal slices of the channels.
-    With a gate (the Mamba output norm), x is first multiplied by silu(gate)."""
-    xf = x.float() if gate is None else x.float() * F.silu(gate.float())
-    xf = xf.unflatten(-1, (groups, -1))
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return (weight.float() * xf.flatten(-2)).to(x.dtype)
-
-
-@kernel
-def add_rms_norm(h: Tensor, update: Tensor | None, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    """The residual add fused with the next norm: (rms_norm(h + update), h + update); update may be None."""
-    if update is not None:
-        h = h + update
-    return rms_norm(h, weight, eps), h
-
-
-class RMSNorm(nn.Module):  # holds the weight; applied by rms_norm / add_rms_norm where the add or gate fuses
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(dim), requires_grad=False)
-        self.eps = eps
-
-    def extra_repr(self) -> str:
-        return f"{self.weight.shape[0]}, eps={self.eps}"
-
-
-# ----------------------------------------------------------------------------------------------------
-# 4. Mamba-2: the chunked SSD scan (prefill) and its O(1) recurrence step (decode)
-
-def segsum(a: Tensor) -> Tensor:
-    """[..., Q] -> [..., Q, Q]: out[i, j] = a[j+1] + ... + a[i] for j <= i, and -inf above the diagonal.
-    A masked cumsum rather than a difference of cumsums, which would lose precision to cancellation."""
-    Q = a.shape[-1]
-    tril = torch.ones(Q, Q, dtype=torch.bool, device=a.device).tril
-    a = a[..., None].expand(*a.shape, Q)  # a[..., i, j] = a_i
-    out = a.masked_fill(~tril(-1), 0).cumsum(-2)  # sum of a_k over j < k <= i
-    return out.masked_fill(~tril(0), -math.inf)
-
-
-@kernel
-def ssd_chunked(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk: int,
-                initial_state: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """The selective scan S_t = exp(dt_t A) S_{t-1} + dt_t x_t B_t^T,  y_t = S_t C_t, by chunks (SSD).
-
-    x [B, T, H, P], B and C [B, T, G, N] in the activations' dtype; dt [B, T, H] (after softplus) and
-    A [H] (negative) fp32. initial_state [B, H, P, N] fp32 or None (zeros). Returns y [B, T, H, P] fp32
-    (without the D skip) and the final state [B, H, P, N] fp32. Head h reads group h // (H / G).
-    This reference computes in dt's dtype; the kernel multiplies bf16 x, B, C on tensor cores.
-    """
-    b, T, H, P = x.shape
-    G, N = B.shape[-2:]
-    x, B, C = x.to(dt.dtype), B.to(dt.dtype), C.to(dt.dtype)
-    pad = -T % chunk
-    # Reshape into chunks of Q = chunk tokens; the zero-padded tail has dt = 0, so it changes nothing.
-    x, dt, B, C = (F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)).unflatten(1, (-1, chunk)) for t in (x, dt, B, C))
-    x = x.unflatten(3, (G, H // G))  # [b, c, l, G, R, P]: the R = H/G heads of each group side by side
-    a = (dt * A).permute(0, 3, 1, 2).unflatten(1, (G, H // G))  # log-decay per step, [b, G, R, c, l]
-    a_cum = a.cumsum(-1)
-    xdt = x * dt.unflatten(3, (G, H // G))[..., None]  # dt_t x_t, [b, c, l, G, R, P]
-
-    # 1. Within each chunk (the quadratic, attention-like part): y_i = sum_{j<=i} (C_i . B_j) L_ij dt_j x_j,
-    #    with the decay mask L_ij = exp(a_{j+1} + ... + a_i).
-    L = torch.exp(segsum(a))  # [b, G, R, c, l, s]
-    CB = torch.einsum("bclgn,bcsgn->bgcls", C, B)  # [b, G, c, l, s]
-    y_diag = torch.einsum("bgcls,bgrcls,bcsgrp->bclgrp", CB, L, xdt)
-
-    # 2. The state each chunk adds by its end: sum_j exp(a_{j+1} + ... + a_last) dt_j x_j B_j^T.
-    decay_to_end = torch.exp(a_cum[..., -1:] - a_cum)  # [b, G, R, c, l]
-    states = torch.einsum("bcsgn,bgrcs,bcsgrp->bcgrpn", B, decay_to_end, xdt)
-
-    # 3. Between chunks: the state entering chunk c is the decayed sum of all earlier chunks' states
-    #    and of the initial state (a recurrence over c, written as one segsum matmul).
-    if initial_state is None:
-        initial_state = x.new_zeros(b, H, P, N)
-    states = torch.cat([initial_state.unflatten(1, (G, H // G))[:, None], states], dim=1)  # [b, c+1, G, R, P, N]
-    chunk_decay = torch.exp(segsum(F.pad(a_cum[..., -1], (1, 0))))  # [b, G, R, c+1, c+1]
-    states = torch.einsum("bgrzc,bcgrpn->bzgrpn", chunk_decay, states)
-    states, final_state = states[:, :-1], states[:, -1]
-
-    # 4. Each chunk's entering state, read out at every position: y_i += exp(a_1 + ... + a_i) S C_i.
-    y_off = torch.einsum("bclgn,bcgrpn,bgrcl->bclgrp", C, states, torch.exp(a_cum))
-
-    y = (y_diag + y_off).flatten(3, 4).flatten(1, 2)[:, :T]  # [b, T, H, P]
-    return y, final_state.flatten(1, 2)
-
-
-def ssd_step(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor) -> Tensor:
-    """One step of the same recurrence, updating state [B, H, P, N] in place.
-    x [B, H, P], dt [B, H], B and C [B, G, N]; returns y [B, H, P]."""
-    H, G = x.shape[1], B.shape[1]
-    B, C = B.repeat_interleave(H // G, dim=1), C.repeat_interleave(H // G, dim=1)  # [B, H, N]
-    state.mul_(torch.exp(dt * A)[..., None, None]).add_((dt[..., None] * x)[..., None] * B[:, :, None, :])
-    return torch.einsum("bhpn,bhn->bhp", state, C)
-
-
-def causal_conv(xBC: Tensor, conv_state: Tensor | None, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """silu(causal depthwise conv) over xBC [B, T, C], continuing from the cached last K-1 inputs (zeros at
-    the start); conv_state [B, C, K-1] becomes the last K-1 inputs."""
-    b, T, ch = xBC.shape
-    K = weight.shape[-1]
-    past = conv_state if conv_state is not None else xBC.new_zeros(b, ch, K - 1)
-    xBC = torch.cat([past, xBC.transpose(1, 2)], dim=-1)  # [B, C, K-1+T]
-    if conv_state is not None:
-        conv_state.copy_(xBC[:, :, -(K - 1):])
-    return F.silu(F.conv1d(xBC, weight, bias, groups=ch)).transpose(1, 2)
-
-
-def discretise(dt: Tensor, dt_bias: Tensor, A_log: Tensor, dt_limit: tuple[float, float]) -> tuple[Tensor, Tensor]:
-    """Raw dt [..., H] -> softplus(dt + dt_bias) in fp32, and A = -exp(A_log) [H]. time_step_limit is (0, inf),
-    i.e. no clamp, unless the config says otherwise."""
-    return F.softplus(dt.float() + dt_bias.float()).clamp(*dt_limit), -torch.exp(A_log.float())
-
-
-@kernel
-def mamba_step(xBC: Tensor, dt: Tensor, conv_state: Tensor, ssm_state: Tensor, conv_weight: Tensor,
-               conv_bias: Tensor | None, dt_bias: Tensor, A_log: Tensor, D: Tensor, n_groups: int,
-               dt_limit: tuple[float, float]) -> Tensor:
-    """The decode step of one token after in_proj: xBC [B, C] and raw dt [B, H] -> y [B, H*P] fp32 (with the
-    D skip, before the gated norm). conv_state [B, C, K-1] and ssm_state [B, H, P, N] are updated in place."""
-    H, P, N = ssm_state.shape[1:]
-    xBC = causal_conv(xBC[:, None], conv_state, conv_weight, conv_bias)[:, 0]
-    x, B, C = xBC.float().split([H * P, n_groups * N, n_groups * N], dim=-1)
-    dt, A = discretise(dt, dt_bias, A_log, dt_limit)
-    x = x.unflatten(-1, (H, P))
-    y = ssd_step(ssm_state, x, dt, A, B.unflatten(-1, (n_groups, N)), C.unflatten(-1, (n_groups, N)))
-    return (y + D.float()[:, None] * x).flatten(1)
-
-
-class Mamba2Mixer(nn.Module):
-    def __init__(self, config: Config, layer_idx: int):
-        super().__init__()
-        c = config
-        self.config, self.layer_idx = c, layer_idx
-        self.in_proj = Linear(c.hidden_size, c.in_proj_dim)
-        self.conv1d = nn.Conv1d(c.conv_dim, c.conv_dim, c.conv_kernel, groups=c.conv_dim, bias=c.use_conv_bias)
-        self.conv1d.requires_grad_(False)
-        self.dt_bias = nn.Parameter(torch.empty(c.mamba_num_heads), requires_grad=False)
-        self.A_log = nn.Parameter(torch.empty(c.mamba_num_heads), requires_grad=False)
-        self.D = nn.Parameter(torch.empty(c.mamba_num_heads), requires_grad=False)
-        self.norm = RMSNorm(c.mamba_inner, c.layer_norm_epsilon)
-        self.out_proj = Linear(c.mamba_inner, c.hidden_size)
-
-    def forward(self, u: Tensor, cache: Cache | None = None) -> Tensor:  # u [B, T, D] -> [B, T, D]
-        c = self.config
-        T = u.shape[1]
-        H, P, G, N = c.mamba_num_heads, c.mamba_head_dim, c.n_groups, c.ssm_state_size
-        z, xBC, dt = self.in_proj(u).split([c.mamba_inner, c.conv_dim, H], dim=-1)
-        conv_state, ssm_state = cache.layers[self.layer_idx] if cache is not None else (None, None)
-        if ssm_state is not None and T == 1:  # decode: one fused step
-            y = mamba_step(xBC[:, 0], dt[:, 0], conv_state, ssm_state, self.conv1d.weight, self.conv1d.bias,
-                           self.dt_bias, self.A_log, self.D, G, c.time_step_limit)[:, None]
-        else:  # prefill: conv, then the chunked scan from the cached state
-            xBC = causal_conv(xBC, conv_state, self.conv1d.weight, self.conv1d.bias)
-            x, B, C = xBC.split([c.mamba_inner, G * N, G * N], dim=-1)  # in the activations' dtype
-            dt, A = discretise(dt, self.dt_bias, self.A_log, c.time_step_limit)
-            x = x.unflatten(-1, (H, P))
-            y, final_state = ssd_chunked(x, dt, A, B.unflatten(-1, (G, N)), C.unflatten(-1, (G, N)),
-                                         c.chunk_size, ssm_state)
-            if ssm_state is not None:
-                ssm_state.copy_(final_state)
-            y = (y + self.D.float()[:, None] * x.float()).flatten(2)  # the D skip connection
-        # Gated RMSNorm: gate y * silu(z) first, then normalise in G groups of H*P/G channels.
-        y = rms_norm(y, self.norm.weight, self.norm.eps, groups=G, gate=z)
-        return self.out_proj(y.to(u.dtype))
-
-
-# ----------------------------------------------------------------------------------------------------
-# 5. Attention: GQA, no positional encoding, KV cache indexed by position
-
-class Attention(nn.Module):
-    def __init__(self, config: Config, layer_idx: int):
-        super().__init__()
-        c = config
-        self.config, self.layer_idx = c, layer_idx
-        self.q_proj = Linear(c.hidden_size, c.num_attention_heads * c.head_dim)
-        self.k_proj = Linear(c.hidden_size, c.num_key_value_heads * c.head_dim)
-        self.v_proj = Linear(c.hidden_size, c.num_key_value_heads * c.head_dim)
-        self.o_proj = Linear(c.num_attention_heads * c.head_dim, c.hidden_size)
-
-    def forward(self, x: Tensor, cache: Cache | None = None) -> Tensor:  # x [B, T, D] -> [B, T, D]
-        b, T, _ = x.shape
-        hd = self.config.head_dim
-        q = self.q_proj(x).unflatten(-1, (-1, hd)).transpose(1, 2)  # [B, Hq, T, hd]
-        k = self.k_proj(x).unflatten(-1, (-1, hd)).transpose(1, 2)  # [B, Hkv, T, hd]
-        v = self.v_proj(x).unflatten(-1, (-1, hd)).transpose(1, 2)
-        start, mask = 0, None
-        if cache is not None and T == 1:
-            # Decode: write at the device-side position, attend over a window of the cache that holds it,
-            # masked. No host sync and, in a CUDA graph, a fixed window (Model.decode_graph).
-            k_cache, v_cache = cache.layers[self.layer_idx]  # [B, Hkv, max_len, hd]
-            k_cache.index_copy_(2, cache.position.view(1), k)
-            v_cache.index_copy_(2, cache.position.view(1), v)
-            window = cache.window or cache.length + 1
-            k, v = k_cache[:, :, :window], v_cache[:, :, :window]
-            mask = (torch.arange(window, device=x.device) <= cache.position)[None]  # [1, window]
-        elif cache is not None:  # prefill: write the new keys/values at their positions, attend over all so far
-            start = cache.length
-            k_cache, v_cache = cache.layers[self.layer_idx]
-            k_cache[:, :, start:start + T] = k
-            v_cache[:, :, start:start + T] = v
-            k, v = k_cache[:, :, :start + T], v_cache[:, :, :start + T]
-            # Query i sits at position start + i and sees keys 0..start + i (plain causal when start = 0).
-            if start > 0:
-                mask = torch.arange(start + T, device=x.device) <= torch.arange(start, start + T, device=x.device)[:, None]
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=T > 1 and start == 0,
-                                           scale=hd ** -0.5, enable_gqa=True)
-        return self.o_proj(o.transpose(1, 2).flatten(2))
-
-
-# ----------------------------------------------------------------------------------------------------
-# 6. MoE: sigmoid router with selection-only bias, top-k relu^2 experts grouped by expert, shared expert
-
-class MLP(nn.Module):
-    """down(relu(up(x))^2): the shared expert, and the dense FFN of '-' layers."""
-
-    def __init__(self, hidden: int, ffn: int):
-        super().__init__()
-        self.up_proj = Linear(hidden, ffn)
-        self.down_proj = Linear(ffn, hidden)
-
-    def forward(self, x: Tensor, cache: Cache | None = None) -> Tensor:
-        return self.down_proj(F.relu(self.up_proj(x)).square())
-
-
-class Router(nn.Module):
-    def __init__(self, config: Config):
-        super().__init__()
-        self.config = config
-        self.weight = nn.Parameter(torch.empty(config.n_routed_experts, config.hidden_size), requires_grad=False)
-        self.e_score_correction_bias = nn.Parameter(torch.empty(config.n_routed_experts), requires_grad=False)
-
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:  # x [n, D] -> weights [n, k] fp32, experts [n, k]
-        c = self.config
-        scores = torch.sigmoid(F.linear(x.float(), self.weight.float()))  # [n, E]
-        choice = scores + self.e_score_correction_bias.float()  # the bias chooses experts, nothing more
-        if c.n_group > 1:  # group-limited routing: keep the topk_group groups with the best top-2 sums
-            groups = choice.unflatten(-1, (c.n_group, -1))
-            best = groups.topk(2, dim=-1).values.sum(-1).topk(c.topk_group, dim=-1).indices
-            keep = torch.zeros_like(groups[..., 0], dtype=torch.bool).scatter_(1, best, True)
-            choice = groups.masked_fill(~keep[..., None], -math.inf).flatten(1)
-        experts = choice.topk(c.num_experts_per_tok, dim=-1).indices
-        weights = scores.gather(1, experts)
-        if c.norm_topk_prob:
-            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
-        return weights * c.routed_scaling_factor, experts
-
-
-@kernel
-def moe_experts(x: Tensor, weights: Tensor, experts: Tensor, up_weight: Tensor, up_scale: Tensor | None,
-                down_weight: Tensor, down_scale: Tensor | None) -> Tensor:
-    """x [n, D], routing weights [n, k] fp32, chosen experts [n, k] -> sum_j weights_j down_j(relu(up_j(x))^2)
-    [n, D], with stacked up_weight [E, F, D], down_weight [E, D, F] and FP8 scales [E] (or None)."""
-    # Group the n*k (token, expert) pairs by expert, run each expert once on its tokens, scatter back.
-    order = experts.flatten().argsort(stable=True)
-    tokens, pair_weights = order // experts.shape[1], weights.flatten()[order]
-    counts = torch.bincount(experts.flatten(), minlength=up_weight.shape[0]).tolist()  # a host sync: fine here
-    out = torch.zeros_like(x, dtype=torch.float32)
-    for e, (idx, w) in enumerate(zip(tokens.split(counts), pair_weights.split(counts))):
-        if len(idx):
-            h = F.relu(linear(x[idx], up_weight[e], None if up_scale is None else up_scale[e])).square()
-            out.index_add_(0, idx, linear(h, down_weight[e], None if down_scale is None else down_scale[e]).float() * w[:, None])
-    return out.to(x.dtype)
-
-
-class Experts(nn.Module):
-    """All routed experts, stacked at load time: up_proj.weight [E, F, D], down_proj.weight [E, D, F]."""
-
-    def __init__(self, config: Config):
-        super().__init__()
-        E, D, Fe = config.n_routed_experts, config.hidden_size, config.moe_intermediate_size
-        self.up_proj = Linear(D, Fe, experts=E)
-        self.down_proj = Linear(Fe, D, experts=E)
-
-    def forward(self, x: Tensor, weights: Tensor, experts: Tensor) -> Tensor:  # x [n, D] -> [n, D]
-        up, down = self.up_proj, self.down_proj
-        return moe_experts(x, weights, experts, up.weight, up.weight_scale, down.weight, down.weight_scale)
-
-
-class MoE(nn.Module):
-    def __init__(self, config: Config):
-        super().__init__()
-        self.gate = Router(config)
-        self.experts = Experts(config)
-        self.shared_experts = MLP(config.hidden_size, config.moe_shared_expert_intermediate_size)
-
-    def forward(self, x: Tensor, cache: Cache | None = None) -> Tensor:  # x [B, T, D] -> [B, T, D]
-        flat = x.flatten(0, 1)
-        weights, experts = self.gate(flat)
-        return self.experts(flat, weights, experts).view_as(x) + self.shared_experts(x)
-
-
-# ----------------------------------------------------------------------------------------------------
-# 7. Cache and model
-
-class Cache:
-    """Preallocated decode state for every layer, the same shapes at every nested size:
-    attention: K and V [B, Hkv, max_len, hd] (compute dtype); Mamba: conv [B, C, K-1], SSM [B, H, P, N] fp32.
-    `length` tokens are in it (and in `position`, on the device, for the graph-captured decode step);
-    a model call with the cache continues from there."""
-
-    def __init__(self, config: Config, batch_size: int, max_len: int, device, dtype):
-        c = config
-        self.batch_size, self.max_len, self.length = batch_size, max_len, 0
-        self.position = torch.zeros((), dtype=torch.int64, device=device)
-        self.window = None  # KV positions a decoded token attends over: length + 1, or fixed in a CUDA graph
-        self.graphs = {}  # size -> the CUDA-graph decode step on this cache's tensors (Model.decode_graph)
-        self.interrupted = False  # set while a step is half-written (Ctrl-C), see Model.forward
-        self.kinds = c.layers_block_type
-        self.layers = []
-        for kind in c.layers_block_type:
-            if kind == "attention":
-                kv = (batch_size, c.num_key_value_heads, max_len, c.head_dim)
-                self.layers.append((torch.zeros(kv, device=device, dtype=dtype),
-                                    torch.zeros(kv, device=device, dtype=dtype)))
-            elif kind == "mamba":
-                self.layers.append((
-                    torch.zeros(batch_size, c.conv_dim, c.conv_kernel - 1, device=device, dtype=dtype),
-                    torch.zeros(batch_size, c.mamba_num_heads, c.mamba_head_dim, c.ssm_state_size,
-                                device=device, dtype=torch.float32)))
-            else:
-                self.layers.append(None)
-
-    def reset(self) -> None:
-        """Empty the cache (keeping its memory): what a re-prefill starts from."""
-        for state in self.layers:
-            for t in state or ():
-                t.zero_()
-        self.position.zero_()
-        self.length, self.interrupted = 0, False
-
-    def begin(self, batch_size: int, new_tokens: int) -> None:
-        """Check that a step of `new_tokens` per row fits, and mark the cache as mid-step until end()."""
-        if self.interrupted:
-            raise NanoElasticError("this cache was interrupted in the middle of a step: reset it and prefill again")
-        if batch_size != self.batch_size:
-            raise NanoElasticError(f"batch size {batch_size} != the cache's {self.batch_size}")
-        if self.length + new_tokens > self.max_len:
-            raise NanoElasticError(f"cache overflow: {self.length} cached + {new_tokens} new tokens > max_len {self.max_len}")
-        self.interrupted = True
-
-    def end(self, new_tokens: int) -> None:
-        self.length += new_tokens
-        self.interrupted = False
-
-    def snapshot(self) -> tuple[int, list]:
-        """A copy of the state after the first `length` tokens: KV up to there, conv and SSM states (small).
-        Mamba states cannot be rewound, so this is how to go back to a prefix (chat.py, per turn)."""
-        n = self.length
-        return n, [None if state is None else tuple(t[:, :, :n].clone() if kind == "attention" else t.clone()
-                                                    for t in state) for kind, state in zip(self.kinds, self.layers)]
-
-    def restore(self, snapshot: tuple[int, list]) -> None:
-        n, states = snapshot
-        for kind, saved, state in zip(self.kinds, states, self.layers):
-            for copy, t in zip(saved or (), state or ()):
-                (t[:, :, :n] if kind == "attention" else t).copy_(copy)
-        self.position.fill_(n)
-        self.length, self.interrupted = n, False
-
-
-def _with_views(module: nn.Module, prefix: str, d: int, f: int, config: Config) -> nn.Module:
-    """A shallow copy of `module` and its children whose parameters are nested_view()s of the originals:
-    the module code runs unchanged and reads only the nested prefix of every weight."""
-    clone = copy.copy(module)
-    clone._parameters = {n: p if p is None else nested_view(prefix + n, p, d, f) for n, p in module._parameters.items()}
-    clone._buffers = dict(module._buffers)
-    clone._modules = {n: _with_views(m, f"{prefix}{n}.", d, f, config) for n, m in module._modules.items()}
-    if hasattr(clone, "config"):
-        clone.config = config
-    if isinstance(clone, nn.Embedding):  # its repr reads this attribute
-        clone.embedding_dim = clone.weight.shape[1]
-    if isinstance(clone, Model):
-        clone._nested = {}
-    return clone
-
-
-MIXERS = {"mamba": Mamba2Mixer, "attention": Attention, "moe": lambda c, i: MoE(c),
-          "mlp": lambda c, i: MLP(c.hidden_size, c.intermediate_size)}
-
-
-class Block(nn.Module):
-    """h = h + mixer(norm(h)); Model.run does the add together with the next block's norm (add_rms_norm)."""
-
-    def __init__(self, config: Config, layer_idx: int):
-        super().__init__()
-        self.norm = RMSNorm(config.hidden_size, config.layer_norm_epsilon)
-        self.mixer = MIXERS[config.layers_block_type[layer_idx]](config, layer_idx)
-
-
-class Backbone(nn.Module):
-    def __init__(self, config: Config):
-        super().__init__()
-        self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size).requires_grad_(False)
-        self.layers = nn.ModuleList(Block(config, i) for i in range(len(config.layers_block_type)))
-        self.norm_f = RMSNorm(config.hidden_size, config.layer_norm_epsilon)
-
-
-class Model(nn.Module):
-    """Nemotron 3 Nano Elastic: embeddings, the hybrid layers of config.layers_block_type, a final norm and
-    the LM head. Every size of the checkpoint is this one module tree:
-
-        model = Model.from_pretrained(folder)     # or Model.from_random(config)
-        logits = model(tokens, size="23B")        # tokens [B, T] -> fp32 logits [B, T, V]
-        small = model.nested("12B")               # the same weights as prefix views, no copy
-        cache = model.new_cache(1, 4096)          # one cache for every size: prefill, decode_step
-        for token in generate(model, prompt_ids, 100, size="23B", switch=Switch("30B", after=50)): ...
-
-    Sizes are '30B', '23B', '12B' (any case) or 'HIDDENxFFN' prefixes; None is the checkpoint's own."""
-
-    def __init__(self, config: Config):
-        super().__init__()
-        self.config = config
-        self.backbone = Backbone(config)
-        self.lm_head = Linear(config.hidden_size, config.vocab_size)
-        self._nested = {}  # (d, f) -> this module tree with prefix views of every tensor
-
-    def extra_repr(self) -> str:
-        return f"size {self.config.hidden_size}x{self.config.moe_intermediate_size} (hidden x expert FFN)"
-
-    # -- nested sizes ------------------------------------------------------------------------------
-
-    def nested(self, size: str | None) -> "Model":
-        """This model at a nested size: the same module tree, every tensor a prefix view (NESTED_AXES)."""
-        d, f = parse_size(size, self.config)
-        if (d, f) == (self.config.hidden_size, self.config.moe_intermediate_size):
-            return self
-        if (d, f) not in self._nested:
-            self._nested[(d, f)] = _with_views(self, "", d, f, self.config.sliced(d, f))
-        return self._nested[(d, f)]
-
-    def _apply(self, fn, recurse=True):  # .to() / .cuda() make new tensors: forget views of the old ones
-        self._nested = {}
-        return super()._apply(fn, recurse)
-
-    # -- running -------------------------------------------------------------------------------------
-
-    def new_cache(self, batch_size: int, max_len: int) -> Cache:
-        """An empty Cache for `batch_size` sequences of up to `max_len` tokens, on the model's device.
-        It serves every nested size, so a generation can change size and keep it."""
-        if batch_size < 1 or max_len < 1:
-            raise NanoElasticError(f"new_cache needs batch_size >= 1 and max_len >= 1, got {batch_size}, {max_len}")
-        if max_len > self.config.max_position_embeddings:
-            raise NanoElasticError(f"max_len {max_len} > max_position_embeddings {self.config.max_position_embeddings}")
-        w = self.lm_head.weight
-        dtype = self.backbone.embeddings.weight.dtype
-        return Cache(self.config, batch_size, max_len, w.device, dtype)
-
-    @torch.no_grad()
-    def forward(self, tokens: Tensor, cache: Cache | None = None, size: str | None = None,
-                last_only: bool = False) -> Tensor:
-        """tokens [B, T] -> fp32 logits [B, T, V] ([B, 1, V] with last_only), at nested `size`."""
-        model = self.nested(size)
-        V = self.config.vocab_size
-        if not isinstance(tokens, Tensor) or tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
-            raise NanoElasticError("tokens must be an integer tensor of shape [batch, seq_len]")
-        if tokens.numel() == 0:
-            raise NanoElasticError(f"tokens of shape {list(tokens.shape)}: need at least one token per row")
-        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= V):
-            raise NanoElasticError(f"token id out of range: {int(tokens.min())}..{int(tokens.max())} not in 0..{V - 1}")
-        if cache is not None:
-            cache.begin(*tokens.shape)
-        logits = model.run(tokens.to(model.lm_head.weight.device), cache, last_only)
-        if cache is not None:
-            cache.end(tokens.shape[1])
-        return logits
-
-    def prefill(self, tokens: Tensor, cache: Cache, size: str | None = None, chunk: int = 8192) -> Tensor:
-        """Feed tokens [B, T] into `cache` in pieces of `chunk` tokens (bounded activation memory)
-        -> fp32 logits [B, V] of the last token."""
-        if tokens.shape[-1] == 0:
-            raise NanoElasticError("nothing to prefill: no new tokens")
-        if chunk < 1:
-            raise NanoElasticError(f"prefill chunk must be >= 1, got {chunk}")
-        for i in range(0, tokens.shape[1], chunk):
-            logits = self(tokens[:, i:i + chunk], cache, size, last_only=True)
-        return logits[:, -1]
-
-    def decode_step(self, cache: Cache, size: str | None = None):
-        """The decode step: step(tokens [B, 1]) -> fp32 logits [B, V]. On a GPU with the kernels, the CUDA
-        graphs of decode_graph(); elsewhere forward()."""
-        if cache.position.is_cuda and use_kernels(cache.position):
-            return self.decode_graph(cache, size)
-        return lambda tokens: self(tokens, cache, size, last_only=True)[:, -1]
-
-    @torch.no_grad()
-    def run(self, tokens: Tensor, cache: Cache | None = None, last_only: bool = False) -> Tensor:
-        """The network itself, without forward()'s checks and host-side bookkeeping (cache.length).
-        With one new token per row and a cache, nothing in it waits for the host."""
-        h, update = self.backbone.embeddings.weight[tokens], None  # [B, T, d], no positions
-        for layer in self.backbone.layers:  # h = h + mixer(norm(h)), the add fused with the next norm
-            x, h = add_rms_norm(h, update, layer.norm.weight, layer.norm.eps)
-            update = layer.mixer(x, cache)
-        if last_only:
-            h, update = h[:, -1:], update[:, -1:]
-        x, _ = add_rms_norm(h, update, self.backbone.norm_f.weight, self.backbone.norm_f.eps)
-        logits = self.lm_head(x).float()
-        if cache is not None:
-            cache.position += tokens.shape[1]
-        return logits
-
-    def decode_graph(self, cache: Cache, size: str | None = None):
-        """The decode step at `size` on `cache` as CUDA graphs: step(tokens [B, 1]) -> fp32 logits [B, V]
-        (a static buffer that the next step overwrites). One graph launch per token instead of hundreds of
-        kernel launches. A graph attends over a fixed window of the KV cache, so there is one per window
-        (powers of two from 256 up to max_len), each captured the first time the cache reaches it.
-        Needs the Triton kernels: the torch MoE reference syncs with the host."""
-        key = parse_size(size, self.config)
-        if key in cache.graphs:
-            return cache.graphs[key]
-        model, graphs = self.nested(size), {}  # window -> (graph, static tokens, static logits)
-        pool = torch.cuda.graph_pool_handle()  # the graphs of one size share their memory
-
-        def capture(window: int):
-            tokens = torch.zeros(cache.batch_size, 1, dtype=torch.int64, device=cache.position.device)
-            # Warm up (Triton compiles, SDPA picks its kernel) on a scratch cache: the real one must not change.
-            scratch = self.new_cache(cache.batch_size, cache.max_len)
-            scratch.window = window
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                for _ in range(2):
-                    model.run(tokens, scratch)
-            torch.cuda.current_stream().wait_stream(stream)
-            del scratch
-            graph = torch.cuda.CUDAGraph()
-            cache.window = window
-            try:
-                with torch.cuda.graph(graph, pool=pool):  # records the kernels on cache's tensors; runs nothing
-                    logits = model.run(tokens, cache)[:, -1]
-            finally:
-                cache.window = None
-            return graph, tokens, logits
-
-        def step(new_tokens: Tensor) -> Tensor:
-            cache.begin(*new_tokens.shape)
-            window = min(cache.max_len, max(256, 1 << cache.length.bit_length()))  # > length
-            if window not in graphs:
-                graphs[window] = capture(window)  # on a scratch cache and then recorded: cache is unchanged
-            graph, tokens, logits = graphs[window]
-            tokens.copy_(new_tokens)
-            graph.replay()
-            cache.end(1)
-            return logits
-
-        cache.graphs[key] = step
-        return step
-
-    # -- loading -------------------------------------------------------------------------------------
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None,
-                        dtype: torch.dtype | None = None, verbose: bool = True) -> "Model":
-        """Load an HF-format checkpoint folder: FP8 or BF16, sharded or not.
-        dtype is the compute dtype (bfloat16 by default; float32 for exact tests). FP8 weights stay FP8."""
-        path = Path(path)
-        if not path.is_dir():
-            raise NanoElasticError(f"checkpoint folder not found: {path}")
-        config = Config.from_file(path / "config.json")
-        device = resolve_device(device)
-        with torch.device("meta"):
-            model = cls(config)
-        _load_checkpoint(model, path, device, dtype or torch.bfloat16, verbose)
-        return model
-
-    @classmethod
-    def from_random(cls, config: Config, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
-                    fp8: bool = True, seed: int = 0) -> "Model":
-        """A model of `config` with the random weights of write_random_checkpoint() (FP8 recipe or all BF16),
-        made directly on `device`, no disk: what bench.py measures the real 52-layer shapes with."""
-        device = resolve_device(device)
-        with torch.device("meta"):
-            model = cls(config)
-        stacks = {}
-        for name, t in random_checkpoint_tensors(config, fp8, seed, device):
-            _place(model, stacks, name, *_model_tensor(name), t, dtype or torch.bfloat16)
-        return model
-
-    # -- sizes ---------------------------------------------------------------------------------------
-
-    def num_params(self, size: str | None = None) -> tuple[int, int]:
-        """(total, active per token) parameters at `size`; active counts k of the E routed experts."""
-        model, c = self.nested(size), self.config
-        total = sum(p.numel() for p in model.parameters())
-        idle = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n and "shared" not in n)
-        return total, total - idle + idle * c.num_experts_per_tok // c.n_routed_experts
-
-
-# ----------------------------------------------------------------------------------------------------
-# 8. Checkpoint I/O: HF safetensors shards + index, per-expert tensors, FP8 scales
-
-EXPERT_TENSOR = re.compile(r"(.*\.experts)\.(\d+)\.(up_proj|down_proj)\.(weight|weight_scale|input_scale)")
-FP32_TENSORS = ("gate.weight", "e_score_correction_bias", "A_log", ".D", "dt_bias")  # kept fp32: tiny, used in fp32
-IGNORED_TENSORS = re.compile(r"mtp\..*|.*\.(k_proj\.k_scale|v_proj\.v_scale)")  # MTP head; FP8-KV scales (our KV is not FP8)
-
-
-def _weight_map(path: Path) -> dict[str, Path]:
-    """tensor name -> shard file, from model.safetensors.index.json (or a single model.safetensors)."""
-    from safetensors import safe_open
-
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            names = json.loads(index.read_bytes().decode())["weight_map"]
-            weight_map = {name: path / shard for name, shard in names.items()}
-        except (ValueError, KeyError, TypeError, AttributeError) as e:  # not JSON, not UTF-8, wrong layout
-            raise NanoElasticError(f"{index} is not a valid safetensors index ({type(e).__name__}: {e})"
-                                   [:300]) from None
-    elif (path / "model.safetensors").is_file():
-        with safe_open(path / "model.safetensors", "pt") as f:
-            weight_map = {name: path / "model.safetensors" for name in f.keys()}
-    else:
-        raise NanoElasticError(f"no model.safetensors.index.json or model.safetensors in {path}")
-    for shard in sorted(set(weight_map.values())):
-        if not shard.is_file():
-            raise NanoElasticError(f"missing shard: {shard} (named in the index)")
-    return weight_map
-
-
-class CheckedCheckpoint(NamedTuple):
-    weight_map: dict[str, Path]  # every tensor name in the checkpoint -> its shard (IGNORED_TENSORS too)
-    plan: dict[str, tuple[str, int | None]]  # every other name -> (model tensor, expert index or None)
-    total_bytes: int  # of the planned tensors
-
-
-def _model_tensor(name: str) -> tuple[str, int | None]:
-    """Checkpoint name -> (the model's tensor, expert index): per-expert tensors go into stacked ones."""
-    m = EXPERT_TENSOR.fullmatch(name)
-    return (f"{m[1]}.{m[3]}.{m[4]}", int(m[2])) if m else (name, None)
-
-
-def checked_scale(name: str, t: Tensor) -> Tensor:
-    """An FP8 scale as an fp32 scalar, refused unless finite and > 0 (else every logit becomes NaN)."""
-    t = t.float().reshape(())
-    if not (torch.isfinite(t) and t > 0):
-        raise NanoElasticError(f"{name} is {t.item()}: an FP8 scale must be finite and > 0")
-    return t
-
-
-def _place(model: Model, stacks: dict, name: str, target: str, expert: int | None, t: Tensor,
-           dtype: torch.dtype) -> None:
-    """Put one checkpoint tensor (already on its device) into a meta-device model: FP8 weights stay FP8,
-    scales become fp32 scalars, FP32_TENSORS fp32, the rest `dtype`; experts fill stacked [E, ...] tensors."""
-    owner, _, leaf = target.rpartition(".")
-    if leaf in ("weight_scale", "input_scale"):
-        t = checked_scale(name, t)
-    elif t.dtype != torch.float8_e4m3fn:
-        t = t.to(torch.float32 if target.endswith(FP32_TENSORS) else dtype)
-    if expert is not None:
-        if target not in stacks:
-            stacks[target] = torch.empty((model.config.n_routed_experts, *t.shape), dtype=t.dtype, device=t.device)
-        stacks[target][expert] = t
-        t = stacks[target]
-    assign_tensor(model, target, t)
-
-
-def assign_tensor(model: nn.Module, name: str, t: Tensor) -> None:
-    """Make `t` the parameter or buffer `name` of `model` (e.g. in place of a meta tensor)."""
-    owner, _, leaf = name.rpartition(".")
-    module = model.get_submodule(owner)
-    if leaf in module._parameters:
-        module._parameters[leaf] = nn.Parameter(t, requires_grad=False)
-    else:
-        module._buffers[leaf] = t
-
-
-def check_checkpoint(model: Model, path: Path) -> CheckedCheckpoint:
-    """Check a checkpoint folder against a (meta-device) model of its config from the index and the shard
-    headers alone, reading no tensor data: every tensor present, none unexpected, every shape, every FP8
-    weight paired with its weight_scale. Used by from_pretrained and by slice.py before either writes."""
-    from safetensors import SafetensorError, safe_open
-
-    weight_map = _weight_map(path)
-    params = dict(model.named_parameters())
-    linears = {name: m for name, m in model.named_modules() if isinstance(m, Linear)}
-    E = model.config.n_routed_experts
-
-    # 1. Map every checkpoint tensor to (target tensor of the model, expert index or None).
-    plan, unexpected = {}, []
-    for name in weight_map:
-        if IGNORED_TENSORS.fullmatch(name):
-            continue
-        target, expert = _model_tensor(name)
-        owner, _, leaf = target.rpartition(".")
-        known = target in params or (owner in linears and leaf in ("weight_scale", "input_scale"))
-        stacked = ".experts." in target  # routed experts are stacked; "shared_experts." does not match
-        if known and stacked == (expert is not None) and (expert or 0) < E:
-            plan[name] = (target, expert)
-        else:
-            unexpected.append(name)
-    if unexpected:
-        more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
-        raise NanoElasticError(f"unexpected tensor in checkpoint: {unexpected[0]}{more}")
-    found = set(plan.values())
-    for target in params:
-        stacked = ".experts." in target
-        for e in range(E) if stacked else [None]:
-            if (target, e) not in found:
-                missing = target.replace(".experts.", f".experts.{e}.") if stacked else target
-                raise NanoElasticError(f"missing tensor in checkpoint: {missing}")
-    fp8 = {target.rpartition(".")[0] for target, _ in found if target.endswith(".weight_scale")}
-    for owner in fp8:  # a stacked FP8 Linear needs a scale for every expert
-        if ".experts." in owner and any((f"{owner}.weight_scale", e) not in found for e in range(E)):
-            raise NanoElasticError(f"{owner}: some experts have a weight_scale and some do not")
-
-    # 2. Check shapes and dtypes from the headers (nothing is read yet).
-    by_shard = {}
-    for name, (target, expert) in plan.items():
-        by_shard.setdefault(weight_map[name], []).append(name)
-    total_bytes = 0
-    for shard, names in by_shard.items():
-        try:
-            open(shard, "rb").close()  # the true cause (permission denied...) before safetensors' own message
-            header = safe_open(shard, "pt")
-        except OSError as e:
-            raise NanoElasticError(f"cannot read {shard}: {e.strerror}") from None
-        except SafetensorError as e:  # a truncated download, a file that is not safetensors
-            raise NanoElasticError(f"{shard} is not a valid safetensors file ({e})") from None
-        with header as f:
-            in_shard = set(f.keys())
-            for name in names:
-                if name not in in_shard:
-                    raise NanoElasticError(f"{name} is not in {shard.name}, the shard the index names for it")
-                target, expert = plan[name]
-                owner, _, leaf = target.rpartition(".")
-                sl = f.get_slice(name)
-                shape, st_dtype = list(sl.get_shape()), sl.get_dtype()
-                if leaf in ("weight_scale", "input_scale"):
-                    expected = "a scalar"
-                    ok = math.prod(shape) == 1
-                else:
-                    want = list(params[target].shape[1:] if expert is not None else params[target].shape)
-                    expected, ok = want, shape == want
-                if not ok:
-                    raise NanoElasticError(f"wrong shape for {name}: {shape}, expected {expected}")
-                if owner in fp8 and leaf == "weight" and st_dtype != "F8_E4M3":
-                    raise NanoElasticError(f"{name} has a weight_scale but is {st_dtype}, not F8_E4M3")
-                if owner not in fp8 and st_dtype.startswith("F8"):
-                    raise NanoElasticError(f"{name} is FP8 but has no weight_scale")
-                allowed = ("F32",) if leaf in ("weight_scale", "input_scale") else ("F8_E4M3", "BF16", "F32")
-                if st_dtype not in allowed:
-                    raise NanoElasticError(f"{name} is {st_dtype}: the format stores it as {' or '.join(allowed)}")
-                total_bytes += math.prod(shape) * SAFETENSORS_DTYPES.get(st_dtype, torch.float32).itemsize
-    return CheckedCheckpoint(weight_map, plan, total_bytes)
-
-
-def _load_checkpoint(model: Model, path: Path, device: torch.device, dtype: torch.dtype, verbose: bool) -> None:
-    """Fill a meta-device model from the checkpoint, one shard and one tensor at a time, straight to
-    `device`. Every name, shape and FP8 pairing is checked from the shard headers before anything loads."""
-    from safetensors import safe_open
-
-    weight_map, plan, total_bytes = check_checkpoint(model, path)
-    by_shard = {}
-    for name in plan:
-        by_shard.setdefault(weight_map[name], []).append(name)
-
-    # Load shard by shard, tensor by tensor, straight to the device.
-    stacks = {}  # stacked expert tensors being filled
-    done_tensors, done_bytes, t0, last_print = 0, 0, time.time(), 0.0
-    for shard, names in sorted(by_shard.items()):
-        with safe_open(shard, "pt", device=str(device)) as f:
-            for name in names:
-                t = f.get_tensor(name)
-                done_bytes += t.numel() * t.element_size()
-                _place(model, stacks, name, *plan[name], t, dtype)
-                done_tensors += 1
-                if verbose and sys.stderr.isatty() and time.time() - last_print > 0.25:
-                    last_print = time.time()
-                    print(f"\rloading {path.name}: {done_tensors}/{len(plan)} tensors, "
-                          f"{done_bytes / 1e9:.2f}/{total_bytes / 1e9:.2f} GB", end="", file=sys.stderr, flush=True)
-    if verbose:
-        print(f"\rloaded {path.name}: {done_tensors} tensors, {done_bytes / 1e9:.2f} GB in {time.time() - t0:.1f} s",
-              file=sys.stderr)
-
-
-SAFETENSORS_DTYPES = {"F8_E4M3": torch.float8_e4m3fn, "BF16": torch.bfloat16, "F16": torch.float16,
-                      "F32": torch.float32, "F64": torch.float64, "I64": torch.int64, "I32": torch.int32}
-
+# --------------------------------------------------------------------------------------------------
+# 10. The layer pattern, as config.json spells it (checkpoint.py checks the rest of config.json)
+
+LAYER_TYPES = {  # every spelling seen in config.json -> the name used here
+    "M": "mamba", "mamba": "mamba", "linear_attention": "mamba",
+    "*": "attention", "attention": "attention", "full_attention": "attention",
+    "E": "moe", "moe": "moe",
+    "-": "mlp", "mlp": "mlp",
+}
+PATTERN_LETTERS = {"mamba": "M", "attention": "*", "moe": "E", "mlp": "-"}
+# the real model has 52; a bigger pattern is a broken config, refused before allocating
+MAX_LAYERS = 1000
+
+
+def layer_kinds(layers) -> list[str]:
+    """hybrid_override_pattern ('MEM*E...') or layers_block_type (names) -> mixer names."""
+    if not isinstance(layers, (str, list)) or not all(isinstance(t, str) for t in layers):
+        raise NanoElasticError("config: the layer pattern must be a string or a list of layer type "
+                               "names")
+    unknown = sorted({t for t in layers if t not in LAYER_TYPES})
+    if unknown:
+        raise NanoElasticError(f"config: unknown layer types {unknown}")
+    if not 1 <= len(layers) <= MAX_LAYERS:
+        raise NanoElasticError(f"config: {len(layers)} layers, expected 1 to {MAX_LAYERS}")
+    return [LAYER_TYPES[t] for t in layers]
+
+
+# --------------------------------------------------------------------------------------------------
+# 11. FP8 and devices (checkpoint.py reads the files: names, shapes, FP8 scales, shards)
 
 def fp8_quantize(w: Tensor) -> tuple[Tensor, Tensor]:
     """Per-tensor FP8 as ModelOpt does it: scale = amax / 448, w_q = e4m3(w / scale)."""
@@ -1160,141 +959,36 @@ def fp8_quantize(w: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def fp8_recipe(config: Config) -> set[str]:
-    """Which Linears the FP8 release quantizes (inferred from its tensors): all routed and shared experts, and the
-    in/out_proj of every Mamba layer that does not sit right before an attention layer."""
+    """Which Linears the FP8 release quantizes (inferred from its tensors): all routed and shared
+    experts, and the in/out_proj of every Mamba layer that does not sit right before an attention
+    layer."""
     kinds = config.layers_block_type
     names = set()
     for i, kind in enumerate(kinds):
         p = f"backbone.layers.{i}.mixer"
         if kind == "moe":
             names |= {f"{p}.shared_experts.up_proj", f"{p}.shared_experts.down_proj"}
-            names |= {f"{p}.experts.{j}.{w}" for j in range(config.n_routed_experts) for w in ("up_proj", "down_proj")}
+            for j in range(config.n_routed_experts):
+                names |= {f"{p}.experts.{j}.up_proj", f"{p}.experts.{j}.down_proj"}
         elif kind == "mamba" and (i + 1 == len(kinds) or kinds[i + 1] != "attention"):
             names |= {f"{p}.in_proj", f"{p}.out_proj"}
     return names
 
 
-def random_checkpoint_tensors(config: Config, fp8: bool = True, seed: int = 0,
-                              device: str | torch.device = "cpu") -> Iterator[tuple[str, Tensor]]:
-    """Random tensors of `config` under their checkpoint names and dtypes (FP8 recipe or all BF16),
-    scaled so that activations stay O(1) through the layers, one tensor at a time, made on `device`."""
-    with torch.device("meta"):
-        shapes = Model(config)
-    g = torch.Generator(device).manual_seed(seed)
-    quantized = fp8_recipe(config) if fp8 else set()
-    n_layers = len(config.layers_block_type)
-
-    def randn(*shape, std=1.0):
-        return torch.randn(*shape, generator=g, device=g.device) * std
-
-    def rand(shape=()):
-        return torch.rand(shape, generator=g, device=g.device)
-
-    for name, p in shapes.named_parameters():
-        owner, _, leaf = name.rpartition(".")
-        if ".experts." in name:  # stacked experts [E, out, in] are stored one tensor per expert
-            experts, proj = owner.rsplit(".", 1)
-            per_tensor = [(f"{experts}.{j}.{proj}", p.shape[1:]) for j in range(p.shape[0])]
-        else:
-            per_tensor = [(owner, p.shape)]
-        for owner, shape in per_tensor:
-            full = f"{owner}.{leaf}"
-            if leaf == "A_log":
-                t = torch.log(rand(shape) * 15 + 1)
-            elif leaf == "dt_bias":  # softplus(dt_bias) log-uniform in [1e-3, 1e-1]
-                dt = torch.exp(rand(shape) * math.log(100) + math.log(1e-3))
-                t = dt + torch.log(-torch.expm1(-dt))
-            elif leaf == "D" or full.endswith("norm.weight") or full.endswith("norm_f.weight"):
-                t = 1 + randn(*shape, std=0.1)
-            elif leaf == "e_score_correction_bias":
-                t = rand(shape) * 0.1
-            elif leaf == "bias":  # conv1d
-                t = randn(*shape, std=0.1)
-            elif "embeddings" in full:
-                t = randn(*shape)
-            elif "conv1d" in full:
-                t = randn(*shape, std=0.5)
-            else:  # projections: std 1/sqrt(fan_in), and 1/sqrt(layers) more for those that write the residual
-                std = shape[-1] ** -0.5
-                if owner.endswith(("out_proj", "o_proj", "down_proj")):
-                    std /= math.sqrt(n_layers)
-                if owner == "lm_head":
-                    std *= 4  # peaked logits: greedy decoding is not a coin toss between near-ties
-                t = randn(*shape, std=std)
-            if owner in quantized and leaf == "weight":
-                q, scale = fp8_quantize(t)
-                yield full, q
-                yield f"{owner}.weight_scale", scale.reshape(())
-                yield f"{owner}.input_scale", rand() * 0.05 + 0.01
-            else:
-                yield full, t.float() if full.endswith(FP32_TENSORS) else t.to(torch.bfloat16)
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """`device`, or cuda when there is one, else cpu; cuda on a machine without one is an error."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise NanoElasticError(f"device {device} asked for, but torch sees no CUDA GPU here "
+                               f"(use --device cpu)")
+    return device
 
 
-def write_random_checkpoint(path: str | Path, config: Config, fp8: bool = True, shards: int = 2, seed: int = 0,
-                            extra_files=None) -> Path:
-    """Write a random checkpoint of `config` in the exact on-disk format of the real one:
-    config.json, generation_config.json, `shards` safetensors shards and their index. Streams: about one
-    shard in memory. Written into a temporary folder renamed at the end: an interruption or a full disk
-    leaves nothing, and a folder that appears at `path` meanwhile (another run) is refused, left as it is.
-    extra_files(folder), if given, adds files (a tokenizer) before the rename."""
-    import shutil
-    import tempfile
-    from safetensors import SafetensorError
-    from safetensors.torch import save_file
+# --------------------------------------------------------------------------------------------------
+# 12. Sampling and generation: prefill, decode, sample, and change size mid-stream
 
-    path = Path(path)
-    if path.exists():
-        raise NanoElasticError(f"{path} already exists")
-    with torch.device("meta"):
-        approx_bytes = sum(p.numel() for p in Model(config).parameters()) * (1 if fp8 else 2)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))  # a name of its own, per run
-    try:
-        shard_of, files, pending, total = {}, [], {}, 0
+STOP_TOKENS = (2, 11)  # </s> and <|im_end|> of the release's tokenizer (its generation_config.json)
 
-        def flush():
-            files.append(tmp / f"part-{len(files)}")
-            try:
-                save_file(pending, files[-1], metadata={"format": "pt"})
-            except SafetensorError as e:  # a full disk, as the Rust side words it
-                raise NanoElasticError(f"cannot write {path}: {e}") from None
-            shard_of.update(dict.fromkeys(pending, len(files) - 1))
-            pending.clear()
-
-        for name, t in random_checkpoint_tensors(config, fp8, seed):
-            pending[name] = t.contiguous()
-            total += t.numel() * t.element_size()
-            if total >= approx_bytes / shards * (len(files) + 1) and len(files) < shards - 1:
-                flush()
-        flush()
-        names = [f"model-{k:05d}-of-{len(files):05d}.safetensors" for k in range(1, len(files) + 1)]
-        for file, name in zip(files, names):
-            file.rename(tmp / name)
-        index = {"metadata": {"total_size": total}, "weight_map": {n: names[k] for n, k in shard_of.items()}}
-        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-        (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
-        (tmp / "generation_config.json").write_text(json.dumps(
-            {"bos_token_id": config.bos_token_id, "eos_token_id": [2, 11], "pad_token_id": config.pad_token_id}))
-        if fp8:
-            (tmp / "hf_quant_config.json").write_text(json.dumps(
-                {"producer": {"name": "nanoelastic (random)"}, "quantization": {"quant_algo": "FP8"}}))
-        if extra_files:
-            extra_files(tmp)
-        try:
-            if os.path.lexists(path):  # rename() would replace an empty folder
-                raise FileExistsError(errno.EEXIST, "exists")
-            tmp.rename(path)
-        except OSError as e:
-            if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
-                raise
-            raise NanoElasticError(f"{path} appeared while it was written (another run?): left as it is") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return path
-
-
-# ----------------------------------------------------------------------------------------------------
-# 9. Generation: prefill, decode, sample, and change size mid-stream
 
 class Token(NamedTuple):
     """One generated token: its id and the nested size that wrote it."""
@@ -1304,10 +998,11 @@ class Token(NamedTuple):
 
 @dataclass
 class Switch:
-    """Change size during a generation: right after `on_token` appears (e.g. </think>), or once `after`
-    new tokens are out (a thinking budget; then `on_token`, if set, is forced first, closing the thought).
-    mode "transplant" keeps the caches the old size filled (free, approximate); "reprefill" rebuilds them
-    with the new size from all tokens so far (exact, costs one prefill)."""
+    """Change size during a generation: right after `on_token` appears (e.g. </think>), or once
+    `after` new tokens are out (a thinking budget; then `on_token`, if set, is forced first, closing
+    the thought). mode "transplant" keeps the caches the old size filled (free, approximate);
+    "reprefill" rebuilds them with the new size from all tokens so far (exact, costs one
+    prefill)."""
     size: str | None
     on_token: int | None = None
     after: int | None = None
@@ -1315,13 +1010,27 @@ class Switch:
 
     def __post_init__(self):
         if self.mode not in ("transplant", "reprefill"):
-            raise NanoElasticError(f"unknown switch mode {self.mode!r}: use transplant or reprefill")
+            raise NanoElasticError(f"unknown switch mode {self.mode!r}: use transplant or "
+                                   f"reprefill")
         if self.on_token is None and self.after is None:
             raise NanoElasticError("a Switch needs on_token, after, or both")
         if self.after is not None and self.after < 0:
             raise NanoElasticError(f"Switch after must be >= 0 new tokens, got {self.after}")
         if self.on_token is not None and self.on_token < 0:
-            raise NanoElasticError(f"Switch on_token must be a token id (>= 0), got {self.on_token}")
+            raise NanoElasticError(f"Switch on_token must be a token id (>= 0), got "
+                                   f"{self.on_token}")
+
+    def forced(self, n: int) -> int | None:
+        """The token written instead of a sampled one as new token n: on_token, once over budget."""
+        if self.after is not None and n > self.after:
+            return self.on_token
+        return None
+
+    def due(self, n: int, token: int) -> bool:
+        """Whether the size changes after new token n: it is on_token, or (if none) n >= after."""
+        if self.on_token is not None:
+            return token == self.on_token
+        return n >= self.after
 
 
 def check_sampling(temperature: float, top_p: float, top_k: int) -> None:
@@ -1336,9 +1045,9 @@ def check_sampling(temperature: float, top_p: float, top_k: int) -> None:
 
 def sample(logits: Tensor, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
            generator: torch.Generator | None = None) -> Tensor:
-    """logits [V] fp32 -> token id (0-d tensor). temperature 0 = greedy; else softmax(logits / temperature)
-    kept to the top_k most likely tokens (0 = all) and to the smallest set whose probability reaches top_p
-    (1 = all). No host sync."""
+    """logits [V] fp32 -> token id (0-d tensor). temperature 0 = greedy; else softmax(logits /
+    temperature) kept to the top_k most likely tokens (0 = all) and to the smallest set whose
+    probability reaches top_p (1 = all). No host sync."""
     check_sampling(temperature, top_p, top_k)
     if temperature == 0:
         return logits.argmax()
@@ -1347,100 +1056,182 @@ def sample(logits: Tensor, temperature: float = 0.0, top_p: float = 1.0, top_k: 
         logits = logits.masked_fill(logits < logits.topk(top_k).values[-1], -math.inf)
     if top_p < 1.0:  # keep the smallest set of most likely tokens whose probability reaches top_p
         probs, order = logits.softmax(-1).sort(descending=True)
-        drop = probs.cumsum(-1) - probs >= top_p  # the tokens after the set; the first is always kept
+        # the tokens after the set; the first is always kept
+        drop = probs.cumsum(-1) - probs >= top_p
         logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), -math.inf)
     probs = logits.softmax(-1)
     # Sampling by argmax(p / Exp(1)) draws from p (the exponential race) without a host sync.
     return (probs / torch.empty_like(probs).exponential_(1, generator=generator)).argmax()
 
 
-def generate(model: Model, prompt: list[int] | Tensor, max_new_tokens: int, *, size: str | None = None,
-             switch: Switch | None = None, stop_tokens: tuple[int, ...] = (2, 11), temperature: float = 0.0,
-             top_p: float = 1.0, top_k: int = 0, seed: int | None = None, cache: Cache | None = None,
-             prefill_chunk: int = 8192) -> Iterator[Token]:
-    """Stream the continuation of `prompt` one Token at a time, stopping after a stop token or
-    max_new_tokens. A `cache` already holding a prefix of `prompt` (an earlier turn) is continued; its
-    first cache.length tokens must be prompt's. Ctrl-C ends the stream (the program goes on).
+def checked_tokens(tokens: Tensor, vocab_size: int) -> Tensor:
+    """Token ids [B, T] with at least one per row, every id < vocab_size. The range check reads the
+    ids on the host: free on the CPU, a sync on a GPU, skipped while DecodeGraph captures a CUDA
+    graph."""
+    integer = isinstance(tokens, Tensor) and tokens.dtype in (torch.int64, torch.int32)
+    if not integer or tokens.dim() != 2:
+        raise NanoElasticError("tokens must be an integer tensor of shape [batch, seq_len]")
+    if tokens.numel() == 0:
+        raise NanoElasticError(f"tokens of shape {list(tokens.shape)}: need at least one token per "
+                               f"row")
+    if tokens.is_cuda and torch.cuda.is_current_stream_capturing():
+        return tokens
+    low, high = int(tokens.min()), int(tokens.max())
+    if low < 0 or high >= vocab_size:
+        raise NanoElasticError(f"token id out of range: {low}..{high} not in 0..{vocab_size - 1}")
+    return tokens
 
-    prompt: token ids as a list, a 1-D tensor or a [1, T] tensor (one sequence). size: the nested size
-    ('30B', '23B', '12B', 'HIDDENxFFN'; None = the checkpoint's own). switch: a Switch to change size on the
-    way. stop_tokens: ids that end the stream (they are yielded). temperature, top_p, top_k: see sample();
-    seed makes sampling repeatable. prefill_chunk: prompt tokens per forward pass (bounds memory)."""
+
+def prompt_ids(prompt: list[int] | Tensor) -> list[int]:
+    """A prompt as a list of ints: from a list, a 1-D tensor or a [1, T] tensor (one sequence)."""
     if isinstance(prompt, Tensor):
         if prompt.dim() == 2 and prompt.shape[0] == 1:
             prompt = prompt[0]
         if prompt.dim() != 1 or prompt.is_floating_point():
-            raise NanoElasticError(f"prompt must be token ids: a list, a 1-D tensor or a [1, T] tensor, "
-                                   f"got a {prompt.dtype} tensor of shape {list(prompt.shape)}")
+            raise NanoElasticError(f"prompt must be token ids: a list, a 1-D tensor or a [1, T] "
+                                   f"tensor, got a {prompt.dtype} tensor of shape "
+                                   f"{list(prompt.shape)}")
         prompt = prompt.tolist()
     prompt = [int(t) for t in prompt]
-    c = model.config
+    if not prompt:
+        raise NanoElasticError("empty prompt")
+    return prompt
+
+
+def prefill(model: Model, tokens: Tensor, cache: Cache, size: str | None = None,
+            chunk: int = 8192) -> Tensor:
+    """Feed tokens [B, T] into `cache` in pieces of `chunk` tokens (bounded activation memory)
+    -> fp32 logits [B, V] of the last token."""
+    if tokens.shape[-1] == 0:
+        raise NanoElasticError("nothing to prefill: no new tokens")
+    if chunk < 1:
+        raise NanoElasticError(f"prefill chunk must be >= 1, got {chunk}")
+    for i in range(0, tokens.shape[1], chunk):
+        logits = model(tokens[:, i:i + chunk], cache, size, last_only=True)
+    return logits[:, -1]
+
+
+def generation_cache(model: Model, prompt: list[int], max_new_tokens: int,
+                     cache: Cache | DecodeGraph | None) -> DecodeGraph:
+    """The decode step for a generation, on the given cache (or a new one that fits it), checked."""
+    if max_new_tokens < 0:
+        raise NanoElasticError("max_new_tokens must be >= 0")
+    max_len = model.config.max_position_embeddings
+    if cache is None:
+        if len(prompt) >= max_len:
+            raise NanoElasticError(f"prompt too long: {len(prompt)} tokens, the model takes "
+                                   f"{max_len - 1}")
+        cache = model.new_cache(1, min(len(prompt) + max_new_tokens, max_len))
+    step = cache if isinstance(cache, DecodeGraph) else DecodeGraph(model, cache)
+    cache = step.cache
+    if cache.interrupted or cache.length >= len(prompt):
+        cache.reset()
+    if len(prompt) + max_new_tokens > cache.max_len:
+        raise NanoElasticError(f"prompt too long: {len(prompt)} + {max_new_tokens} new tokens "
+                               f"> {cache.max_len}")
+    return step
+
+
+def generate(model: Model, prompt: list[int] | Tensor, max_new_tokens: int, *,
+             size: str | None = None, switch: Switch | None = None,
+             stop_tokens: tuple[int, ...] = STOP_TOKENS, temperature: float = 0.0,
+             top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
+             cache: Cache | DecodeGraph | None = None,
+             prefill_chunk: int = 8192) -> Iterator[Token]:
+    """Stream the continuation of `prompt` one Token at a time, stopping after a stop token or
+    max_new_tokens. A `cache` already holding a prefix of `prompt` (an earlier turn) is continued;
+    its first cache.length tokens must be prompt's. Ctrl-C ends the stream (the program goes on).
+
+    prompt: token ids as a list, a 1-D tensor or a [1, T] tensor (one sequence). size: the nested
+    size ('30B', '23B', '12B', 'HIDDENxFFN'; None = the checkpoint's own). switch: a Switch to
+    change size on the way. stop_tokens: ids that end the stream (they are yielded). temperature,
+    top_p, top_k: see sample(); seed makes sampling repeatable. prefill_chunk: prompt tokens per
+    forward pass (bounds memory). cache: a Cache, or a DecodeGraph of one, whose CUDA graphs are
+    then kept from one call to the next."""
+    prompt = prompt_ids(prompt)
     check_sampling(temperature, top_p, top_k)
     if prefill_chunk < 1:
         raise NanoElasticError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
     for s in (size, switch.size if switch else None):
-        parse_size(s, c)  # unknown or too large sizes fail before any work
-    if not prompt:
-        raise NanoElasticError("empty prompt")
-    if max_new_tokens < 0:
-        raise NanoElasticError("max_new_tokens must be >= 0")
-    if cache is None:
-        if len(prompt) >= c.max_position_embeddings:
-            raise NanoElasticError(f"prompt too long: {len(prompt)} tokens, the model takes {c.max_position_embeddings - 1}")
-        cache = model.new_cache(1, min(len(prompt) + max_new_tokens, c.max_position_embeddings))
-    elif cache.interrupted or cache.length >= len(prompt):
-        cache.reset()
-    if len(prompt) + max_new_tokens > cache.max_len:
-        raise NanoElasticError(f"prompt too long: {len(prompt)} + {max_new_tokens} new tokens > {cache.max_len}")
+        parse_size(s, model.config)  # unknown or too large sizes fail before any work
+    step = generation_cache(model, prompt, max_new_tokens, cache)
+    cache = step.cache
     device = model.lm_head.weight.device
     generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
-
-    def prefill(tokens: list[int], size: str | None) -> Tensor:  # the new tokens in pieces; last logits
-        return model.prefill(torch.tensor([tokens], device=device), cache, size, prefill_chunk)[0]
-
-    def decode(token: int, size: str | None) -> Tensor:
-        return model.decode_step(cache, size)(torch.tensor([[token]], device=device))[0]
-
     tokens = list(prompt)
     try:
-        logits = prefill(tokens[cache.length:], size)
+        logits = prefill(model, torch.tensor([tokens[cache.length:]], device=device), cache, size,
+                         prefill_chunk)[0]
         for n in range(1, max_new_tokens + 1):
-            budget = switch.after if switch is not None and switch.after is not None else math.inf
-            if n > budget and switch.on_token is not None:
-                token = switch.on_token  # budget control: the thought is closed for the model
-            else:
+            token = switch.forced(n) if switch is not None else None
+            if token is None:
                 token = int(sample(logits, temperature, top_p, top_k, generator))
             tokens.append(token)
             yield Token(token, size)
             if token in stop_tokens or n == max_new_tokens:
                 return
-            if switch is not None and (token == switch.on_token or (switch.on_token is None and n >= budget)):
-                size, mode, switch = switch.size, switch.mode, None
+            if switch is not None and switch.due(n, token):
+                size = switch.size
+                mode = switch.mode
+                switch = None  # one switch per generation
                 if mode == "reprefill":
                     cache.reset()
-                    logits = prefill(tokens, size)
+                    logits = prefill(model, torch.tensor([tokens], device=device), cache, size,
+                                     prefill_chunk)[0]
                     continue
-            logits = decode(token, size)
+            logits = step(torch.tensor([[token]], device=device), size)[0]
     except KeyboardInterrupt:
         return
 
 
-# ----------------------------------------------------------------------------------------------------
-# 10. Command line: a demo on a random checkpoint, or a raw completion from a real one
+# --------------------------------------------------------------------------------------------------
+# 13. Command line: a demo on random weights, or a raw completion from a real checkpoint
 
-DEMO_CONFIG = Config(vocab_size=512, hidden_size=256, layers_block_type=[LAYER_TYPES[c] for c in "MEM*EMEME"],
+DEMO_CONFIG = Config(vocab_size=512, hidden_size=256, layers_block_type=layer_kinds("MEM*EMEME"),
                      num_attention_heads=8, num_key_value_heads=2, head_dim=32, mamba_num_heads=16,
-                     mamba_head_dim=16, ssm_state_size=32, n_groups=4, chunk_size=32, n_routed_experts=16,
-                     num_experts_per_tok=4, moe_intermediate_size=128, intermediate_size=128,
-                     moe_shared_expert_intermediate_size=256, max_position_embeddings=4096)
+                     mamba_head_dim=16, ssm_state_size=32, n_groups=4, chunk_size=32,
+                     n_routed_experts=16, num_experts_per_tok=4, moe_intermediate_size=128,
+                     intermediate_size=128, moe_shared_expert_intermediate_size=256,
+                     max_position_embeddings=4096)
+DEMO_SIZES = {"30B": "256x128", "23B": "192x96", "12B": "128x64"}  # stand-ins inside DEMO_CONFIG
 
 
-def main(argv: list[str] | None = None) -> None:
+class Terminated(BaseException):
+    """SIGTERM: unwinds like Ctrl-C, so that the same cleanup runs (finally, with), but is not a
+    KeyboardInterrupt, which only stops a generation: the CLIs exit with 143."""
+
+
+def sigterm_as_interrupt() -> None:
+    """From now on SIGTERM (kill, a job scheduler) raises Terminated: temporary files go."""
+    def raise_terminated(signum, frame):
+        raise Terminated()
+    signal.signal(signal.SIGTERM, raise_terminated)
+
+
+def interrupted_exit_code(e: BaseException) -> int:
+    # 128 + the signal's number, as shells report it
+    return 143 if isinstance(e, Terminated) else 130
+
+
+def load_tokenizer(folder: Path):
+    """The checkpoint's tokenizer.json (a tokenizers.Tokenizer)."""
+    from tokenizers import Tokenizer
+
+    file = folder / "tokenizer.json"
+    if not file.is_file():
+        raise NanoElasticError(f"missing tokenizer: {file}")
+    try:
+        return Tokenizer.from_file(str(file))
+    except Exception as e:  # the Rust side's message, e.g. "expected value at line 1 column 1"
+        raise NanoElasticError(f"{file}: {e}") from None
+
+
+def parse_args(argv: list[str] | None):
     import argparse
-    import tempfile
 
-    ap = argparse.ArgumentParser(description="Run Nemotron 3 Nano Elastic. Without --ckpt: a demo on a small "
-                                 "random checkpoint (random weights: the tokens are noise, the mechanics are real).")
+    ap = argparse.ArgumentParser(description="Run Nemotron 3 Nano Elastic. Without --ckpt: a demo "
+                                 "on a small random checkpoint (random weights: the tokens are "
+                                 "noise, the mechanics are real).")
     ap.add_argument("--ckpt", help="checkpoint folder (HF format, FP8 or BF16)")
     ap.add_argument("--size", help="30B, 23B, 12B or HIDDENxFFN (default: the checkpoint's own)")
     ap.add_argument("--switch-to", help="change to this size after --switch-after tokens")
@@ -1452,39 +1243,52 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device")
     args = ap.parse_args(argv)
-    args.prompt = args.prompt.encode(errors="surrogateescape").decode(errors="replace")  # not UTF-8: U+FFFD
+    # not UTF-8: U+FFFD
+    args.prompt = args.prompt.encode(errors="surrogateescape").decode(errors="replace")
+    return args
 
-    with tempfile.TemporaryDirectory() as tmp:
+
+def main(argv: list[str] | None = None) -> None:
+    import tempfile
+
+    args = parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:  # the demo's checkpoint, removed on the way out
         if args.ckpt:
             model = Model.from_pretrained(args.ckpt, device=args.device)
-            from tokenizers import Tokenizer
-            tok_file = Path(args.ckpt) / "tokenizer.json"
-            if not tok_file.is_file():
-                raise NanoElasticError(f"missing tokenizer: {tok_file}")
-            tokenizer = Tokenizer.from_file(str(tok_file))
-            prompt, decode = tokenizer.encode(args.prompt, add_special_tokens=False).ids, lambda t: tokenizer.decode([t])
+            tokenizer = load_tokenizer(Path(args.ckpt))
+            prompt = tokenizer.encode(args.prompt, add_special_tokens=False).ids
+            show = lambda t: tokenizer.decode([t])  # noqa: E731
         else:
-            print("demo: random weights, so the tokens are noise; sizes, caches and the switch are real")
-            model = Model.from_pretrained(write_random_checkpoint(Path(tmp) / "random-fp8", DEMO_CONFIG),
-                                          device=args.device, dtype=torch.float32)
-            args.size, args.switch_to = args.size or "192x96", args.switch_to or "256x128"
-            prompt, decode = list(range(1, 33)), lambda t: f"[{t}]"
-        switch = Switch(args.switch_to, after=args.switch_after, mode=args.switch_mode) if args.switch_to else None
-        phases = {}  # size -> [tokens, seconds]
-        t = time.time()
-        for token in generate(model, prompt, args.max_new_tokens, size=args.size, switch=switch,
-                              temperature=args.temperature, seed=args.seed):
-            now = time.time()
-            phase = phases.setdefault(token.size or "full", [0, 0.0])
-            phase[0], phase[1], t = phase[0] + 1, phase[1] + now - t, now
-            print(decode(token.id), end="", flush=True)
-        print()
-        for i, (size, (n, s)) in enumerate(phases.items()):
-            prefill = " (includes the prefill)" if i == 0 else ""
-            print(f"{size}: {n} token{'s' if n != 1 else ''}, {n / s:.1f} tokens/s{prefill}")
+            import checkpoint
+
+            print("demo: random weights, so the tokens are noise; sizes, caches and the switch "
+                  "are real")
+            path = checkpoint.write_random_checkpoint(Path(tmp) / "random-fp8", DEMO_CONFIG)
+            model = Model.from_pretrained(path, device=args.device, dtype=torch.float32)
+            args.size = args.size or DEMO_SIZES["23B"]
+            args.switch_to = args.switch_to or DEMO_SIZES["30B"]
+            prompt = list(range(1, 33))
+            show = lambda t: f"[{t}]"  # noqa: E731
+    switch = None
+    if args.switch_to:
+        switch = Switch(args.switch_to, after=args.switch_after, mode=args.switch_mode)
+    phases = {}  # size -> [tokens, seconds]
+    t = time.time()
+    for token in generate(model, prompt, args.max_new_tokens, size=args.size, switch=switch,
+                          temperature=args.temperature, seed=args.seed):
+        now = time.time()
+        phase = phases.setdefault(token.size or "full", [0, 0.0])
+        phase[0] += 1
+        phase[1] += now - t
+        t = now
+        print(show(token.id), end="", flush=True)
+    print()
+    for i, (size, (n, s)) in enumerate(phases.items()):
+        prefill_note = " (includes the prefill)" if i == 0 else ""
+        print(f"{size}: {n} token{'s' if n != 1 else ''}, {n / s:.1f} tokens/s{prefill_note}")
 
 
-if __name__ == "__main__":
+def cli() -> None:
     sigterm_as_interrupt()
     try:
         main()
@@ -1492,5 +1296,11 @@ if __name__ == "__main__":
         sys.exit(f"error: {e}")
     except OSError as e:  # permission denied, a full disk: the true cause, one line
         sys.exit(f"error: {e}")
-    except (KeyboardInterrupt, Terminated) as e:  # the demo's temporary checkpoint is removed on the way out
+    except (KeyboardInterrupt, Terminated) as e:
         sys.exit(interrupted_exit_code(e))
+
+
+if __name__ == "__main__":
+    import nanoelastic  # this file as the module checkpoint.py imports, not a second copy of it
+
+    nanoelastic.cli()

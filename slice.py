@@ -1,42 +1,44 @@
 """
-slice.py: write one nested model of a Nemotron Elastic checkpoint as a standalone HF checkpoint, which
-transformers, vLLM or any engine that reads the base model can serve. The interface of NVIDIA's
-zero_shot_slicing.py:
+slice.py: write one nested model of a Nemotron Elastic checkpoint as a standalone HF checkpoint,
+which transformers, vLLM or any engine that reads the base model can serve. The interface of
+NVIDIA's zero_shot_slicing.py:
 
-    python slice.py --source-checkpoint SRC --target-checkpoint DST --size 23B|12B|HIDDENxFFN [--precision fp8|bf16]
+    python slice.py --source-checkpoint SRC --target-checkpoint DST --size 23B|12B|HIDDENxFFN
+    [--precision fp8|bf16]
 
 - Tensors: nested_view() of nanoelastic, i.e. the NESTED_AXES table the model's own views use.
-  Every FP8 weight_scale / input_scale and the FP8-KV k_scale / v_scale are per-tensor scalars: unchanged.
-  mtp.* tensors (a multi-token-prediction head, if any) are dropped: the release defines no nesting rule
-  for them and a prefix of the wrong axis would be silently wrong (its eh_proj concatenates two hidden vectors).
+  Every FP8 weight_scale / input_scale and the FP8-KV k_scale / v_scale are per-tensor scalars:
+  unchanged. mtp.* tensors (a multi-token-prediction head, if any) are dropped: the release defines
+  no nesting rule for them and a prefix of the wrong axis would be silently wrong (its eh_proj
+  concatenates two hidden vectors).
 - config.json: hidden_size, moe_intermediate_size, intermediate_size changed, nothing else (except:
-  num_nextn_predict_layers -> 0 when mtp.* tensors were dropped; quantization_config dropped with FP8).
-- Every other file of SRC (tokenizer, generation config, hf_quant_config.json, ...) is copied, except
-  dot-files (download caches) and other *.safetensors files.
-- --precision defaults to the source's. bf16 from an FP8 source dequantises (weight.float() * weight_scale,
-  as ModelOpt defines it) and drops the scales and the quantisation config. fp8 from a BF16 source is an
-  error: per-tensor weights would be easy (amax / 448), but ModelOpt's FP8 also stores a *calibrated*
-  activation scale (input_scale) per Linear, which needs calibration data; a made-up one would load in
-  vLLM and silently degrade it.
+  num_nextn_predict_layers -> 0 when mtp.* tensors were dropped; quantization_config dropped with
+  FP8).
+- Every other file of SRC (tokenizer, generation config, hf_quant_config.json, ...) is copied,
+  except dot-files (download caches) and other *.safetensors files.
+- --precision defaults to the source's. bf16 from an FP8 source dequantises (weight.float() *
+  weight_scale, as ModelOpt defines it) and drops the scales and the quantisation config. fp8 from a
+  BF16 source is an error: per-tensor weights would be easy (amax / 448), but ModelOpt's FP8 also
+  stores a *calibrated* activation scale (input_scale) per Linear, which needs calibration data; a
+  made-up one would load in vLLM and silently degrade it.
 
-Safe: the source (config, index, every tensor's presence, shape, dtype and FP8 pairing), the size and the
-target are checked before anything is written. One run per target (an flock on `.NAME.slice-lock`, which
-the kernel drops if the run dies); the checkpoint is written into `.NAME.tmp-PID` beside the target,
-checked again like a source, and renamed into place at the end, unless a target appeared meanwhile (then
-it is left as it is). --force moves the old target to `.NAME.old-PID`, renames the new one in, then
-removes the old: an interruption puts the old one back; a kill leaves it aside, and the next run on
-that target puts it back (or removes it, if the new one was in place) and removes killed runs' temporary
-folders. A symlinked target is refused up front. Streams: every output tensor's
-shape and dtype are planned from the source headers, so each output shard is written header first and
-then one tensor at a time (read, sliced, appended, freed). Memory holds one tensor, plus the pages of
-the memory-mapped source shard being read (page cache, which the kernel can reclaim): about one shard.
+Safe: the source (config, index, every tensor's presence, shape, dtype and FP8 pairing), the size
+and the target are checked before anything is written. One run per target (an flock on
+`.NAME.slice-lock`, which the kernel drops if the run dies); the checkpoint is written into
+`.NAME.tmp-PID` beside the target, checked again like a source, and renamed into place at the end,
+unless a target appeared meanwhile (then it is left as it is). --force moves the old target to
+`.NAME.old-PID`, renames the new one in, then removes the old: an interruption puts the old one
+back; a kill leaves it aside, and the next run on that target puts it back (or removes it, if the
+new one was in place) and removes killed runs' temporary folders. A symlinked target is refused up
+front. Streams: every output tensor's shape and dtype are planned from the source headers, so each
+output shard is written header first and then one tensor at a time (read, sliced, appended, freed).
+Memory holds one tensor, plus the pages of the memory-mapped source shard being read (page cache,
+which the kernel can reclaim): about one shard.
 """
 
 import argparse
-import errno
 import fcntl
 import glob
-import itertools
 import json
 import math
 import os
@@ -50,10 +52,12 @@ from typing import Iterator, NamedTuple
 import torch
 from safetensors import SafetensorError, safe_open
 
-from nanoelastic import (SAFETENSORS_DTYPES, Config, Model, NanoElasticError, Terminated, check_checkpoint,
-                         checked_scale, interrupted_exit_code, nested_view, parse_size, sigterm_as_interrupt)
+import checkpoint
+from checkpoint import (SAFETENSORS_DTYPES, Planned, Progress, by_shard, check_checkpoint,
+                        checked_scale, nbytes)
+from nanoelastic import (Config, Model, NanoElasticError, Terminated, interrupted_exit_code,
+                         nested_view, parse_size, sigterm_as_interrupt)
 
-DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}  # torch dtype -> safetensors name
 PARAMS = ("", "K", "M", "B")  # parameter counts: 23.59 B
 SCALES = (".weight_scale", ".input_scale", ".k_scale", ".v_scale")  # FP8 per-tensor scalars
 REWRITTEN = ("model.safetensors.index.json", "config.json")
@@ -61,10 +65,20 @@ MTP_DROPPED = "mtp.* (no nesting rule for the MTP head)"
 SCALES_DROPPED = "FP8 scales (dequantised to BF16)"
 
 
-class Output(NamedTuple):
-    name: str
-    source_shard: Path
-    meta: torch.Tensor  # shape and dtype of the output tensor, on the meta device
+class Slice(NamedTuple):
+    """Everything a slice writes, planned and checked before anything is written."""
+    source: Path
+    target: Path
+    d: int
+    f: int
+    precision: str
+    dequantize: bool  # FP8 source, BF16 output
+    weight_map: dict[str, Path]  # the source's tensors -> their shards
+    shards: list[list[Planned]]  # the output tensors, shard by shard, in source shard order
+    dropped: Counter  # source tensors not written, by reason
+    scales: dict[str, torch.Tensor]  # weight name -> its weight_scale, when dequantising
+    config_json: dict  # the output's config.json
+    config: Config  # the output's config
 
 
 def human(n: float, unit: str, prefixes=("", "k", "M", "G")) -> str:
@@ -73,14 +87,46 @@ def human(n: float, unit: str, prefixes=("", "k", "M", "G")) -> str:
     return f"{n / 1000 ** k:.2f} {prefixes[k]}{unit}"
 
 
-def plan_outputs(weight_map: dict[str, Path], d: int, f: int, dequantize: bool) -> tuple[list[Output], Counter]:
-    """Every output tensor with its shape and dtype, from the source headers and the slicing table alone
-    (nested_view of a meta tensor), in source shard order; and what is dropped, by reason."""
+# --------------------------------------------------------------------------------------------------
+# 1. Plan: check the source, the size, the precision and the target; plan every output tensor
+
+def plan_slice(source: Path, target: Path, size: str, precision: str | None) -> Slice:
+    if not source.is_dir():
+        raise NanoElasticError(f"source checkpoint folder not found: {source}")
+    config = Config.from_file(source / "config.json")
+    d, f = parse_size(size, config)
+    with torch.device("meta"):
+        model = Model(config)  # shapes only, to check the source against
+    checked = check_checkpoint(model, source)
+    weight_map = checked.weight_map
+    source_fp8 = any(name.endswith(".weight_scale") for name in checked.plan)
+    precision = precision or ("fp8" if source_fp8 else "bf16")
+    if precision == "fp8" and not source_fp8:
+        raise NanoElasticError("--precision fp8 needs an FP8 source: quantising BF16 needs "
+                               "calibrated activation scales (input_scale); quantise with NVIDIA "
+                               "ModelOpt, or slice the FP8 release")
+    dequantize = source_fp8 and precision == "bf16"
+    src, dst = source.resolve(), target.resolve()
+    if dst == src or src in dst.parents or dst in src.parents:
+        raise NanoElasticError(f"target {target} must be a folder outside the source {source}")
+    if target.is_symlink():
+        raise NanoElasticError(f"target {target} is a symbolic link: give the path of the folder "
+                               f"itself")
+    outputs, dropped = plan_outputs(weight_map, d, f, dequantize)
+    max_shard_bytes = max(shard.stat().st_size for shard in set(weight_map.values()))
+    scales = read_scales(weight_map, outputs) if dequantize else {}
+    return Slice(source, target, d, f, precision, dequantize, weight_map,
+                 checkpoint.split_shards(outputs, max_shard_bytes),
+                 dropped, scales, sliced_config_json(source, d, f, weight_map, dequantize),
+                 config.sliced(d, f))
+
+
+def plan_outputs(weight_map: dict[str, Path], d: int, f: int,
+                 dequantize: bool) -> tuple[list[Planned], Counter]:
+    """Every output tensor with its shape and dtype, from the source headers and the slicing table
+    alone (nested_view of a meta tensor), in source shard order; and what is dropped, by reason."""
     outputs, dropped = [], Counter()
-    by_shard = {}
-    for name, shard in weight_map.items():
-        by_shard.setdefault(shard, []).append(name)
-    for shard, names in sorted(by_shard.items()):
+    for shard, names in by_shard(weight_map, weight_map).items():
         with safe_open(shard, "pt") as sf:
             for name in names:
                 if name.startswith("mtp."):
@@ -92,35 +138,91 @@ def plan_outputs(weight_map: dict[str, Path], d: int, f: int, dequantize: bool) 
                 header = sf.get_slice(name)
                 if header.get_dtype() not in SAFETENSORS_DTYPES:
                     raise NanoElasticError(f"{name}: unsupported dtype {header.get_dtype()}")
-                meta = torch.empty(header.get_shape(), dtype=SAFETENSORS_DTYPES[header.get_dtype()], device="meta")
+                meta = torch.empty(header.get_shape(), dtype=SAFETENSORS_DTYPES[header.get_dtype()],
+                                   device="meta")
                 meta = nested_view(name, meta, d, f)
                 if dequantize and f"{name}_scale" in weight_map:
                     meta = meta.to(torch.bfloat16)
-                outputs.append(Output(name, shard, meta))
+                outputs.append(Planned(name, meta))
     return outputs, dropped
 
 
-def write_safetensors(path: Path, outputs: list[Output], tensors: Iterator[torch.Tensor]) -> None:
-    """A safetensors file written one tensor at a time: the header holds the planned names, dtypes and
-    shapes, then each tensor's bytes follow as `tensors` yields them. Only one tensor is ever in memory."""
-    header, offset = {"__metadata__": {"format": "pt"}}, 0
-    for out in outputs:
-        size = out.meta.numel() * out.meta.element_size()
-        header[out.name] = {"dtype": DTYPE_NAMES[out.meta.dtype], "shape": list(out.meta.shape),
-                            "data_offsets": [offset, offset + size]}
-        offset += size
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # tensor data starts 8-byte aligned, as safetensors itself writes it
-    with open(path, "wb") as file:
-        file.write(len(raw).to_bytes(8, "little") + raw)
-        for out in outputs:
-            t = next(tensors)
-            assert t.shape == out.meta.shape and t.dtype == out.meta.dtype, out.name  # the plan is the data
-            file.write(t.contiguous().reshape(-1).view(torch.uint8).numpy())
+def read_scales(weight_map: dict[str, Path], outputs: list[Planned]) -> dict[str, torch.Tensor]:
+    """weight name -> its weight_scale, for the weights to dequantise (maybe in another shard)."""
+    scales = {}
+    names = [f"{out.name}_scale" for out in outputs if f"{out.name}_scale" in weight_map]
+    for shard, in_shard in by_shard(names, weight_map).items():
+        with safe_open(shard, "pt") as sf:
+            for name in in_shard:
+                scales[name.removesuffix("_scale")] = checked_scale(name, sf.get_tensor(name))
+    return scales
 
+
+def sliced_config_json(source: Path, d: int, f: int, weight_map: dict, dequantize: bool) -> dict:
+    """The source's config.json with the nested widths (see the top of this file for the rest)."""
+    config = json.loads((source / "config.json").read_text())
+    config.update(hidden_size=d, moe_intermediate_size=f, intermediate_size=f)
+    mtp = any(name.startswith("mtp.") for name in weight_map)
+    if mtp and config.get("num_nextn_predict_layers"):
+        config["num_nextn_predict_layers"] = 0  # its tensors are dropped
+    if dequantize:
+        config.pop("quantization_config", None)
+    return config
+
+
+# --------------------------------------------------------------------------------------------------
+# 2. Write: the sliced tensors, streamed shard by shard, and the other files, into a folder
+
+def sliced_tensors(job: Slice, counts: dict) -> Iterator[torch.Tensor]:
+    """The output tensors in plan order, read one at a time, each source shard opened once."""
+    outputs = [out.name for shard in job.shards for out in shard]
+    total = sum(nbytes(out.meta) for shard in job.shards for out in shard)
+    progress = Progress()
+    for shard, names in by_shard(outputs, job.weight_map).items():
+        with safe_open(shard, "pt") as sf:
+            for name in names:
+                t = sf.get_tensor(name)
+                if name.endswith((".weight_scale", ".input_scale")):
+                    checked_scale(name, t)
+                counts["read"] += nbytes(t)
+                t = nested_view(name, t, job.d, job.f)
+                if name in job.scales:
+                    t = (t.float() * job.scales[name]).to(torch.bfloat16)
+                yield t
+                counts["written"] += nbytes(t)
+                progress(f"slicing: {human(counts['written'], 'B')} of {human(total, 'B')} written")
+
+
+def write_slice(job: Slice, folder: Path, counts: dict) -> Model:
+    """The sliced checkpoint, written into `folder` and checked like a source; its (meta) model."""
+    def on_shard(k: int, n: int) -> None:
+        if not sys.stderr.isatty():  # a log: one line per shard
+            print(f"slicing: wrote shard {k}/{n}", file=sys.stderr, flush=True)
+
+    index_path = job.source / "model.safetensors.index.json"
+    metadata = json.loads(index_path.read_text()).get("metadata",
+                                                      {}) if index_path.is_file() else {}
+    checkpoint.write_shards(folder, job.shards, sliced_tensors(job, counts), metadata, on_shard)
+    if sys.stderr.isatty():
+        print(file=sys.stderr)
+    checkpoint.write_json(folder / "config.json", job.config_json)
+    for item in sorted(job.source.iterdir()):
+        if item.name.startswith(".") or item.name in REWRITTEN or item.suffix == ".safetensors":
+            continue  # dot-files: download caches; *.safetensors: weights, rewritten above
+        if job.dequantize and item.name == "hf_quant_config.json":
+            continue
+        (shutil.copytree if item.is_dir() else shutil.copy2)(item, folder / item.name)
+    with torch.device("meta"):
+        sliced_model = Model(job.config)
+    check_checkpoint(sliced_model, folder)
+    return sliced_model
+
+
+# --------------------------------------------------------------------------------------------------
+# 3. Swap: the written folder renamed into place, one run per target, the old one kept until then
 
 def lock_target(target: Path) -> int:
-    """One run per target: an flock on `.NAME.slice-lock` beside it, which the kernel drops if the run dies."""
+    """One run per target: an flock on `.NAME.slice-lock` beside it (dropped if the run dies)."""
     lock = target.with_name(f".{target.name}.slice-lock")
     while True:
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
@@ -128,7 +230,8 @@ def lock_target(target: Path) -> int:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise NanoElasticError(f"another slice.py is writing {target}: wait for it, or choose another target")
+            raise NanoElasticError(f"another slice.py is writing {target}: wait for it, or choose "
+                                   f"another target")
         try:
             if os.stat(lock).st_ino == os.fstat(fd).st_ino:
                 return fd
@@ -151,9 +254,9 @@ def remove(path: Path) -> None:
 
 
 def clean_leftovers(target: Path, log) -> None:
-    """What killed runs left beside the target (under the lock, no live run owns any of it): a backup
-    of an interrupted --force swap goes back in place if the target is missing, else is removed; temporary
-    folders are removed."""
+    """What killed runs left beside the target (under the lock, no live run owns any of it): a
+    backup of an interrupted --force swap goes back in place if the target is missing, else is
+    removed; temporary folders are removed."""
     for old in sorted(target.parent.glob(f".{glob.escape(target.name)}.old-*")):
         if os.path.lexists(target):
             remove(old)  # the swap had finished: the new target is in place
@@ -165,110 +268,11 @@ def clean_leftovers(target: Path, log) -> None:
         log(f"removed {tmp}, the unfinished output of an interrupted slice.py")
 
 
-def slice_checkpoint(source: str | Path, target: str | Path, size: str, precision: str | None = None,
-                     force: bool = False, log=print) -> dict:
-    """Write the nested model `size` of checkpoint `source` to folder `target`. Returns the summary."""
-    t0 = time.time()
-    source, target = Path(source), Path(target)
-
-    # 1. Check everything before writing anything.
-    if not source.is_dir():
-        raise NanoElasticError(f"source checkpoint folder not found: {source}")
-    config = Config.from_file(source / "config.json")
-    d, f = parse_size(size, config)
-    with torch.device("meta"):
-        model = Model(config)  # shapes only, to check the source against
-    checked = check_checkpoint(model, source)
-    weight_map = checked.weight_map
-    source_fp8 = any(name.endswith(".weight_scale") for name in checked.plan)
-    precision = precision or ("fp8" if source_fp8 else "bf16")
-    if precision == "fp8" and not source_fp8:
-        raise NanoElasticError("--precision fp8 needs an FP8 source: quantising BF16 needs calibrated activation "
-                               "scales (input_scale); quantise with NVIDIA ModelOpt, or slice the FP8 release")
-    dequantize = source_fp8 and precision == "bf16"
-    src, dst = source.resolve(), target.resolve()
-    if dst == src or src in dst.parents or dst in src.parents:
-        raise NanoElasticError(f"target {target} must be a folder outside the source {source}")
-    if target.is_symlink():
-        raise NanoElasticError(f"target {target} is a symbolic link: give the path of the folder itself")
-
-    raw_config = json.loads((source / "config.json").read_text())
-    raw_config.update(hidden_size=d, moe_intermediate_size=f, intermediate_size=f)
-    if any(name.startswith("mtp.") for name in weight_map) and raw_config.get("num_nextn_predict_layers"):
-        raw_config["num_nextn_predict_layers"] = 0  # its tensors are dropped (see the top of this file)
-    if dequantize:
-        raw_config.pop("quantization_config", None)
-
-    # 2. Plan every output tensor and output shard (at most as large as the largest source shard).
-    outputs, dropped = plan_outputs(weight_map, d, f, dequantize)
-    max_shard_bytes = max(shard.stat().st_size for shard in set(weight_map.values()))
-    shards, shard_bytes = [[]], 0
-    for out in outputs:
-        size_out = out.meta.numel() * out.meta.element_size()
-        if shards[-1] and shard_bytes + size_out > max_shard_bytes:
-            shards, shard_bytes = shards + [[]], 0
-        shards[-1].append(out)
-        shard_bytes += size_out
-    total_out = sum(out.meta.numel() * out.meta.element_size() for out in outputs)
-    scales = {}  # weight name -> its weight_scale, to dequantise (a scale may sit in another shard)
-    if dequantize:
-        scale_names = [f"{out.name}_scale" for out in outputs if f"{out.name}_scale" in weight_map]
-        for shard in set(weight_map[name] for name in scale_names):
-            with safe_open(shard, "pt") as sf:
-                for name in (name for name in scale_names if weight_map[name] == shard):
-                    scales[name.removesuffix("_scale")] = checked_scale(name, sf.get_tensor(name))
-
-    progress = {"read": 0, "written": 0, "last": 0.0}
-
-    def sliced_tensors() -> Iterator[torch.Tensor]:
-        """The output tensors in plan order, read one at a time, each source shard opened once."""
-        for shard, group in itertools.groupby(outputs, key=lambda out: out.source_shard):
-            with safe_open(shard, "pt") as sf:
-                for out in group:
-                    t = sf.get_tensor(out.name)
-                    if out.name.endswith((".weight_scale", ".input_scale")):
-                        checked_scale(out.name, t)
-                    progress["read"] += t.numel() * t.element_size()
-                    t = nested_view(out.name, t, d, f)
-                    if out.name in scales:
-                        t = (t.float() * scales[out.name]).to(torch.bfloat16)
-                    yield t
-                    progress["written"] += t.numel() * t.element_size()
-                    if sys.stderr.isatty() and time.time() - progress["last"] > 0.25:
-                        progress["last"] = time.time()
-                        print(f"\rslicing: {human(progress['written'], 'B')} of {human(total_out, 'B')} written",
-                              end="", file=sys.stderr, flush=True)
-
-    def write_checkpoint(folder: Path) -> Model:
-        """The sliced checkpoint, written into `folder` and checked like a source; its (meta) model."""
-        names = [f"model-{k:05d}-of-{len(shards):05d}.safetensors" for k in range(1, len(shards) + 1)]
-        tensors = sliced_tensors()
-        for k, (name, shard) in enumerate(zip(names, shards), 1):
-            write_safetensors(folder / name, shard, tensors)
-            if not sys.stderr.isatty():  # a log: one line per shard
-                print(f"slicing: wrote shard {k}/{len(shards)}", file=sys.stderr, flush=True)
-        if sys.stderr.isatty():
-            print(file=sys.stderr)
-        index_path = source / "model.safetensors.index.json"
-        metadata = json.loads(index_path.read_text()).get("metadata", {}) if index_path.is_file() else {}
-        index = {"metadata": {**metadata, "total_size": total_out},
-                 "weight_map": {out.name: name for name, shard in zip(names, shards) for out in shard}}
-        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-        (folder / "config.json").write_text(json.dumps(raw_config, indent=2) + "\n")
-        for item in sorted(source.iterdir()):
-            if item.name.startswith(".") or item.name in REWRITTEN or item.suffix == ".safetensors":
-                continue  # dot-files: download caches; *.safetensors: weights, rewritten above
-            if dequantize and item.name == "hf_quant_config.json":
-                continue
-            (shutil.copytree if item.is_dir() else shutil.copy2)(item, folder / item.name)
-        with torch.device("meta"):
-            sliced_model = Model(config.sliced(d, f))
-        check_checkpoint(sliced_model, folder)
-        return sliced_model
-
-    # 3. Write into a temporary folder beside the target, check the result, rename it into place. One run
-    # per target (a lock); what killed runs left beside it is cleaned first; the target must not exist
-    # (or --force) now and still at the end: one that appears meanwhile is left as it is.
+def swap_into_place(target: Path, force: bool, log, write):
+    """write(folder) (its result is returned) into `.NAME.tmp-PID` beside the target, then rename it
+    into place. One run per target (a lock); what killed runs left beside it is cleaned first; the
+    target must not exist (or --force) now and still at the end: one that appears meanwhile is left
+    as it is."""
     target.parent.mkdir(parents=True, exist_ok=True)
     lock = lock_target(target)
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
@@ -278,54 +282,75 @@ def slice_checkpoint(source: str | Path, target: str | Path, size: str, precisio
         if os.path.lexists(target) and not force:
             raise NanoElasticError(f"target exists: {target} (use --force to replace it)")
         tmp.mkdir()
-        sliced_model = write_checkpoint(tmp)
+        written = write(tmp)
         if os.path.lexists(target) and not force:
-            raise NanoElasticError(f"target {target} appeared while slicing: left as it is; nothing was written")
-        if os.path.lexists(target):  # --force: the old target is gone only once the new one is in place
+            raise NanoElasticError(f"target {target} appeared while slicing: left as it is; "
+                                   f"nothing was written")
+        # --force: the old target is gone only once the new one is in place
+        if os.path.lexists(target):
             target.rename(old)
-        try:
-            tmp.rename(target)
-        except OSError as e:
-            if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
-                raise
-            raise NanoElasticError(f"target {target} appeared while slicing: left as it is") from None
+        if not checkpoint.move_into_place(tmp, target):
+            raise NanoElasticError(f"target {target} appeared while slicing: left as it is")
     finally:
         if old.exists() and not os.path.lexists(target):
             old.rename(target)  # interrupted inside the swap: the old target goes back
         remove(old)
         remove(tmp)
         unlock_target(target, lock)
+    return written
+
+
+def slice_checkpoint(source: str | Path, target: str | Path, size: str,
+                     precision: str | None = None,
+                     force: bool = False, log=print) -> dict:
+    """Write the nested model `size` of checkpoint `source` to folder `target`; the summary."""
+    t0 = time.time()
+    job = plan_slice(Path(source), Path(target), size, precision)
+    counts = {"read": 0, "written": 0}
+    sliced_model = swap_into_place(job.target, force, log,
+                                   lambda folder: write_slice(job, folder, counts))
     total, active = sliced_model.num_params()
-    summary = dict(size=(d, f), precision=precision, tensors=len(outputs), dropped=dict(dropped),
-                   bytes_read=progress["read"], bytes_written=total_out, shards=len(shards),
+    tensors = sum(len(shard) for shard in job.shards)
+    summary = dict(size=(job.d, job.f), precision=job.precision, tensors=tensors,
+                   dropped=dict(job.dropped),
+                   bytes_read=counts["read"], bytes_written=counts["written"],
+                   shards=len(job.shards),
                    params_total=total, params_active=active, seconds=time.time() - t0)
-    log(f"wrote {target}: {size} = hidden {d} x expert FFN {f}, {precision}\n"
-        f"  tensors     {len(outputs)} written"
-        + "".join(f", {n} {why} dropped" for why, n in dropped.items()) + "\n"
-        f"  bytes       {human(progress['read'], 'B')} read, {human(total_out, 'B')} written "
-        f"in {len(shards)} shard{'s' * (len(shards) > 1)}\n"
-        f"  parameters  {human(total, '', PARAMS)} total, {human(active, '', PARAMS)} active per token\n"
-        f"  time        {summary['seconds']:.1f} s")
+    n = len(job.shards)
+    log(f"wrote {job.target}: {size} = hidden {job.d} x expert FFN {job.f}, {job.precision}\n"
+        f"  tensors     {tensors} written"
+        + "".join(f", {k} {why} dropped" for why, k in job.dropped.items()) + "\n"
+        f"  bytes       {human(counts['read'], 'B')} read, {human(counts['written'], 'B')} written "
+        f"in {n} shard{'s' * (n > 1)}\n"
+        f"  parameters  {human(total, '', PARAMS)} total, {human(active, '', PARAMS)} active per "
+        f"token\n  time        {summary['seconds']:.1f} s")
     return summary
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="slice.py", description="Write one nested model (23B, 12B or HIDDENxFFN) "
-                                 "of a Nemotron Elastic checkpoint as a standalone HF-format checkpoint.")
-    ap.add_argument("--source-checkpoint", required=True, help="the Elastic checkpoint folder (FP8 or BF16)")
-    ap.add_argument("--target-checkpoint", required=True, help="the folder to write (must not exist, see --force)")
+    ap = argparse.ArgumentParser(prog="slice.py", description="Write one nested model (23B, 12B or "
+                                 "HIDDENxFFN) of a Nemotron Elastic checkpoint as a standalone "
+                                 "HF-format checkpoint.")
+    ap.add_argument("--source-checkpoint", required=True, help="the Elastic checkpoint folder (FP8 "
+                    "or BF16)")
+    ap.add_argument("--target-checkpoint", required=True, help="the folder to write (must not "
+                    "exist, see --force)")
     ap.add_argument("--size", required=True, help="23B, 12B, 30B or HIDDENxFFN (e.g. 2304x1600)")
-    ap.add_argument("--precision", choices=["fp8", "bf16"], help="default: the source's; bf16 from FP8 dequantises")
+    ap.add_argument("--precision", choices=["fp8", "bf16"], help="default: the source's; bf16 from "
+                    "FP8 dequantises")
     ap.add_argument("--force", action="store_true", help="replace an existing target")
     args = ap.parse_args(argv)
     sigterm_as_interrupt()
     try:
-        slice_checkpoint(args.source_checkpoint, args.target_checkpoint, args.size, args.precision, args.force)
+        slice_checkpoint(args.source_checkpoint, args.target_checkpoint, args.size, args.precision,
+                         args.force)
     except (KeyboardInterrupt, Terminated) as e:
-        print(f"{ap.prog}: error: interrupted; nothing half-written is left at {args.target_checkpoint}",
+        print(f"{ap.prog}: error: interrupted; nothing half-written is left at "
+              f"{args.target_checkpoint}",
               file=sys.stderr)
         sys.exit(interrupted_exit_code(e))
-    except (NanoElasticError, OSError, SafetensorError) as e:  # bad input, a full disk, a corrupt shard
+    # bad input, a full disk, a corrupt shard
+    except (NanoElasticError, OSError, SafetensorError) as e:
         sys.exit(f"{ap.prog}: error: {e}")
 
 

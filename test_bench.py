@@ -141,9 +141,9 @@ def test_budget_switches_size_at_the_budget_for_every_configuration(demo, switch
     args = Namespace(switch=switch, max_new_tokens=12, temperature=1.0, top_p=1.0)  # seeded below
     prompt = tokenizer.encode(chat.render_chat([{"role": "user", "content": "What is 17 * 23?"}],
                                                add_generation_prompt=True))
-    cache, budget, at_budget = model.new_cache(1, len(prompt) + 12), 4, 0
+    step, budget, at_budget = ne.DecodeGraph(model, model.new_cache(1, len(prompt) + 12)), 4, 0
     for think, answer in bench.parse_configs(bench.BUDGET_CONFIGS):
-        record, tokens = bench.solve(model, tokenizer, cache, prompt, names[think], names[answer], budget, args, 0)
+        record, tokens = bench.solve(model, tokenizer, step, prompt, names[think], names[answer], budget, args, 0)
         ids = [t.id for t in tokens]
         body = ids[:len(ids) - record["finished"]]  # without the stop token
         end = body.index(tokenizer.think_end) if tokenizer.think_end in body else len(body)
@@ -163,16 +163,16 @@ def test_budget_reply_cut_by_ctrl_c_is_not_a_result(demo, monkeypatch):
     model, tokenizer, names = demo
     args = Namespace(switch="transplant", max_new_tokens=12, temperature=1.0, top_p=1.0)
     prompt = tokenizer.encode(chat.render_chat([{"role": "user", "content": "2 + 2?"}], add_generation_prompt=True))
-    cache, steps, decode_step = model.new_cache(1, len(prompt) + 12), [], model.decode_step
+    step, steps, decode_step = ne.DecodeGraph(model, model.new_cache(1, len(prompt) + 12)), [], ne.DecodeGraph.__call__
 
     def ctrl_c_at_the_third_step(*a):
         steps.append(1)
         if len(steps) == 3:
             raise KeyboardInterrupt  # generate() ends its stream quietly: the reply just looks short
         return decode_step(*a)
-    monkeypatch.setattr(model, "decode_step", ctrl_c_at_the_third_step)
+    monkeypatch.setattr(ne.DecodeGraph, "__call__", ctrl_c_at_the_third_step)
     with pytest.raises(KeyboardInterrupt):
-        bench.solve(model, tokenizer, cache, prompt, names["23B"], names["30B"], 4, args, 0)
+        bench.solve(model, tokenizer, step, prompt, names["23B"], names["30B"], 4, args, 0)
     assert len(steps) == 3
 
 

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import chat
+import checkpoint
 import nanoelastic as ne
 
 ROOT = Path(__file__).parent
@@ -333,7 +334,7 @@ def test_ctrl_c_stops_a_reply_and_the_chat_goes_on(demo_ckpt, demo_model):
 
 
 def test_bad_input_is_one_line_error(demo_ckpt, tmp_path):
-    no_tokenizer = ne.write_random_checkpoint(tmp_path / "no-tokenizer", chat.demo_config())
+    no_tokenizer = checkpoint.write_random_checkpoint(tmp_path / "no-tokenizer", chat.demo_config())
     config_only = tmp_path / "config-only"
     config_only.mkdir()
     shutil.copy(no_tokenizer / "config.json", config_only)

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import chat
+import checkpoint
 import nanoelastic as ne
 import slice as slicer
 from test_nanoelastic import CONFIGS, broken_copy, checkpoints  # noqa: F401 (fixtures)
@@ -181,7 +182,7 @@ def test_unreadable_shard_reports_the_true_cause(source, tmp_path, monkeypatch):
         if str(file).endswith(SHARDS[1]):
             raise PermissionError(errno.EACCES, "Permission denied", str(file))
         return real_open(file, *args, **kwargs)
-    monkeypatch.setattr(ne, "open", denied, raising=False)
+    monkeypatch.setattr(checkpoint, "open", denied, raising=False)
     error = one_line_error(ne.Model.from_pretrained, source, device="cpu", verbose=False)
     assert error == f"cannot read {source / SHARDS[1]}: Permission denied"
 
@@ -190,13 +191,13 @@ def test_unreadable_shard_reports_the_true_cause(source, tmp_path, monkeypatch):
 # slice.py's target: claimed, never replaced or merged unless told, the old one survives any interruption
 
 def test_target_appearing_mid_run_is_left_as_it_is(source, tmp_path, monkeypatch, capsys):
-    dst, write = tmp_path / "out", slicer.write_safetensors
+    dst, write = tmp_path / "out", checkpoint.write_safetensors
 
     def someone_creates_the_target(path, outputs, tensors):
         write(path, outputs, tensors)
         if not dst.exists():
             old_target(dst)
-    monkeypatch.setattr(slicer, "write_safetensors", someone_creates_the_target)
+    monkeypatch.setattr(checkpoint, "write_safetensors", someone_creates_the_target)
     code, _ = slice_main(["--source-checkpoint", source, "--target-checkpoint", dst, "--size", "32x8"], capsys)
     assert code == f"slice.py: error: target {dst} appeared while slicing: left as it is; nothing was written"
     assert listing(tmp_path) == {"out/old.txt": "the user's old slice"}
@@ -227,7 +228,7 @@ def test_two_concurrent_processes_one_wins(source, tmp_path):
     assert refused in ([f"slice.py: error: another slice.py is writing {dst}: wait for it, or choose another "
                         "target"], [f"slice.py: error: target exists: {dst} (use --force to replace it)"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
-    ne.check_checkpoint(ne.Model(ne.Config.from_file(dst / "config.json")).to("meta"), dst)
+    checkpoint.check_checkpoint(ne.Model(ne.Config.from_file(dst / "config.json")).to("meta"), dst)
 
 
 @pytest.mark.parametrize("call", [1, 2], ids=["old-moved-aside", "new-moved-in"])
@@ -281,7 +282,7 @@ def test_symlinked_target_refused_up_front(source, tmp_path, capsys):
 
 def test_full_disk_while_slicing(source, tmp_path, monkeypatch, capsys):
     """The disk fills while writing the second shard (simulated: a write fails with ENOSPC)."""
-    dst, write, shards = old_target(tmp_path / "out"), slicer.write_safetensors, []
+    dst, write, shards = old_target(tmp_path / "out"), checkpoint.write_safetensors, []
 
     def disk_full(path, outputs, tensors):
         shards.append(path)
@@ -289,7 +290,7 @@ def test_full_disk_while_slicing(source, tmp_path, monkeypatch, capsys):
             path.write_bytes(b"\0" * 64)  # a partial file, as a full disk leaves one
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
         write(path, outputs, tensors)
-    monkeypatch.setattr(slicer, "write_safetensors", disk_full)
+    monkeypatch.setattr(checkpoint, "write_safetensors", disk_full)
     code, _ = slice_main(["--source-checkpoint", source, "--target-checkpoint", dst, "--size", "40x16", "--force"],
                          capsys)
     assert code == f"slice.py: error: [Errno 28] No space left on device: '{shards[1]}'"
@@ -336,7 +337,7 @@ def test_folder_appearing_while_a_checkpoint_is_written(tmp_path):
     chat.write_demo_checkpoint(path)
     first = listing(path)
     path_again = tmp_path / "demo2"
-    error = one_line_error(ne.write_random_checkpoint, path_again, ne.DEMO_CONFIG,
+    error = one_line_error(checkpoint.write_random_checkpoint, path_again, ne.DEMO_CONFIG,
                            extra_files=lambda folder: chat.write_demo_checkpoint(path_again))
     assert error == f"{path_again} appeared while it was written (another run?): left as it is"
     assert listing(path_again) == first and sorted(p.name for p in tmp_path.iterdir()) == ["demo", "demo2"]

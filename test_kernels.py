@@ -13,6 +13,7 @@ import os
 import pytest
 import torch
 
+import checkpoint
 import kernels
 import nanoelastic as ne
 from test_nanoelastic import CONFIGS
@@ -320,7 +321,7 @@ def test_routing(monkeypatch):
 
 @pytest.mark.parametrize("name,fp8,size", [("A", True, "40x16"), ("B", False, None)])
 def test_model_with_kernels_matches_references(tmp_path, monkeypatch, name, fp8, size):
-    path = ne.write_random_checkpoint(tmp_path / "ckpt", CONFIGS[name], fp8=fp8, shards=2, seed=3)
+    path = checkpoint.write_random_checkpoint(tmp_path / "ckpt", CONFIGS[name], fp8=fp8, shards=2, seed=3)
     model = ne.Model.from_pretrained(path, device=DEVICE, dtype=torch.float32, verbose=False)
     tokens = torch.randint(0, CONFIGS[name].vocab_size, (1, 12), generator=torch.Generator().manual_seed(1))
 
@@ -341,10 +342,11 @@ def test_model_with_kernels_matches_references(tmp_path, monkeypatch, name, fp8,
 
 
 def test_decode_step_has_no_host_sync(tmp_path, monkeypatch):
-    """The decode step (Model.run, one token, with a cache) must not wait for the host, so that a CUDA graph
-    can capture it. Under the interpreter the kernel launches themselves are replaced (the interpreter
-    copies tensors to the host); on a GPU they run, under torch.cuda's sync check."""
-    path = ne.write_random_checkpoint(tmp_path / "ckpt", CONFIGS["A"], fp8=True, shards=1)
+    """The decode step (model(), one token, with a cache) must not wait for the host, so that a CUDA graph
+    can capture it: nothing but forward()'s check of the token ids, which DecodeGraph skips while it
+    captures. Under the interpreter the kernel launches themselves are replaced (the interpreter copies
+    tensors to the host); on a GPU they run, under torch.cuda's sync check."""
+    path = checkpoint.write_random_checkpoint(tmp_path / "ckpt", CONFIGS["A"], fp8=True, shards=1)
     model = ne.Model.from_pretrained(path, device=DEVICE, dtype=torch.float32, verbose=False)
     cache = model.new_cache(2, 16)
     model(torch.randint(0, 97, (2, 5)).to(DEVICE), cache)
@@ -354,8 +356,9 @@ def test_decode_step_has_no_host_sync(tmp_path, monkeypatch):
     try:
         with pytest.raises(AssertionError, match="host synchronisation"):
             model(token, cache)  # the guard works: forward() checks token ids on the host
-        model.nested("40x16").run(token, cache)
-        model.run(token, cache)
+        monkeypatch.setattr(ne, "checked_tokens", lambda tokens, vocab_size: tokens)  # as when capturing
+        model(token, cache, "40x16")
+        model(token, cache)
     finally:
         if CUDA:
             torch.cuda.set_sync_debug_mode("default")
@@ -367,16 +370,18 @@ def test_decode_step_has_no_host_sync(tmp_path, monkeypatch):
 
 if CUDA:  # CUDA graphs exist only there
     def test_decode_graph_matches_eager(tmp_path):
-        path = ne.write_random_checkpoint(tmp_path / "ckpt", CONFIGS["A"], fp8=True, shards=1)
+        path = checkpoint.write_random_checkpoint(tmp_path / "ckpt", CONFIGS["A"], fp8=True, shards=1)
         model = ne.Model.from_pretrained(path, device="cuda", dtype=torch.float32, verbose=False)
         tokens = torch.randint(0, 97, (2, 9), device="cuda")
         eager, graphed = model.new_cache(2, 16), model.new_cache(2, 16)
+        graph = ne.DecodeGraph(model, graphed)
+        assert graph.capture_graphs
         for cache in (eager, graphed):
             model(tokens[:, :5], cache, size="40x16")
         for i in range(5, 9):
             size = "40x16" if i < 7 else None  # a size switch between graph steps
             expected = model(tokens[:, i:i + 1], eager, size=size)[:, -1]
-            got = model.decode_graph(graphed, size)(tokens[:, i:i + 1])
+            got = graph(tokens[:, i:i + 1], size)
             assert rel_err(got, expected) < 1e-5
         assert graphed.length == eager.length == 9 and int(graphed.position) == 9
 

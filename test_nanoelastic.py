@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import checkpoint
 import nanoelastic as ne
 from nanoelastic import Config, Model, NanoElasticError, Switch, generate
 
@@ -44,7 +45,7 @@ SIZES = [None, "40x16", "32x8"]  # full, and two nested sizes (hidden x expert F
 @pytest.fixture(scope="session")
 def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("ckpt")
-    return {(name, fp8): ne.write_random_checkpoint(root / f"{name}-{'fp8' if fp8 else 'bf16'}", cfg, fp8=fp8,
+    return {(name, fp8): checkpoint.write_random_checkpoint(root / f"{name}-{'fp8' if fp8 else 'bf16'}", cfg, fp8=fp8,
                                                      shards=3, seed=len(name) + fp8)
             for name, cfg in CONFIGS.items() for fp8 in (True, False)}
 
@@ -249,6 +250,44 @@ def test_one_cache_serves_every_size(models):
             assert (a is None) == (b is None)
             for x, y in zip(a or (), b or ()):
                 assert x.shape == y.shape and x.dtype == y.dtype and not torch.equal(x, y)
+
+
+def test_fused_residual_equals_the_readable_path(models):
+    """The fast path used with the kernels (each residual add fused into the next norm, add_rms_norm)
+    computes exactly what Backbone.forward's h = h + mixer(norm(h)) does: prefill and a decode step."""
+    model = models[("A", True)]
+    t = tokens(2, 12, seed=12)
+    for size in SIZES:
+        backbone = model.nested(size).backbone
+        plain_cache, fused_cache = model.new_cache(2, 16), model.new_cache(2, 16)
+        with torch.no_grad():
+            for piece in (t[:, :11], t[:, 11:]):  # 11 tokens of prefill, then one decode step
+                plain = backbone(piece, plain_cache)
+                fused = ne.fused_backbone(backbone, piece, fused_cache)
+                assert torch.equal(plain, fused), size
+                for cache in (plain_cache, fused_cache):
+                    cache.end(piece.shape[1])
+        for a, b in zip(plain_cache.layers, fused_cache.layers):
+            assert all(torch.equal(x, y) for x, y in zip(a or (), b or ()))
+
+
+def test_decode_graph_holds_its_cache_and_dropping_it_frees_both():
+    """DecodeGraph holds the cache and the cache knows nothing of it: no reference cycle, so dropping
+    the graph (and the model) frees everything at once, without the garbage collector."""
+    import gc
+    import weakref
+
+    model = checkpoint.random_model(CONFIGS["A"], device="cpu", dtype=torch.float32)
+    step = ne.DecodeGraph(model, model.new_cache(1, 16))
+    for size in (None, "40x16"):
+        assert len(list(generate(model, [1, 2, 3], 4, size=size, cache=step, stop_tokens=()))) == 4
+    refs = [weakref.ref(x) for x in (step, step.cache, model, model.nested("40x16"))]
+    gc.disable()
+    try:
+        del step, model
+        assert [r() for r in refs] == [None] * len(refs)
+    finally:
+        gc.enable()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -533,9 +572,9 @@ def test_bad_checkpoint_errors(checkpoints, tmp_path):
 
 
 def test_writer_is_atomic(tmp_path):
-    path = ne.write_random_checkpoint(tmp_path / "ck", CONFIGS["A"], shards=2)
+    path = checkpoint.write_random_checkpoint(tmp_path / "ck", CONFIGS["A"], shards=2)
     with pytest.raises(NanoElasticError, match="already exists"):
-        ne.write_random_checkpoint(path, CONFIGS["A"])
+        checkpoint.write_random_checkpoint(path, CONFIGS["A"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]  # no temporary folder left behind
 
 
@@ -571,10 +610,10 @@ def test_readme_python_example_runs(tmp_path):
 
 
 def test_from_random_is_the_random_checkpoint_without_the_disk(checkpoints):
-    """Model.from_random (what bench.py builds the full-size model with) holds exactly the tensors that
+    """checkpoint.random_model (what bench.py builds the full-size model with) holds exactly the tensors that
     write_random_checkpoint + from_pretrained give for the same seed, in the same dtypes and places."""
     loaded = ne.Model.from_pretrained(checkpoints[("A", True)], device="cpu", dtype=torch.float32, verbose=False)
-    made = ne.Model.from_random(CONFIGS["A"], device="cpu", dtype=torch.float32, fp8=True, seed=len("A") + True)
+    made = checkpoint.random_model(CONFIGS["A"], device="cpu", dtype=torch.float32, fp8=True, seed=len("A") + True)
     tensors = lambda m: dict(m.named_parameters()) | dict(m.named_buffers())
     a, b = tensors(loaded), tensors(made)
     assert a.keys() == b.keys()
@@ -627,7 +666,7 @@ def test_readme_first_screen_and_demo_commands(tmp_path):
 def test_python_api_validates_like_the_cli():
     """Each bad argument of the Python API is one NanoElasticError that names it; prompts may be a list,
     a 1-D tensor or a [1, T] tensor."""
-    model = ne.Model.from_random(ne.DEMO_CONFIG, device="cpu", dtype=torch.float32)
+    model = checkpoint.random_model(ne.DEMO_CONFIG, device="cpu", dtype=torch.float32)
     prompt = [5, 6, 7]
     run = lambda **kw: list(ne.generate(model, kw.pop("prompt", prompt), 3, **kw))
     bad = [(dict(temperature=-1), "temperature must be >= 0"), (dict(temperature=1, top_p=0), "top_p must be in (0, 1]"),
@@ -646,10 +685,10 @@ def test_python_api_validates_like_the_cli():
     with pytest.raises(ne.NanoElasticError, match="need at least one token per row"):
         model(torch.zeros(1, 0, dtype=torch.long))
     with pytest.raises(ne.NanoElasticError, match="prefill chunk must be >= 1"):
-        model.prefill(torch.tensor([prompt]), model.new_cache(1, 8), chunk=0)
+        ne.prefill(model, torch.tensor([prompt]), model.new_cache(1, 8), chunk=0)
     if not torch.cuda.is_available():
         with pytest.raises(ne.NanoElasticError, match="no CUDA GPU here"):
-            ne.Model.from_random(ne.DEMO_CONFIG, device="cuda")
+            checkpoint.random_model(ne.DEMO_CONFIG, device="cuda")
     expected = run()
     assert run(prompt=torch.tensor(prompt)) == expected and run(prompt=torch.tensor([prompt])) == expected
     assert ne.parse_size("12b", ne.Config()) == ne.parse_size("12B", ne.Config()) == (1920, 960)
@@ -658,9 +697,9 @@ def test_python_api_validates_like_the_cli():
 
 def test_docstrings_and_nested_repr():
     for obj in [ne.Model, ne.Config, ne.Cache, ne.Switch, ne.Token, ne.generate, ne.sample, ne.Model.new_cache,
-                ne.Model.forward, ne.Model.prefill, ne.Model.decode_step, ne.Model.nested, ne.Model.from_pretrained]:
+                ne.Model.forward, ne.prefill, ne.DecodeGraph, ne.Model.nested, ne.Model.from_pretrained]:
         assert obj.__doc__ and "nn.Module" not in obj.__doc__ and "Base class" not in obj.__doc__, obj
-    model = ne.Model.from_random(ne.DEMO_CONFIG, device="cpu", dtype=torch.float32)
+    model = checkpoint.random_model(ne.DEMO_CONFIG, device="cpu", dtype=torch.float32)
     text = repr(model.nested("128x64"))
     assert "size 128x64" in text and "Embedding(512, 128)" in text and "Linear(in=128, out=64, experts=16" in text
     assert "256" not in text.split("(norm)")[1].split("\n")[0] and "size 256x128" in repr(model)

@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+import checkpoint
 import nanoelastic as ne
 import slice as slicer
 from nanoelastic import Model
@@ -195,7 +196,7 @@ def test_presets_on_the_real_widths(tmp_path):
     """23B and 12B by name, on a checkpoint with the 30B's hidden and expert FFN widths (few other params)."""
     config = small_config("EM*", hidden_size=2688, moe_intermediate_size=1856, intermediate_size=1856,
                           n_routed_experts=2, num_experts_per_tok=1)
-    src = ne.write_random_checkpoint(tmp_path / "src", config, shards=2)
+    src = checkpoint.write_random_checkpoint(tmp_path / "src", config, shards=2)
     source = load(src)
     t = tokens(1, 9, seed=8)
     # 23B as a user runs it (a subprocess: summary on stdout, progress on stderr), 12B in-process.
@@ -252,13 +253,13 @@ def test_target_is_refused_unless_force(sources, tmp_path):
 
 
 def test_interrupted_run_leaves_nothing(sources, tmp_path, monkeypatch, capsys):
-    write = slicer.write_safetensors
+    write = checkpoint.write_safetensors
 
     def interrupted(path, outputs, tensors):  # Ctrl-C once a shard is written
         write(path, outputs, tensors)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(slicer, "write_safetensors", interrupted)
+    monkeypatch.setattr(checkpoint, "write_safetensors", interrupted)
     src, dst = sources[("A", True)], tmp_path / "out"
     with pytest.raises(SystemExit) as e:
         slicer.main(list(map(str, ["--source-checkpoint", src, "--target-checkpoint", dst, "--size", "32x8"])))
