@@ -42,6 +42,7 @@ REQUIRED_FIELDS = ("vocab_size", "hidden_size", "num_attention_heads", "num_key_
                    "head_dim", "mamba_num_heads", "mamba_head_dim", "ssm_state_size", "n_groups",
                    "n_routed_experts", "num_experts_per_tok", "moe_intermediate_size",
                    "moe_shared_expert_intermediate_size")
+MAX_CHUNK = 4096  # Mamba-2 checkpoints use 128 or 256
 CONFIG_FIELDS = {  # config.json field -> (type, smallest value)
     **dict.fromkeys(REQUIRED_FIELDS + ("conv_kernel", "chunk_size", "intermediate_size", "n_group",
                                        "topk_group", "max_position_embeddings"), (int, 1)),
@@ -50,7 +51,7 @@ CONFIG_FIELDS = {  # config.json field -> (type, smallest value)
     "routed_scaling_factor": (float, 0.0), "layer_norm_epsilon": (float, 0.0),
     "time_step_limit": ("pair of float", 0.0),
     **dict.fromkeys(("use_conv_bias", "norm_topk_prob", "tie_word_embeddings"), (bool, None)),
-    "mlp_hidden_act": (str, None),
+    "mlp_hidden_act": (str, None), "num_hidden_layers": (int, 1),
 }
 
 
@@ -68,6 +69,9 @@ def check_config_field(name: str, value, kind, low) -> None:
     else:
         values = [value]
         ok = number(value, kind) if kind in (int, float) else isinstance(value, kind)
+    if ok and kind in (float, "pair of float"):  # NaN never; infinity only as the dt limit's maximum
+        ok = all(math.isfinite(v) for v in values[:1 if kind == "pair of float" else None])
+        ok = ok and not any(math.isnan(v) for v in values)
     if not ok:
         message = f"config: {name} must be {getattr(kind, '__name__', kind)}, not {value!r}"
         raise NanoElasticError(message[:160])
@@ -86,6 +90,10 @@ def config_fields(d: dict, known: set[str]) -> dict:
     if layers is None:
         raise NanoElasticError("config has neither hybrid_override_pattern nor layers_block_type")
     d["layers_block_type"] = ne.layer_kinds(layers)
+    count = d.get("num_hidden_layers")
+    if count is not None and count != len(d["layers_block_type"]):
+        raise NanoElasticError(f"config: num_hidden_layers = {count!r} but the layer pattern has "
+                               f"{len(d['layers_block_type'])} layers")
     for name, (kind, low) in CONFIG_FIELDS.items():
         if d.get(name) is not None:
             check_config_field(name, d[name], kind, low)
@@ -112,6 +120,25 @@ def check_config(c: Config) -> None:
         if getattr(c, small) > getattr(c, large):
             raise NanoElasticError(f"config: {small} ({getattr(c, small)}) > {large} "
                                    f"({getattr(c, large)})")
+    per_group = c.n_routed_experts // c.n_group
+    if c.n_group > 1 and per_group < 2:  # groups are ranked by their two best experts
+        raise NanoElasticError(f"config: n_group {c.n_group} leaves {per_group} expert per group "
+                               f"(group-limited routing needs at least 2)")
+    if c.num_experts_per_tok > c.topk_group * per_group:
+        raise NanoElasticError(f"config: num_experts_per_tok ({c.num_experts_per_tok}) > the "
+                               f"{c.topk_group * per_group} experts of the topk_group best groups")
+    if c.chunk_size > MAX_CHUNK:
+        raise NanoElasticError(f"config: chunk_size {c.chunk_size} > {MAX_CHUNK} (the scan holds "
+                               f"chunk x chunk decays)")
+    low, high = c.time_step_limit
+    if low > high:
+        raise NanoElasticError(f"config: time_step_limit {list(c.time_step_limit)} has min > max")
+    eos = c.eos_token_id if isinstance(c.eos_token_id, list) else [c.eos_token_id]
+    for name, ids in (("bos_token_id", [c.bos_token_id]), ("pad_token_id", [c.pad_token_id]),
+                      ("eos_token_id", eos)):
+        if any(i >= c.vocab_size for i in ids):
+            raise NanoElasticError(f"config: {name} {ids if len(ids) > 1 else ids[0]} is not below "
+                                   f"vocab_size {c.vocab_size}")
 
 
 def read_config(path: Path) -> Config:

@@ -5,6 +5,7 @@ line, and what is left on disk."""
 
 import errno
 import json
+import math
 import os
 import signal
 import subprocess
@@ -84,6 +85,16 @@ CONFIG_FAULTS = [  # (edit of config.json, the message expected)
     (lambda c: edited(c, n_group=3), "n_routed_experts (8) is not a multiple of n_group (3)"),
     (lambda c: edited(c, n_groups=3), "mamba_num_heads (8) is not a multiple of n_groups (3)"),
     (lambda c: edited(c, time_step_limit=[0.0]), "time_step_limit must be pair of float"),
+    (lambda c: edited(c, routed_scaling_factor=math.nan), "routed_scaling_factor must be float, not nan"),
+    (lambda c: edited(c, layer_norm_epsilon=math.inf), "layer_norm_epsilon must be float, not inf"),
+    (lambda c: edited(c, time_step_limit=[math.nan, 1.0]), "time_step_limit must be pair of float"),
+    (lambda c: edited(c, time_step_limit=[5.0, 1.0]), "time_step_limit [5.0, 1.0] has min > max"),
+    (lambda c: edited(c, n_group=8, topk_group=1), "n_group 8 leaves 1 expert per group"),
+    (lambda c: edited(c, n_group=4, topk_group=1, num_experts_per_tok=3),
+     "num_experts_per_tok (3) > the 2 experts of the topk_group best groups"),
+    (lambda c: edited(c, chunk_size=10**12), "chunk_size 1000000000000 > 4096"),
+    (lambda c: edited(c, num_hidden_layers=52), "num_hidden_layers = 52 but the layer pattern has"),
+    (lambda c: edited(c, eos_token_id=[2, 100_000]), "eos_token_id [2, 100000] is not below vocab_size"),
     (lambda c: without(c, "hidden_size"), "missing field hidden_size"),
     (lambda c: without(without(c, "vocab_size"), "head_dim"), "missing field vocab_size (and 1 more)"),
 ]
