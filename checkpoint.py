@@ -12,6 +12,7 @@ renamed into place at the end, so an interruption or a full disk leaves nothing 
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import json
 import math
@@ -471,12 +472,30 @@ def write_shards(folder: Path, shards: list[list[Planned]], tensors: Iterator[Te
                {"metadata": {**(metadata or {}), "total_size": total}, "weight_map": weight_map})
 
 
+def rename_no_replace(src: Path, dst: Path) -> None:
+    """src -> dst, or FileExistsError if anything is at dst. Linux's renameat2(RENAME_NOREPLACE) does
+    it atomically; where that is missing, a check just before the rename (which would replace an
+    empty folder) is the best there is."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        renameat2 = None
+    if renameat2 is not None:
+        at_cwd, no_replace = -100, 1
+        if renameat2(at_cwd, os.fsencode(src), at_cwd, os.fsencode(dst), no_replace) == 0:
+            return
+        err = ctypes.get_errno()
+        if err not in (errno.ENOSYS, errno.EINVAL):  # else: a file system without the flag
+            raise OSError(err, os.strerror(err), str(dst))
+    if os.path.lexists(dst):
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(dst))
+    src.rename(dst)
+
+
 def move_into_place(folder: Path, path: Path) -> bool:
     """Rename `folder` to `path`, unless something is at `path` (then False: left as it is)."""
     try:
-        if os.path.lexists(path):  # rename() would replace an empty folder
-            raise FileExistsError(errno.EEXIST, "exists")
-        folder.rename(path)
+        rename_no_replace(folder, path)
     except OSError as e:
         if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
             raise

@@ -91,6 +91,7 @@ def human(n: float, unit: str, prefixes=("", "k", "M", "G")) -> str:
 # 1. Plan: check the source, the size, the precision and the target; plan every output tensor
 
 def plan_slice(source: Path, target: Path, size: str, precision: str | None) -> Slice:
+    target = Path(os.path.abspath(target))  # "." and "dir/" have a name to put beside
     if not source.is_dir():
         raise NanoElasticError(f"source checkpoint folder not found: {source}")
     config = Config.from_file(source / "config.json")
@@ -261,7 +262,7 @@ def clean_leftovers(target: Path, log) -> None:
         if os.path.lexists(target):
             remove(old)  # the swap had finished: the new target is in place
         else:
-            old.rename(target)
+            checkpoint.rename_no_replace(old, target)
             log(f"restored {target}, which an interrupted slice.py --force had moved to {old.name}")
     for tmp in sorted(target.parent.glob(f".{glob.escape(target.name)}.tmp-*")):
         remove(tmp)
@@ -293,7 +294,7 @@ def swap_into_place(target: Path, force: bool, log, write):
             raise NanoElasticError(f"target {target} appeared while slicing: left as it is")
     finally:
         if old.exists() and not os.path.lexists(target):
-            old.rename(target)  # interrupted inside the swap: the old target goes back
+            checkpoint.move_into_place(old, target)  # interrupted inside the swap: the old one back
         remove(old)
         remove(tmp)
         unlock_target(target, lock)

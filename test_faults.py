@@ -244,14 +244,17 @@ def test_two_concurrent_processes_one_wins(source, tmp_path):
 
 @pytest.mark.parametrize("call", [1, 2], ids=["old-moved-aside", "new-moved-in"])
 def test_force_swap_interrupted_keeps_the_old_target(source, tmp_path, monkeypatch, capsys, call):
-    dst, rename, calls = old_target(tmp_path / "out"), Path.rename, []
+    dst, calls = old_target(tmp_path / "out"), []
 
-    def interrupted_rename(self, to):  # Ctrl-C at the chosen rename of the swap, before it happens
-        calls.append(self)
-        if len(calls) == call:
-            raise KeyboardInterrupt
-        return rename(self, to)
-    monkeypatch.setattr(Path, "rename", interrupted_rename)
+    def interrupted(rename):  # Ctrl-C at the chosen rename of the swap, before it happens
+        def wrapped(src, to):
+            calls.append(src)
+            if len(calls) == call:
+                raise KeyboardInterrupt
+            return rename(src, to)
+        return wrapped
+    monkeypatch.setattr(Path, "rename", interrupted(Path.rename))  # the old target moved aside
+    monkeypatch.setattr(checkpoint, "rename_no_replace", interrupted(checkpoint.rename_no_replace))
     code, err = slice_main(["--source-checkpoint", source, "--target-checkpoint", dst, "--size", "32x8", "--force"],
                            capsys)
     assert code == 130
@@ -392,3 +395,26 @@ def test_sigterm_removes_the_demo_checkpoint(tmp_path):
         proc.kill()
     assert b"Traceback" not in proc.stderr.read()
     assert list(temp.iterdir()) == []  # ... and gone
+
+
+def test_move_into_place_never_replaces_what_appears_at_the_target(tmp_path, monkeypatch):
+    """An empty folder made at the target after every check (here: the checks are blinded) is left as
+    it is: the rename itself refuses to replace (renameat2 with RENAME_NOREPLACE)."""
+    new, target = tmp_path / "new", tmp_path / "target"
+    new.mkdir()
+    (new / "model.safetensors").write_text("new")
+    target.mkdir()  # rename() would silently replace an empty folder
+    monkeypatch.setattr(os.path, "lexists", lambda path: False)
+    assert checkpoint.move_into_place(new, target) is False
+    assert list(target.iterdir()) == [] and (new / "model.safetensors").read_text() == "new"
+    monkeypatch.undo()
+    target.rmdir()
+    assert checkpoint.move_into_place(new, target) is True and (target / "model.safetensors").exists()
+
+
+def test_slice_to_the_current_folder_is_one_line(source, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    for target in (".", "", "./"):
+        code, _ = slice_main(["--source-checkpoint", source, "--target-checkpoint", target,
+                              "--size", "40x16"], capsys)
+        assert code.startswith("slice.py: error: ") and "\n" not in code, code
