@@ -57,6 +57,10 @@ lines of \"\"\"; a paste of several lines is one prompt."""
 def render_chat(messages: list[dict], add_generation_prompt: bool = False,
                 enable_thinking: bool = True,
                 truncate_history_thinking: bool = True) -> str:
+    """The prompt text of a conversation ([{"role": ..., "content": ...}, ...]), as the
+    checkpoint's chat template renders it: an optional system turn first, earlier replies with
+    their thinking cut (truncate_history_thinking), and with add_generation_prompt the assistant
+    turn opened, <think> or an empty <think></think> (enable_thinking)."""
     system, turns = "", messages
     if messages and messages[0]["role"] == "system":
         system, turns = messages[0]["content"], messages[1:]
@@ -199,8 +203,15 @@ def demo_tokenizer():
     return tokenizer
 
 
+def tokens(n: int) -> str:
+    return f"{n} token" + "s" * (n != 1)
+
+
 def demo_config() -> ne.Config:
-    return replace(ne.DEMO_CONFIG, vocab_size=demo_tokenizer().get_vocab_size())
+    """ne.DEMO_CONFIG with the byte-level tokenizer's vocabulary and end-of-reply ids."""
+    tokenizer = demo_tokenizer()
+    eos = [tokenizer.token_to_id("</s>"), tokenizer.token_to_id("<|im_end|>")]
+    return replace(ne.DEMO_CONFIG, vocab_size=tokenizer.get_vocab_size(), eos_token_id=eos)
 
 
 def write_demo_checkpoint(path: str | Path) -> Path:
@@ -291,6 +302,9 @@ def model_size(size: str, config: ne.Config, size_names: dict[str, str]) -> str:
 
 
 class Chat:
+    """One conversation on one model and cache: each reply thinks at settings.think and answers
+    at settings.answer, streamed to `out`; the cache is kept per turn and reused when the history
+    allows."""
     def __init__(self, model: ne.Model, tokenizer: ChatTokenizer, settings: Settings,
                  size_names: dict[str, str] | None = None, color: bool = False, out=sys.stdout):
         self.model, self.tokenizer, self.settings, self.out = model, tokenizer, settings, out
@@ -408,7 +422,7 @@ class Chat:
         if turn.interrupted:
             self.write("[stopped]\n")
         elif not turn.stopped:
-            self.write(f"[cut at {max_new} tokens: --max-new-tokens]\n")
+            self.write(f"[cut at {tokens(max_new)}: --max-new-tokens]\n")
         think = turn.think if self.settings.thinking else None
         self.write(self.status(think, turn.answer, turn.first_token, switched) + "\n")
         self.at_line_start = True
@@ -663,7 +677,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"DEMO: random weights, so the text is noise; the sizes, caches and switch are "
               f"real.\n30B/23B/12B stand for the nested sizes {'/'.join(DEMO_SIZES.values())} of a "
               f"small random checkpoint.\nRandom weights rarely write </think>: thinking stops "
-              f"after {settings.max_think} tokens (--max-think).",
+              f"after {tokens(settings.max_think)} (--max-think).",
               file=sys.stderr if prompt is not None else sys.stdout, flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         model, tokenizer = load(args, tmp)

@@ -70,7 +70,7 @@ def check_config_field(name: str, value, kind, low) -> None:
     else:
         values = [value]
         ok = number(value, kind) if kind in (int, float) else isinstance(value, kind)
-    if ok and kind in (float, "pair of float"):  # NaN never; infinity only as the dt limit's maximum
+    if ok and kind in (float, "pair of float"):  # never NaN; inf only as the dt limit's maximum
         ok = all(math.isfinite(v) for v in values[:1 if kind == "pair of float" else None])
         ok = ok and not any(math.isnan(v) for v in values)
     if not ok:
@@ -473,9 +473,9 @@ def write_shards(folder: Path, shards: list[list[Planned]], tensors: Iterator[Te
 
 
 def rename_no_replace(src: Path, dst: Path) -> None:
-    """src -> dst, or FileExistsError if anything is at dst. Linux's renameat2(RENAME_NOREPLACE) does
-    it atomically; where that is missing, a check just before the rename (which would replace an
-    empty folder) is the best there is."""
+    """src -> dst, or FileExistsError if anything is at dst. Linux's renameat2(RENAME_NOREPLACE)
+    does it atomically; where that is missing, a check just before the rename (which would replace
+    an empty folder) is the best there is."""
     try:
         renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
     except (AttributeError, OSError):
@@ -591,7 +591,7 @@ def write_random_checkpoint(path: str | Path, config: Config, fp8: bool = True, 
         write_shards(tmp, plan, tensors)
         write_json(tmp / "config.json", config.to_dict())
         write_json(tmp / "generation_config.json", {"bos_token_id": config.bos_token_id,
-                                                    "eos_token_id": list(ne.STOP_TOKENS),
+                                                    "eos_token_id": config.eos_token_id,
                                                     "pad_token_id": config.pad_token_id})
         if fp8:
             write_json(tmp / "hf_quant_config.json", {"producer": {"name": "nanoelastic (random)"},

@@ -205,6 +205,7 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float, groups: int = 1,
 
 
 class RMSNorm(nn.Module):
+    """weight * x / rms(x) over the channels, fp32 statistics (the functions above apply it)."""
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(dim), requires_grad=False)
@@ -338,6 +339,9 @@ def mamba_step(xBC: Tensor, dt: Tensor, conv_state: Tensor, ssm_state: Tensor, c
 
 
 class Mamba2Mixer(nn.Module):
+    """The Mamba-2 mixer: in_proj -> causal conv -> selective scan (scan() for a prompt, step()
+    for one token) -> gated RMSNorm -> out_proj. Its decode state lives in the cache: conv
+    [B, C, K-1], SSM [B, H, P, N]."""
     def __init__(self, config: Config, layer_idx: int):
         super().__init__()
         c = config
@@ -392,6 +396,7 @@ class Mamba2Mixer(nn.Module):
 # 4. Attention: GQA, no positional encoding; the cache returns what to attend over
 
 class Attention(nn.Module):
+    """Causal grouped-query attention without positional encoding; K and V go into the cache."""
     def __init__(self, config: Config, layer_idx: int):
         super().__init__()
         c = config
@@ -431,6 +436,8 @@ class MLP(nn.Module):
 
 
 class Router(nn.Module):
+    """Sigmoid scores of the routed experts; the bias only chooses the top-k, the unbiased scores
+    (renormalised, times routed_scaling_factor) weight them."""
     def __init__(self, config: Config):
         super().__init__()
         E = config.n_routed_experts
@@ -495,6 +502,7 @@ class Experts(nn.Module):
 
 
 class MoE(nn.Module):
+    """The routed top-k relu^2 experts plus one shared expert that every token takes."""
     def __init__(self, config: Config):
         super().__init__()
         self.gate = Router(config)
@@ -527,6 +535,7 @@ class Block(nn.Module):
 
 
 class Backbone(nn.Module):
+    """Embeddings, the hybrid layers in the order of layers_block_type, the final norm."""
     def __init__(self, config: Config):
         super().__init__()
         self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size).requires_grad_(False)
@@ -715,6 +724,7 @@ class Cache:
         self.interrupted = True
 
     def end(self, new_tokens: int) -> None:
+        """Close the step begun by begin(): the new tokens are now in the cache."""
         self.position += new_tokens  # on the device: a CUDA graph's replay advances it too
         self.length += new_tokens
         self.interrupted = False
@@ -740,6 +750,7 @@ class Cache:
         return n, saved
 
     def restore(self, snapshot: tuple[int, list]) -> None:
+        """Go back to a snapshot(): the cache holds its prefix again, nothing after it."""
         n, states = snapshot
         for kind, saved, state in zip(self.kinds, states, self.layers):
             for copy_, t in zip(saved or (), state or ()):
@@ -762,6 +773,7 @@ except ImportError:  # no Triton (e.g. macOS): the references run everywhere
 
 
 def use_kernels(t: Tensor) -> bool:
+    """Whether calls on tensor t go to kernels.py (NANOELASTIC_KERNELS, see the table above)."""
     mode = os.environ.get("NANOELASTIC_KERNELS", "")
     if mode not in ("", "torch", "triton"):
         raise NanoElasticError(f"NANOELASTIC_KERNELS={mode!r}: use 'torch' or 'triton', or leave "
@@ -1209,6 +1221,7 @@ def sigterm_as_interrupt() -> None:
 
 
 def interrupted_exit_code(e: BaseException) -> int:
+    """The exit code of a run stopped by Ctrl-C (130) or SIGTERM (143)."""
     # 128 + the signal's number, as shells report it
     return 143 if isinstance(e, Terminated) else 130
 
