@@ -16,6 +16,7 @@ by its tokenizer.json.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import sys
@@ -292,11 +293,15 @@ def model_size(size: str, config: ne.Config, size_names: dict[str, str]) -> str:
     try:
         ne.parse_size(size, config)
     except NanoElasticError as e:
-        if not size_names:
-            raise
-        names = ", ".join(f"{name} (= {real})" for name, real in size_names.items())
+        fits = []  # the named sizes that fit this checkpoint
+        for name, real in (size_names or {p: p for p in ne.SIZE_PRESETS}).items():
+            try:
+                ne.parse_size(real, config)
+                fits.append(name if name == real else f"{name} (= {real})")
+            except NanoElasticError:
+                pass
         problem = str(e).split(": use ")[0]  # the hint below replaces parse_size's
-        raise NanoElasticError(f"{problem}: use {names}, or HIDDENxFFN up to "
+        raise NanoElasticError(f"{problem}: use {', '.join(fits + [''])}HIDDENxFFN up to "
                                f"{config.hidden_size}x{config.moe_intermediate_size}") from e
     return size
 
@@ -603,7 +608,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if getattr(args, name) is not None and getattr(args, name) < low:
             ap.error(f"--{name.replace('_', '-')} must be >= {low}")
     bad_top_p = args.top_p is not None and not 0 < args.top_p <= 1
-    if (args.temperature is not None and args.temperature < 0) or bad_top_p:
+    bad_temperature = args.temperature is not None and not 0 <= args.temperature < math.inf  # NaN too
+    if bad_temperature or bad_top_p:
         ap.error("--temperature must be >= 0 and --top-p in (0, 1]")
     return args
 
@@ -628,8 +634,14 @@ def check_sizes(args: argparse.Namespace, settings: Settings) -> dict[str, str]:
         config = demo_config()
     else:
         config = ne.Config.from_file(find_checkpoint(args.ckpt) / "config.json")
-    for size in (settings.think, settings.answer):
-        model_size(size, config, size_names)
+    for name in ("think", "answer"):
+        try:
+            model_size(getattr(settings, name), config, size_names)
+        except NanoElasticError:
+            if getattr(args, name) is not None:
+                raise
+            # the default (30B) does not fit a sliced checkpoint: use its own, whole size
+            setattr(settings, name, f"{config.hidden_size}x{config.moe_intermediate_size}")
     return size_names
 
 

@@ -338,6 +338,9 @@ def test_bad_input_is_one_line_error(demo_ckpt, tmp_path):
     config_only = tmp_path / "config-only"
     config_only.mkdir()
     shutil.copy(no_tokenizer / "config.json", config_only)
+    sliced_23b = tmp_path / "sliced-23B"  # the config of a standalone 23B (slice.py's output)
+    sliced_23b.mkdir()
+    (sliced_23b / "config.json").write_text(json.dumps(ne.Config().sliced(2304, 1600).to_dict()))
     cases = [  # (arguments, stdin, what the one line says)
         (["--demo", "--ckpt", str(demo_ckpt), "--think", "40B", "--prompt", "hi"], "", "unknown size '40B'"),
         (["--prompt", "hi"], "", "no checkpoint found.*hf download nvidia/.*python chat.py --demo"),
@@ -349,6 +352,13 @@ def test_bad_input_is_one_line_error(demo_ckpt, tmp_path):
         (["--ckpt", str(config_only), "--think", "12B", "--prompt", "hi"], "", "size 12B = hidden 1920 .* does not fit"),
         (["--demo", "--ckpt", str(demo_ckpt), "--think", "12b", "--answer", "500x10", "--prompt", "hi"], "",
          "size 500x10 .* does not fit .*: use 30B \\(= 256x128\\)"),
+        (["--demo", "--ckpt", str(demo_ckpt), "--temperature", "nan", "--prompt", "hi"], "", "--temperature"),
+        (["--demo", "--ckpt", str(demo_ckpt), "--temperature", "inf", "--prompt", "hi"], "", "--temperature"),
+        (["--ckpt", str(sliced_23b), "--think", "30B", "--prompt", "hi"], "",
+         "size 30B .* does not fit .*: use 23B, 12B, HIDDENxFFN up to 2304x1600"),
+        # no size given: the default 30B does not fit, so the checkpoint's own size is used (then the
+        # missing tokenizer is the first problem)
+        (["--ckpt", str(sliced_23b), "--prompt", "hi"], "", "missing tokenizer"),
     ]
     procs = [(subprocess.Popen([sys.executable, str(ROOT / "chat.py"), *args], stdin=subprocess.PIPE,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
