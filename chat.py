@@ -301,7 +301,8 @@ def model_size(size: str, config: ne.Config, size_names: dict[str, str]) -> str:
             except NanoElasticError:
                 pass
         problem = str(e).split(": use ")[0]  # the hint below replaces parse_size's
-        raise NanoElasticError(f"{problem}: use {', '.join(fits + [''])}HIDDENxFFN up to "
+        named = ", ".join(fits) + ", or " if fits else ""
+        raise NanoElasticError(f"{problem}: use {named}HIDDENxFFN up to "
                                f"{config.hidden_size}x{config.moe_intermediate_size}") from e
     return size
 
@@ -485,7 +486,8 @@ def command(chat: Chat, line: str) -> bool:
     if name not in USAGE:
         raise NanoElasticError(f"unknown command {name}: /help lists them")
     takes_arg = name in ("/think", "/answer", "/switch")
-    if bool(arg) != takes_arg or (name == "/switch" and arg not in ("transplant", "reprefill")):
+    if bool(arg) != takes_arg or len(arg.split()) > 1 or (
+            name == "/switch" and arg not in ("transplant", "reprefill")):
         raise NanoElasticError(f"usage: {USAGE[name]}")
     if name in ("/exit", "/quit"):
         return False

@@ -262,7 +262,7 @@ def test_piped_prompt_switches_where_the_model_writes_think_end(demo_ckpt, demo_
 def test_repl_commands(demo_ckpt):
     lines = ["/help", "/think 12b", "/answer 23B", "/switch reprefill", "hello \\", "on two lines", "/nothink",
              '"""', "again", "", "in a block", '"""', "/think 99B", "/think 2304x1600", "/switch sideways", "/switch",
-             "/think", "/clear now", "/frobnicate", "/clear", "", "/exit", "not read"]
+             "/think", "/think 12B 23B", "/clear now", "/frobnicate", "/clear", "", "/exit", "not read"]
     r = run("--demo", "--ckpt", str(demo_ckpt), "--interactive", "--max-think", "2", "--max-new-tokens", "4",
             input="\n".join(lines) + "\n")
     out = r.stdout
@@ -272,6 +272,7 @@ def test_repl_commands(demo_ckpt):
                      "switch reprefill", "thinking off", "error: unknown size '99B': use 30B (= 256x128), 23B (= 192x96), "
                      "12B (= 128x64), or HIDDENxFFN up to 256x128", "error: size 2304x1600 = hidden 2304",
                      "> /switch sideways\n" + usage, "> /switch\n" + usage, "> /think\nerror: usage: /think SIZE",
+                     "> /think 12B 23B\nerror: usage: /think SIZE",
                      "> /clear now\nerror: usage: /clear\n", "error: unknown command /frobnicate", "conversation cleared",
                      "a paste of several lines is one prompt"]:
         assert expected in out, expected
@@ -355,7 +356,7 @@ def test_bad_input_is_one_line_error(demo_ckpt, tmp_path):
         (["--demo", "--ckpt", str(demo_ckpt), "--temperature", "nan", "--prompt", "hi"], "", "--temperature"),
         (["--demo", "--ckpt", str(demo_ckpt), "--temperature", "inf", "--prompt", "hi"], "", "--temperature"),
         (["--ckpt", str(sliced_23b), "--think", "30B", "--prompt", "hi"], "",
-         "size 30B .* does not fit .*: use 23B, 12B, HIDDENxFFN up to 2304x1600"),
+         "size 30B .* does not fit .*: use 23B, 12B, or HIDDENxFFN up to 2304x1600"),
         # no size given: the default 30B does not fit, so the checkpoint's own size is used (then the
         # missing tokenizer is the first problem)
         (["--ckpt", str(sliced_23b), "--prompt", "hi"], "", "missing tokenizer"),
