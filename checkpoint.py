@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import glob
 import json
 import math
 import os
@@ -570,6 +571,21 @@ def random_checkpoint_tensors(config: Config, fp8: bool = True, seed: int = 0,
                 yield full, t.to(torch.bfloat16)
 
 
+def remove_dead_runs_folders(path: Path) -> None:
+    """The temporary folders beside `path` of runs that were killed (kill -9, a power cut): named
+    `.NAME.tmp-PID-*`, removed when no process PID is alive."""
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.tmp-*-*"):
+        pid = tmp.name[len(path.name) + 6:].split("-")[0]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(tmp, ignore_errors=True)
+        except PermissionError:  # alive, another user's
+            pass
+
+
 def write_random_checkpoint(path: str | Path, config: Config, fp8: bool = True, shards: int = 2,
                             seed: int = 0, extra_files=None) -> Path:
     """Write a random checkpoint of `config` in the exact on-disk format of the real one:
@@ -585,7 +601,8 @@ def write_random_checkpoint(path: str | Path, config: Config, fp8: bool = True, 
     # At most `shards` shards: each but the last holds more than total / shards.
     plan = split_shards(planned, sum(nbytes(p.meta) for p in planned) / shards + largest)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))  # a name of its own
+    remove_dead_runs_folders(path)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent))
     try:
         tensors = (t for _, t in random_checkpoint_tensors(config, fp8, seed))
         write_shards(tmp, plan, tensors)

@@ -418,3 +418,17 @@ def test_slice_to_the_current_folder_is_one_line(source, tmp_path, monkeypatch, 
         code, _ = slice_main(["--source-checkpoint", source, "--target-checkpoint", target,
                               "--size", "40x16"], capsys)
         assert code.startswith("slice.py: error: ") and "\n" not in code, code
+
+
+def test_a_killed_demo_writers_folder_is_removed_by_the_next_run(tmp_path):
+    """kill -9 while the demo checkpoint is written leaves `.NAME.tmp-PID-*`; the next run removes the
+    folders of dead processes (and leaves those of live ones)."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    left = tmp_path / f".demo.tmp-{dead.pid}-abc"
+    live = tmp_path / f".demo.tmp-{os.getppid()}-xyz"  # pytest's parent: alive
+    for folder in (left, live):
+        folder.mkdir()
+        (folder / "model-00001-of-00002.safetensors").write_bytes(b"half")
+    chat.write_demo_checkpoint(tmp_path / "demo")
+    assert not left.exists() and live.exists() and (tmp_path / "demo" / "config.json").exists()
