@@ -6,12 +6,13 @@ in nanoelastic.py, which is the reference (the spec); nanoelastic routes calls h
 
     NANOELASTIC_KERNELS unset    Triton on CUDA tensors, torch references elsewhere
     NANOELASTIC_KERNELS=torch    torch references everywhere
-    NANOELASTIC_KERNELS=triton   Triton everywhere; on CPU tensors under TRITON_INTERPRET=1 (how CI tests them)
+    NANOELASTIC_KERNELS=triton   Triton everywhere; on CPU tensors under TRITON_INTERPRET=1 (CI)
 
-    linear        x @ W^T, W FP8 (x per-tensor scale) or BF16, read through nested prefix views with their
-                  strides: no copy, no dequantised weight in memory
-    moe_experts   top-k routed experts, up -> relu^2 -> down x routing weight, over stacked [E, out, in]
-                  weights; tokens grouped by expert on the device, no host synchronisation (graph-capturable)
+    linear        x @ W^T, W FP8 (x per-tensor scale) or BF16, read through nested prefix views with
+                  their strides: no copy, no dequantised weight in memory
+    moe_experts   top-k routed experts, up -> relu^2 -> down x routing weight, over stacked
+                  [E, out, in] weights; tokens grouped by expert on the device, no host
+                  synchronisation (graph-capturable)
     ssd_chunked   the chunked Mamba-2 scan for prefill: chunk states, state passing, chunk outputs
     mamba_step    the decode step: conv-state update + conv + SSM state update + output, in place
     rms_norm      RMSNorm in groups, with the Mamba gate y * silu(z) fused
@@ -51,7 +52,8 @@ def _dot_args(dtype: torch.dtype) -> dict:
     mis-reads bfloat16 operands (Triton 3.9), so under it they are upcast to fp32 first."""
     if dtype == torch.float32 or _INTERPRET:
         return dict(DOT_DTYPE=tl.float32, PRECISION="ieee")
-    return dict(DOT_DTYPE={torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype], PRECISION="tf32")
+    dot_dtype = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype]
+    return dict(DOT_DTYPE=dot_dtype, PRECISION="tf32")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -67,10 +69,10 @@ def _matmul_kernel(a_ptr, w_ptr, out_ptr, scale_ptr, pair_ptr, block_expert_ptr,
     pointers are given (None ones are compiled out) sets the mode:
 
       linear    pair_ptr None: row r of A gives row r of out; one weight. scale_ptr None: BF16 weight.
-      MoE up    pair_ptr given, pair_weight_ptr None: row r reads A row pair[r] // TOP_K (the pair's token)
-                and stores relu(.)^2 at out row r (the pairs in sorted order).
-      MoE down  pair_weight_ptr given: row r reads A row r and stores at out row pair[r], times the pair's
-                routing weight.
+      MoE up    pair_ptr given, pair_weight_ptr None: row r reads A row pair[r] // TOP_K (the
+                pair's token) and stores relu(.)^2 at out row r (the pairs in sorted order).
+      MoE down  pair_weight_ptr given: row r reads A row r and stores at out row pair[r], times
+                the pair's routing weight.
 
     In the MoE modes the rows are the (token, expert) pairs sorted by expert, each expert's group padded
     to BLOCK_M rows (pair -1) so that every row block has one expert, block_expert[pid_m] (-1: an unused
@@ -102,8 +104,8 @@ def _matmul_kernel(a_ptr, w_ptr, out_ptr, scale_ptr, pair_ptr, block_expert_ptr,
         ks = k0 + tl.arange(0, BLOCK_K)
         a = tl.load(a_ptr + a_rows[:, None].to(tl.int64) * stride_am + ks[None, :] * stride_ak,
                     mask=valid[:, None] & (ks[None, :] < K), other=0.0)
-        w = tl.load(w_base + cols[None, :] * stride_wn + ks[:, None] * stride_wk,  # [BLOCK_K, BLOCK_N] = W^T
-                    mask=(cols[None, :] < N) & (ks[:, None] < K), other=0.0)
+        w = tl.load(w_base + cols[None, :] * stride_wn + ks[:, None] * stride_wk,
+                    mask=(cols[None, :] < N) & (ks[:, None] < K), other=0.0)  # W^T [BLOCK_K, BLOCK_N]
         acc = tl.dot(a.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=PRECISION)
 
     if scale_ptr is not None:
@@ -113,13 +115,15 @@ def _matmul_kernel(a_ptr, w_ptr, out_ptr, scale_ptr, pair_ptr, block_expert_ptr,
             acc = tl.maximum(acc, 0.0)
             acc = acc * acc
         else:  # MoE down: times the routing weight
-            acc = acc * tl.load(pair_weight_ptr + tl.where(valid, pair, 0), mask=valid, other=0.0)[:, None]
+            weight = tl.load(pair_weight_ptr + tl.where(valid, pair, 0), mask=valid, other=0.0)
+            acc = acc * weight[:, None]
     out = out_ptr + out_rows[:, None].to(tl.int64) * stride_om + cols[None, :] * stride_on
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=valid[:, None] & (cols[None, :] < N))
 
 
 def _blocks(rows: int, dtype: torch.dtype) -> dict:
-    """Decode (a few rows): thin row blocks, narrow column blocks so that many programs stream the weight.
+    """Decode (a few rows): thin row blocks, narrow column blocks, so that many programs stream
+    the weight.
     Prefill: square tiles that reuse each loaded weight tile across many rows. fp32 activations (the
     tests' exact mode) multiply on FMA units, where each thread holds its slice of the inner dimension in
     registers: a short BLOCK_K keeps that from spilling."""
@@ -134,7 +138,8 @@ def _blocks(rows: int, dtype: torch.dtype) -> dict:
 
 
 def linear(x: Tensor, weight: Tensor, weight_scale: Tensor | None = None) -> Tensor:
-    """x [..., K] @ weight[N, K]^T (* weight_scale for FP8) -> [..., N] in x.dtype. weight may be a strided view."""
+    """x [..., K] @ weight[N, K]^T (* weight_scale for FP8) -> [..., N] in x.dtype; weight may be
+    a strided view."""
     K, N = x.shape[-1], weight.shape[0]
     a = x.reshape(-1, K)
     M = a.shape[0]
@@ -161,7 +166,8 @@ def moe_experts(x: Tensor, weights: Tensor, experts: Tensor, up_weight: Tensor, 
     # Sort the (token, expert) pairs by expert; each expert's group starts at a multiple of BM.
     flat = experts.flatten()
     sorted_experts, pair_of_sorted = flat.sort(stable=True)
-    counts = torch.zeros(E, device=x.device, dtype=torch.int64).scatter_add_(0, flat, torch.ones_like(flat))
+    counts = torch.zeros(E, device=x.device, dtype=torch.int64)
+    counts.scatter_add_(0, flat, torch.ones_like(flat))
     padded = (counts + BM - 1) // BM * BM
     padded_end = padded.cumsum(0)
     rank = torch.arange(pairs, device=x.device) - (counts.cumsum(0) - counts)[sorted_experts]
@@ -180,7 +186,8 @@ def moe_experts(x: Tensor, weights: Tensor, experts: Tensor, up_weight: Tensor, 
     out = torch.empty(pairs, d, device=x.device, dtype=torch.float32)  # every pair's row is written once
     _matmul_kernel[(blocks, triton.cdiv(d, cfg["BLOCK_N"]))](
         h, down_weight, out, down_scale, pair_of_row, block_expert, weights.float().contiguous(),
-        pairs, d, f, top_k, h.stride(0), h.stride(1), *down_weight.stride(), out.stride(0), out.stride(1),
+        pairs, d, f, top_k, h.stride(0), h.stride(1), *down_weight.stride(),
+        out.stride(0), out.stride(1),
         **dots, **cfg)
     return out.view(n, top_k, d).sum(1).to(x.dtype)
 
@@ -188,13 +195,15 @@ def moe_experts(x: Tensor, weights: Tensor, experts: Tensor, up_weight: Tensor, 
 # ----------------------------------------------------------------------------------------------------
 # 2. The chunked SSD scan (prefill), in three kernels over (batch x head, chunk, tile):
 #    a. each chunk's own end state, b. the states passed between chunks (sequential over chunks),
-#    c. the outputs. Within a chunk the decay from step j to step i is exp(cum_i - cum_j), where cum is the
-#    within-chunk cumulative sum of dt * A, computed once beforehand (torch) so that any tile reads it.
+#    c. the outputs. Within a chunk the decay from step j to step i is exp(cum_i - cum_j), where cum
+#    is the within-chunk cumulative sum of dt * A, computed once beforehand (torch) so that any tile
+#    reads it.
 #
-# The products are tensor-core dots (as mamba_ssm does it): bf16 x, B, C stay bf16 and the fp32 factors
-# multiplied into them (decays, dt, the states) are rounded to bf16 on the way in; fp32 x, B, C (the tests'
-# exact mode) multiply in full fp32. Accumulation is fp32 either way. Tiles are 64 wide so that one
-# program's operands and accumulator fit in registers without spilling (see test_compile.py).
+# The products are tensor-core dots (as mamba_ssm does it): bf16 x, B, C stay bf16 and the fp32
+# factors multiplied into them (decays, dt, the states) are rounded to bf16 on the way in; fp32 x, B,
+# C (the tests' exact mode) multiply in full fp32. Accumulation is fp32 either way. Tiles are 64
+# wide (32 on FMA units) so that one program's operands and accumulator fit in registers without
+# spilling (see test_compile.py).
 # Offsets that grow with batch x tokens are int64: one call may hold more than 2^31 elements.
 
 @triton.jit
@@ -258,8 +267,9 @@ def _ssd_chunk_scan_kernel(x_ptr, B_ptr, C_ptr, dt_ptr, cum_ptr, states_ptr, y_p
                            DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                            BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
     """y for BLOCK_M rows i of chunk c and BLOCK_P channels: the entering state read out,
-    exp(cum_i) S C_i, plus the causal within-chunk part, sum_{j <= i} (C_i . B_j) exp(cum_i - cum_j) dt_j x_j,
-    over source blocks of BLOCK_K rows up to the diagonal; the products over N in blocks of BLOCK_N."""
+    exp(cum_i) S C_i, plus the causal within-chunk part,
+    sum_{j <= i} (C_i . B_j) exp(cum_i - cum_j) dt_j x_j, over source blocks of BLOCK_K rows up to
+    the diagonal; the products over N in blocks of BLOCK_N."""
     bh, c, tile = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, h = bh // H, bh % H
     n_tiles_p = tl.cdiv(P, BLOCK_P)
@@ -294,16 +304,16 @@ def _ssd_chunk_scan_kernel(x_ptr, B_ptr, C_ptr, dt_ptr, cum_ptr, states_ptr, y_p
             ns = n0 + tl.arange(0, BLOCK_N)
             Cm = tl.load(C_ptr + bc_offset + ms[:, None] * s_Bt + ns[None, :],
                          mask=rows_valid[:, None] & (ns[None, :] < N), other=0.0)
-            Bm = tl.load(B_ptr + bc_offset + js[None, :] * s_Bt + ns[:, None],
-                         mask=cols_valid[None, :] & (ns[:, None] < N), other=0.0)  # B^T [BLOCK_N, BLOCK_K]
+            Bm = tl.load(B_ptr + bc_offset + js[None, :] * s_Bt + ns[:, None],  # B^T [BLOCK_N, BLOCK_K]
+                         mask=cols_valid[None, :] & (ns[:, None] < N), other=0.0)
             scores = tl.dot(Cm.to(DOT_DTYPE), Bm.to(DOT_DTYPE), scores, input_precision=PRECISION)
         cum_j = tl.load(cum_ptr + row + js, mask=cols_valid, other=0.0)
         dt_j = tl.load(dt_ptr + row + js, mask=cols_valid, other=0.0)
         causal = (ms[:, None] >= js[None, :]) & cols_valid[None, :]
         decay = tl.exp(tl.where(causal, cum_i[:, None] - cum_j[None, :], float("-inf")))
         scores = scores * decay * dt_j[None, :]
-        x = tl.load(x_base + js[:, None] * s_xt + ps[None, :], mask=cols_valid[:, None] & (ps[None, :] < P),
-                    other=0.0)  # [BLOCK_K, BLOCK_P]
+        x = tl.load(x_base + js[:, None] * s_xt + ps[None, :],
+                    mask=cols_valid[:, None] & (ps[None, :] < P), other=0.0)  # [BLOCK_K, BLOCK_P]
         y = tl.dot(scores.to(DOT_DTYPE), x.to(DOT_DTYPE), y, input_precision=PRECISION)
     out = y_ptr + b.to(tl.int64) * s_yb + (t0 + ms[:, None]).to(tl.int64) * s_yt + h * s_yh + ps[None, :]
     tl.store(out, y, mask=rows_valid[:, None] & (ps[None, :] < P))
@@ -364,7 +374,8 @@ def _conv_step_kernel(xBC_ptr, conv_state_ptr, w_ptr, bias_ptr, out_ptr, CH,
     state = conv_state_ptr + b * s_sb + ch * s_sc
     for k in tl.static_range(K - 1):  # oldest first; shift left as we go
         past = tl.load(state + k * s_sk, mask=mask, other=0.0)
-        acc += past.to(tl.float32) * tl.load(w_ptr + ch * s_wc + k * s_wk, mask=mask, other=0.0).to(tl.float32)
+        weight = tl.load(w_ptr + ch * s_wc + k * s_wk, mask=mask, other=0.0)
+        acc += past.to(tl.float32) * weight.to(tl.float32)
         if k > 0:
             tl.store(state + (k - 1) * s_sk, past, mask=mask)
     tl.store(state + (K - 2) * s_sk, new.to(conv_state_ptr.dtype.element_ty), mask=mask)
@@ -379,8 +390,9 @@ def _ssm_step_kernel(xBC_ptr, dt_ptr, dt_bias_ptr, A_log_ptr, D_ptr, state_ptr, 
                      s_dtb, s_sb, s_sh, s_sp,
                      BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
     """One head of one sequence: dt = softplus(dt + dt_bias) clamped to the limits, the state update
-    S = exp(dt A) S + dt x B^T in place, y = S C + D x. A program holds its head's whole [P, N] state, read
-    and written once: the step is bound by reading the states, so nothing else is tiled."""
+    S = exp(dt A) S + dt x B^T in place, y = S C + D x. A program holds its head's whole [P, N]
+    state, read and written once: the step is bound by reading the states, so nothing else is
+    tiled."""
     b, h = tl.program_id(0).to(tl.int64), tl.program_id(1)  # int64: batch x state may pass 2^31
     g = h // HEADS_PER_GROUP
     ps, ns = tl.arange(0, BLOCK_P), tl.arange(0, BLOCK_N)
@@ -424,8 +436,9 @@ def mamba_step(xBC: Tensor, dt: Tensor, conv_state: Tensor, ssm_state: Tensor, c
 
 
 # ----------------------------------------------------------------------------------------------------
-# 4. RMSNorm in groups: weight * g / sqrt(mean(g^2) + eps), where g = x * silu(gate) (the Mamba output norm),
-#    or g = x + update, also stored (the residual add fused with the next layer's norm), or g = x
+# 4. RMSNorm in groups: weight * g / sqrt(mean(g^2) + eps), where g = x * silu(gate) (the Mamba
+#    output norm), or g = x + update, also stored (the residual add fused with the next layer's
+#    norm), or g = x
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, gate_ptr, update_ptr, sum_ptr, n_rows, width, eps,
@@ -433,7 +446,8 @@ def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, gate_ptr, update_ptr, sum_ptr, n_row
     """BLOCK_ROWS rows of one group of `width` channels: out = w * g / sqrt(mean(g^2) + eps) with fp32
     statistics, where g = x * silu(gate) (gate_ptr given: the Mamba output norm), or g = x + update, also
     stored at sum_ptr (update_ptr given: the residual add fused with the next layer's norm), or g = x.
-    A program normalises whole rows (one reduction, no second pass); narrow rows go several per program."""
+    A program normalises whole rows (one reduction, no second pass); narrow rows go several per
+    program."""
     rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     cols = tl.program_id(1) * width + tl.arange(0, BLOCK)
     mask = (rows[:, None] < n_rows) & (tl.arange(0, BLOCK)[None, :] < width)
@@ -466,13 +480,15 @@ def _norm(x: Tensor, weight: Tensor, eps: float, groups: int = 1, gate: Tensor |
     block = _pow2(width, 1)
     block_rows = max(1, min(16, 4096 // block))  # narrow rows: several per program
     grid = (triton.cdiv(rows.shape[0], block_rows), groups)
-    _rms_norm_kernel[grid](rows, weight, out, gate, update, total, rows.shape[0], width, eps, rows.stride(0),
+    _rms_norm_kernel[grid](rows, weight, out, gate, update, total, rows.shape[0], width, eps,
+                           rows.stride(0),
                            other.stride(0) if other is not None else 0, out.stride(0),
                            BLOCK_ROWS=block_rows, BLOCK=block, num_warps=4 if width <= 4096 else 8)
     return out.view(x.shape), None if total is None else total.view(x.shape)
 
 
-def rms_norm(x: Tensor, weight: Tensor, eps: float, groups: int = 1, gate: Tensor | None = None) -> Tensor:
+def rms_norm(x: Tensor, weight: Tensor, eps: float, groups: int = 1,
+             gate: Tensor | None = None) -> Tensor:
     """x [..., C] (times silu(gate) first, if given) normalised over `groups` equal slices -> x.dtype."""
     return _norm(x, weight, eps, groups, gate=gate)[0]
 
