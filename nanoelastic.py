@@ -1,6 +1,5 @@
 """
-nanoelastic: NVIDIA Nemotron 3 Nano Elastic (30B / 23B / 12B in one checkpoint) in one readable
-file.
+nanoelastic: NVIDIA Nemotron 3 Nano Elastic (30B / 23B / 12B in one checkpoint) in one file.
 
 What differs from a vanilla decoder-only transformer:
   1. Hybrid layers. 52 pre-norm residual layers, h = h + mixer(norm(h)), each with ONE mixer:
@@ -20,9 +19,8 @@ What differs from a vanilla decoder-only transformer:
   7. Caches: KV for attention layers, conv + SSM state for Mamba layers; all of them have the same
      shape at every size, so one cache serves every size and the size can change mid-generation.
 
-The file: sections 1-6 are the network (config, layers, model), in the order of the forward pass;
-sections 7-13 are the machinery around it (caches, fast paths, nested sizes, FP8, generation, the
-command line); checkpoint.py reads, checks and writes the checkpoint files.
+Sections 1-6 are the network, in the order of the forward pass; 7-12 the machinery around it
+(caches, fast paths, nested sizes, loading, generation, the command line).
 
 Shapes use B = batch, T = new tokens, L = cached + new tokens, D = hidden (d when nested),
 V = vocab, H = heads, P = head dim, N = SSM state, G = groups, E = experts, F = expert FFN width (f
@@ -59,10 +57,8 @@ class NanoElasticError(ValueError):
 
 @dataclass
 class Config:
-    """The model's shape, with the field names of the checkpoint's config.json (Config.from_file
-    reads one); the defaults are the 30B's. layers_block_type lists each layer's mixer: 'mamba',
-    'moe', 'attention' or 'mlp'. config.sliced(d, f) is the config of the nested model of hidden d
-    and expert FFN width f."""
+    """The model's shape in config.json's field names; the defaults are the 30B's.
+    layers_block_type: each layer's mixer, 'mamba', 'moe', 'attention' or 'mlp'."""
     vocab_size: int = 131072
     hidden_size: int = 2688
     layers_block_type: list = field(default_factory=lambda: layer_kinds(
@@ -114,9 +110,8 @@ class Config:
 
     @classmethod
     def from_dict(cls, d: dict) -> Config:
-        """A Config from config.json's fields, each checked (type, range) before anything is built:
-        a bad one is a NanoElasticError naming the field. Fields it does not know are ignored."""
-        import checkpoint  # the checks of config.json (and of the files beside it) live there
+        """config.json's fields, each checked (checkpoint.py); unknown ones are ignored."""
+        import checkpoint
 
         config = cls(**checkpoint.config_fields(d, {f.name for f in fields(cls)}))
         checkpoint.check_config(config)
@@ -124,13 +119,12 @@ class Config:
 
     @classmethod
     def from_file(cls, path: str | Path) -> Config:
-        """A checkpoint's config.json: every field that sets a shape must be there (no default)."""
+        """A checkpoint's config.json: every field that sets a shape must be there."""
         import checkpoint
 
         return checkpoint.read_config(Path(path))
 
-    def to_dict(self) -> dict:
-        """The config.json of a checkpoint of this config (HF nemotron_h field names)."""
+    def to_dict(self) -> dict:  # the config.json of this config
         d = asdict(self)
         kinds = d.pop("layers_block_type")
         d["hybrid_override_pattern"] = "".join(PATTERN_LETTERS[t] for t in kinds)
@@ -138,17 +132,14 @@ class Config:
         return {"architectures": ["NemotronHForCausalLM"], "model_type": "nemotron_h",
                 "num_hidden_layers": len(self.layers_block_type), **d}
 
-    def sliced(self, d: int, f: int) -> Config:
-        """The config of the nested model of hidden width d and routed-expert FFN width f."""
+    def sliced(self, d: int, f: int) -> Config:  # the nested model's: hidden d, expert FFN f
         return Config(**{**self.__dict__, "hidden_size": d, "moe_intermediate_size": f,
                          "intermediate_size": f})
 
 
 # --------------------------------------------------------------------------------------------------
-# 2. The seams, linear() (the one place that knows about FP8) and RMSNorm
-#
-# A function marked @kernel is the plain-torch reference; kernels.py has a Triton function of the
-# same name and signature, which use_kernels() (section 8) chooses.
+# 2. The seams: linear() (the one place that knows about FP8) and RMSNorm. A @kernel function is
+#    the plain-torch reference of the Triton function of the same name in kernels.py (section 8).
 
 def kernel(reference):
     """Route a call to kernels.<same name> if use_kernels(its first tensor); .reference: torch's."""
@@ -169,15 +160,12 @@ def linear(x: Tensor, weight: Tensor, weight_scale: Tensor | None = None) -> Ten
 
 
 class Linear(nn.Module):
-    """Bias-free Linear. FP8 exactly when the checkpoint gave it a weight_scale (set at load time);
-    input_scale is kept for W8A8 kernels. Stacked experts use a weight [E, out, in] and scales
-    [E]."""
-
+    """Bias-free; FP8 when the checkpoint gives it a weight_scale (input_scale: kept for W8A8
+    kernels). Stacked experts: weight [E, out, in], scales [E]."""
     def __init__(self, in_features: int, out_features: int, experts: int | None = None):
         super().__init__()
-        shape = (out_features, in_features)
-        if experts is not None:
-            shape = (experts, *shape)
+        shape = (out_features, in_features) if experts is None else (experts, out_features,
+                                                                     in_features)
         self.weight = nn.Parameter(torch.empty(shape), requires_grad=False)
         self.register_buffer("weight_scale", None)
         self.register_buffer("input_scale", None)
@@ -187,10 +175,8 @@ class Linear(nn.Module):
 
     def extra_repr(self) -> str:  # from the weight itself, so a nested view shows its nested widths
         *experts, out_features, in_features = self.weight.shape
-        text = f"in={in_features}, out={out_features}"
-        if experts:
-            text += f", experts={experts[0]}"
-        return text + (", fp8" if self.weight_scale is not None else "")
+        return (f"in={in_features}, out={out_features}" + "".join(f", experts={e}" for e in experts)
+                + (", fp8" if self.weight_scale is not None else ""))
 
 
 @kernel
@@ -205,7 +191,6 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float, groups: int = 1,
 
 
 class RMSNorm(nn.Module):
-    """weight * x / rms(x) over the channels, fp32 statistics (the functions above apply it)."""
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(dim), requires_grad=False)
@@ -222,9 +207,8 @@ class RMSNorm(nn.Module):
 # 3. Mamba-2: the chunked SSD scan (prefill) and its O(1) recurrence step (decode)
 
 def segsum(a: Tensor) -> Tensor:
-    """[..., Q] -> [..., Q, Q]: out[i, j] = a[j+1] + ... + a[i] for j <= i, and -inf above the
-    diagonal. A masked cumsum rather than a difference of cumsums, which would lose precision to
-    cancellation."""
+    """[..., Q] -> [..., Q, Q]: out[i, j] = a[j+1] + ... + a[i] for j <= i, -inf above the diagonal.
+    A masked cumsum: a difference of cumsums would lose precision to cancellation."""
     Q = a.shape[-1]
     tril = torch.ones(Q, Q, dtype=torch.bool, device=a.device).tril
     a = a[..., None].expand(*a.shape, Q)  # a[..., i, j] = a_i
@@ -245,9 +229,9 @@ def ssd_chunked(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk: i
     b, T, H, P = x.shape
     G, N = B.shape[-2:]
     R = H // G  # heads per group
-    # Chunks of Q = chunk tokens; the zero-padded tail has dt = 0, so it changes nothing.
-    x, B, C = x.to(dt.dtype), B.to(dt.dtype), C.to(dt.dtype)
-    x, dt, B, C = (pad_to_chunks(t, chunk) for t in (x, dt, B, C))  # [b, c, l, ...]
+    # Chunks of Q = chunk tokens [b, c, Q, ...]; the zero-padded tail has dt = 0: it changes nothing.
+    pad = lambda t: F.pad(t, (0, 0) * (t.dim() - 2) + (0, -T % chunk)).unflatten(1, (-1, chunk))
+    x, dt, B, C = (pad(t.to(dt.dtype)) for t in (x, dt, B, C))
     x = x.unflatten(3, (G, R))  # [b, c, l, G, R, P]: the R heads of each group side by side
     a = (dt * A).permute(0, 3, 1, 2).unflatten(1, (G, R))  # log-decay per step, [b, G, R, c, l]
     a_cum = a.cumsum(-1)
@@ -280,18 +264,11 @@ def ssd_chunked(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk: i
     return y, final_state.flatten(1, 2)
 
 
-def pad_to_chunks(t: Tensor, chunk: int) -> Tensor:
-    """[b, T, ...] -> [b, c, chunk, ...], the tail zero-padded."""
-    pad = (0, 0) * (t.dim() - 2) + (0, -t.shape[1] % chunk)
-    return F.pad(t, pad).unflatten(1, (-1, chunk))
-
-
 def ssd_step(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor) -> Tensor:
-    """One step of the same recurrence, updating state [B, H, P, N] in place.
-    x [B, H, P], dt [B, H], B and C [B, G, N]; returns y [B, H, P]."""
+    """One step of the same recurrence on state [B, H, P, N], in place.
+    x [B, H, P], dt [B, H], B and C [B, G, N] -> y [B, H, P]."""
     H, G = x.shape[1], B.shape[1]
-    B = B.repeat_interleave(H // G, dim=1)  # [B, H, N]
-    C = C.repeat_interleave(H // G, dim=1)
+    B, C = B.repeat_interleave(H // G, dim=1), C.repeat_interleave(H // G, dim=1)  # [B, H, N]
     state.mul_(torch.exp(dt * A)[..., None, None])
     state.add_((dt[..., None] * x)[..., None] * B[:, :, None, :])  # + dt x B^T
     return torch.einsum("bhpn,bhn->bhp", state, C)
@@ -299,8 +276,8 @@ def ssd_step(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tens
 
 def causal_conv(xBC: Tensor, conv_state: Tensor | None, weight: Tensor,
                 bias: Tensor | None) -> Tensor:
-    """silu(causal depthwise conv) over xBC [B, T, C], continuing from the cached last K-1 inputs
-    (zeros at the start); conv_state [B, C, K-1] becomes the last K-1 inputs."""
+    """silu(causal depthwise conv) over xBC [B, T, C] after the cached last K-1 inputs (or zeros);
+    conv_state [B, C, K-1] becomes the last K-1 inputs."""
     b, T, ch = xBC.shape
     K = weight.shape[-1]
     past = conv_state if conv_state is not None else xBC.new_zeros(b, ch, K - 1)
@@ -316,10 +293,8 @@ def split_heads(xBC: Tensor, H: int, G: int, N: int) -> tuple[Tensor, Tensor, Te
     return x.unflatten(-1, (H, -1)), B.unflatten(-1, (G, N)), C.unflatten(-1, (G, N))
 
 
-def discretise(dt: Tensor, dt_bias: Tensor, A_log: Tensor,
-               dt_limit: tuple[float, float]) -> tuple[Tensor, Tensor]:
-    """Raw dt [..., H] -> softplus(dt + dt_bias) in fp32, and A = -exp(A_log) [H]. time_step_limit
-    is (0, inf), i.e. no clamp, unless the config says otherwise."""
+def discretise(dt: Tensor, dt_bias: Tensor, A_log: Tensor, dt_limit: tuple) -> tuple[Tensor, Tensor]:
+    """Raw dt [..., H] -> softplus(dt + dt_bias) fp32, clamped to time_step_limit; A = -exp(A_log)."""
     return F.softplus(dt.float() + dt_bias.float()).clamp(*dt_limit), -torch.exp(A_log.float())
 
 
@@ -328,8 +303,7 @@ def mamba_step(xBC: Tensor, dt: Tensor, conv_state: Tensor, ssm_state: Tensor, c
                conv_bias: Tensor | None, dt_bias: Tensor, A_log: Tensor, D: Tensor, n_groups: int,
                dt_limit: tuple[float, float]) -> Tensor:
     """The decode step of one token after in_proj: xBC [B, C] and raw dt [B, H] -> y [B, H*P] fp32
-    (with the D skip, before the gated norm). conv_state [B, C, K-1] and ssm_state [B, H, P, N] are
-    updated in place."""
+    (with the D skip, before the gated norm); conv_state and ssm_state are updated in place."""
     H, P, N = ssm_state.shape[1:]
     xBC = causal_conv(xBC[:, None], conv_state, conv_weight, conv_bias)[:, 0]
     x, B, C = split_heads(xBC.float(), H, n_groups, N)
@@ -339,9 +313,8 @@ def mamba_step(xBC: Tensor, dt: Tensor, conv_state: Tensor, ssm_state: Tensor, c
 
 
 class Mamba2Mixer(nn.Module):
-    """The Mamba-2 mixer: in_proj -> causal conv -> selective scan (scan() for a prompt, step()
-    for one token) -> gated RMSNorm -> out_proj. Its decode state lives in the cache: conv
-    [B, C, K-1], SSM [B, H, P, N]."""
+    """in_proj -> causal conv -> selective scan -> gated RMSNorm -> out_proj. Its decode state is
+    in the cache: conv [B, C, K-1], SSM [B, H, P, N]."""
     def __init__(self, config: Config, layer_idx: int):
         super().__init__()
         c = config
@@ -356,40 +329,26 @@ class Mamba2Mixer(nn.Module):
         self.out_proj = Linear(c.mamba_inner, c.hidden_size)
 
     def forward(self, u: Tensor, cache: Cache | None = None) -> Tensor:  # u [B, T, D] -> [B, T, D]
-        c = self.config
+        c, conv = self.config, self.conv1d
         # z (the gate) [B, T, H*P], xBC (conv input) [B, T, H*P + 2*G*N], dt [B, T, H]
         z, xBC, dt = self.in_proj(u).split([c.mamba_inner, c.conv_dim, c.mamba_num_heads], dim=-1)
-        conv_state, ssm_state = None, None
-        if cache is not None:
-            conv_state, ssm_state = cache.layers[self.layer_idx]  # [B, C, K-1], [B, H, P, N]
-        if ssm_state is not None and u.shape[1] == 1:
-            y = self.step(xBC, dt, conv_state, ssm_state)  # [B, 1, H*P] fp32
-        else:
-            y = self.scan(xBC, dt, conv_state, ssm_state)  # [B, T, H*P] fp32
+        conv_state, ssm_state = (None, None) if cache is None else cache.layers[self.layer_idx]
+        if cache is not None and u.shape[1] == 1:  # decode: one recurrence step
+            y = mamba_step(xBC[:, 0], dt[:, 0], conv_state, ssm_state, conv.weight, conv.bias,
+                           self.dt_bias, self.A_log, self.D, c.n_groups, c.time_step_limit)
+            y = y[:, None]  # [B, 1, H*P] fp32
+        else:  # prefill: the conv, then the chunked scan from the cached state (or zeros)
+            xBC = causal_conv(xBC, conv_state, conv.weight, conv.bias)  # [B, T, C]
+            # x [B, T, H, P], B and C [B, T, G, N], in the activations' dtype
+            x, B, C = split_heads(xBC, c.mamba_num_heads, c.n_groups, c.ssm_state_size)
+            dt, A = discretise(dt, self.dt_bias, self.A_log, c.time_step_limit)  # [B, T, H], [H]
+            y, final_state = ssd_chunked(x, dt, A, B, C, c.chunk_size, ssm_state)  # [B, T, H, P]
+            if ssm_state is not None:
+                ssm_state.copy_(final_state)
+            y = (y + self.D.float()[:, None] * x.float()).flatten(2)  # + D skip, [B, T, H*P] fp32
         # Gated RMSNorm: gate y * silu(z) first, then normalise in G groups of H*P/G channels.
         y = rms_norm(y, self.norm.weight, self.norm.eps, groups=c.n_groups, gate=z)
         return self.out_proj(y.to(u.dtype))
-
-    def scan(self, xBC: Tensor, dt: Tensor, conv_state: Tensor | None,
-             ssm_state: Tensor | None) -> Tensor:
-        """Prefill: the conv, then the chunked scan from the cached state (zeros without one)."""
-        c = self.config
-        xBC = causal_conv(xBC, conv_state, self.conv1d.weight, self.conv1d.bias)  # [B, T, C]
-        # x [B, T, H, P], B and C [B, T, G, N], in the activations' dtype
-        x, B, C = split_heads(xBC, c.mamba_num_heads, c.n_groups, c.ssm_state_size)
-        dt, A = discretise(dt, self.dt_bias, self.A_log, c.time_step_limit)  # [B, T, H], [H]
-        y, final_state = ssd_chunked(x, dt, A, B, C, c.chunk_size, ssm_state)  # [B, T, H, P]
-        if ssm_state is not None:
-            ssm_state.copy_(final_state)
-        return (y + self.D.float()[:, None] * x.float()).flatten(2)  # the D skip connection
-
-    def step(self, xBC: Tensor, dt: Tensor, conv_state: Tensor, ssm_state: Tensor) -> Tensor:
-        """Decode: the same for one token, one recurrence step on the cached states (mamba_step)."""
-        c = self.config
-        conv = self.conv1d
-        y = mamba_step(xBC[:, 0], dt[:, 0], conv_state, ssm_state, conv.weight, conv.bias,
-                       self.dt_bias, self.A_log, self.D, c.n_groups, c.time_step_limit)
-        return y[:, None]
 
 
 # --------------------------------------------------------------------------------------------------
