@@ -34,6 +34,8 @@ import copy
 import functools
 import json
 import math
+import numbers
+import operator
 import os
 import re
 import signal
@@ -384,7 +386,6 @@ class Attention(nn.Module):
 
 class MLP(nn.Module):
     """down(relu(up(x))^2): the shared expert, and the dense FFN of '-' layers."""
-
     def __init__(self, hidden: int, ffn: int):
         super().__init__()
         self.up_proj = Linear(hidden, ffn)
@@ -395,7 +396,7 @@ class MLP(nn.Module):
 
 
 class Router(nn.Module):
-    """Sigmoid scores of the routed experts; the bias only chooses the top-k, the unbiased scores
+    """Sigmoid scores; the bias only chooses the top-k experts, whose unbiased scores
     (renormalised, times routed_scaling_factor) weight them."""
     def __init__(self, config: Config):
         super().__init__()
@@ -404,8 +405,7 @@ class Router(nn.Module):
         self.weight = nn.Parameter(torch.empty(E, config.hidden_size), requires_grad=False)
         self.e_score_correction_bias = nn.Parameter(torch.empty(E), requires_grad=False)
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """x [n, D] -> routing weights [n, k] fp32, chosen experts [n, k]."""
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:  # x [n, D] -> weights, experts [n, k]
         c = self.config
         scores = torch.sigmoid(F.linear(x.float(), self.weight.float()))  # [n, E]
         choice = scores + self.e_score_correction_bias.float()  # the bias only chooses experts
@@ -418,7 +418,7 @@ class Router(nn.Module):
         weights = scores.gather(1, experts)
         if c.norm_topk_prob:
             weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
-        return weights * c.routed_scaling_factor, experts
+        return weights * c.routed_scaling_factor, experts  # fp32, indices
 
 
 @kernel
@@ -433,10 +433,8 @@ def moe_experts(x: Tensor, weights: Tensor, experts: Tensor, up_weight: Tensor,
     pair_weights = weights.flatten()[order]
     E = up_weight.shape[0]
     counts = torch.bincount(experts.flatten(), minlength=E).tolist()  # a host sync: fine here
-    if up_scale is None:  # BF16 weights
-        up_scale = [None] * E
-    if down_scale is None:
-        down_scale = [None] * E
+    up_scale = [None] * E if up_scale is None else up_scale  # None: BF16 weights
+    down_scale = [None] * E if down_scale is None else down_scale
     out = torch.zeros_like(x, dtype=torch.float32)
     for e, (idx, w) in enumerate(zip(tokens.split(counts), pair_weights.split(counts))):
         if len(idx):
@@ -445,33 +443,25 @@ def moe_experts(x: Tensor, weights: Tensor, experts: Tensor, up_weight: Tensor,
     return out.to(x.dtype)
 
 
-class Experts(nn.Module):
-    """The routed experts, stacked at load time: up_proj.weight [E, F, D], down_proj [E, D, F]."""
-
+class MoE(nn.Module):
+    """The routed top-k relu^2 experts (stacked: up [E, F, D], down [E, D, F]) plus one shared
+    expert that every token takes."""
     def __init__(self, config: Config):
         super().__init__()
         E, D, Fe = config.n_routed_experts, config.hidden_size, config.moe_intermediate_size
-        self.up_proj = Linear(D, Fe, experts=E)
-        self.down_proj = Linear(Fe, D, experts=E)
-
-    def forward(self, x: Tensor, weights: Tensor, experts: Tensor) -> Tensor:  # x [n, D] -> [n, D]
-        up, down = self.up_proj, self.down_proj
-        return moe_experts(x, weights, experts, up.weight, up.weight_scale,
-                           down.weight, down.weight_scale)
-
-
-class MoE(nn.Module):
-    """The routed top-k relu^2 experts plus one shared expert that every token takes."""
-    def __init__(self, config: Config):
-        super().__init__()
         self.gate = Router(config)
-        self.experts = Experts(config)
-        self.shared_experts = MLP(config.hidden_size, config.moe_shared_expert_intermediate_size)
+        self.experts = nn.Module()
+        self.experts.up_proj = Linear(D, Fe, experts=E)
+        self.experts.down_proj = Linear(Fe, D, experts=E)
+        self.shared_experts = MLP(D, config.moe_shared_expert_intermediate_size)
 
     def forward(self, x: Tensor, cache: Cache | None = None) -> Tensor:  # x [B, T, D] -> [B, T, D]
         flat = x.flatten(0, 1)  # [n = B*T, D]
-        weights, experts = self.gate(flat)
-        return self.experts(flat, weights, experts).view_as(x) + self.shared_experts(x)
+        weights, experts = self.gate(flat)  # [n, k]
+        up, down = self.experts.up_proj, self.experts.down_proj
+        routed = moe_experts(flat, weights, experts, up.weight, up.weight_scale, down.weight,
+                             down.weight_scale)
+        return routed.view_as(x) + self.shared_experts(x)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -483,7 +473,6 @@ MIXERS = {"mamba": Mamba2Mixer, "attention": Attention, "moe": lambda c, i: MoE(
 
 class Block(nn.Module):
     """One pre-norm residual layer; its mixer is Mamba-2, attention, MoE (or a dense MLP)."""
-
     def __init__(self, config: Config, layer_idx: int):
         super().__init__()
         self.norm = RMSNorm(config.hidden_size, config.layer_norm_epsilon)
@@ -509,8 +498,7 @@ class Backbone(nn.Module):
 
 
 class Model(nn.Module):
-    """Nemotron 3 Nano Elastic: embeddings, the hybrid layers of config.layers_block_type, a final
-    norm and the LM head. Every size of the checkpoint is this one module tree:
+    """Nemotron 3 Nano Elastic. Every size of the checkpoint is this one module tree:
 
         model = Model.from_pretrained(folder)
         logits = model(tokens, size="23B")        # tokens [B, T] -> fp32 logits [B, T, V]
@@ -527,8 +515,7 @@ class Model(nn.Module):
         self.config = config
         self.backbone = Backbone(config)
         self.lm_head = Linear(config.hidden_size, config.vocab_size)
-        # (d, f) -> this module tree with prefix views of every tensor (section 9)
-        self._nested = {}
+        self._nested = {}  # (d, f) -> this module tree with prefix views of every tensor
 
     @torch.no_grad()
     def forward(self, tokens: Tensor, cache: Cache | None = None, size: str | None = None,
@@ -539,21 +526,17 @@ class Model(nn.Module):
         tokens = checked_tokens(tokens, self.config.vocab_size).to(self.lm_head.weight.device)
         if cache is not None:
             cache.begin(*tokens.shape)
-        # the same sum, each residual add fused with the next norm (section 8)
-        if use_kernels(tokens):
+        if use_kernels(tokens):  # the same sums, each residual add fused with the next norm
             h = fused_backbone(model.backbone, tokens, cache)
         else:
             h = model.backbone(tokens, cache)  # [B, T, D]
-        if last_only:
-            h = h[:, -1:]
-        logits = model.lm_head(h).float()  # [B, T, V]
+        logits = model.lm_head(h[:, -1:] if last_only else h).float()  # [B, T, V]
         if cache is not None:
             cache.end(tokens.shape[1])
         return logits
 
     def new_cache(self, batch_size: int, max_len: int) -> Cache:
-        """An empty Cache for `batch_size` sequences of up to `max_len` tokens, on the model's
-        device. It serves every nested size, so a generation can change size and keep it."""
+        """An empty Cache for `batch_size` sequences of up to `max_len` tokens, for every size."""
         dtype = self.backbone.embeddings.weight.dtype
         return Cache(self.config, batch_size, max_len, self.lm_head.weight.device, dtype)
 
@@ -566,32 +549,19 @@ class Model(nn.Module):
             self._nested[(d, f)] = nested_model(self, d, f)
         return self._nested[(d, f)]
 
-    # .to() / .cuda() make new tensors: forget views of the old ones
-    def _apply(self, fn, recurse=True):
+    def _apply(self, fn, recurse=True):  # .to() / .cuda() make new tensors: forget the old views
         self._nested = {}
         return super()._apply(fn, recurse)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None,
                         dtype: torch.dtype | None = None, verbose: bool = True) -> Model:
-        """Load an HF-format checkpoint folder: FP8 or BF16, sharded or not. dtype is the compute
-        dtype (bfloat16 by default; float32 for exact tests). FP8 weights stay FP8."""
-        path = Path(path)
-        if not path.is_dir():
-            raise NanoElasticError(f"checkpoint folder not found: {path}")
-        config = Config.from_file(path / "config.json")
-        device = resolve_device(device)
-        with torch.device("meta"):
-            model = cls(config)
-        import checkpoint  # the checkpoint format: checked, then read one tensor at a time
-
-        checkpoint.load_checkpoint(model, path, device, dtype or torch.bfloat16, verbose)
-        return model
+        """Load an HF-format checkpoint folder, FP8 or BF16, sharded or not (section 10)."""
+        return load_model(cls, Path(path), device, dtype, verbose)
 
     def num_params(self, size: str | None = None) -> tuple[int, int]:
         """(total, active per token) parameters at `size`; active counts k of the E experts."""
-        c = self.config
-        model = self.nested(size)
+        c, model = self.config, self.nested(size)
         total = sum(p.numel() for p in model.parameters())
         named = model.named_parameters()
         idle = sum(p.numel() for n, p in named if ".experts." in n and "shared" not in n)
@@ -611,10 +581,9 @@ class Model(nn.Module):
 
 class Cache:
     """Preallocated decode state for every layer, the same shapes at every nested size:
-    attention: K and V [B, Hkv, max_len, hd] (compute dtype); Mamba: conv [B, C, K-1], SSM [B, H, P,
-    N] fp32. `length` tokens are in it (on the host; `position` is the same count on the device,
-    which a decode step reads without waiting for the host). A model call with the cache continues
-    from there."""
+    attention: K and V [B, Hkv, max_len, hd] (compute dtype); Mamba: conv [B, C, K-1], SSM
+    [B, H, P, N] fp32. It holds `length` tokens (on the host; `position`, the same count on the
+    device, is what a decode step reads); a model call with the cache continues from there."""
 
     def __init__(self, config: Config, batch_size: int, max_len: int, device, dtype):
         c = config
@@ -624,12 +593,10 @@ class Cache:
         if max_len > c.max_position_embeddings:
             raise NanoElasticError(f"max_len {max_len} > max_position_embeddings "
                                    f"{c.max_position_embeddings}")
-        self.batch_size, self.max_len = batch_size, max_len
-        self.length = 0
+        self.batch_size, self.max_len, self.length = batch_size, max_len, 0
         self.position = torch.zeros((), dtype=torch.int64, device=device)
         self.interrupted = False  # set while a step is half-written (Ctrl-C): see begin()
-        self.kinds = c.layers_block_type
-        self.layers = []
+        self.kinds, self.layers = c.layers_block_type, []
         zeros = functools.partial(torch.zeros, device=device, dtype=dtype)
         for kind in c.layers_block_type:
             if kind == "attention":
@@ -643,9 +610,8 @@ class Cache:
                 self.layers.append(None)
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
-        """Write attention layer `layer`'s new keys and values [B, Hkv, T, hd] at their positions;
-        return the keys and values to attend over and the mask of what each new query sees (None:
-        causal)."""
+        """Write attention layer `layer`'s new keys and values [B, Hkv, T, hd]; return the keys and
+        values to attend over and the mask of what each new query sees (None: causal)."""
         k_cache, v_cache = self.layers[layer]
         T = k.shape[2]
         if T == 1:
@@ -697,11 +663,9 @@ class Cache:
         self.length, self.interrupted = 0, False
 
     def snapshot(self) -> tuple[int, list]:
-        """A copy of the state after the first `length` tokens: KV up to there, conv and SSM states
-        (small). Mamba states cannot be rewound, so this is how to go back to a prefix (chat.py, per
-        turn)."""
-        n = self.length
-        saved = []
+        """A copy of the state after the first `length` tokens (KV up to there, conv and SSM
+        states). Mamba states cannot be rewound: this is how to go back to a prefix (chat.py)."""
+        n, saved = self.length, []
         for kind, state in zip(self.kinds, self.layers):
             if kind == "attention":
                 state = tuple(t[:, :, :n] for t in state)
@@ -721,7 +685,7 @@ class Cache:
 # --------------------------------------------------------------------------------------------------
 # 8. Fast paths at the seams: the kernels, the fused residual add, CUDA-graph decoding. Each is
 #    checked against the plain path by a test (test_nanoelastic.py, test_kernels.py).
-
+#
 # NANOELASTIC_KERNELS: unset = Triton on CUDA tensors; "torch" = the torch references everywhere;
 # "triton" = Triton everywhere (CPU tensors need TRITON_INTERPRET=1).
 
@@ -732,7 +696,7 @@ except ImportError:  # no Triton (e.g. macOS): the references run everywhere
 
 
 def use_kernels(t: Tensor) -> bool:
-    """Whether calls on tensor t go to kernels.py (NANOELASTIC_KERNELS, see the table above)."""
+    """Whether calls on tensor t go to kernels.py (NANOELASTIC_KERNELS, see above)."""
     mode = os.environ.get("NANOELASTIC_KERNELS", "")
     if mode not in ("", "torch", "triton"):
         raise NanoElasticError(f"NANOELASTIC_KERNELS={mode!r}: use 'torch' or 'triton', or leave "
@@ -746,18 +710,6 @@ def use_kernels(t: Tensor) -> bool:
     return mode == "triton" or (mode == "" and t.is_cuda and kernels is not None)
 
 
-def fused_backbone(backbone: Backbone, tokens: Tensor, cache: Cache | None = None) -> Tensor:
-    """Backbone.forward with each residual add fused into the next norm (add_rms_norm, one kernel
-    and one pass over h instead of two per layer): the same sums in the same order."""
-    h, update = backbone.embeddings(tokens), None
-    for layer in backbone.layers:
-        # h += update; x = norm(h)
-        x, h = add_rms_norm(h, update, layer.norm.weight, layer.norm.eps)
-        update = layer.mixer(x, cache)
-    x, _ = add_rms_norm(h, update, backbone.norm_f.weight, backbone.norm_f.eps)
-    return x
-
-
 @kernel
 def add_rms_norm(h: Tensor, update: Tensor | None, weight: Tensor,
                  eps: float) -> tuple[Tensor, Tensor]:
@@ -767,14 +719,22 @@ def add_rms_norm(h: Tensor, update: Tensor | None, weight: Tensor,
     return rms_norm(h, weight, eps), h
 
 
+def fused_backbone(backbone: Backbone, tokens: Tensor, cache: Cache | None = None) -> Tensor:
+    """Backbone.forward with each residual add fused into the next norm (add_rms_norm: one pass
+    over h instead of two per layer): the same sums in the same order."""
+    h, update = backbone.embeddings(tokens), None
+    for layer in backbone.layers:
+        x, h = add_rms_norm(h, update, layer.norm.weight, layer.norm.eps)  # h += update; norm(h)
+        update = layer.mixer(x, cache)
+    return add_rms_norm(h, update, backbone.norm_f.weight, backbone.norm_f.eps)[0]
+
+
 class DecodeGraph:
     """The decode step on one cache: step(tokens [B, 1], size) -> fp32 logits [B, V], the cache one
     token longer. On a GPU with the kernels, CUDA graphs: one launch per token instead of hundreds
-    (the logits are then a static buffer that the next step overwrites). A graph attends over a
-    fixed window of the KV cache, so there is one per size and window (powers of two from 256 up to
-    max_len), each captured the first time it is needed. Elsewhere (the torch MoE reference syncs
-    with the host), model() itself. It holds the cache and the cache knows nothing of it: dropping
-    it frees both."""
+    (the logits are then a static buffer that the next step overwrites), one per size and KV window
+    (section 7), each captured when first needed. Elsewhere (the torch MoE reference syncs with the
+    host), model() itself. It holds the cache, which knows nothing of it: dropping it frees both."""
 
     def __init__(self, model: Model, cache: Cache):
         self.model, self.cache = model, cache
@@ -784,6 +744,9 @@ class DecodeGraph:
 
     def __call__(self, tokens: Tensor, size: str | None = None) -> Tensor:
         cache = self.cache
+        if not isinstance(tokens, Tensor) or tokens.dim() != 2 or tokens.shape[1] != 1:
+            shape = list(tokens.shape) if isinstance(tokens, Tensor) else type(tokens).__name__
+            raise NanoElasticError(f"a decode step takes tokens of shape [batch, 1], got {shape}")
         if not self.capture_graphs:
             return self.model(tokens, cache, size, last_only=True)[:, -1]
         sized = parse_size(size, self.model.config)
@@ -812,8 +775,7 @@ class DecodeGraph:
                 model(tokens, scratch, size, last_only=True)
         torch.cuda.current_stream().wait_stream(stream)
         del scratch
-        graph = torch.cuda.CUDAGraph()
-        length = cache.length
+        graph, length = torch.cuda.CUDAGraph(), cache.length
         pool = self.pools.setdefault(sized, torch.cuda.graph_pool_handle())
         try:
             with torch.cuda.graph(graph, pool=pool):  # records the kernels on the cache's tensors
@@ -826,8 +788,7 @@ class DecodeGraph:
 # --------------------------------------------------------------------------------------------------
 # 9. Nested sizes, in one place: which tensor axes shrink, the size names, the nested module trees
 
-# name -> (hidden, expert FFN)
-SIZE_PRESETS = {"30B": (2688, 1856), "23B": (2304, 1600), "12B": (1920, 960)}
+SIZE_PRESETS = {"30B": (2688, 1856), "23B": (2304, 1600), "12B": (1920, 960)}  # (hidden, FFN)
 
 # For each tensor, which of its trailing axes shrink: "d" = hidden, "f" = routed-expert (or dense
 # MLP) FFN, "." = unchanged. A stacked expert tensor [E, F, D] matches on its last two axes. Tensors
@@ -845,10 +806,8 @@ NESTED_AXES = [
 
 def nested_axes(name: str) -> str:
     """The NESTED_AXES entry of a tensor name ('' when no axis shrinks)."""
-    for pattern, axes in NESTED_AXES:
-        if re.search(rf"(^|\.)({pattern})$", name):
-            return axes
-    return ""
+    return next((axes for pattern, axes in NESTED_AXES
+                 if re.search(rf"(^|\.)({pattern})$", name)), "")
 
 
 def nested_view(name: str, t: Tensor, d: int, f: int) -> Tensor:
@@ -859,8 +818,7 @@ def nested_view(name: str, t: Tensor, d: int, f: int) -> Tensor:
 
 def nested_model(model: Model, d: int, f: int) -> Model:
     """A copy of `model`'s module tree whose tensors are nested_view()s of its own and whose config
-    is the sliced one: the module code runs unchanged and reads only the nested prefix of every
-    weight."""
+    is the sliced one: the module code runs unchanged on the nested prefix of every weight."""
     # deepcopy's memo: the objects in it are replaced by these, not copied
     memo = {id(model.config): model.config.sliced(d, f), id(model._nested): {}}
     for name, p in model.named_parameters():
@@ -894,17 +852,15 @@ def parse_size(size: str | None, config: Config) -> tuple[int, int]:
 
 
 # --------------------------------------------------------------------------------------------------
-# 10. The layer pattern, as config.json spells it (checkpoint.py checks the rest of config.json)
+# 10. Loading: the layer pattern's spellings, FP8, devices (checkpoint.py reads and checks the files)
 
 LAYER_TYPES = {  # every spelling seen in config.json -> the name used here
     "M": "mamba", "mamba": "mamba", "linear_attention": "mamba",
     "*": "attention", "attention": "attention", "full_attention": "attention",
-    "E": "moe", "moe": "moe",
-    "-": "mlp", "mlp": "mlp",
+    "E": "moe", "moe": "moe", "-": "mlp", "mlp": "mlp",
 }
 PATTERN_LETTERS = {"mamba": "M", "attention": "*", "moe": "E", "mlp": "-"}
-# the real model has 52; a bigger pattern is a broken config, refused before allocating
-MAX_LAYERS = 1000
+MAX_LAYERS = 1000  # the real model has 52; a bigger pattern is a broken config, refused early
 
 
 def layer_kinds(layers) -> list[str]:
@@ -920,9 +876,6 @@ def layer_kinds(layers) -> list[str]:
     return [LAYER_TYPES[t] for t in layers]
 
 
-# --------------------------------------------------------------------------------------------------
-# 11. FP8 and devices (checkpoint.py reads the files: names, shapes, FP8 scales, shards)
-
 def fp8_quantize(w: Tensor) -> tuple[Tensor, Tensor]:
     """Per-tensor FP8 as ModelOpt does it: scale = amax / 448, w_q = e4m3(w / scale)."""
     scale = w.abs().max().float().clamp(min=1e-12) / 448.0
@@ -930,41 +883,73 @@ def fp8_quantize(w: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def fp8_recipe(config: Config) -> set[str]:
-    """Which Linears the FP8 release quantizes (inferred from its tensors): all routed and shared
-    experts, and the in/out_proj of every Mamba layer that does not sit right before an attention
-    layer."""
-    kinds = config.layers_block_type
-    names = set()
+    """The Linears the FP8 release quantizes (inferred from its tensors): all routed and shared
+    experts, and the in/out_proj of every Mamba layer not right before an attention layer."""
+    kinds, names = config.layers_block_type, set()
     for i, kind in enumerate(kinds):
         p = f"backbone.layers.{i}.mixer"
         if kind == "moe":
-            names |= {f"{p}.shared_experts.up_proj", f"{p}.shared_experts.down_proj"}
-            for j in range(config.n_routed_experts):
-                names |= {f"{p}.experts.{j}.up_proj", f"{p}.experts.{j}.down_proj"}
+            experts = [f"experts.{j}" for j in range(config.n_routed_experts)]
+            names |= {f"{p}.{e}.{proj}" for e in ["shared_experts", *experts]
+                      for proj in ("up_proj", "down_proj")}
         elif kind == "mamba" and (i + 1 == len(kinds) or kinds[i + 1] != "attention"):
             names |= {f"{p}.in_proj", f"{p}.out_proj"}
     return names
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    """`device`, or cuda when there is one, else cpu; cuda on a machine without one is an error."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    """`device`, or cuda when there is one, else cpu; checked that the model can run there."""
+    try:
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except (RuntimeError, TypeError):
+        raise NanoElasticError(f"unknown device {device!r}: use cpu or cuda") from None
+    if device.type == "meta":
+        raise NanoElasticError("cannot run on the meta device: use cpu or cuda")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise NanoElasticError(f"device {device} asked for, but torch sees no CUDA GPU here "
-                               f"(use --device cpu)")
+        raise NanoElasticError(f"device {device} asked for, but torch sees no CUDA GPU here: "
+                               f"use the cpu device")
     return device
 
 
+def load_model(cls, path: Path, device, dtype: torch.dtype | None, verbose: bool) -> Model:
+    """Model.from_pretrained: dtype is the compute dtype (bfloat16 by default; float32 for exact
+    tests); FP8 weights stay FP8."""
+    if not path.is_dir():
+        raise NanoElasticError(f"checkpoint folder not found: {path}")
+    config = Config.from_file(path / "config.json")
+    device = resolve_device(device)
+    with torch.device("meta"):
+        model = cls(config)
+    import checkpoint  # the checkpoint format: checked, then read one tensor at a time
+
+    checkpoint.load_checkpoint(model, path, device, dtype or torch.bfloat16, verbose)
+    return model
+
+
+def load_tokenizer(folder: Path):
+    """The checkpoint's tokenizer.json (a tokenizers.Tokenizer)."""
+    from tokenizers import Tokenizer
+
+    file = folder / "tokenizer.json"
+    if not file.is_file():
+        raise NanoElasticError(f"missing tokenizer: {file}")
+    try:
+        return Tokenizer.from_file(str(file))
+    except Exception as e:  # the Rust side's message, e.g. "expected value at line 1 column 1"
+        raise NanoElasticError(f"{file}: {e}") from None
+
+
 # --------------------------------------------------------------------------------------------------
-# 12. Sampling and generation: prefill, decode, sample, and change size mid-stream
+# --------------------------------------------------------------------------------------------------
+# 11. Sampling and generation: prefill, decode, sample, and change size mid-stream
 
 STOP_TOKENS = (2, 11)  # </s> and <|im_end|> of the release's tokenizer (its generation_config.json)
 
 
 class Token(NamedTuple):
-    """One generated token: its id and the nested size that wrote it."""
+    """One generated token: its id and the nested size that wrote it (None = the full size)."""
     id: int
-    size: str | None  # the nested size that produced it (None = the checkpoint's full size)
+    size: str | None
 
 
 @dataclass
@@ -993,19 +978,20 @@ class Switch:
 
     def forced(self, n: int) -> int | None:
         """The token written instead of a sampled one as new token n: on_token, once over budget."""
-        if self.after is not None and n > self.after:
-            return self.on_token
-        return None
+        return self.on_token if self.after is not None and n > self.after else None
 
     def due(self, n: int, token: int) -> bool:
         """Whether the size changes after new token n: it is on_token, or (if none) n >= after."""
-        if self.on_token is not None:
-            return token == self.on_token
-        return n >= self.after
+        return token == self.on_token if self.on_token is not None else n >= self.after
 
 
 def check_sampling(temperature: float, top_p: float, top_k: int) -> None:
-    """One clear error for each sampling setting out of range."""
+    """One clear error for each sampling setting of the wrong type or out of range."""
+    for name, value in [("temperature", temperature), ("top_p", top_p)]:
+        if not isinstance(value, numbers.Real) or not math.isfinite(value):
+            raise NanoElasticError(f"{name} must be a finite number, got {value!r}")
+    if not isinstance(top_k, numbers.Integral):
+        raise NanoElasticError(f"top_k must be an integer (0 = no limit), got {top_k!r}")
     if not temperature >= 0:
         raise NanoElasticError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
     if not 0 < top_p <= 1:
@@ -1025,9 +1011,8 @@ def sample(logits: Tensor, temperature: float = 0.0, top_p: float = 1.0, top_k: 
     logits = logits / temperature
     if 0 < top_k < logits.numel():
         logits = logits.masked_fill(logits < logits.topk(top_k).values[-1], -math.inf)
-    if top_p < 1.0:  # keep the smallest set of most likely tokens whose probability reaches top_p
+    if top_p < 1.0:  # drop the tokens after the set; the first is always kept
         probs, order = logits.softmax(-1).sort(descending=True)
-        # the tokens after the set; the first is always kept
         drop = probs.cumsum(-1) - probs >= top_p
         logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), -math.inf)
     probs = logits.softmax(-1)
@@ -1036,9 +1021,8 @@ def sample(logits: Tensor, temperature: float = 0.0, top_p: float = 1.0, top_k: 
 
 
 def checked_tokens(tokens: Tensor, vocab_size: int) -> Tensor:
-    """Token ids [B, T] with at least one per row, every id < vocab_size. The range check reads the
-    ids on the host: free on the CPU, a sync on a GPU, skipped while DecodeGraph captures a CUDA
-    graph."""
+    """Token ids [B, T], at least one per row, every id < vocab_size. The range check reads the ids
+    on the host: free on the CPU, a sync on a GPU, skipped while DecodeGraph captures."""
     integer = isinstance(tokens, Tensor) and tokens.dtype in (torch.int64, torch.int32)
     if not integer or tokens.dim() != 2:
         raise NanoElasticError("tokens must be an integer tensor of shape [batch, seq_len]")
@@ -1055,18 +1039,22 @@ def checked_tokens(tokens: Tensor, vocab_size: int) -> Tensor:
 
 def prompt_ids(prompt: list[int] | Tensor) -> list[int]:
     """A prompt as a list of ints: from a list, a 1-D tensor or a [1, T] tensor (one sequence)."""
+    ids, what = None, f"a {type(prompt).__name__}"
     if isinstance(prompt, Tensor):
-        if prompt.dim() == 2 and prompt.shape[0] == 1:
-            prompt = prompt[0]
-        if prompt.dim() != 1 or prompt.is_floating_point():
-            raise NanoElasticError(f"prompt must be token ids: a list, a 1-D tensor or a [1, T] "
-                                   f"tensor, got a {prompt.dtype} tensor of shape "
-                                   f"{list(prompt.shape)}")
-        prompt = prompt.tolist()
-    prompt = [int(t) for t in prompt]
-    if not prompt:
+        what = f"a {prompt.dtype} tensor of shape {list(prompt.shape)}"
+        prompt = prompt[0] if prompt.dim() == 2 and prompt.shape[0] == 1 else prompt
+        prompt = prompt.tolist() if prompt.dim() == 1 and not prompt.is_floating_point() else None
+    if not isinstance(prompt, (str, bytes)):
+        try:
+            ids = [operator.index(t) for t in prompt]  # ints, not floats or strings
+        except TypeError:
+            pass
+    if ids is None:
+        raise NanoElasticError(f"prompt must be token ids: a list, a 1-D tensor or a [1, T] "
+                               f"tensor, got {what}")
+    if not ids:
         raise NanoElasticError("empty prompt")
-    return prompt
+    return ids
 
 
 def prefill(model: Model, tokens: Tensor, cache: Cache, size: str | None = None,
@@ -1126,13 +1114,12 @@ def generate(model: Model, prompt: list[int] | Tensor, max_new_tokens: int, *,
     for s in (size, switch.size if switch else None):
         parse_size(s, model.config)  # unknown or too large sizes fail before any work
     step = generation_cache(model, prompt, max_new_tokens, cache)
-    cache = step.cache
-    device = model.lm_head.weight.device
+    cache, device, tokens = step.cache, model.lm_head.weight.device, list(prompt)
     generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
-    tokens = list(prompt)
+    run = lambda ids: prefill(model, torch.tensor([ids], device=device), cache, size,  # noqa: E731
+                              prefill_chunk)[0]
     try:
-        logits = prefill(model, torch.tensor([tokens[cache.length:]], device=device), cache, size,
-                         prefill_chunk)[0]
+        logits = run(tokens[cache.length:])
         for n in range(1, max_new_tokens + 1):
             token = switch.forced(n) if switch is not None else None
             if token is None:
@@ -1142,13 +1129,10 @@ def generate(model: Model, prompt: list[int] | Tensor, max_new_tokens: int, *,
             if token in stop_tokens or n == max_new_tokens:
                 return
             if switch is not None and switch.due(n, token):
-                size = switch.size
-                mode = switch.mode
-                switch = None  # one switch per generation
+                size, mode, switch = switch.size, switch.mode, None  # one switch per generation
                 if mode == "reprefill":
                     cache.reset()
-                    logits = prefill(model, torch.tensor([tokens], device=device), cache, size,
-                                     prefill_chunk)[0]
+                    logits = run(tokens)
                     continue
             logits = step(torch.tensor([[token]], device=device), size)[0]
     except KeyboardInterrupt:
@@ -1156,7 +1140,7 @@ def generate(model: Model, prompt: list[int] | Tensor, max_new_tokens: int, *,
 
 
 # --------------------------------------------------------------------------------------------------
-# 13. Command line: a demo on random weights, or a raw completion from a real checkpoint
+# 12. Command line: a demo on random weights, or a raw completion from a real checkpoint
 
 DEMO_CONFIG = Config(vocab_size=512, hidden_size=256, layers_block_type=layer_kinds("MEM*EMEME"),
                      num_attention_heads=8, num_key_value_heads=2, head_dim=32, mamba_num_heads=16,
@@ -1180,22 +1164,8 @@ def sigterm_as_interrupt() -> None:
 
 
 def interrupted_exit_code(e: BaseException) -> int:
-    """The exit code of a run stopped by Ctrl-C (130) or SIGTERM (143)."""
-    # 128 + the signal's number, as shells report it
+    """The exit code of a run stopped by Ctrl-C (130) or SIGTERM (143): 128 + the signal."""
     return 143 if isinstance(e, Terminated) else 130
-
-
-def load_tokenizer(folder: Path):
-    """The checkpoint's tokenizer.json (a tokenizers.Tokenizer)."""
-    from tokenizers import Tokenizer
-
-    file = folder / "tokenizer.json"
-    if not file.is_file():
-        raise NanoElasticError(f"missing tokenizer: {file}")
-    try:
-        return Tokenizer.from_file(str(file))
-    except Exception as e:  # the Rust side's message, e.g. "expected value at line 1 column 1"
-        raise NanoElasticError(f"{file}: {e}") from None
 
 
 def parse_args(argv: list[str] | None):
@@ -1215,37 +1185,38 @@ def parse_args(argv: list[str] | None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device")
     args = ap.parse_args(argv)
-    # not UTF-8: U+FFFD
-    args.prompt = args.prompt.encode(errors="surrogateescape").decode(errors="replace")
+    args.prompt = args.prompt.encode(errors="surrogateescape").decode(errors="replace")  # U+FFFD
     return args
 
 
-def main(argv: list[str] | None = None) -> None:
+def load(args):
+    """The model, the prompt's ids and how to show a token: from --ckpt, or the demo's."""
     import tempfile
 
-    args = parse_args(argv)
-    with tempfile.TemporaryDirectory() as tmp:  # the demo's checkpoint, removed on the way out
-        if args.ckpt:
-            model = Model.from_pretrained(args.ckpt, device=args.device)
-            tokenizer = load_tokenizer(Path(args.ckpt))
-            prompt = tokenizer.encode(args.prompt, add_special_tokens=False).ids
-            show = lambda t: tokenizer.decode([t])  # noqa: E731
-        else:
-            import checkpoint
+    device = resolve_device(args.device)  # a bad device fails before anything loads
+    if args.ckpt:
+        tokenizer = load_tokenizer(Path(args.ckpt))
+        model = Model.from_pretrained(args.ckpt, device=device)
+        prompt = tokenizer.encode(args.prompt, add_special_tokens=False).ids
+        return model, prompt, lambda t: tokenizer.decode([t])
+    import checkpoint
 
-            print("demo: random weights, so the tokens are noise; sizes, caches and the switch "
-                  "are real")
-            path = checkpoint.write_random_checkpoint(Path(tmp) / "random-fp8", DEMO_CONFIG)
-            model = Model.from_pretrained(path, device=args.device, dtype=torch.float32)
-            args.size = args.size or DEMO_SIZES["23B"]
-            args.switch_to = args.switch_to or DEMO_SIZES["30B"]
-            prompt = list(range(1, 33))
-            show = lambda t: f"[{t}]"  # noqa: E731
+    print("demo: random weights, so the tokens are noise; sizes, caches and the switch are real")
+    with tempfile.TemporaryDirectory() as tmp:  # the demo's checkpoint, removed on the way out
+        path = checkpoint.write_random_checkpoint(Path(tmp) / "random-fp8", DEMO_CONFIG)
+        model = Model.from_pretrained(path, device=device, dtype=torch.float32)
+    args.size = args.size or DEMO_SIZES["23B"]
+    args.switch_to = args.switch_to or DEMO_SIZES["30B"]
+    return model, list(range(1, 33)), lambda t: f"[{t}]"
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    model, prompt, show = load(args)
     switch = None
     if args.switch_to:
         switch = Switch(args.switch_to, after=args.switch_after, mode=args.switch_mode)
-    phases = {}  # size -> [tokens, seconds]
-    t = time.time()
+    phases, t, ids = {}, time.time(), [None]  # size -> [tokens, seconds]
     for token in generate(model, prompt, args.max_new_tokens, size=args.size, switch=switch,
                           temperature=args.temperature, seed=args.seed):
         now = time.time()
@@ -1253,21 +1224,22 @@ def main(argv: list[str] | None = None) -> None:
         phase[0] += 1
         phase[1] += now - t
         t = now
+        ids.append(token.id)
         print(show(token.id), end="", flush=True)
     print()
+    if len(ids) <= args.max_new_tokens and ids[-1] not in STOP_TOKENS:
+        raise KeyboardInterrupt  # generate() ends a stream early only on Ctrl-C: exit 130
     for i, (size, (n, s)) in enumerate(phases.items()):
         prefill_note = " (includes the prefill)" if i == 0 else ""
         print(f"{size}: {n} token{'s' if n != 1 else ''}, {n / s:.1f} tokens/s{prefill_note}")
 
 
-def cli() -> None:
+def cli(argv: list[str] | None = None) -> None:
     sigterm_as_interrupt()
     try:
-        main()
-    except NanoElasticError as e:
-        sys.exit(f"error: {e}")
-    except OSError as e:  # permission denied, a full disk: the true cause, one line
-        sys.exit(f"error: {e}")
+        main(argv)
+    except (NanoElasticError, OSError) as e:  # OSError: permission denied, a full disk: one line
+        sys.exit(f"nanoelastic.py: error: {e}")
     except (KeyboardInterrupt, Terminated) as e:
         sys.exit(interrupted_exit_code(e))
 
