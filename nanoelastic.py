@@ -8,31 +8,27 @@ What differs from a vanilla decoder-only transformer:
   2. No positional encoding at all: the Mamba layers carry order; attention is plain causal GQA.
   3. Mamba-2 mixer: in_proj -> causal depthwise conv -> selective state space scan (chunked SSD for
      prefill, an O(1) recurrence step for decode) -> gated RMSNorm in groups -> out_proj.
-  4. MoE: sigmoid router whose score bias only chooses the top-6 of 128 experts; the unbiased scores
-     are renormalised and scaled by 2.5; experts are relu^2 MLPs without a gate; one shared expert
-     always on.
+  4. MoE: a sigmoid router whose bias only chooses the top-6 of 128 experts, weighted by unbiased
+     scores renormalised and scaled by 2.5; relu^2 experts without a gate; one shared expert.
   5. FP8: ModelOpt per-tensor FP8 weights stay float8_e4m3fn in memory and are dequantised on use by
      the one `linear()` seam; nothing else in the model knows about FP8.
   6. Nested sizes: the 23B and 12B models are prefixes of the 30B's hidden (D) and routed-FFN (F)
-     axes. A size is the same module tree whose tensors are prefix *views* (table NESTED_AXES): no
-     copies.
+     axes: the same module tree whose tensors are prefix *views* (table NESTED_AXES), no copies.
   7. Caches: KV for attention layers, conv + SSM state for Mamba layers; all of them have the same
      shape at every size, so one cache serves every size and the size can change mid-generation.
 
 Sections 1-6 are the network, in the order of the forward pass; 7-12 the machinery around it
 (caches, fast paths, nested sizes, loading, generation, the command line).
 
-Shapes use B = batch, T = new tokens, L = cached + new tokens, D = hidden (d when nested),
-V = vocab, H = heads, P = head dim, N = SSM state, G = groups, E = experts, F = expert FFN width (f
-when nested). README.md (How the model works) gives the equations; tensor names are the HF
-checkpoint's.
+Shapes: B batch, T new tokens, L cached + new tokens, D hidden (d when nested), V vocab, H heads,
+P head dim, N SSM state, G groups, E experts, F expert FFN width (f when nested). README.md (How
+the model works) gives the equations; tensor names are the HF checkpoint's.
 """
 
 from __future__ import annotations
 
 import copy
 import functools
-import json
 import math
 import numbers
 import operator
@@ -55,7 +51,7 @@ class NanoElasticError(ValueError):
 
 
 # --------------------------------------------------------------------------------------------------
-# 1. Config: HF config.json field names, kept verbatim (checkpoint.py reads and checks config.json)
+# 1. Config: HF config.json's field names (checkpoint.py reads and checks config.json)
 
 @dataclass
 class Config:
@@ -111,19 +107,15 @@ class Config:
         return self.mamba_inner + self.conv_dim + self.mamba_num_heads
 
     @classmethod
-    def from_dict(cls, d: dict) -> Config:
-        """config.json's fields, each checked (checkpoint.py); unknown ones are ignored."""
+    def from_dict(cls, d: dict) -> Config:  # config.json's fields, checked; unknown ones ignored
         import checkpoint
-
         config = cls(**checkpoint.config_fields(d, {f.name for f in fields(cls)}))
         checkpoint.check_config(config)
         return config
 
     @classmethod
-    def from_file(cls, path: str | Path) -> Config:
-        """A checkpoint's config.json: every field that sets a shape must be there."""
+    def from_file(cls, path: str | Path) -> Config:  # every field that sets a shape must be there
         import checkpoint
-
         return checkpoint.read_config(Path(path))
 
     def to_dict(self) -> dict:  # the config.json of this config
@@ -231,7 +223,7 @@ def ssd_chunked(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk: i
     b, T, H, P = x.shape
     G, N = B.shape[-2:]
     R = H // G  # heads per group
-    # Chunks of Q = chunk tokens [b, c, Q, ...]; the zero-padded tail has dt = 0: it changes nothing.
+    # Chunks of Q = chunk tokens [b, c, Q, ...]; the zero-padded tail has dt = 0, changing nothing.
     pad = lambda t: F.pad(t, (0, 0) * (t.dim() - 2) + (0, -T % chunk)).unflatten(1, (-1, chunk))
     x, dt, B, C = (pad(t.to(dt.dtype)) for t in (x, dt, B, C))
     x = x.unflatten(3, (G, R))  # [b, c, l, G, R, P]: the R heads of each group side by side
@@ -295,8 +287,8 @@ def split_heads(xBC: Tensor, H: int, G: int, N: int) -> tuple[Tensor, Tensor, Te
     return x.unflatten(-1, (H, -1)), B.unflatten(-1, (G, N)), C.unflatten(-1, (G, N))
 
 
-def discretise(dt: Tensor, dt_bias: Tensor, A_log: Tensor, dt_limit: tuple) -> tuple[Tensor, Tensor]:
-    """Raw dt [..., H] -> softplus(dt + dt_bias) fp32, clamped to time_step_limit; A = -exp(A_log)."""
+def discretise(dt: Tensor, dt_bias: Tensor, A_log: Tensor, dt_limit: tuple) -> tuple[Tensor, ...]:
+    """Raw dt [..., H] -> softplus(dt + dt_bias), fp32, clamped to the limit; A = -exp(A_log)."""
     return F.softplus(dt.float() + dt_bias.float()).clamp(*dt_limit), -torch.exp(A_log.float())
 
 
@@ -541,13 +533,8 @@ class Model(nn.Module):
         return Cache(self.config, batch_size, max_len, self.lm_head.weight.device, dtype)
 
     def nested(self, size: str | None) -> Model:
-        """This model at a nested size: the same modules, its tensors prefix views (NESTED_AXES)."""
-        d, f = parse_size(size, self.config)
-        if (d, f) == (self.config.hidden_size, self.config.moe_intermediate_size):
-            return self
-        if (d, f) not in self._nested:
-            self._nested[(d, f)] = nested_model(self, d, f)
-        return self._nested[(d, f)]
+        """This model at a nested size: the same modules, its tensors prefix views (section 9)."""
+        return nested_model(self, size)
 
     def _apply(self, fn, recurse=True):  # .to() / .cuda() make new tensors: forget the old views
         self._nested = {}
@@ -580,10 +567,9 @@ class Model(nn.Module):
 # 7. Caches
 
 class Cache:
-    """Preallocated decode state for every layer, the same shapes at every nested size:
-    attention: K and V [B, Hkv, max_len, hd] (compute dtype); Mamba: conv [B, C, K-1], SSM
-    [B, H, P, N] fp32. It holds `length` tokens (on the host; `position`, the same count on the
-    device, is what a decode step reads); a model call with the cache continues from there."""
+    """Preallocated decode state, the same shapes at every nested size: K and V [B, Hkv, max_len,
+    hd] per attention layer, conv [B, C, K-1] and SSM [B, H, P, N] fp32 per Mamba layer. It holds
+    `length` tokens (`position`: the same count on the device, which a decode step reads)."""
 
     def __init__(self, config: Config, batch_size: int, max_len: int, device, dtype):
         c = config
@@ -615,9 +601,8 @@ class Cache:
         k_cache, v_cache = self.layers[layer]
         T = k.shape[2]
         if T == 1:
-            # Decode: write at the device-side position and attend over a window of the cache that
-            # holds it, masked: no host sync, and a window that changes only at powers of two (a
-            # CUDA graph each).
+            # Decode: write at the device-side position, attend over a masked window of the cache:
+            # no host sync, and a window that changes only at powers of two (a CUDA graph each).
             k_cache.index_copy_(2, self.position.view(1), k)
             v_cache.index_copy_(2, self.position.view(1), v)
             window = self.window()
@@ -632,8 +617,7 @@ class Cache:
             mask = positions <= positions[start:, None]  # [T, start + T]
         return k_cache[:, :, :start + T], v_cache[:, :, :start + T], mask
 
-    def window(self) -> int:
-        """The KV positions a decoded token attends over: > length, a power of two (or max_len)."""
+    def window(self) -> int:  # the KV positions a decoded token sees: > length, a power of two
         return min(self.max_len, max(256, 1 << self.length.bit_length()))
 
     def begin(self, batch_size: int, new_tokens: int) -> None:
@@ -648,14 +632,12 @@ class Cache:
                                    f"tokens > max_len {self.max_len}")
         self.interrupted = True
 
-    def end(self, new_tokens: int) -> None:
-        """Close the step begun by begin(): the new tokens are now in the cache."""
+    def end(self, new_tokens: int) -> None:  # the step begun by begin() is in the cache
         self.position += new_tokens  # on the device: a CUDA graph's replay advances it too
         self.length += new_tokens
         self.interrupted = False
 
-    def reset(self) -> None:
-        """Empty the cache (keeping its memory): what a re-prefill starts from."""
+    def reset(self) -> None:  # empty, keeping the memory: what a re-prefill starts from
         for state in self.layers:
             for t in state or ():
                 t.zero_()
@@ -762,7 +744,7 @@ class DecodeGraph:
         return logits
 
     def capture(self, size: str | None, sized: tuple[int, int], batch: int):
-        """Record the decode step at the cache's current window; the cache is left as it was."""
+        """Record the decode step at the cache's window; the cache is left as it was."""
         model, cache = self.model, self.cache
         tokens = torch.zeros(batch, 1, dtype=torch.int64, device=cache.position.device)
         # Warm up (Triton compiles, SDPA picks its kernel) on a scratch cache, not the real one.
@@ -804,10 +786,8 @@ NESTED_AXES = [
 ]
 
 
-def nested_axes(name: str) -> str:
-    """The NESTED_AXES entry of a tensor name ('' when no axis shrinks)."""
-    return next((axes for pattern, axes in NESTED_AXES
-                 if re.search(rf"(^|\.)({pattern})$", name)), "")
+def nested_axes(name: str) -> str:  # the NESTED_AXES entry of a tensor name ('': none shrinks)
+    return next((a for pattern, a in NESTED_AXES if re.search(rf"(^|\.)({pattern})$", name)), "")
 
 
 def nested_view(name: str, t: Tensor, d: int, f: int) -> Tensor:
@@ -816,18 +796,23 @@ def nested_view(name: str, t: Tensor, d: int, f: int) -> Tensor:
     return t[(..., *(prefix[a] for a in nested_axes(name)))]
 
 
-def nested_model(model: Model, d: int, f: int) -> Model:
-    """A copy of `model`'s module tree whose tensors are nested_view()s of its own and whose config
-    is the sliced one: the module code runs unchanged on the nested prefix of every weight."""
-    # deepcopy's memo: the objects in it are replaced by these, not copied
-    memo = {id(model.config): model.config.sliced(d, f), id(model._nested): {}}
-    for name, p in model.named_parameters():
-        memo[id(p)] = nn.Parameter(nested_view(name, p, d, f), requires_grad=False)
-    for b in model.buffers():
-        memo[id(b)] = b
-    nested = copy.deepcopy(model, memo)
-    nested.backbone.embeddings.embedding_dim = d  # its repr reads this attribute
-    return nested
+def nested_model(model: Model, size: str | None) -> Model:
+    """`model` at a nested size: a copy of its module tree whose tensors are nested_view()s of its
+    own and whose config is the sliced one (made once, kept in model._nested). The module code runs
+    unchanged on the nested prefix of every weight."""
+    d, f = parse_size(size, model.config)
+    if (d, f) == (model.config.hidden_size, model.config.moe_intermediate_size):
+        return model
+    if (d, f) not in model._nested:
+        # deepcopy's memo: the objects in it are replaced by these, not copied
+        memo = {id(model.config): model.config.sliced(d, f), id(model._nested): {}}
+        for name, p in model.named_parameters():
+            memo[id(p)] = nn.Parameter(nested_view(name, p, d, f), requires_grad=False)
+        for b in model.buffers():
+            memo[id(b)] = b
+        nested = model._nested[(d, f)] = copy.deepcopy(model, memo)
+        nested.backbone.embeddings.embedding_dim = d  # its repr reads this attribute
+    return model._nested[(d, f)]
 
 
 def parse_size(size: str | None, config: Config) -> tuple[int, int]:
@@ -852,7 +837,7 @@ def parse_size(size: str | None, config: Config) -> tuple[int, int]:
 
 
 # --------------------------------------------------------------------------------------------------
-# 10. Loading: the layer pattern's spellings, FP8, devices (checkpoint.py reads and checks the files)
+# 10. Loading: the layer pattern's spellings, FP8, devices (checkpoint.py reads the files)
 
 LAYER_TYPES = {  # every spelling seen in config.json -> the name used here
     "M": "mamba", "mamba": "mamba", "linear_attention": "mamba",
@@ -876,8 +861,7 @@ def layer_kinds(layers) -> list[str]:
     return [LAYER_TYPES[t] for t in layers]
 
 
-def fp8_quantize(w: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-tensor FP8 as ModelOpt does it: scale = amax / 448, w_q = e4m3(w / scale)."""
+def fp8_quantize(w: Tensor) -> tuple[Tensor, Tensor]:  # ModelOpt's per-tensor FP8, amax / 448
     scale = w.abs().max().float().clamp(min=1e-12) / 448.0
     return (w.float() / scale).clamp(-448, 448).to(torch.float8_e4m3fn), scale
 
@@ -931,6 +915,8 @@ def load_tokenizer(folder: Path):
     from tokenizers import Tokenizer
 
     file = folder / "tokenizer.json"
+    if not folder.is_dir():
+        raise NanoElasticError(f"checkpoint folder not found: {folder}")
     if not file.is_file():
         raise NanoElasticError(f"missing tokenizer: {file}")
     try:

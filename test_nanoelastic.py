@@ -737,6 +737,9 @@ def test_cli_bad_tokenizer_is_one_line_before_the_model_loads(checkpoints, tmp_p
     with pytest.raises(SystemExit) as exit_:
         ne.cli(["--ckpt", str(ckpt), "--device", "cpu"])
     assert exit_.value.code == f"nanoelastic.py: error: {ckpt / 'tokenizer.json'}: Permission denied (os error 13)"
+    with pytest.raises(SystemExit) as exit_:
+        ne.cli(["--ckpt", str(tmp_path / "nowhere"), "--device", "cpu"])
+    assert exit_.value.code == f"nanoelastic.py: error: checkpoint folder not found: {tmp_path / 'nowhere'}"
     assert loaded == []
 
 
