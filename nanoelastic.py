@@ -499,8 +499,7 @@ class Model(nn.Module):
         logits = model(tokens, cache, "12B")      # ... which then holds the tokens
         for t in generate(model, prompt, 100, size="23B", switch=Switch("30B", after=50)): ...
 
-    Sizes are '30B', '23B', '12B' (any case) or 'HIDDENxFFN' prefixes; None is the checkpoint's
-    own."""
+    Sizes: '30B', '23B', '12B' (any case), 'HIDDENxFFN' prefixes, None (the checkpoint's own)."""
 
     def __init__(self, config: Config):
         super().__init__()
@@ -905,7 +904,6 @@ def load_model(cls, path: Path, device, dtype: torch.dtype | None, verbose: bool
     with torch.device("meta"):
         model = cls(config)
     import checkpoint  # the checkpoint format: checked, then read one tensor at a time
-
     checkpoint.load_checkpoint(model, path, device, dtype or torch.bfloat16, verbose)
     return model
 
@@ -913,7 +911,6 @@ def load_model(cls, path: Path, device, dtype: torch.dtype | None, verbose: bool
 def load_tokenizer(folder: Path):
     """The checkpoint's tokenizer.json (a tokenizers.Tokenizer)."""
     from tokenizers import Tokenizer
-
     file = folder / "tokenizer.json"
     if not folder.is_dir():
         raise NanoElasticError(f"checkpoint folder not found: {folder}")
@@ -1025,16 +1022,15 @@ def checked_tokens(tokens: Tensor, vocab_size: int) -> Tensor:
 
 def prompt_ids(prompt: list[int] | Tensor) -> list[int]:
     """A prompt as a list of ints: from a list, a 1-D tensor or a [1, T] tensor (one sequence)."""
-    ids, what = None, f"a {type(prompt).__name__}"
+    what = f"a {type(prompt).__name__}"
     if isinstance(prompt, Tensor):
         what = f"a {prompt.dtype} tensor of shape {list(prompt.shape)}"
         prompt = prompt[0] if prompt.dim() == 2 and prompt.shape[0] == 1 else prompt
         prompt = prompt.tolist() if prompt.dim() == 1 and not prompt.is_floating_point() else None
-    if not isinstance(prompt, (str, bytes)):
-        try:
-            ids = [operator.index(t) for t in prompt]  # ints, not floats or strings
-        except TypeError:
-            pass
+    try:
+        ids = None if isinstance(prompt, (str, bytes)) else [operator.index(t) for t in prompt]
+    except TypeError:  # not a sequence of ints (None, floats, strings)
+        ids = None
     if ids is None:
         raise NanoElasticError(f"prompt must be token ids: a list, a 1-D tensor or a [1, T] "
                                f"tensor, got {what}")
@@ -1156,7 +1152,6 @@ def interrupted_exit_code(e: BaseException) -> int:
 
 def parse_args(argv: list[str] | None):
     import argparse
-
     ap = argparse.ArgumentParser(description="Run Nemotron 3 Nano Elastic. Without --ckpt: a demo "
                                  "on a small random checkpoint (random weights: the tokens are "
                                  "noise, the mechanics are real).")
@@ -1178,7 +1173,6 @@ def parse_args(argv: list[str] | None):
 def load(args):
     """The model, the prompt's ids and how to show a token: from --ckpt, or the demo's."""
     import tempfile
-
     device = resolve_device(args.device)  # a bad device fails before anything loads
     if args.ckpt:
         tokenizer = load_tokenizer(Path(args.ckpt))
@@ -1186,7 +1180,6 @@ def load(args):
         prompt = tokenizer.encode(args.prompt, add_special_tokens=False).ids
         return model, prompt, lambda t: tokenizer.decode([t])
     import checkpoint
-
     print("demo: random weights, so the tokens are noise; sizes, caches and the switch are real")
     with tempfile.TemporaryDirectory() as tmp:  # the demo's checkpoint, removed on the way out
         path = checkpoint.write_random_checkpoint(Path(tmp) / "random-fp8", DEMO_CONFIG)
