@@ -1,6 +1,5 @@
 """
-nanoelastic: NVIDIA Nemotron 3 Nano Elastic (30B / 23B / 12B in one checkpoint) in one readable
-file.
+nanoelastic: NVIDIA Nemotron 3 Nano Elastic (30B / 23B / 12B in one checkpoint) in one file.
 
 What differs from a vanilla decoder-only transformer:
   1. Hybrid layers. 52 pre-norm residual layers, h = h + mixer(norm(h)), each with ONE mixer:
@@ -9,33 +8,30 @@ What differs from a vanilla decoder-only transformer:
   2. No positional encoding at all: the Mamba layers carry order; attention is plain causal GQA.
   3. Mamba-2 mixer: in_proj -> causal depthwise conv -> selective state space scan (chunked SSD for
      prefill, an O(1) recurrence step for decode) -> gated RMSNorm in groups -> out_proj.
-  4. MoE: sigmoid router whose score bias only chooses the top-6 of 128 experts; the unbiased scores
-     are renormalised and scaled by 2.5; experts are relu^2 MLPs without a gate; one shared expert
-     always on.
+  4. MoE: a sigmoid router whose bias only chooses the top-6 of 128 experts, weighted by unbiased
+     scores renormalised and scaled by 2.5; relu^2 experts without a gate; one shared expert.
   5. FP8: ModelOpt per-tensor FP8 weights stay float8_e4m3fn in memory and are dequantised on use by
      the one `linear()` seam; nothing else in the model knows about FP8.
   6. Nested sizes: the 23B and 12B models are prefixes of the 30B's hidden (D) and routed-FFN (F)
-     axes. A size is the same module tree whose tensors are prefix *views* (table NESTED_AXES): no
-     copies.
+     axes: the same module tree whose tensors are prefix *views* (table NESTED_AXES), no copies.
   7. Caches: KV for attention layers, conv + SSM state for Mamba layers; all of them have the same
      shape at every size, so one cache serves every size and the size can change mid-generation.
 
-The file: sections 1-6 are the network (config, layers, model), in the order of the forward pass;
-sections 7-13 are the machinery around it (caches, fast paths, nested sizes, FP8, generation, the
-command line); checkpoint.py reads, checks and writes the checkpoint files.
+Sections 1-6 are the network, in the order of the forward pass; 7-12 the machinery around it
+(caches, fast paths, nested sizes, loading, generation, the command line).
 
-Shapes use B = batch, T = new tokens, L = cached + new tokens, D = hidden (d when nested),
-V = vocab, H = heads, P = head dim, N = SSM state, G = groups, E = experts, F = expert FFN width (f
-when nested). README.md (How the model works) gives the equations; tensor names are the HF
-checkpoint's.
+Shapes: B batch, T new tokens, L cached + new tokens, D hidden (d when nested), V vocab, H heads,
+P head dim, N SSM state, G groups, E experts, F expert FFN width (f when nested). README.md (How
+the model works) gives the equations; tensor names are the HF checkpoint's.
 """
 
 from __future__ import annotations
 
 import copy
 import functools
-import json
 import math
+import numbers
+import operator
 import os
 import re
 import signal
@@ -55,14 +51,12 @@ class NanoElasticError(ValueError):
 
 
 # --------------------------------------------------------------------------------------------------
-# 1. Config: HF config.json field names, kept verbatim (checkpoint.py reads and checks config.json)
+# 1. Config: HF config.json's field names (checkpoint.py reads and checks config.json)
 
 @dataclass
 class Config:
-    """The model's shape, with the field names of the checkpoint's config.json (Config.from_file
-    reads one); the defaults are the 30B's. layers_block_type lists each layer's mixer: 'mamba',
-    'moe', 'attention' or 'mlp'. config.sliced(d, f) is the config of the nested model of hidden d
-    and expert FFN width f."""
+    """The model's shape in config.json's field names; the defaults are the 30B's.
+    layers_block_type: each layer's mixer, 'mamba', 'moe', 'attention' or 'mlp'."""
     vocab_size: int = 131072
     hidden_size: int = 2688
     layers_block_type: list = field(default_factory=lambda: layer_kinds(
@@ -113,24 +107,18 @@ class Config:
         return self.mamba_inner + self.conv_dim + self.mamba_num_heads
 
     @classmethod
-    def from_dict(cls, d: dict) -> Config:
-        """A Config from config.json's fields, each checked (type, range) before anything is built:
-        a bad one is a NanoElasticError naming the field. Fields it does not know are ignored."""
-        import checkpoint  # the checks of config.json (and of the files beside it) live there
-
+    def from_dict(cls, d: dict) -> Config:  # config.json's fields, checked; unknown ones ignored
+        import checkpoint
         config = cls(**checkpoint.config_fields(d, {f.name for f in fields(cls)}))
         checkpoint.check_config(config)
         return config
 
     @classmethod
-    def from_file(cls, path: str | Path) -> Config:
-        """A checkpoint's config.json: every field that sets a shape must be there (no default)."""
+    def from_file(cls, path: str | Path) -> Config:  # every field that sets a shape must be there
         import checkpoint
-
         return checkpoint.read_config(Path(path))
 
-    def to_dict(self) -> dict:
-        """The config.json of a checkpoint of this config (HF nemotron_h field names)."""
+    def to_dict(self) -> dict:  # the config.json of this config
         d = asdict(self)
         kinds = d.pop("layers_block_type")
         d["hybrid_override_pattern"] = "".join(PATTERN_LETTERS[t] for t in kinds)
@@ -138,17 +126,14 @@ class Config:
         return {"architectures": ["NemotronHForCausalLM"], "model_type": "nemotron_h",
                 "num_hidden_layers": len(self.layers_block_type), **d}
 
-    def sliced(self, d: int, f: int) -> Config:
-        """The config of the nested model of hidden width d and routed-expert FFN width f."""
+    def sliced(self, d: int, f: int) -> Config:  # the nested model's: hidden d, expert FFN f
         return Config(**{**self.__dict__, "hidden_size": d, "moe_intermediate_size": f,
                          "intermediate_size": f})
 
 
 # --------------------------------------------------------------------------------------------------
-# 2. The seams, linear() (the one place that knows about FP8) and RMSNorm
-#
-# A function marked @kernel is the plain-torch reference; kernels.py has a Triton function of the
-# same name and signature, which use_kernels() (section 8) chooses.
+# 2. The seams: linear() (the one place that knows about FP8) and RMSNorm. A @kernel function is
+#    the plain-torch reference of the Triton function of the same name in kernels.py (section 8).
 
 def kernel(reference):
     """Route a call to kernels.<same name> if use_kernels(its first tensor); .reference: torch's."""
@@ -169,15 +154,12 @@ def linear(x: Tensor, weight: Tensor, weight_scale: Tensor | None = None) -> Ten
 
 
 class Linear(nn.Module):
-    """Bias-free Linear. FP8 exactly when the checkpoint gave it a weight_scale (set at load time);
-    input_scale is kept for W8A8 kernels. Stacked experts use a weight [E, out, in] and scales
-    [E]."""
-
+    """Bias-free; FP8 when the checkpoint gives it a weight_scale (input_scale: kept for W8A8
+    kernels). Stacked experts: weight [E, out, in], scales [E]."""
     def __init__(self, in_features: int, out_features: int, experts: int | None = None):
         super().__init__()
-        shape = (out_features, in_features)
-        if experts is not None:
-            shape = (experts, *shape)
+        shape = (out_features, in_features) if experts is None else (experts, out_features,
+                                                                     in_features)
         self.weight = nn.Parameter(torch.empty(shape), requires_grad=False)
         self.register_buffer("weight_scale", None)
         self.register_buffer("input_scale", None)
@@ -187,10 +169,8 @@ class Linear(nn.Module):
 
     def extra_repr(self) -> str:  # from the weight itself, so a nested view shows its nested widths
         *experts, out_features, in_features = self.weight.shape
-        text = f"in={in_features}, out={out_features}"
-        if experts:
-            text += f", experts={experts[0]}"
-        return text + (", fp8" if self.weight_scale is not None else "")
+        return (f"in={in_features}, out={out_features}" + "".join(f", experts={e}" for e in experts)
+                + (", fp8" if self.weight_scale is not None else ""))
 
 
 @kernel
@@ -205,7 +185,6 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float, groups: int = 1,
 
 
 class RMSNorm(nn.Module):
-    """weight * x / rms(x) over the channels, fp32 statistics (the functions above apply it)."""
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(dim), requires_grad=False)
@@ -222,9 +201,8 @@ class RMSNorm(nn.Module):
 # 3. Mamba-2: the chunked SSD scan (prefill) and its O(1) recurrence step (decode)
 
 def segsum(a: Tensor) -> Tensor:
-    """[..., Q] -> [..., Q, Q]: out[i, j] = a[j+1] + ... + a[i] for j <= i, and -inf above the
-    diagonal. A masked cumsum rather than a difference of cumsums, which would lose precision to
-    cancellation."""
+    """[..., Q] -> [..., Q, Q]: out[i, j] = a[j+1] + ... + a[i] for j <= i, -inf above the diagonal.
+    A masked cumsum: a difference of cumsums would lose precision to cancellation."""
     Q = a.shape[-1]
     tril = torch.ones(Q, Q, dtype=torch.bool, device=a.device).tril
     a = a[..., None].expand(*a.shape, Q)  # a[..., i, j] = a_i
@@ -245,9 +223,9 @@ def ssd_chunked(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk: i
     b, T, H, P = x.shape
     G, N = B.shape[-2:]
     R = H // G  # heads per group
-    # Chunks of Q = chunk tokens; the zero-padded tail has dt = 0, so it changes nothing.
-    x, B, C = x.to(dt.dtype), B.to(dt.dtype), C.to(dt.dtype)
-    x, dt, B, C = (pad_to_chunks(t, chunk) for t in (x, dt, B, C))  # [b, c, l, ...]
+    # Chunks of Q = chunk tokens [b, c, Q, ...]; the zero-padded tail has dt = 0, changing nothing.
+    pad = lambda t: F.pad(t, (0, 0) * (t.dim() - 2) + (0, -T % chunk)).unflatten(1, (-1, chunk))
+    x, dt, B, C = (pad(t.to(dt.dtype)) for t in (x, dt, B, C))
     x = x.unflatten(3, (G, R))  # [b, c, l, G, R, P]: the R heads of each group side by side
     a = (dt * A).permute(0, 3, 1, 2).unflatten(1, (G, R))  # log-decay per step, [b, G, R, c, l]
     a_cum = a.cumsum(-1)
@@ -280,18 +258,11 @@ def ssd_chunked(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk: i
     return y, final_state.flatten(1, 2)
 
 
-def pad_to_chunks(t: Tensor, chunk: int) -> Tensor:
-    """[b, T, ...] -> [b, c, chunk, ...], the tail zero-padded."""
-    pad = (0, 0) * (t.dim() - 2) + (0, -t.shape[1] % chunk)
-    return F.pad(t, pad).unflatten(1, (-1, chunk))
-
-
 def ssd_step(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor) -> Tensor:
-    """One step of the same recurrence, updating state [B, H, P, N] in place.
-    x [B, H, P], dt [B, H], B and C [B, G, N]; returns y [B, H, P]."""
+    """One step of the same recurrence on state [B, H, P, N], in place.
+    x [B, H, P], dt [B, H], B and C [B, G, N] -> y [B, H, P]."""
     H, G = x.shape[1], B.shape[1]
-    B = B.repeat_interleave(H // G, dim=1)  # [B, H, N]
-    C = C.repeat_interleave(H // G, dim=1)
+    B, C = B.repeat_interleave(H // G, dim=1), C.repeat_interleave(H // G, dim=1)  # [B, H, N]
     state.mul_(torch.exp(dt * A)[..., None, None])
     state.add_((dt[..., None] * x)[..., None] * B[:, :, None, :])  # + dt x B^T
     return torch.einsum("bhpn,bhn->bhp", state, C)
@@ -299,8 +270,8 @@ def ssd_step(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tens
 
 def causal_conv(xBC: Tensor, conv_state: Tensor | None, weight: Tensor,
                 bias: Tensor | None) -> Tensor:
-    """silu(causal depthwise conv) over xBC [B, T, C], continuing from the cached last K-1 inputs
-    (zeros at the start); conv_state [B, C, K-1] becomes the last K-1 inputs."""
+    """silu(causal depthwise conv) over xBC [B, T, C] after the cached last K-1 inputs (or zeros);
+    conv_state [B, C, K-1] becomes the last K-1 inputs."""
     b, T, ch = xBC.shape
     K = weight.shape[-1]
     past = conv_state if conv_state is not None else xBC.new_zeros(b, ch, K - 1)
@@ -316,10 +287,8 @@ def split_heads(xBC: Tensor, H: int, G: int, N: int) -> tuple[Tensor, Tensor, Te
     return x.unflatten(-1, (H, -1)), B.unflatten(-1, (G, N)), C.unflatten(-1, (G, N))
 
 
-def discretise(dt: Tensor, dt_bias: Tensor, A_log: Tensor,
-               dt_limit: tuple[float, float]) -> tuple[Tensor, Tensor]:
-    """Raw dt [..., H] -> softplus(dt + dt_bias) in fp32, and A = -exp(A_log) [H]. time_step_limit
-    is (0, inf), i.e. no clamp, unless the config says otherwise."""
+def discretise(dt: Tensor, dt_bias: Tensor, A_log: Tensor, dt_limit: tuple) -> tuple[Tensor, ...]:
+    """Raw dt [..., H] -> softplus(dt + dt_bias), fp32, clamped to the limit; A = -exp(A_log)."""
     return F.softplus(dt.float() + dt_bias.float()).clamp(*dt_limit), -torch.exp(A_log.float())
 
 
@@ -328,8 +297,7 @@ def mamba_step(xBC: Tensor, dt: Tensor, conv_state: Tensor, ssm_state: Tensor, c
                conv_bias: Tensor | None, dt_bias: Tensor, A_log: Tensor, D: Tensor, n_groups: int,
                dt_limit: tuple[float, float]) -> Tensor:
     """The decode step of one token after in_proj: xBC [B, C] and raw dt [B, H] -> y [B, H*P] fp32
-    (with the D skip, before the gated norm). conv_state [B, C, K-1] and ssm_state [B, H, P, N] are
-    updated in place."""
+    (with the D skip, before the gated norm); conv_state and ssm_state are updated in place."""
     H, P, N = ssm_state.shape[1:]
     xBC = causal_conv(xBC[:, None], conv_state, conv_weight, conv_bias)[:, 0]
     x, B, C = split_heads(xBC.float(), H, n_groups, N)
@@ -339,9 +307,8 @@ def mamba_step(xBC: Tensor, dt: Tensor, conv_state: Tensor, ssm_state: Tensor, c
 
 
 class Mamba2Mixer(nn.Module):
-    """The Mamba-2 mixer: in_proj -> causal conv -> selective scan (scan() for a prompt, step()
-    for one token) -> gated RMSNorm -> out_proj. Its decode state lives in the cache: conv
-    [B, C, K-1], SSM [B, H, P, N]."""
+    """in_proj -> causal conv -> selective scan -> gated RMSNorm -> out_proj. Its decode state is
+    in the cache: conv [B, C, K-1], SSM [B, H, P, N]."""
     def __init__(self, config: Config, layer_idx: int):
         super().__init__()
         c = config
@@ -356,40 +323,26 @@ class Mamba2Mixer(nn.Module):
         self.out_proj = Linear(c.mamba_inner, c.hidden_size)
 
     def forward(self, u: Tensor, cache: Cache | None = None) -> Tensor:  # u [B, T, D] -> [B, T, D]
-        c = self.config
+        c, conv = self.config, self.conv1d
         # z (the gate) [B, T, H*P], xBC (conv input) [B, T, H*P + 2*G*N], dt [B, T, H]
         z, xBC, dt = self.in_proj(u).split([c.mamba_inner, c.conv_dim, c.mamba_num_heads], dim=-1)
-        conv_state, ssm_state = None, None
-        if cache is not None:
-            conv_state, ssm_state = cache.layers[self.layer_idx]  # [B, C, K-1], [B, H, P, N]
-        if ssm_state is not None and u.shape[1] == 1:
-            y = self.step(xBC, dt, conv_state, ssm_state)  # [B, 1, H*P] fp32
-        else:
-            y = self.scan(xBC, dt, conv_state, ssm_state)  # [B, T, H*P] fp32
+        conv_state, ssm_state = (None, None) if cache is None else cache.layers[self.layer_idx]
+        if cache is not None and u.shape[1] == 1:  # decode: one recurrence step
+            y = mamba_step(xBC[:, 0], dt[:, 0], conv_state, ssm_state, conv.weight, conv.bias,
+                           self.dt_bias, self.A_log, self.D, c.n_groups, c.time_step_limit)
+            y = y[:, None]  # [B, 1, H*P] fp32
+        else:  # prefill: the conv, then the chunked scan from the cached state (or zeros)
+            xBC = causal_conv(xBC, conv_state, conv.weight, conv.bias)  # [B, T, C]
+            # x [B, T, H, P], B and C [B, T, G, N], in the activations' dtype
+            x, B, C = split_heads(xBC, c.mamba_num_heads, c.n_groups, c.ssm_state_size)
+            dt, A = discretise(dt, self.dt_bias, self.A_log, c.time_step_limit)  # [B, T, H], [H]
+            y, final_state = ssd_chunked(x, dt, A, B, C, c.chunk_size, ssm_state)  # [B, T, H, P]
+            if ssm_state is not None:
+                ssm_state.copy_(final_state)
+            y = (y + self.D.float()[:, None] * x.float()).flatten(2)  # + D skip, [B, T, H*P] fp32
         # Gated RMSNorm: gate y * silu(z) first, then normalise in G groups of H*P/G channels.
         y = rms_norm(y, self.norm.weight, self.norm.eps, groups=c.n_groups, gate=z)
         return self.out_proj(y.to(u.dtype))
-
-    def scan(self, xBC: Tensor, dt: Tensor, conv_state: Tensor | None,
-             ssm_state: Tensor | None) -> Tensor:
-        """Prefill: the conv, then the chunked scan from the cached state (zeros without one)."""
-        c = self.config
-        xBC = causal_conv(xBC, conv_state, self.conv1d.weight, self.conv1d.bias)  # [B, T, C]
-        # x [B, T, H, P], B and C [B, T, G, N], in the activations' dtype
-        x, B, C = split_heads(xBC, c.mamba_num_heads, c.n_groups, c.ssm_state_size)
-        dt, A = discretise(dt, self.dt_bias, self.A_log, c.time_step_limit)  # [B, T, H], [H]
-        y, final_state = ssd_chunked(x, dt, A, B, C, c.chunk_size, ssm_state)  # [B, T, H, P]
-        if ssm_state is not None:
-            ssm_state.copy_(final_state)
-        return (y + self.D.float()[:, None] * x.float()).flatten(2)  # the D skip connection
-
-    def step(self, xBC: Tensor, dt: Tensor, conv_state: Tensor, ssm_state: Tensor) -> Tensor:
-        """Decode: the same for one token, one recurrence step on the cached states (mamba_step)."""
-        c = self.config
-        conv = self.conv1d
-        y = mamba_step(xBC[:, 0], dt[:, 0], conv_state, ssm_state, conv.weight, conv.bias,
-                       self.dt_bias, self.A_log, self.D, c.n_groups, c.time_step_limit)
-        return y[:, None]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -425,7 +378,6 @@ class Attention(nn.Module):
 
 class MLP(nn.Module):
     """down(relu(up(x))^2): the shared expert, and the dense FFN of '-' layers."""
-
     def __init__(self, hidden: int, ffn: int):
         super().__init__()
         self.up_proj = Linear(hidden, ffn)
@@ -436,7 +388,7 @@ class MLP(nn.Module):
 
 
 class Router(nn.Module):
-    """Sigmoid scores of the routed experts; the bias only chooses the top-k, the unbiased scores
+    """Sigmoid scores; the bias only chooses the top-k experts, whose unbiased scores
     (renormalised, times routed_scaling_factor) weight them."""
     def __init__(self, config: Config):
         super().__init__()
@@ -445,8 +397,7 @@ class Router(nn.Module):
         self.weight = nn.Parameter(torch.empty(E, config.hidden_size), requires_grad=False)
         self.e_score_correction_bias = nn.Parameter(torch.empty(E), requires_grad=False)
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """x [n, D] -> routing weights [n, k] fp32, chosen experts [n, k]."""
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:  # x [n, D] -> weights, experts [n, k]
         c = self.config
         scores = torch.sigmoid(F.linear(x.float(), self.weight.float()))  # [n, E]
         choice = scores + self.e_score_correction_bias.float()  # the bias only chooses experts
@@ -459,7 +410,7 @@ class Router(nn.Module):
         weights = scores.gather(1, experts)
         if c.norm_topk_prob:
             weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
-        return weights * c.routed_scaling_factor, experts
+        return weights * c.routed_scaling_factor, experts  # fp32, indices
 
 
 @kernel
@@ -474,10 +425,8 @@ def moe_experts(x: Tensor, weights: Tensor, experts: Tensor, up_weight: Tensor,
     pair_weights = weights.flatten()[order]
     E = up_weight.shape[0]
     counts = torch.bincount(experts.flatten(), minlength=E).tolist()  # a host sync: fine here
-    if up_scale is None:  # BF16 weights
-        up_scale = [None] * E
-    if down_scale is None:
-        down_scale = [None] * E
+    up_scale = [None] * E if up_scale is None else up_scale  # None: BF16 weights
+    down_scale = [None] * E if down_scale is None else down_scale
     out = torch.zeros_like(x, dtype=torch.float32)
     for e, (idx, w) in enumerate(zip(tokens.split(counts), pair_weights.split(counts))):
         if len(idx):
@@ -486,33 +435,25 @@ def moe_experts(x: Tensor, weights: Tensor, experts: Tensor, up_weight: Tensor,
     return out.to(x.dtype)
 
 
-class Experts(nn.Module):
-    """The routed experts, stacked at load time: up_proj.weight [E, F, D], down_proj [E, D, F]."""
-
+class MoE(nn.Module):
+    """The routed top-k relu^2 experts (stacked: up [E, F, D], down [E, D, F]) plus one shared
+    expert that every token takes."""
     def __init__(self, config: Config):
         super().__init__()
         E, D, Fe = config.n_routed_experts, config.hidden_size, config.moe_intermediate_size
-        self.up_proj = Linear(D, Fe, experts=E)
-        self.down_proj = Linear(Fe, D, experts=E)
-
-    def forward(self, x: Tensor, weights: Tensor, experts: Tensor) -> Tensor:  # x [n, D] -> [n, D]
-        up, down = self.up_proj, self.down_proj
-        return moe_experts(x, weights, experts, up.weight, up.weight_scale,
-                           down.weight, down.weight_scale)
-
-
-class MoE(nn.Module):
-    """The routed top-k relu^2 experts plus one shared expert that every token takes."""
-    def __init__(self, config: Config):
-        super().__init__()
         self.gate = Router(config)
-        self.experts = Experts(config)
-        self.shared_experts = MLP(config.hidden_size, config.moe_shared_expert_intermediate_size)
+        self.experts = nn.Module()
+        self.experts.up_proj = Linear(D, Fe, experts=E)
+        self.experts.down_proj = Linear(Fe, D, experts=E)
+        self.shared_experts = MLP(D, config.moe_shared_expert_intermediate_size)
 
     def forward(self, x: Tensor, cache: Cache | None = None) -> Tensor:  # x [B, T, D] -> [B, T, D]
         flat = x.flatten(0, 1)  # [n = B*T, D]
-        weights, experts = self.gate(flat)
-        return self.experts(flat, weights, experts).view_as(x) + self.shared_experts(x)
+        weights, experts = self.gate(flat)  # [n, k]
+        up, down = self.experts.up_proj, self.experts.down_proj
+        routed = moe_experts(flat, weights, experts, up.weight, up.weight_scale, down.weight,
+                             down.weight_scale)
+        return routed.view_as(x) + self.shared_experts(x)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -524,7 +465,6 @@ MIXERS = {"mamba": Mamba2Mixer, "attention": Attention, "moe": lambda c, i: MoE(
 
 class Block(nn.Module):
     """One pre-norm residual layer; its mixer is Mamba-2, attention, MoE (or a dense MLP)."""
-
     def __init__(self, config: Config, layer_idx: int):
         super().__init__()
         self.norm = RMSNorm(config.hidden_size, config.layer_norm_epsilon)
@@ -550,8 +490,7 @@ class Backbone(nn.Module):
 
 
 class Model(nn.Module):
-    """Nemotron 3 Nano Elastic: embeddings, the hybrid layers of config.layers_block_type, a final
-    norm and the LM head. Every size of the checkpoint is this one module tree:
+    """Nemotron 3 Nano Elastic. Every size of the checkpoint is this one module tree:
 
         model = Model.from_pretrained(folder)
         logits = model(tokens, size="23B")        # tokens [B, T] -> fp32 logits [B, T, V]
@@ -560,16 +499,14 @@ class Model(nn.Module):
         logits = model(tokens, cache, "12B")      # ... which then holds the tokens
         for t in generate(model, prompt, 100, size="23B", switch=Switch("30B", after=50)): ...
 
-    Sizes are '30B', '23B', '12B' (any case) or 'HIDDENxFFN' prefixes; None is the checkpoint's
-    own."""
+    Sizes: '30B', '23B', '12B' (any case), 'HIDDENxFFN' prefixes, None (the checkpoint's own)."""
 
     def __init__(self, config: Config):
         super().__init__()
         self.config = config
         self.backbone = Backbone(config)
         self.lm_head = Linear(config.hidden_size, config.vocab_size)
-        # (d, f) -> this module tree with prefix views of every tensor (section 9)
-        self._nested = {}
+        self._nested = {}  # (d, f) -> this module tree with prefix views of every tensor
 
     @torch.no_grad()
     def forward(self, tokens: Tensor, cache: Cache | None = None, size: str | None = None,
@@ -580,59 +517,37 @@ class Model(nn.Module):
         tokens = checked_tokens(tokens, self.config.vocab_size).to(self.lm_head.weight.device)
         if cache is not None:
             cache.begin(*tokens.shape)
-        # the same sum, each residual add fused with the next norm (section 8)
-        if use_kernels(tokens):
+        if use_kernels(tokens):  # the same sums, each residual add fused with the next norm
             h = fused_backbone(model.backbone, tokens, cache)
         else:
             h = model.backbone(tokens, cache)  # [B, T, D]
-        if last_only:
-            h = h[:, -1:]
-        logits = model.lm_head(h).float()  # [B, T, V]
+        logits = model.lm_head(h[:, -1:] if last_only else h).float()  # [B, T, V]
         if cache is not None:
             cache.end(tokens.shape[1])
         return logits
 
     def new_cache(self, batch_size: int, max_len: int) -> Cache:
-        """An empty Cache for `batch_size` sequences of up to `max_len` tokens, on the model's
-        device. It serves every nested size, so a generation can change size and keep it."""
+        """An empty Cache for `batch_size` sequences of up to `max_len` tokens, for every size."""
         dtype = self.backbone.embeddings.weight.dtype
         return Cache(self.config, batch_size, max_len, self.lm_head.weight.device, dtype)
 
     def nested(self, size: str | None) -> Model:
-        """This model at a nested size: the same modules, its tensors prefix views (NESTED_AXES)."""
-        d, f = parse_size(size, self.config)
-        if (d, f) == (self.config.hidden_size, self.config.moe_intermediate_size):
-            return self
-        if (d, f) not in self._nested:
-            self._nested[(d, f)] = nested_model(self, d, f)
-        return self._nested[(d, f)]
+        """This model at a nested size: the same modules, its tensors prefix views (section 9)."""
+        return nested_model(self, size)
 
-    # .to() / .cuda() make new tensors: forget views of the old ones
-    def _apply(self, fn, recurse=True):
+    def _apply(self, fn, recurse=True):  # .to() / .cuda() make new tensors: forget the old views
         self._nested = {}
         return super()._apply(fn, recurse)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None,
                         dtype: torch.dtype | None = None, verbose: bool = True) -> Model:
-        """Load an HF-format checkpoint folder: FP8 or BF16, sharded or not. dtype is the compute
-        dtype (bfloat16 by default; float32 for exact tests). FP8 weights stay FP8."""
-        path = Path(path)
-        if not path.is_dir():
-            raise NanoElasticError(f"checkpoint folder not found: {path}")
-        config = Config.from_file(path / "config.json")
-        device = resolve_device(device)
-        with torch.device("meta"):
-            model = cls(config)
-        import checkpoint  # the checkpoint format: checked, then read one tensor at a time
-
-        checkpoint.load_checkpoint(model, path, device, dtype or torch.bfloat16, verbose)
-        return model
+        """Load an HF-format checkpoint folder, FP8 or BF16, sharded or not (section 10)."""
+        return load_model(cls, Path(path), device, dtype, verbose)
 
     def num_params(self, size: str | None = None) -> tuple[int, int]:
         """(total, active per token) parameters at `size`; active counts k of the E experts."""
-        c = self.config
-        model = self.nested(size)
+        c, model = self.config, self.nested(size)
         total = sum(p.numel() for p in model.parameters())
         named = model.named_parameters()
         idle = sum(p.numel() for n, p in named if ".experts." in n and "shared" not in n)
@@ -651,11 +566,9 @@ class Model(nn.Module):
 # 7. Caches
 
 class Cache:
-    """Preallocated decode state for every layer, the same shapes at every nested size:
-    attention: K and V [B, Hkv, max_len, hd] (compute dtype); Mamba: conv [B, C, K-1], SSM [B, H, P,
-    N] fp32. `length` tokens are in it (on the host; `position` is the same count on the device,
-    which a decode step reads without waiting for the host). A model call with the cache continues
-    from there."""
+    """Preallocated decode state, the same shapes at every nested size: K and V [B, Hkv, max_len,
+    hd] per attention layer, conv [B, C, K-1] and SSM [B, H, P, N] fp32 per Mamba layer. It holds
+    `length` tokens (`position`: the same count on the device, which a decode step reads)."""
 
     def __init__(self, config: Config, batch_size: int, max_len: int, device, dtype):
         c = config
@@ -665,12 +578,10 @@ class Cache:
         if max_len > c.max_position_embeddings:
             raise NanoElasticError(f"max_len {max_len} > max_position_embeddings "
                                    f"{c.max_position_embeddings}")
-        self.batch_size, self.max_len = batch_size, max_len
-        self.length = 0
+        self.batch_size, self.max_len, self.length = batch_size, max_len, 0
         self.position = torch.zeros((), dtype=torch.int64, device=device)
         self.interrupted = False  # set while a step is half-written (Ctrl-C): see begin()
-        self.kinds = c.layers_block_type
-        self.layers = []
+        self.kinds, self.layers = c.layers_block_type, []
         zeros = functools.partial(torch.zeros, device=device, dtype=dtype)
         for kind in c.layers_block_type:
             if kind == "attention":
@@ -684,15 +595,13 @@ class Cache:
                 self.layers.append(None)
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
-        """Write attention layer `layer`'s new keys and values [B, Hkv, T, hd] at their positions;
-        return the keys and values to attend over and the mask of what each new query sees (None:
-        causal)."""
+        """Write attention layer `layer`'s new keys and values [B, Hkv, T, hd]; return the keys and
+        values to attend over and the mask of what each new query sees (None: causal)."""
         k_cache, v_cache = self.layers[layer]
         T = k.shape[2]
         if T == 1:
-            # Decode: write at the device-side position and attend over a window of the cache that
-            # holds it, masked: no host sync, and a window that changes only at powers of two (a
-            # CUDA graph each).
+            # Decode: write at the device-side position, attend over a masked window of the cache:
+            # no host sync, and a window that changes only at powers of two (a CUDA graph each).
             k_cache.index_copy_(2, self.position.view(1), k)
             v_cache.index_copy_(2, self.position.view(1), v)
             window = self.window()
@@ -707,8 +616,7 @@ class Cache:
             mask = positions <= positions[start:, None]  # [T, start + T]
         return k_cache[:, :, :start + T], v_cache[:, :, :start + T], mask
 
-    def window(self) -> int:
-        """The KV positions a decoded token attends over: > length, a power of two (or max_len)."""
+    def window(self) -> int:  # the KV positions a decoded token sees: > length, a power of two
         return min(self.max_len, max(256, 1 << self.length.bit_length()))
 
     def begin(self, batch_size: int, new_tokens: int) -> None:
@@ -723,14 +631,12 @@ class Cache:
                                    f"tokens > max_len {self.max_len}")
         self.interrupted = True
 
-    def end(self, new_tokens: int) -> None:
-        """Close the step begun by begin(): the new tokens are now in the cache."""
+    def end(self, new_tokens: int) -> None:  # the step begun by begin() is in the cache
         self.position += new_tokens  # on the device: a CUDA graph's replay advances it too
         self.length += new_tokens
         self.interrupted = False
 
-    def reset(self) -> None:
-        """Empty the cache (keeping its memory): what a re-prefill starts from."""
+    def reset(self) -> None:  # empty, keeping the memory: what a re-prefill starts from
         for state in self.layers:
             for t in state or ():
                 t.zero_()
@@ -738,11 +644,9 @@ class Cache:
         self.length, self.interrupted = 0, False
 
     def snapshot(self) -> tuple[int, list]:
-        """A copy of the state after the first `length` tokens: KV up to there, conv and SSM states
-        (small). Mamba states cannot be rewound, so this is how to go back to a prefix (chat.py, per
-        turn)."""
-        n = self.length
-        saved = []
+        """A copy of the state after the first `length` tokens (KV up to there, conv and SSM
+        states). Mamba states cannot be rewound: this is how to go back to a prefix (chat.py)."""
+        n, saved = self.length, []
         for kind, state in zip(self.kinds, self.layers):
             if kind == "attention":
                 state = tuple(t[:, :, :n] for t in state)
@@ -762,7 +666,7 @@ class Cache:
 # --------------------------------------------------------------------------------------------------
 # 8. Fast paths at the seams: the kernels, the fused residual add, CUDA-graph decoding. Each is
 #    checked against the plain path by a test (test_nanoelastic.py, test_kernels.py).
-
+#
 # NANOELASTIC_KERNELS: unset = Triton on CUDA tensors; "torch" = the torch references everywhere;
 # "triton" = Triton everywhere (CPU tensors need TRITON_INTERPRET=1).
 
@@ -773,7 +677,7 @@ except ImportError:  # no Triton (e.g. macOS): the references run everywhere
 
 
 def use_kernels(t: Tensor) -> bool:
-    """Whether calls on tensor t go to kernels.py (NANOELASTIC_KERNELS, see the table above)."""
+    """Whether calls on tensor t go to kernels.py (NANOELASTIC_KERNELS, see above)."""
     mode = os.environ.get("NANOELASTIC_KERNELS", "")
     if mode not in ("", "torch", "triton"):
         raise NanoElasticError(f"NANOELASTIC_KERNELS={mode!r}: use 'torch' or 'triton', or leave "
@@ -787,18 +691,6 @@ def use_kernels(t: Tensor) -> bool:
     return mode == "triton" or (mode == "" and t.is_cuda and kernels is not None)
 
 
-def fused_backbone(backbone: Backbone, tokens: Tensor, cache: Cache | None = None) -> Tensor:
-    """Backbone.forward with each residual add fused into the next norm (add_rms_norm, one kernel
-    and one pass over h instead of two per layer): the same sums in the same order."""
-    h, update = backbone.embeddings(tokens), None
-    for layer in backbone.layers:
-        # h += update; x = norm(h)
-        x, h = add_rms_norm(h, update, layer.norm.weight, layer.norm.eps)
-        update = layer.mixer(x, cache)
-    x, _ = add_rms_norm(h, update, backbone.norm_f.weight, backbone.norm_f.eps)
-    return x
-
-
 @kernel
 def add_rms_norm(h: Tensor, update: Tensor | None, weight: Tensor,
                  eps: float) -> tuple[Tensor, Tensor]:
@@ -808,14 +700,22 @@ def add_rms_norm(h: Tensor, update: Tensor | None, weight: Tensor,
     return rms_norm(h, weight, eps), h
 
 
+def fused_backbone(backbone: Backbone, tokens: Tensor, cache: Cache | None = None) -> Tensor:
+    """Backbone.forward with each residual add fused into the next norm (add_rms_norm: one pass
+    over h instead of two per layer): the same sums in the same order."""
+    h, update = backbone.embeddings(tokens), None
+    for layer in backbone.layers:
+        x, h = add_rms_norm(h, update, layer.norm.weight, layer.norm.eps)  # h += update; norm(h)
+        update = layer.mixer(x, cache)
+    return add_rms_norm(h, update, backbone.norm_f.weight, backbone.norm_f.eps)[0]
+
+
 class DecodeGraph:
     """The decode step on one cache: step(tokens [B, 1], size) -> fp32 logits [B, V], the cache one
     token longer. On a GPU with the kernels, CUDA graphs: one launch per token instead of hundreds
-    (the logits are then a static buffer that the next step overwrites). A graph attends over a
-    fixed window of the KV cache, so there is one per size and window (powers of two from 256 up to
-    max_len), each captured the first time it is needed. Elsewhere (the torch MoE reference syncs
-    with the host), model() itself. It holds the cache and the cache knows nothing of it: dropping
-    it frees both."""
+    (the logits are then a static buffer that the next step overwrites), one per size and KV window
+    (section 7), each captured when first needed. Elsewhere (the torch MoE reference syncs with the
+    host), model() itself. It holds the cache, which knows nothing of it: dropping it frees both."""
 
     def __init__(self, model: Model, cache: Cache):
         self.model, self.cache = model, cache
@@ -825,6 +725,9 @@ class DecodeGraph:
 
     def __call__(self, tokens: Tensor, size: str | None = None) -> Tensor:
         cache = self.cache
+        if not isinstance(tokens, Tensor) or tokens.dim() != 2 or tokens.shape[1] != 1:
+            shape = list(tokens.shape) if isinstance(tokens, Tensor) else type(tokens).__name__
+            raise NanoElasticError(f"a decode step takes tokens of shape [batch, 1], got {shape}")
         if not self.capture_graphs:
             return self.model(tokens, cache, size, last_only=True)[:, -1]
         sized = parse_size(size, self.model.config)
@@ -840,7 +743,7 @@ class DecodeGraph:
         return logits
 
     def capture(self, size: str | None, sized: tuple[int, int], batch: int):
-        """Record the decode step at the cache's current window; the cache is left as it was."""
+        """Record the decode step at the cache's window; the cache is left as it was."""
         model, cache = self.model, self.cache
         tokens = torch.zeros(batch, 1, dtype=torch.int64, device=cache.position.device)
         # Warm up (Triton compiles, SDPA picks its kernel) on a scratch cache, not the real one.
@@ -853,8 +756,7 @@ class DecodeGraph:
                 model(tokens, scratch, size, last_only=True)
         torch.cuda.current_stream().wait_stream(stream)
         del scratch
-        graph = torch.cuda.CUDAGraph()
-        length = cache.length
+        graph, length = torch.cuda.CUDAGraph(), cache.length
         pool = self.pools.setdefault(sized, torch.cuda.graph_pool_handle())
         try:
             with torch.cuda.graph(graph, pool=pool):  # records the kernels on the cache's tensors
@@ -867,8 +769,7 @@ class DecodeGraph:
 # --------------------------------------------------------------------------------------------------
 # 9. Nested sizes, in one place: which tensor axes shrink, the size names, the nested module trees
 
-# name -> (hidden, expert FFN)
-SIZE_PRESETS = {"30B": (2688, 1856), "23B": (2304, 1600), "12B": (1920, 960)}
+SIZE_PRESETS = {"30B": (2688, 1856), "23B": (2304, 1600), "12B": (1920, 960)}  # (hidden, FFN)
 
 # For each tensor, which of its trailing axes shrink: "d" = hidden, "f" = routed-expert (or dense
 # MLP) FFN, "." = unchanged. A stacked expert tensor [E, F, D] matches on its last two axes. Tensors
@@ -884,12 +785,8 @@ NESTED_AXES = [
 ]
 
 
-def nested_axes(name: str) -> str:
-    """The NESTED_AXES entry of a tensor name ('' when no axis shrinks)."""
-    for pattern, axes in NESTED_AXES:
-        if re.search(rf"(^|\.)({pattern})$", name):
-            return axes
-    return ""
+def nested_axes(name: str) -> str:  # the NESTED_AXES entry of a tensor name ('': none shrinks)
+    return next((a for pattern, a in NESTED_AXES if re.search(rf"(^|\.)({pattern})$", name)), "")
 
 
 def nested_view(name: str, t: Tensor, d: int, f: int) -> Tensor:
@@ -898,19 +795,23 @@ def nested_view(name: str, t: Tensor, d: int, f: int) -> Tensor:
     return t[(..., *(prefix[a] for a in nested_axes(name)))]
 
 
-def nested_model(model: Model, d: int, f: int) -> Model:
-    """A copy of `model`'s module tree whose tensors are nested_view()s of its own and whose config
-    is the sliced one: the module code runs unchanged and reads only the nested prefix of every
-    weight."""
-    # deepcopy's memo: the objects in it are replaced by these, not copied
-    memo = {id(model.config): model.config.sliced(d, f), id(model._nested): {}}
-    for name, p in model.named_parameters():
-        memo[id(p)] = nn.Parameter(nested_view(name, p, d, f), requires_grad=False)
-    for b in model.buffers():
-        memo[id(b)] = b
-    nested = copy.deepcopy(model, memo)
-    nested.backbone.embeddings.embedding_dim = d  # its repr reads this attribute
-    return nested
+def nested_model(model: Model, size: str | None) -> Model:
+    """`model` at a nested size: a copy of its module tree whose tensors are nested_view()s of its
+    own and whose config is the sliced one (made once, kept in model._nested). The module code runs
+    unchanged on the nested prefix of every weight."""
+    d, f = parse_size(size, model.config)
+    if (d, f) == (model.config.hidden_size, model.config.moe_intermediate_size):
+        return model
+    if (d, f) not in model._nested:
+        # deepcopy's memo: the objects in it are replaced by these, not copied
+        memo = {id(model.config): model.config.sliced(d, f), id(model._nested): {}}
+        for name, p in model.named_parameters():
+            memo[id(p)] = nn.Parameter(nested_view(name, p, d, f), requires_grad=False)
+        for b in model.buffers():
+            memo[id(b)] = b
+        nested = model._nested[(d, f)] = copy.deepcopy(model, memo)
+        nested.backbone.embeddings.embedding_dim = d  # its repr reads this attribute
+    return model._nested[(d, f)]
 
 
 def parse_size(size: str | None, config: Config) -> tuple[int, int]:
@@ -935,17 +836,15 @@ def parse_size(size: str | None, config: Config) -> tuple[int, int]:
 
 
 # --------------------------------------------------------------------------------------------------
-# 10. The layer pattern, as config.json spells it (checkpoint.py checks the rest of config.json)
+# 10. Loading: the layer pattern's spellings, FP8, devices (checkpoint.py reads the files)
 
 LAYER_TYPES = {  # every spelling seen in config.json -> the name used here
     "M": "mamba", "mamba": "mamba", "linear_attention": "mamba",
     "*": "attention", "attention": "attention", "full_attention": "attention",
-    "E": "moe", "moe": "moe",
-    "-": "mlp", "mlp": "mlp",
+    "E": "moe", "moe": "moe", "-": "mlp", "mlp": "mlp",
 }
 PATTERN_LETTERS = {"mamba": "M", "attention": "*", "moe": "E", "mlp": "-"}
-# the real model has 52; a bigger pattern is a broken config, refused before allocating
-MAX_LAYERS = 1000
+MAX_LAYERS = 1000  # the real model has 52; a bigger pattern is a broken config, refused early
 
 
 def layer_kinds(layers) -> list[str]:
@@ -961,51 +860,79 @@ def layer_kinds(layers) -> list[str]:
     return [LAYER_TYPES[t] for t in layers]
 
 
-# --------------------------------------------------------------------------------------------------
-# 11. FP8 and devices (checkpoint.py reads the files: names, shapes, FP8 scales, shards)
-
-def fp8_quantize(w: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-tensor FP8 as ModelOpt does it: scale = amax / 448, w_q = e4m3(w / scale)."""
+def fp8_quantize(w: Tensor) -> tuple[Tensor, Tensor]:  # ModelOpt's per-tensor FP8, amax / 448
     scale = w.abs().max().float().clamp(min=1e-12) / 448.0
     return (w.float() / scale).clamp(-448, 448).to(torch.float8_e4m3fn), scale
 
 
 def fp8_recipe(config: Config) -> set[str]:
-    """Which Linears the FP8 release quantizes (inferred from its tensors): all routed and shared
-    experts, and the in/out_proj of every Mamba layer that does not sit right before an attention
-    layer."""
-    kinds = config.layers_block_type
-    names = set()
+    """The Linears the FP8 release quantizes (inferred from its tensors): all routed and shared
+    experts, and the in/out_proj of every Mamba layer not right before an attention layer."""
+    kinds, names = config.layers_block_type, set()
     for i, kind in enumerate(kinds):
         p = f"backbone.layers.{i}.mixer"
         if kind == "moe":
-            names |= {f"{p}.shared_experts.up_proj", f"{p}.shared_experts.down_proj"}
-            for j in range(config.n_routed_experts):
-                names |= {f"{p}.experts.{j}.up_proj", f"{p}.experts.{j}.down_proj"}
+            experts = [f"experts.{j}" for j in range(config.n_routed_experts)]
+            names |= {f"{p}.{e}.{proj}" for e in ["shared_experts", *experts]
+                      for proj in ("up_proj", "down_proj")}
         elif kind == "mamba" and (i + 1 == len(kinds) or kinds[i + 1] != "attention"):
             names |= {f"{p}.in_proj", f"{p}.out_proj"}
     return names
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    """`device`, or cuda when there is one, else cpu; cuda on a machine without one is an error."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    """`device`, or cuda when there is one, else cpu; checked that the model can run there."""
+    try:
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except (RuntimeError, TypeError):
+        raise NanoElasticError(f"unknown device {device!r}: use cpu or cuda") from None
+    if device.type == "meta":
+        raise NanoElasticError("cannot run on the meta device: use cpu or cuda")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise NanoElasticError(f"device {device} asked for, but torch sees no CUDA GPU here "
-                               f"(use --device cpu)")
+        raise NanoElasticError(f"device {device} asked for, but torch sees no CUDA GPU here: "
+                               f"use the cpu device")
     return device
 
 
+def load_model(cls, path: Path, device, dtype: torch.dtype | None, verbose: bool) -> Model:
+    """Model.from_pretrained: dtype is the compute dtype (bfloat16 by default; float32 for exact
+    tests); FP8 weights stay FP8."""
+    if not path.is_dir():
+        raise NanoElasticError(f"checkpoint folder not found: {path}")
+    config = Config.from_file(path / "config.json")
+    device = resolve_device(device)
+    with torch.device("meta"):
+        model = cls(config)
+    import checkpoint  # the checkpoint format: checked, then read one tensor at a time
+    checkpoint.load_checkpoint(model, path, device, dtype or torch.bfloat16, verbose)
+    return model
+
+
+def load_tokenizer(folder: Path):
+    """The checkpoint's tokenizer.json (a tokenizers.Tokenizer)."""
+    from tokenizers import Tokenizer
+    file = folder / "tokenizer.json"
+    if not folder.is_dir():
+        raise NanoElasticError(f"checkpoint folder not found: {folder}")
+    if not file.is_file():
+        raise NanoElasticError(f"missing tokenizer: {file}")
+    try:
+        return Tokenizer.from_file(str(file))
+    except Exception as e:  # the Rust side's message, e.g. "expected value at line 1 column 1"
+        raise NanoElasticError(f"{file}: {e}") from None
+
+
 # --------------------------------------------------------------------------------------------------
-# 12. Sampling and generation: prefill, decode, sample, and change size mid-stream
+# --------------------------------------------------------------------------------------------------
+# 11. Sampling and generation: prefill, decode, sample, and change size mid-stream
 
 STOP_TOKENS = (2, 11)  # </s> and <|im_end|> of the release's tokenizer (its generation_config.json)
 
 
 class Token(NamedTuple):
-    """One generated token: its id and the nested size that wrote it."""
+    """One generated token: its id and the nested size that wrote it (None = the full size)."""
     id: int
-    size: str | None  # the nested size that produced it (None = the checkpoint's full size)
+    size: str | None
 
 
 @dataclass
@@ -1034,19 +961,20 @@ class Switch:
 
     def forced(self, n: int) -> int | None:
         """The token written instead of a sampled one as new token n: on_token, once over budget."""
-        if self.after is not None and n > self.after:
-            return self.on_token
-        return None
+        return self.on_token if self.after is not None and n > self.after else None
 
     def due(self, n: int, token: int) -> bool:
         """Whether the size changes after new token n: it is on_token, or (if none) n >= after."""
-        if self.on_token is not None:
-            return token == self.on_token
-        return n >= self.after
+        return token == self.on_token if self.on_token is not None else n >= self.after
 
 
 def check_sampling(temperature: float, top_p: float, top_k: int) -> None:
-    """One clear error for each sampling setting out of range."""
+    """One clear error for each sampling setting of the wrong type or out of range."""
+    for name, value in [("temperature", temperature), ("top_p", top_p)]:
+        if not isinstance(value, numbers.Real) or not math.isfinite(value):
+            raise NanoElasticError(f"{name} must be a finite number, got {value!r}")
+    if not isinstance(top_k, numbers.Integral):
+        raise NanoElasticError(f"top_k must be an integer (0 = no limit), got {top_k!r}")
     if not temperature >= 0:
         raise NanoElasticError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
     if not 0 < top_p <= 1:
@@ -1066,9 +994,8 @@ def sample(logits: Tensor, temperature: float = 0.0, top_p: float = 1.0, top_k: 
     logits = logits / temperature
     if 0 < top_k < logits.numel():
         logits = logits.masked_fill(logits < logits.topk(top_k).values[-1], -math.inf)
-    if top_p < 1.0:  # keep the smallest set of most likely tokens whose probability reaches top_p
+    if top_p < 1.0:  # drop the tokens after the set; the first is always kept
         probs, order = logits.softmax(-1).sort(descending=True)
-        # the tokens after the set; the first is always kept
         drop = probs.cumsum(-1) - probs >= top_p
         logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), -math.inf)
     probs = logits.softmax(-1)
@@ -1077,9 +1004,8 @@ def sample(logits: Tensor, temperature: float = 0.0, top_p: float = 1.0, top_k: 
 
 
 def checked_tokens(tokens: Tensor, vocab_size: int) -> Tensor:
-    """Token ids [B, T] with at least one per row, every id < vocab_size. The range check reads the
-    ids on the host: free on the CPU, a sync on a GPU, skipped while DecodeGraph captures a CUDA
-    graph."""
+    """Token ids [B, T], at least one per row, every id < vocab_size. The range check reads the ids
+    on the host: free on the CPU, a sync on a GPU, skipped while DecodeGraph captures."""
     integer = isinstance(tokens, Tensor) and tokens.dtype in (torch.int64, torch.int32)
     if not integer or tokens.dim() != 2:
         raise NanoElasticError("tokens must be an integer tensor of shape [batch, seq_len]")
@@ -1096,18 +1022,21 @@ def checked_tokens(tokens: Tensor, vocab_size: int) -> Tensor:
 
 def prompt_ids(prompt: list[int] | Tensor) -> list[int]:
     """A prompt as a list of ints: from a list, a 1-D tensor or a [1, T] tensor (one sequence)."""
+    what = f"a {type(prompt).__name__}"
     if isinstance(prompt, Tensor):
-        if prompt.dim() == 2 and prompt.shape[0] == 1:
-            prompt = prompt[0]
-        if prompt.dim() != 1 or prompt.is_floating_point():
-            raise NanoElasticError(f"prompt must be token ids: a list, a 1-D tensor or a [1, T] "
-                                   f"tensor, got a {prompt.dtype} tensor of shape "
-                                   f"{list(prompt.shape)}")
-        prompt = prompt.tolist()
-    prompt = [int(t) for t in prompt]
-    if not prompt:
+        what = f"a {prompt.dtype} tensor of shape {list(prompt.shape)}"
+        prompt = prompt[0] if prompt.dim() == 2 and prompt.shape[0] == 1 else prompt
+        prompt = prompt.tolist() if prompt.dim() == 1 and not prompt.is_floating_point() else None
+    try:
+        ids = None if isinstance(prompt, (str, bytes)) else [operator.index(t) for t in prompt]
+    except TypeError:  # not a sequence of ints (None, floats, strings)
+        ids = None
+    if ids is None:
+        raise NanoElasticError(f"prompt must be token ids: a list, a 1-D tensor or a [1, T] "
+                               f"tensor, got {what}")
+    if not ids:
         raise NanoElasticError("empty prompt")
-    return prompt
+    return ids
 
 
 def prefill(model: Model, tokens: Tensor, cache: Cache, size: str | None = None,
@@ -1167,13 +1096,12 @@ def generate(model: Model, prompt: list[int] | Tensor, max_new_tokens: int, *,
     for s in (size, switch.size if switch else None):
         parse_size(s, model.config)  # unknown or too large sizes fail before any work
     step = generation_cache(model, prompt, max_new_tokens, cache)
-    cache = step.cache
-    device = model.lm_head.weight.device
+    cache, device, tokens = step.cache, model.lm_head.weight.device, list(prompt)
     generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
-    tokens = list(prompt)
+    run = lambda ids: prefill(model, torch.tensor([ids], device=device), cache, size,  # noqa: E731
+                              prefill_chunk)[0]
     try:
-        logits = prefill(model, torch.tensor([tokens[cache.length:]], device=device), cache, size,
-                         prefill_chunk)[0]
+        logits = run(tokens[cache.length:])
         for n in range(1, max_new_tokens + 1):
             token = switch.forced(n) if switch is not None else None
             if token is None:
@@ -1183,13 +1111,10 @@ def generate(model: Model, prompt: list[int] | Tensor, max_new_tokens: int, *,
             if token in stop_tokens or n == max_new_tokens:
                 return
             if switch is not None and switch.due(n, token):
-                size = switch.size
-                mode = switch.mode
-                switch = None  # one switch per generation
+                size, mode, switch = switch.size, switch.mode, None  # one switch per generation
                 if mode == "reprefill":
                     cache.reset()
-                    logits = prefill(model, torch.tensor([tokens], device=device), cache, size,
-                                     prefill_chunk)[0]
+                    logits = run(tokens)
                     continue
             logits = step(torch.tensor([[token]], device=device), size)[0]
     except KeyboardInterrupt:
@@ -1197,7 +1122,7 @@ def generate(model: Model, prompt: list[int] | Tensor, max_new_tokens: int, *,
 
 
 # --------------------------------------------------------------------------------------------------
-# 13. Command line: a demo on random weights, or a raw completion from a real checkpoint
+# 12. Command line: a demo on random weights, or a raw completion from a real checkpoint
 
 DEMO_CONFIG = Config(vocab_size=512, hidden_size=256, layers_block_type=layer_kinds("MEM*EMEME"),
                      num_attention_heads=8, num_key_value_heads=2, head_dim=32, mamba_num_heads=16,
@@ -1221,27 +1146,12 @@ def sigterm_as_interrupt() -> None:
 
 
 def interrupted_exit_code(e: BaseException) -> int:
-    """The exit code of a run stopped by Ctrl-C (130) or SIGTERM (143)."""
-    # 128 + the signal's number, as shells report it
+    """The exit code of a run stopped by Ctrl-C (130) or SIGTERM (143): 128 + the signal."""
     return 143 if isinstance(e, Terminated) else 130
-
-
-def load_tokenizer(folder: Path):
-    """The checkpoint's tokenizer.json (a tokenizers.Tokenizer)."""
-    from tokenizers import Tokenizer
-
-    file = folder / "tokenizer.json"
-    if not file.is_file():
-        raise NanoElasticError(f"missing tokenizer: {file}")
-    try:
-        return Tokenizer.from_file(str(file))
-    except Exception as e:  # the Rust side's message, e.g. "expected value at line 1 column 1"
-        raise NanoElasticError(f"{file}: {e}") from None
 
 
 def parse_args(argv: list[str] | None):
     import argparse
-
     ap = argparse.ArgumentParser(description="Run Nemotron 3 Nano Elastic. Without --ckpt: a demo "
                                  "on a small random checkpoint (random weights: the tokens are "
                                  "noise, the mechanics are real).")
@@ -1256,37 +1166,36 @@ def parse_args(argv: list[str] | None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device")
     args = ap.parse_args(argv)
-    # not UTF-8: U+FFFD
-    args.prompt = args.prompt.encode(errors="surrogateescape").decode(errors="replace")
+    args.prompt = args.prompt.encode(errors="surrogateescape").decode(errors="replace")  # U+FFFD
     return args
 
 
-def main(argv: list[str] | None = None) -> None:
+def load(args):
+    """The model, the prompt's ids and how to show a token: from --ckpt, or the demo's."""
     import tempfile
-
-    args = parse_args(argv)
+    device = resolve_device(args.device)  # a bad device fails before anything loads
+    if args.ckpt:
+        tokenizer = load_tokenizer(Path(args.ckpt))
+        model = Model.from_pretrained(args.ckpt, device=device)
+        prompt = tokenizer.encode(args.prompt, add_special_tokens=False).ids
+        return model, prompt, lambda t: tokenizer.decode([t])
+    import checkpoint
+    print("demo: random weights, so the tokens are noise; sizes, caches and the switch are real")
     with tempfile.TemporaryDirectory() as tmp:  # the demo's checkpoint, removed on the way out
-        if args.ckpt:
-            model = Model.from_pretrained(args.ckpt, device=args.device)
-            tokenizer = load_tokenizer(Path(args.ckpt))
-            prompt = tokenizer.encode(args.prompt, add_special_tokens=False).ids
-            show = lambda t: tokenizer.decode([t])  # noqa: E731
-        else:
-            import checkpoint
+        path = checkpoint.write_random_checkpoint(Path(tmp) / "random-fp8", DEMO_CONFIG)
+        model = Model.from_pretrained(path, device=device, dtype=torch.float32)
+    args.size = args.size or DEMO_SIZES["23B"]
+    args.switch_to = args.switch_to or DEMO_SIZES["30B"]
+    return model, list(range(1, 33)), lambda t: f"[{t}]"
 
-            print("demo: random weights, so the tokens are noise; sizes, caches and the switch "
-                  "are real")
-            path = checkpoint.write_random_checkpoint(Path(tmp) / "random-fp8", DEMO_CONFIG)
-            model = Model.from_pretrained(path, device=args.device, dtype=torch.float32)
-            args.size = args.size or DEMO_SIZES["23B"]
-            args.switch_to = args.switch_to or DEMO_SIZES["30B"]
-            prompt = list(range(1, 33))
-            show = lambda t: f"[{t}]"  # noqa: E731
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    model, prompt, show = load(args)
     switch = None
     if args.switch_to:
         switch = Switch(args.switch_to, after=args.switch_after, mode=args.switch_mode)
-    phases = {}  # size -> [tokens, seconds]
-    t = time.time()
+    phases, t, ids = {}, time.time(), [None]  # size -> [tokens, seconds]
     for token in generate(model, prompt, args.max_new_tokens, size=args.size, switch=switch,
                           temperature=args.temperature, seed=args.seed):
         now = time.time()
@@ -1294,21 +1203,22 @@ def main(argv: list[str] | None = None) -> None:
         phase[0] += 1
         phase[1] += now - t
         t = now
+        ids.append(token.id)
         print(show(token.id), end="", flush=True)
     print()
+    if len(ids) <= args.max_new_tokens and ids[-1] not in STOP_TOKENS:
+        raise KeyboardInterrupt  # generate() ends a stream early only on Ctrl-C: exit 130
     for i, (size, (n, s)) in enumerate(phases.items()):
         prefill_note = " (includes the prefill)" if i == 0 else ""
         print(f"{size}: {n} token{'s' if n != 1 else ''}, {n / s:.1f} tokens/s{prefill_note}")
 
 
-def cli() -> None:
+def cli(argv: list[str] | None = None) -> None:
     sigterm_as_interrupt()
     try:
-        main()
-    except NanoElasticError as e:
-        sys.exit(f"error: {e}")
-    except OSError as e:  # permission denied, a full disk: the true cause, one line
-        sys.exit(f"error: {e}")
+        main(argv)
+    except (NanoElasticError, OSError) as e:  # OSError: permission denied, a full disk: one line
+        sys.exit(f"nanoelastic.py: error: {e}")
     except (KeyboardInterrupt, Terminated) as e:
         sys.exit(interrupted_exit_code(e))
 

@@ -586,7 +586,7 @@ def test_demo_runs():
     bad = subprocess.run([sys.executable, str(ROOT / "nanoelastic.py"), "--size", "99B"],
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 1 and bad.stderr.strip().splitlines()[-1] == \
-        "error: unknown size '99B': use HIDDENxFFN up to 256x128 (this checkpoint's widths)"
+        "nanoelastic.py: error: unknown size '99B': use HIDDENxFFN up to 256x128 (this checkpoint's widths)"
     one = subprocess.run([sys.executable, str(ROOT / "nanoelastic.py"), "--max-new-tokens", "9", "--switch-after", "8"],
                          capture_output=True, text=True, timeout=300)
     assert "192x96: 8 tokens, " in one.stdout and "(includes the prefill)" in one.stdout
@@ -639,7 +639,7 @@ def test_triton_kernels_on_cpu_without_the_interpreter_is_one_line():
     run = subprocess.run([sys.executable, str(ROOT / "nanoelastic.py"), "--max-new-tokens", "2"],
                          capture_output=True, text=True, timeout=300, env=env)
     assert run.returncode == 1 and "Traceback" not in run.stderr
-    assert run.stderr.strip().splitlines()[-1].startswith("error: NANOELASTIC_KERNELS=triton on the CPU needs "
+    assert run.stderr.strip().splitlines()[-1].startswith("nanoelastic.py: error: NANOELASTIC_KERNELS=triton on the CPU needs "
                                                          "TRITON_INTERPRET=1")
 
 
@@ -703,3 +703,89 @@ def test_docstrings_and_nested_repr():
     text = repr(model.nested("128x64"))
     assert "size 128x64" in text and "Embedding(512, 128)" in text and "Linear(in=128, out=64, experts=16" in text
     assert "256" not in text.split("(norm)")[1].split("\n")[0] and "size 256x128" in repr(model)
+
+
+# ---------------------------------------------------------------------------------------------------
+# audit fixes: each a test that failed before
+
+def test_cli_bad_device_is_one_line():
+    for device, message in [("foo", "unknown device 'foo'"), ("meta", "cannot run on the meta device")]:
+        run = subprocess.run([sys.executable, str(ROOT / "nanoelastic.py"), "--device", device],
+                             capture_output=True, text=True, timeout=300)
+        assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr
+        assert run.stderr.strip().splitlines() == [f"nanoelastic.py: error: {message}: use cpu or cuda"]
+        assert "demo:" not in run.stdout  # refused before the demo writes its checkpoint
+
+
+def test_cli_bad_tokenizer_is_one_line_before_the_model_loads(checkpoints, tmp_path, monkeypatch):
+    import tokenizers
+
+    ckpt = broken_copy(checkpoints[("A", True)], tmp_path / "ck")
+    (ckpt / "tokenizer.json").write_text('{"version": "1.0" "model": {}}')
+    loaded = []
+    monkeypatch.setattr(ne, "sigterm_as_interrupt", lambda: None)
+    monkeypatch.setattr(ne.Model, "from_pretrained", lambda *a, **k: loaded.append(a))
+    with pytest.raises(SystemExit) as exit_:
+        ne.cli(["--ckpt", str(ckpt), "--device", "cpu"])
+    assert exit_.value.code.startswith(f"nanoelastic.py: error: {ckpt / 'tokenizer.json'}: expected")
+    # unreadable (as root, chmod cannot make it so): the tokenizers library's own error
+    class Denied:
+        @staticmethod
+        def from_file(path):
+            raise Exception("Permission denied (os error 13)")
+    monkeypatch.setattr(tokenizers, "Tokenizer", Denied)
+    with pytest.raises(SystemExit) as exit_:
+        ne.cli(["--ckpt", str(ckpt), "--device", "cpu"])
+    assert exit_.value.code == f"nanoelastic.py: error: {ckpt / 'tokenizer.json'}: Permission denied (os error 13)"
+    with pytest.raises(SystemExit) as exit_:
+        ne.cli(["--ckpt", str(tmp_path / "nowhere"), "--device", "cpu"])
+    assert exit_.value.code == f"nanoelastic.py: error: checkpoint folder not found: {tmp_path / 'nowhere'}"
+    assert loaded == []
+
+
+def test_cli_ctrl_c_exits_130_and_sigterm_143():
+    import signal
+    import time
+
+    for sig, code in [(signal.SIGINT, 130), (signal.SIGTERM, 143)]:
+        proc = subprocess.Popen([sys.executable, str(ROOT / "nanoelastic.py"), "--max-new-tokens", "3000",
+                                 "--switch-after", "2000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert proc.stdout.readline().startswith(b"demo:")
+        assert proc.stdout.read(1) == b"["  # generating
+        time.sleep(0.2)  # inside generate(), where the time goes
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == code and b"Traceback" not in err, err
+
+
+def test_generate_refuses_bad_argument_types_and_non_finite_values(models):
+    model = models[("A", True)]
+    bad = [(dict(top_k=2.5), "top_k must be an integer"), (dict(temperature="1"), "temperature must be a finite number"),
+           (dict(prompt="abc"), "prompt must be token ids"), (dict(prompt=[1.5, 2]), "prompt must be token ids"),
+           (dict(temperature=math.inf), "temperature must be a finite number"),
+           (dict(temperature=1, top_p=math.nan), "top_p must be a finite number"),
+           (dict(temperature=1, top_p=math.inf), "top_p must be a finite number")]
+    for kwargs, message in bad:
+        with pytest.raises(NanoElasticError, match=message):
+            list(generate(model, kwargs.pop("prompt", [1, 2, 3]), 3, **kwargs))
+    with pytest.raises(NanoElasticError, match="top_k must be an integer"):
+        ne.sample(torch.zeros(8), 1.0, 1.0, 2.5)
+
+
+def test_no_cuda_error_fits_the_api_and_the_cli():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(NanoElasticError) as error:
+        ne.resolve_device("cuda")
+    assert "--device" not in str(error.value) and "use the cpu device" in str(error.value)
+
+
+def test_decode_step_takes_one_token_per_row(models):
+    model = models[("A", True)]
+    step = ne.DecodeGraph(model, model.new_cache(1, 16))
+    ne.prefill(model, torch.tensor([[1, 2, 3]]), step.cache)
+    for bad in (torch.tensor([[1, 2]]), torch.tensor([1]), [[1]]):
+        with pytest.raises(NanoElasticError, match=r"tokens of shape \[batch, 1\]"):
+            step(bad)
+    assert step.cache.length == 3
+    assert step(torch.tensor([[4]])).shape == (1, model.config.vocab_size) and step.cache.length == 4
