@@ -721,7 +721,6 @@ def solve_all(args, problems, wanted, key, size_names, results: Path, done: dict
     """Solve each (think, answer, budget, problem) of `wanted` not in `done` yet, appending each result to
     `results` as it completes (flushed to disk) and to `done`. The exit code when Ctrl-C (130) or SIGTERM
     (143) stopped it, else 0."""
-    import signal
     import tempfile
     from argparse import Namespace
 
@@ -735,13 +734,7 @@ def solve_all(args, problems, wanted, key, size_names, results: Path, done: dict
         tally[group_of(k), "n"] += 1
         tally[group_of(k), "correct"] += r["correct"]
 
-    terminated = []
-
-    def stop(signum, frame):
-        terminated.append(signum)
-        raise KeyboardInterrupt
-    previous = signal.signal(signal.SIGTERM, stop)  # like Ctrl-C: what is done stays done
-    try:
+    try:  # Ctrl-C or SIGTERM (ne.Terminated, from the command line): what is done stays done
         with tempfile.TemporaryDirectory() as tmp, open(results, "a", encoding="utf-8") as log:
             think, answer = todo[0][:2]
             sizes = Namespace(demo=args.demo, ckpt=args.ckpt, think=think, answer=answer)
@@ -776,19 +769,10 @@ def solve_all(args, problems, wanted, key, size_names, results: Path, done: dict
                 print(f"{think}:{answer} budget {budget}: {count}/{len(problems)} problems, accuracy "
                       f"{100 * correct / count:.0f}% | {n}/{len(todo)} replies in {elapsed:.0f} s",
                       file=sys.stderr, flush=True)
-    except KeyboardInterrupt:
-        return 143 if terminated else 130
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    except (KeyboardInterrupt, ne.Terminated) as e:
+        return ne.interrupted_exit_code(e)
     return 0
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except NanoElasticError as e:
-        raise SystemExit(f"bench.py: error: {e}")
-    except OSError as e:  # an unwritable --out, a full disk: the cause, in one line
-        raise SystemExit(f"bench.py: error: {e.filename or ''}{': ' if e.filename else ''}{e.strerror or e}")
-    except KeyboardInterrupt:
-        raise SystemExit(130)
+    ne.run_cli("bench.py", main)

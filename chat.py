@@ -708,17 +708,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # SIGTERM cleans up like Ctrl-C: the demo's temporary checkpoint is removed
-    ne.sigterm_as_interrupt()
-    try:
-        # a terminal that cannot show a character shows '?'
-        sys.stdout.reconfigure(errors="replace")
-        # bytes that are not UTF-8 read as U+FFFD; the chat goes on
-        sys.stdin.reconfigure(errors="replace")
-        sys.exit(main())
-    except NanoElasticError as e:
-        sys.exit(f"chat.py: error: {e}")
-    except OSError as e:  # permission denied, a full disk: the true cause, one line
-        sys.exit(f"chat.py: error: {e}")
-    except (KeyboardInterrupt, ne.Terminated) as e:  # Ctrl-C while loading, or SIGTERM
-        sys.exit(ne.interrupted_exit_code(e))
+    sys.stdout.reconfigure(errors="replace")  # a terminal that cannot show a character shows '?'
+    sys.stdin.reconfigure(errors="replace")  # bytes that are not UTF-8 read as U+FFFD
+    ne.run_cli("chat.py", main)  # SIGTERM removes the demo's temporary checkpoint, as Ctrl-C does

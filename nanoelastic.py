@@ -1213,14 +1213,23 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{size}: {n} token{'s' if n != 1 else ''}, {n / s:.1f} tokens/s{prefill_note}")
 
 
-def cli(argv: list[str] | None = None) -> None:
+def run_cli(prog: str, main, *args) -> None:
+    """How every command line here runs its main(*args): SIGTERM unwinds like Ctrl-C (temporary
+    files go), bad input or an OS error (permission denied, a full disk) is one line, an interruption
+    its exit code. An int that main returns is the exit code."""
     sigterm_as_interrupt()
     try:
-        main(argv)
-    except (NanoElasticError, OSError) as e:  # OSError: permission denied, a full disk: one line
-        sys.exit(f"nanoelastic.py: error: {e}")
+        code = main(*args)
+    except (NanoElasticError, OSError) as e:
+        sys.exit(f"{prog}: error: {e}")
     except (KeyboardInterrupt, Terminated) as e:
         sys.exit(interrupted_exit_code(e))
+    if isinstance(code, int):
+        sys.exit(code)
+
+
+def cli(argv: list[str] | None = None) -> None:
+    run_cli("nanoelastic.py", main, argv)
 
 
 if __name__ == "__main__":
