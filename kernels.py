@@ -421,7 +421,7 @@ def mamba_step(xBC: Tensor, dt: Tensor, conv_state: Tensor, ssm_state: Tensor, c
     b, CH = xBC.shape
     H, P, N = ssm_state.shape[1:]
     K = conv_state.shape[-1] + 1
-    xBC = xBC.contiguous()
+    xBC = _rows_last(xBC)  # a row of in_proj's output: read through its stride, not copied
     conv_out = torch.empty(b, CH, device=xBC.device, dtype=torch.float32)
     w = conv_weight.view(CH, K)
     _conv_step_kernel[(b, triton.cdiv(CH, 256))](
