@@ -95,7 +95,7 @@ def kernel_cases(small: bool):
     d, f = ne.parse_size("192x96" if small else "23B", c)
     g = torch.Generator(device=DEVICE).manual_seed(0)
     randn = lambda *s, dtype=torch.bfloat16: torch.randn(*s, device=DEVICE, generator=g).to(dtype)
-    fp8 = lambda *s: ne.fp8_quantize(randn(*s, dtype=torch.float32) / s[-1] ** 0.5)
+    fp8 = lambda *s: checkpoint.fp8_quantize(randn(*s, dtype=torch.float32) / s[-1] ** 0.5)
     cases = []
 
     w, s = fp8(c.in_proj_dim, D)

@@ -136,7 +136,7 @@ class ChatTokenizer:
 
     @classmethod
     def load(cls, ckpt: Path) -> "ChatTokenizer":
-        tokenizer = ne.load_tokenizer(ckpt)
+        tokenizer = checkpoint.load_tokenizer(ckpt)
         needed = ("<|im_start|>", "<|im_end|>", "<think>", "</think>")
         ids = {t: tokenizer.token_to_id(t) for t in needed + ("</s>",)}
         missing = [t for t in needed if ids[t] is None]

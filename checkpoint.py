@@ -13,6 +13,7 @@ renamed into place at the end, so an interruption or a full disk leaves nothing 
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import errno
 import glob
 import json
@@ -57,6 +58,27 @@ CONFIG_FIELDS = {  # config.json field -> (type, smallest value)
 }
 
 
+LAYER_TYPES = {  # every spelling of a layer type seen in config.json -> the model's name
+    **ne.LAYER_LETTERS, "mamba": "mamba", "linear_attention": "mamba", "attention": "attention",
+    "full_attention": "attention", "moe": "moe", "mlp": "mlp",
+}
+LAYER_LETTERS = {kind: letter for letter, kind in ne.LAYER_LETTERS.items()}
+MAX_LAYERS = 1000  # the real model has 52; a bigger pattern is a broken config, refused early
+
+
+def layer_kinds(layers) -> list[str]:
+    """hybrid_override_pattern ('MEM*E...') or layers_block_type (names) -> mixer names."""
+    if not isinstance(layers, (str, list)) or not all(isinstance(t, str) for t in layers):
+        raise NanoElasticError("config: the layer pattern must be a string or a list of layer type "
+                               "names")
+    unknown = sorted({t for t in layers if t not in LAYER_TYPES})
+    if unknown:
+        raise NanoElasticError(f"config: unknown layer types {unknown}")
+    if not 1 <= len(layers) <= MAX_LAYERS:
+        raise NanoElasticError(f"config: {len(layers)} layers, expected 1 to {MAX_LAYERS}")
+    return [LAYER_TYPES[t] for t in layers]
+
+
 def check_config_field(name: str, value, kind, low) -> None:
     """One config.json value against its CONFIG_FIELDS entry (bool is not an int, nor is 16.0)."""
     def number(v, t):
@@ -91,7 +113,7 @@ def config_fields(d: dict, known: set[str]) -> dict:
     layers = d.get("layers_block_type") or d.get("hybrid_override_pattern")
     if layers is None:
         raise NanoElasticError("config has neither hybrid_override_pattern nor layers_block_type")
-    d["layers_block_type"] = ne.layer_kinds(layers)
+    d["layers_block_type"] = layer_kinds(layers)
     count = d.get("num_hidden_layers")
     if count is not None and count != len(d["layers_block_type"]):
         raise NanoElasticError(f"config: num_hidden_layers = {count!r} but the layer pattern has "
@@ -143,6 +165,22 @@ def check_config(c: Config) -> None:
                                    f"vocab_size {c.vocab_size}")
 
 
+def config_from_dict(d: dict) -> Config:
+    """config.json's fields -> a Config, checked; unknown fields are ignored."""
+    config = Config(**config_fields(d, {f.name for f in dataclasses.fields(Config)}))
+    check_config(config)
+    return config
+
+
+def config_json(config: Config) -> dict:
+    """The config.json of a Config, in the release's spelling (hybrid_override_pattern)."""
+    d = dataclasses.asdict(config)
+    d["hybrid_override_pattern"] = "".join(LAYER_LETTERS[t] for t in d.pop("layers_block_type"))
+    d["time_step_limit"] = list(config.time_step_limit)
+    return {"architectures": ["NemotronHForCausalLM"], "model_type": "nemotron_h",
+            "num_hidden_layers": len(config.layers_block_type), **d}
+
+
 def read_config(path: Path) -> Config:
     """Config.from_file: config.json read and checked, every field that sets a shape required."""
     if not path.is_file():
@@ -160,7 +198,7 @@ def read_config(path: Path) -> Config:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise NanoElasticError(f"{path}: missing field {missing[0]}{more}")
     try:
-        return Config.from_dict(d)
+        return config_from_dict(d)
     except NanoElasticError as e:
         raise NanoElasticError(f"{path}: {e}") from None
 
@@ -171,6 +209,7 @@ def read_config(path: Path) -> Config:
 SAFETENSORS_DTYPES = {"F8_E4M3": torch.float8_e4m3fn, "BF16": torch.bfloat16,
                       "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
                       "I64": torch.int64, "I32": torch.int32}
+SCALES = ("weight_scale", "input_scale")  # per-tensor FP8 scales of a Linear
 # MTP head; FP8-KV scales
 IGNORED_TENSORS = re.compile(r"mtp\..*|.*\.(k_proj\.k_scale|v_proj\.v_scale)")
 
@@ -311,7 +350,6 @@ EXPERT_TENSOR = re.compile(r"(.*\.experts)\.(\d+)\.(up_proj|down_proj)\."
                            r"(weight|weight_scale|input_scale)")
 # tiny, used in fp32
 FP32_TENSORS = ("gate.weight", "e_score_correction_bias", "A_log", ".D", "dt_bias")
-SCALES = ("weight_scale", "input_scale")  # per-tensor FP8 scales of a Linear
 
 
 def checked_scale(name: str, t: Tensor) -> Tensor:
@@ -351,6 +389,8 @@ def place_tensor(model: Model, stacks: dict, name: str, t: Tensor, dtype: torch.
     stay FP8, scales become fp32 scalars, FP32_TENSORS fp32, the rest `dtype`; experts fill stacked
     tensors."""
     target, expert = model_tensor(name)
+    if target.endswith(".input_scale"):  # checked in the headers; unused: activations stay BF16
+        return
     if target.endswith(SCALES):
         t = checked_scale(name, t)
     elif t.dtype != torch.float8_e4m3fn:
@@ -400,6 +440,47 @@ def load_checkpoint(model: Model, path: Path, device: torch.device, dtype: torch
     if verbose:
         print(f"\rloaded {path.name}: {done_tensors} tensors, {done_bytes / 1e9:.2f} GB "
               f"in {time.time() - t0:.1f} s", file=sys.stderr)
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """`device`, or cuda when there is one, else cpu; checked that the model can run there."""
+    try:
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except (RuntimeError, TypeError):
+        raise NanoElasticError(f"unknown device {device!r}: use cpu or cuda") from None
+    if device.type == "meta":
+        raise NanoElasticError("cannot run on the meta device: use cpu or cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise NanoElasticError(f"device {device} asked for, but torch sees no CUDA GPU here: "
+                               f"use the cpu device")
+    return device
+
+
+def load_model(path: Path, device, dtype: torch.dtype | None, verbose: bool) -> Model:
+    """Model.from_pretrained: the config, a model on the meta device, the checkpoint checked and
+    then loaded into it on `device`."""
+    if not path.is_dir():
+        raise NanoElasticError(f"checkpoint folder not found: {path}")
+    config = read_config(path / "config.json")
+    device = resolve_device(device)
+    with torch.device("meta"):
+        model = Model(config)
+    load_checkpoint(model, path, device, dtype or torch.bfloat16, verbose)
+    return model
+
+
+def load_tokenizer(folder: Path):
+    """The checkpoint's tokenizer.json (a tokenizers.Tokenizer)."""
+    from tokenizers import Tokenizer
+    file = folder / "tokenizer.json"
+    if not folder.is_dir():
+        raise NanoElasticError(f"checkpoint folder not found: {folder}")
+    if not file.is_file():
+        raise NanoElasticError(f"missing tokenizer: {file}")
+    try:
+        return Tokenizer.from_file(str(file))
+    except Exception as e:  # the Rust side's message, e.g. "expected value at line 1 column 1"
+        raise NanoElasticError(f"{file}: {e}") from None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -507,6 +588,26 @@ def move_into_place(folder: Path, path: Path) -> bool:
 # --------------------------------------------------------------------------------------------------
 # 5. Random checkpoints: the real on-disk format with random weights (tests, demos, bench.py)
 
+def fp8_quantize(w: Tensor) -> tuple[Tensor, Tensor]:  # ModelOpt's per-tensor FP8, amax / 448
+    scale = w.abs().max().float().clamp(min=1e-12) / 448.0
+    return (w.float() / scale).clamp(-448, 448).to(torch.float8_e4m3fn), scale
+
+
+def fp8_recipe(config: Config) -> set[str]:
+    """The Linears the FP8 release quantizes (inferred from its tensors): all routed and shared
+    experts, and the in/out_proj of every Mamba layer not right before an attention layer."""
+    kinds, names = config.layers_block_type, set()
+    for i, kind in enumerate(kinds):
+        p = f"backbone.layers.{i}.mixer"
+        if kind == "moe":
+            experts = [f"experts.{j}" for j in range(config.n_routed_experts)]
+            names |= {f"{p}.{e}.{proj}" for e in ["shared_experts", *experts]
+                      for proj in ("up_proj", "down_proj")}
+        elif kind == "mamba" and (i + 1 == len(kinds) or kinds[i + 1] != "attention"):
+            names |= {f"{p}.in_proj", f"{p}.out_proj"}
+    return names
+
+
 def random_tensor(name: str, shape, n_layers: int, randn, rand) -> Tensor:
     """One random tensor, scaled so that activations stay O(1) through the layers."""
     owner, _, leaf = name.rpartition(".")
@@ -543,7 +644,7 @@ def random_checkpoint_tensors(config: Config, fp8: bool = True, seed: int = 0,
         shapes = Model(config)
     meta = torch.device(device).type == "meta"
     g = None if meta else torch.Generator(device).manual_seed(seed)
-    quantized = ne.fp8_recipe(config) if fp8 else set()
+    quantized = fp8_recipe(config) if fp8 else set()
 
     def randn(shape, std):
         return torch.randn(shape, generator=g, device=device) * std
@@ -561,7 +662,7 @@ def random_checkpoint_tensors(config: Config, fp8: bool = True, seed: int = 0,
             full = f"{owner}.{leaf}"
             t = random_tensor(full, shape, len(config.layers_block_type), randn, rand)
             if owner in quantized and leaf == "weight":
-                q, scale = ne.fp8_quantize(t)
+                q, scale = fp8_quantize(t)
                 yield full, q
                 yield f"{owner}.weight_scale", scale.reshape(())
                 yield f"{owner}.input_scale", rand() * 0.05 + 0.01
@@ -606,7 +707,7 @@ def write_random_checkpoint(path: str | Path, config: Config, fp8: bool = True, 
     try:
         tensors = (t for _, t in random_checkpoint_tensors(config, fp8, seed))
         write_shards(tmp, plan, tensors)
-        write_json(tmp / "config.json", config.to_dict())
+        write_json(tmp / "config.json", config_json(config))
         write_json(tmp / "generation_config.json", {"bos_token_id": config.bos_token_id,
                                                     "eos_token_id": config.eos_token_id,
                                                     "pad_token_id": config.pad_token_id})
@@ -628,7 +729,7 @@ def random_model(config: Config, device: str | torch.device | None = None,
     """A model of `config` with the weights write_random_checkpoint() writes (FP8 recipe or all
     BF16), made directly on `device`, no disk: what bench.py measures the real 52-layer shapes
     with."""
-    device = ne.resolve_device(device)
+    device = resolve_device(device)
     with torch.device("meta"):
         model = Model(config)
     stacks = {}

@@ -17,8 +17,9 @@ What differs from a vanilla decoder-only transformer:
   7. Caches: KV for attention layers, conv + SSM state for Mamba layers; all of them have the same
      shape at every size, so one cache serves every size and the size can change mid-generation.
 
-Sections 1-6 are the network, in the order of the forward pass; 7-12 the machinery around it
-(caches, fast paths, nested sizes, loading, generation, the command line).
+Sections 1-6 are the network, in the order of the forward pass; 7-11 the machinery around it
+(caches, fast paths, nested sizes, generation, the command line). checkpoint.py reads and writes
+the checkpoint format; kernels.py holds the Triton kernels.
 
 Shapes: B batch, T new tokens, L cached + new tokens, D hidden (d when nested), V vocab, H heads,
 P head dim, N SSM state, G groups, E experts, F expert FFN width (f when nested). README.md (How
@@ -37,7 +38,7 @@ import re
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, NamedTuple
 
@@ -53,13 +54,20 @@ class NanoElasticError(ValueError):
 # --------------------------------------------------------------------------------------------------
 # 1. Config: HF config.json's field names (checkpoint.py reads and checks config.json)
 
+LAYER_LETTERS = {"M": "mamba", "E": "moe", "*": "attention", "-": "mlp"}  # of the layer pattern
+
+
+def layer_pattern(pattern: str) -> list[str]:  # "MEM*" -> ["mamba", "moe", "mamba", "attention"]
+    return [LAYER_LETTERS[letter] for letter in pattern]
+
+
 @dataclass
 class Config:
     """The model's shape in config.json's field names; the defaults are the 30B's.
     layers_block_type: each layer's mixer, 'mamba', 'moe', 'attention' or 'mlp'."""
     vocab_size: int = 131072
     hidden_size: int = 2688
-    layers_block_type: list = field(default_factory=lambda: layer_kinds(
+    layers_block_type: list = field(default_factory=lambda: layer_pattern(
         "MEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEMEM*EMEMEMEME"))
     # attention
     num_attention_heads: int = 32
@@ -107,24 +115,9 @@ class Config:
         return self.mamba_inner + self.conv_dim + self.mamba_num_heads
 
     @classmethod
-    def from_dict(cls, d: dict) -> Config:  # config.json's fields, checked; unknown ones ignored
-        import checkpoint
-        config = cls(**checkpoint.config_fields(d, {f.name for f in fields(cls)}))
-        checkpoint.check_config(config)
-        return config
-
-    @classmethod
-    def from_file(cls, path: str | Path) -> Config:  # every field that sets a shape must be there
+    def from_file(cls, path: str | Path) -> Config:  # config.json, checked (checkpoint.py)
         import checkpoint
         return checkpoint.read_config(Path(path))
-
-    def to_dict(self) -> dict:  # the config.json of this config
-        d = asdict(self)
-        kinds = d.pop("layers_block_type")
-        d["hybrid_override_pattern"] = "".join(PATTERN_LETTERS[t] for t in kinds)
-        d["time_step_limit"] = list(self.time_step_limit)
-        return {"architectures": ["NemotronHForCausalLM"], "model_type": "nemotron_h",
-                "num_hidden_layers": len(self.layers_block_type), **d}
 
     def sliced(self, d: int, f: int) -> Config:  # the nested model's: hidden d, expert FFN f
         return Config(**{**self.__dict__, "hidden_size": d, "moe_intermediate_size": f,
@@ -154,15 +147,14 @@ def linear(x: Tensor, weight: Tensor, weight_scale: Tensor | None = None) -> Ten
 
 
 class Linear(nn.Module):
-    """Bias-free; FP8 when the checkpoint gives it a weight_scale (input_scale: kept for W8A8
-    kernels). Stacked experts: weight [E, out, in], scales [E]."""
+    """Bias-free; FP8 when the checkpoint gives it a weight_scale. Stacked experts: weight
+    [E, out, in], scales [E]. (The checkpoint's input_scale, for FP8 activations, goes unused.)"""
     def __init__(self, in_features: int, out_features: int, experts: int | None = None):
         super().__init__()
         shape = (out_features, in_features) if experts is None else (experts, out_features,
                                                                      in_features)
         self.weight = nn.Parameter(torch.empty(shape), requires_grad=False)
         self.register_buffer("weight_scale", None)
-        self.register_buffer("input_scale", None)
 
     def forward(self, x: Tensor) -> Tensor:
         return linear(x, self.weight, self.weight_scale)
@@ -542,8 +534,10 @@ class Model(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None,
                         dtype: torch.dtype | None = None, verbose: bool = True) -> Model:
-        """Load an HF-format checkpoint folder, FP8 or BF16, sharded or not (section 10)."""
-        return load_model(cls, Path(path), device, dtype, verbose)
+        """Load an HF-format checkpoint folder, FP8 or BF16, sharded or not (checkpoint.py). dtype
+        is the compute dtype (bfloat16 by default; float32 for exact tests); FP8 stays FP8."""
+        import checkpoint
+        return checkpoint.load_model(Path(path), device, dtype, verbose)
 
     def num_params(self, size: str | None = None) -> tuple[int, int]:
         """(total, active per token) parameters at `size`; active counts k of the E experts."""
@@ -667,28 +661,29 @@ class Cache:
 # 8. Fast paths at the seams: the kernels, the fused residual add, CUDA-graph decoding. Each is
 #    checked against the plain path by a test (test_nanoelastic.py, test_kernels.py).
 #
-# NANOELASTIC_KERNELS: unset = Triton on CUDA tensors; "torch" = the torch references everywhere;
-# "triton" = Triton everywhere (CPU tensors need TRITON_INTERPRET=1).
+# KERNELS, from NANOELASTIC_KERNELS at import: "" (unset) = Triton on CUDA tensors; "torch" = the
+# torch references everywhere; "triton" = Triton everywhere (CPU tensors need TRITON_INTERPRET=1).
 
 try:
     import kernels
 except ImportError:  # no Triton (e.g. macOS): the references run everywhere
     kernels = None
+KERNELS = os.environ.get("NANOELASTIC_KERNELS", "")
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def use_kernels(t: Tensor) -> bool:
-    """Whether calls on tensor t go to kernels.py (NANOELASTIC_KERNELS, see above)."""
-    mode = os.environ.get("NANOELASTIC_KERNELS", "")
-    if mode not in ("", "torch", "triton"):
-        raise NanoElasticError(f"NANOELASTIC_KERNELS={mode!r}: use 'torch' or 'triton', or leave "
-                               f"it unset")
-    if mode == "triton" and kernels is None:
+    """Whether calls on tensor t go to kernels.py (KERNELS, see above)."""
+    if KERNELS not in ("", "torch", "triton"):
+        raise NanoElasticError(f"NANOELASTIC_KERNELS={KERNELS!r}: use 'torch' or 'triton', or "
+                               f"leave it unset")
+    if KERNELS == "triton" and kernels is None:
         raise NanoElasticError("NANOELASTIC_KERNELS=triton but Triton is not installed")
-    if mode == "triton" and not t.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+    if KERNELS == "triton" and not t.is_cuda and not INTERPRET:
         raise NanoElasticError("NANOELASTIC_KERNELS=triton on the CPU needs TRITON_INTERPRET=1 "
                                "(Triton's interpreter); or leave NANOELASTIC_KERNELS unset to use "
                                "the torch references")
-    return mode == "triton" or (mode == "" and t.is_cuda and kernels is not None)
+    return KERNELS == "triton" or (KERNELS == "" and t.is_cuda and kernels is not None)
 
 
 @kernel
@@ -836,95 +831,7 @@ def parse_size(size: str | None, config: Config) -> tuple[int, int]:
 
 
 # --------------------------------------------------------------------------------------------------
-# 10. Loading: the layer pattern's spellings, FP8, devices (checkpoint.py reads the files)
-
-LAYER_TYPES = {  # every spelling seen in config.json -> the name used here
-    "M": "mamba", "mamba": "mamba", "linear_attention": "mamba",
-    "*": "attention", "attention": "attention", "full_attention": "attention",
-    "E": "moe", "moe": "moe", "-": "mlp", "mlp": "mlp",
-}
-PATTERN_LETTERS = {"mamba": "M", "attention": "*", "moe": "E", "mlp": "-"}
-MAX_LAYERS = 1000  # the real model has 52; a bigger pattern is a broken config, refused early
-
-
-def layer_kinds(layers) -> list[str]:
-    """hybrid_override_pattern ('MEM*E...') or layers_block_type (names) -> mixer names."""
-    if not isinstance(layers, (str, list)) or not all(isinstance(t, str) for t in layers):
-        raise NanoElasticError("config: the layer pattern must be a string or a list of layer type "
-                               "names")
-    unknown = sorted({t for t in layers if t not in LAYER_TYPES})
-    if unknown:
-        raise NanoElasticError(f"config: unknown layer types {unknown}")
-    if not 1 <= len(layers) <= MAX_LAYERS:
-        raise NanoElasticError(f"config: {len(layers)} layers, expected 1 to {MAX_LAYERS}")
-    return [LAYER_TYPES[t] for t in layers]
-
-
-def fp8_quantize(w: Tensor) -> tuple[Tensor, Tensor]:  # ModelOpt's per-tensor FP8, amax / 448
-    scale = w.abs().max().float().clamp(min=1e-12) / 448.0
-    return (w.float() / scale).clamp(-448, 448).to(torch.float8_e4m3fn), scale
-
-
-def fp8_recipe(config: Config) -> set[str]:
-    """The Linears the FP8 release quantizes (inferred from its tensors): all routed and shared
-    experts, and the in/out_proj of every Mamba layer not right before an attention layer."""
-    kinds, names = config.layers_block_type, set()
-    for i, kind in enumerate(kinds):
-        p = f"backbone.layers.{i}.mixer"
-        if kind == "moe":
-            experts = [f"experts.{j}" for j in range(config.n_routed_experts)]
-            names |= {f"{p}.{e}.{proj}" for e in ["shared_experts", *experts]
-                      for proj in ("up_proj", "down_proj")}
-        elif kind == "mamba" and (i + 1 == len(kinds) or kinds[i + 1] != "attention"):
-            names |= {f"{p}.in_proj", f"{p}.out_proj"}
-    return names
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """`device`, or cuda when there is one, else cpu; checked that the model can run there."""
-    try:
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except (RuntimeError, TypeError):
-        raise NanoElasticError(f"unknown device {device!r}: use cpu or cuda") from None
-    if device.type == "meta":
-        raise NanoElasticError("cannot run on the meta device: use cpu or cuda")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise NanoElasticError(f"device {device} asked for, but torch sees no CUDA GPU here: "
-                               f"use the cpu device")
-    return device
-
-
-def load_model(cls, path: Path, device, dtype: torch.dtype | None, verbose: bool) -> Model:
-    """Model.from_pretrained: dtype is the compute dtype (bfloat16 by default; float32 for exact
-    tests); FP8 weights stay FP8."""
-    if not path.is_dir():
-        raise NanoElasticError(f"checkpoint folder not found: {path}")
-    config = Config.from_file(path / "config.json")
-    device = resolve_device(device)
-    with torch.device("meta"):
-        model = cls(config)
-    import checkpoint  # the checkpoint format: checked, then read one tensor at a time
-    checkpoint.load_checkpoint(model, path, device, dtype or torch.bfloat16, verbose)
-    return model
-
-
-def load_tokenizer(folder: Path):
-    """The checkpoint's tokenizer.json (a tokenizers.Tokenizer)."""
-    from tokenizers import Tokenizer
-    file = folder / "tokenizer.json"
-    if not folder.is_dir():
-        raise NanoElasticError(f"checkpoint folder not found: {folder}")
-    if not file.is_file():
-        raise NanoElasticError(f"missing tokenizer: {file}")
-    try:
-        return Tokenizer.from_file(str(file))
-    except Exception as e:  # the Rust side's message, e.g. "expected value at line 1 column 1"
-        raise NanoElasticError(f"{file}: {e}") from None
-
-
-# --------------------------------------------------------------------------------------------------
-# --------------------------------------------------------------------------------------------------
-# 11. Sampling and generation: prefill, decode, sample, and change size mid-stream
+# 10. Sampling and generation: prefill, decode, sample, and change size mid-stream
 
 STOP_TOKENS = (2, 11)  # </s> and <|im_end|> of the release's tokenizer (its generation_config.json)
 
@@ -1122,9 +1029,9 @@ def generate(model: Model, prompt: list[int] | Tensor, max_new_tokens: int, *,
 
 
 # --------------------------------------------------------------------------------------------------
-# 12. Command line: a demo on random weights, or a raw completion from a real checkpoint
+# 11. Command line: a demo on random weights, or a raw completion from a real checkpoint
 
-DEMO_CONFIG = Config(vocab_size=512, hidden_size=256, layers_block_type=layer_kinds("MEM*EMEME"),
+DEMO_CONFIG = Config(vocab_size=512, hidden_size=256, layers_block_type=layer_pattern("MEM*EMEME"),
                      num_attention_heads=8, num_key_value_heads=2, head_dim=32, mamba_num_heads=16,
                      mamba_head_dim=16, ssm_state_size=32, n_groups=4, chunk_size=32,
                      n_routed_experts=16, num_experts_per_tok=4, moe_intermediate_size=128,
@@ -1173,13 +1080,14 @@ def parse_args(argv: list[str] | None):
 def load(args):
     """The model, the prompt's ids and how to show a token: from --ckpt, or the demo's."""
     import tempfile
-    device = resolve_device(args.device)  # a bad device fails before anything loads
+
+    import checkpoint
+    device = checkpoint.resolve_device(args.device)  # a bad device fails before anything loads
     if args.ckpt:
-        tokenizer = load_tokenizer(Path(args.ckpt))
+        tokenizer = checkpoint.load_tokenizer(Path(args.ckpt))
         model = Model.from_pretrained(args.ckpt, device=device)
         prompt = tokenizer.encode(args.prompt, add_special_tokens=False).ids
         return model, prompt, lambda t: tokenizer.decode([t])
-    import checkpoint
     print("demo: random weights, so the tokens are noise; sizes, caches and the switch are real")
     with tempfile.TemporaryDirectory() as tmp:  # the demo's checkpoint, removed on the way out
         path = checkpoint.write_random_checkpoint(Path(tmp) / "random-fp8", DEMO_CONFIG)
@@ -1214,13 +1122,15 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def run_cli(prog: str, main, *args) -> None:
-    """How every command line here runs its main(*args): SIGTERM unwinds like Ctrl-C (temporary
-    files go), bad input or an OS error (permission denied, a full disk) is one line, an interruption
-    its exit code. An int that main returns is the exit code."""
+    """How every command line here runs main(*args): SIGTERM unwinds like Ctrl-C (temporary files
+    go); bad input, a corrupt shard or an OS error (a full disk) is one line; an interruption exits
+    with 130 or 143; an int that main returns is the exit code."""
+    from safetensors import SafetensorError
+
     sigterm_as_interrupt()
     try:
         code = main(*args)
-    except (NanoElasticError, OSError) as e:
+    except (NanoElasticError, OSError, SafetensorError) as e:
         sys.exit(f"{prog}: error: {e}")
     except (KeyboardInterrupt, Terminated) as e:
         sys.exit(interrupted_exit_code(e))

@@ -50,13 +50,13 @@ from pathlib import Path
 from typing import Iterator, NamedTuple
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 
 import checkpoint
 from checkpoint import (SAFETENSORS_DTYPES, Planned, Progress, by_shard, check_checkpoint,
                         checked_scale, nbytes)
-from nanoelastic import (Config, Model, NanoElasticError, Terminated, interrupted_exit_code,
-                         nested_view, parse_size, sigterm_as_interrupt)
+import nanoelastic as ne
+from nanoelastic import Config, Model, NanoElasticError, Terminated, nested_view, parse_size
 
 PARAMS = ("", "K", "M", "B")  # parameter counts: 23.59 B
 SCALES = (".weight_scale", ".input_scale", ".k_scale", ".v_scale")  # FP8 per-tensor scalars
@@ -341,19 +341,18 @@ def main(argv: list[str] | None = None) -> None:
                     "FP8 dequantises")
     ap.add_argument("--force", action="store_true", help="replace an existing target")
     args = ap.parse_args(argv)
-    sigterm_as_interrupt()
     try:
         slice_checkpoint(args.source_checkpoint, args.target_checkpoint, args.size, args.precision,
                          args.force)
-    except (KeyboardInterrupt, Terminated) as e:
+    except (KeyboardInterrupt, Terminated):
         print(f"{ap.prog}: error: interrupted; nothing half-written is left at "
-              f"{args.target_checkpoint}",
-              file=sys.stderr)
-        sys.exit(interrupted_exit_code(e))
-    # bad input, a full disk, a corrupt shard
-    except (NanoElasticError, OSError, SafetensorError) as e:
-        sys.exit(f"{ap.prog}: error: {e}")
+              f"{args.target_checkpoint}", file=sys.stderr)
+        raise
+
+
+def cli(argv: list[str] | None = None) -> None:
+    ne.run_cli("slice.py", main, argv)
 
 
 if __name__ == "__main__":
-    main()
+    cli()

@@ -341,7 +341,7 @@ def test_bad_input_is_one_line_error(demo_ckpt, tmp_path):
     shutil.copy(no_tokenizer / "config.json", config_only)
     sliced_23b = tmp_path / "sliced-23B"  # the config of a standalone 23B (slice.py's output)
     sliced_23b.mkdir()
-    (sliced_23b / "config.json").write_text(json.dumps(ne.Config().sliced(2304, 1600).to_dict()))
+    (sliced_23b / "config.json").write_text(json.dumps(checkpoint.config_json(ne.Config().sliced(2304, 1600))))
     cases = [  # (arguments, stdin, what the one line says)
         (["--demo", "--ckpt", str(demo_ckpt), "--think", "40B", "--prompt", "hi"], "", "unknown size '40B'"),
         (["--prompt", "hi"], "", "no checkpoint found.*hf download nvidia/.*python chat.py --demo"),

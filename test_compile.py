@@ -68,7 +68,9 @@ def specialise(value):
 def fp8_model(ne, model):
     """Make the Linears the FP8 release quantises float8_e4m3fn with a scale (uninitialised values)."""
     import torch
-    quantised = {re.sub(r"experts\.\d+\.", "experts.", n) for n in ne.fp8_recipe(model.config)}
+
+    import checkpoint
+    quantised = {re.sub(r"experts\.\d+\.", "experts.", n) for n in checkpoint.fp8_recipe(model.config)}
     for name, module in model.named_modules():
         if name in quantised:
             w = module.weight

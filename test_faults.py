@@ -38,9 +38,9 @@ def one_line_error(fn, *args, **kwargs) -> str:
 
 
 def slice_main(argv: list, capsys) -> tuple[int | str, str]:
-    """slice.py's main() in-process: (exit code or message, stderr)."""
+    """slice.py's cli() in-process: (exit code or message, stderr)."""
     with pytest.raises(SystemExit) as e:
-        slicer.main(list(map(str, argv)))
+        slicer.cli(list(map(str, argv)))
     return e.value.code, capsys.readouterr().err
 
 

@@ -8,7 +8,6 @@ on a GPU the same tests run on CUDA and add the real model shapes.
     TRITON_INTERPRET=1 python -m pytest -q test_kernels.py
 """
 
-import os
 
 import pytest
 import torch
@@ -39,7 +38,7 @@ def weight(rows, cols, fp8, dtype, gen, nested=None):
     """A weight as the model holds it (FP8 + fp32 scale, or `dtype`), optionally a nested prefix view."""
     w = torch.randn(rows, cols, generator=gen) / cols ** 0.5
     if fp8:
-        w, scale = ne.fp8_quantize(w)
+        w, scale = checkpoint.fp8_quantize(w)
         w, scale = w.to(DEVICE), scale.to(DEVICE)
     else:
         w, scale = w.to(DEVICE, dtype), None
@@ -56,7 +55,7 @@ def dequant(w, scale):  # per-tensor scale, or one per stacked expert
 
 @pytest.fixture(autouse=True)
 def triton_everywhere(monkeypatch):
-    monkeypatch.setenv("NANOELASTIC_KERNELS", "triton")
+    monkeypatch.setattr(ne, "KERNELS", "triton")
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -310,11 +309,11 @@ def test_routing(monkeypatch):
     monkeypatch.setattr(kernels, "linear", boom)
     with pytest.raises(RuntimeError, match="kernel called"):
         ne.linear(x, w)  # NANOELASTIC_KERNELS=triton: kernels even on CPU tensors
-    monkeypatch.setenv("NANOELASTIC_KERNELS", "torch")
+    monkeypatch.setattr(ne, "KERNELS", "torch")
     ne.linear(x, w)
-    monkeypatch.delenv("NANOELASTIC_KERNELS")
+    monkeypatch.setattr(ne, "KERNELS", "")
     assert ne.use_kernels(x.to(DEVICE)) == CUDA  # unset: kernels exactly on CUDA tensors
-    monkeypatch.setenv("NANOELASTIC_KERNELS", "cuda")
+    monkeypatch.setattr(ne, "KERNELS", "cuda")
     with pytest.raises(ne.NanoElasticError, match="NANOELASTIC_KERNELS='cuda'"):
         ne.linear(x, w)
 
@@ -332,7 +331,7 @@ def test_model_with_kernels_matches_references(tmp_path, monkeypatch, name, fp8,
         return torch.cat([prefill, *steps], dim=1), cache
 
     logits, cache = run()
-    monkeypatch.setenv("NANOELASTIC_KERNELS", "torch")
+    monkeypatch.setattr(ne, "KERNELS", "torch")
     logits_ref, cache_ref = run()
     assert rel_err(logits, logits_ref) < 1e-5
     assert torch.equal(logits.argmax(-1), logits_ref.argmax(-1))

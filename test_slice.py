@@ -71,9 +71,9 @@ def run(*args: str) -> subprocess.CompletedProcess:
 
 
 def error_of(argv: list) -> str:
-    """slice.py's main() in-process: the message it exits with (what the user sees on stderr)."""
+    """slice.py's cli() in-process: the message it exits with (what the user sees on stderr)."""
     with pytest.raises(SystemExit) as e:
-        slicer.main(list(map(str, argv)))
+        slicer.cli(list(map(str, argv)))
     assert isinstance(e.value.code, str) and "\n" not in e.value.code
     return e.value.code
 
@@ -246,7 +246,7 @@ def test_target_is_refused_unless_force(sources, tmp_path):
     args = ["--source-checkpoint", src, "--target-checkpoint", dst, "--size", "32x8"]
     assert error_of(args) == f"slice.py: error: target exists: {dst} (use --force to replace it)"
     assert (dst / "old.txt").is_file()
-    slicer.main(list(map(str, args)) + ["--force"])
+    slicer.cli(list(map(str, args)) + ["--force"])
     assert not (dst / "old.txt").exists() and (dst / "config.json").is_file() and leftovers(tmp_path) == []
     assert error_of(["--source-checkpoint", src, "--target-checkpoint", src / "sub", "--size", "32x8"]) == \
         f"slice.py: error: target {src / 'sub'} must be a folder outside the source {src}"
@@ -262,7 +262,7 @@ def test_interrupted_run_leaves_nothing(sources, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(checkpoint, "write_safetensors", interrupted)
     src, dst = sources[("A", True)], tmp_path / "out"
     with pytest.raises(SystemExit) as e:
-        slicer.main(list(map(str, ["--source-checkpoint", src, "--target-checkpoint", dst, "--size", "32x8"])))
+        slicer.cli(list(map(str, ["--source-checkpoint", src, "--target-checkpoint", dst, "--size", "32x8"])))
     assert e.value.code == 130  # as a shell reports Ctrl-C
     assert capsys.readouterr().err == f"slice.py: error: interrupted; nothing half-written is left at {dst}\n"
     assert list(tmp_path.iterdir()) == []
@@ -270,7 +270,7 @@ def test_interrupted_run_leaves_nothing(sources, tmp_path, monkeypatch, capsys):
     dst.mkdir()
     (dst / "old.txt").write_text("old")
     with pytest.raises(SystemExit):
-        slicer.main(list(map(str, ["--source-checkpoint", src, "--target-checkpoint", dst, "--size", "32x8",
+        slicer.cli(list(map(str, ["--source-checkpoint", src, "--target-checkpoint", dst, "--size", "32x8",
                                    "--force"])))
     assert [p.name for p in tmp_path.iterdir()] == ["out"] and (dst / "old.txt").read_text() == "old"
 
