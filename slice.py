@@ -261,6 +261,7 @@ def clean_leftovers(target: Path, log) -> None:
     for old in sorted(target.parent.glob(f".{glob.escape(target.name)}.old-*")):
         if os.path.lexists(target):
             remove(old)  # the swap had finished: the new target is in place
+            log(f"removed {old}, the old target that an interrupted slice.py --force had replaced")
         else:
             checkpoint.rename_no_replace(old, target)
             log(f"restored {target}, which an interrupted slice.py --force had moved to {old.name}")
