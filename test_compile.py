@@ -1,21 +1,23 @@
 """
-The compile test: every Triton kernel launch the model makes, compiled for an H100 on a machine without a GPU.
+The compile test: every Triton kernel launch the model makes, compiled for an H100 on a machine
+without a GPU.
 
-Most machines that run this suite (CI among them) have no GPU, and Triton's interpreter, which runs the
-kernels there, is no compiler: it never shows a kernel that fails to compile for a GPU, spills registers to
-local memory, or asks for more shared memory than a Hopper block has. Triton can compile for a GPU that is
-not there (`triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))`), and the ptxas that ships in
-Triton's wheel reports what the cubin uses. So this test
+Most machines that run this suite (CI among them) have no GPU, and Triton's interpreter, which runs
+the kernels there, is no compiler: it never shows a kernel that fails to compile for a GPU, spills
+registers to local memory, or asks for more shared memory than a Hopper block has. Triton can
+compile for a GPU that is not there (`triton.compile(ASTSource(...),
+target=GPUTarget("cuda", 90, 32))`), and the ptxas that ships in Triton's wheel reports what the
+cubin uses. So this test
 
-  1. records the launches a real-width model makes: Config()'s widths (the 30B's) with one layer of each
-     kind (Mamba-2, MoE, attention), at the 30B, 23B and 12B sizes, FP8 and BF16 weights, bf16 and fp32
-     activations, prefill and decode at the row counts that choose each block-size branch. Launch arguments
-     depend on shapes and dtypes, never on values, so the weights are left uninitialised and no kernel runs:
-     `JITFunction.run` is replaced by a recorder;
-  2. compiles each distinct launch (kernel, argument types, Triton's specialisations, constexprs, warps,
-     stages) for sm_90 and runs `ptxas -v --gpu-name sm_90a` on its PTX;
-  3. asserts that every launch compiles, that nothing on the bf16 path (what a GPU runs) spills, and that
-     every kernel's shared memory fits an H100 block (227 KiB).
+  1. records the launches a real-width model makes: Config()'s widths (the 30B's) with one layer of
+     each kind (Mamba-2, MoE, attention), at the 30B, 23B and 12B sizes, FP8 and BF16 weights, bf16
+     and fp32 activations, prefill and decode at the row counts that choose each block-size branch.
+     Launch arguments depend on shapes and dtypes, never on values, so the weights are left
+     uninitialised and no kernel runs: `JITFunction.run` is replaced by a recorder;
+  2. compiles each distinct launch (kernel, argument types, Triton's specialisations, constexprs,
+     warps, stages) for sm_90 and runs `ptxas -v --gpu-name sm_90a` on its PTX;
+  3. asserts that every launch compiles, that nothing on the bf16 path (what a GPU runs) spills, and
+     that every kernel's shared memory fits an H100 block (227 KiB).
 
     python -m pytest -q test_compile.py    # part of the test suite
     python test_compile.py                 # print the table of README.md's kernel section
@@ -40,12 +42,13 @@ MODES = {  # name -> (FP8 weights, activation dtype name)
     "fp8/fp32": (True, "float32"), "fp32/fp32": (False, "float32")}
 
 
-# ------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 1. Recording: run the model with every launch intercepted (this process has no Triton interpreter)
 
 def specialise(value):
-    """(type, attribute) of one kernel argument, as Triton's launcher specialises it on a GPU: ints equal
-    to 1 become constexprs, ints and pointers divisible by 16 are marked so (what lets loads vectorise)."""
+    """(type, attribute) of one kernel argument, as Triton's launcher specialises it on a GPU: ints
+    equal to 1 become constexprs, ints and pointers divisible by 16 are marked so (what lets loads
+    vectorise)."""
     import torch
     if value is None:
         return "constexpr", None
@@ -66,17 +69,20 @@ def specialise(value):
 
 
 def fp8_model(ne, model):
-    """Make the Linears the FP8 release quantises float8_e4m3fn with a scale (uninitialised values)."""
+    """Make the Linears the FP8 release quantises float8_e4m3fn with a scale (uninitialised
+    values)."""
     import torch
 
     import checkpoint
-    quantised = {re.sub(r"experts\.\d+\.", "experts.", n) for n in checkpoint.fp8_recipe(model.config)}
+    quantised = {re.sub(r"experts\.\d+\.", "experts.", n)
+                 for n in checkpoint.fp8_recipe(model.config)}
     for name, module in model.named_modules():
         if name in quantised:
             w = module.weight
             module.weight = torch.nn.Parameter(torch.empty_like(w, dtype=torch.float8_e4m3fn),
                                                requires_grad=False)
-            module.weight_scale = torch.ones(w.shape[0] if w.dim() == 3 else (), dtype=torch.float32)
+            module.weight_scale = torch.ones(w.shape[0] if w.dim() == 3 else (),
+                                             dtype=torch.float32)
     return model
 
 
@@ -87,7 +93,8 @@ def record_launches() -> list[dict]:
     seen = {}
 
     def record(fn, *args, grid, warmup, **kwargs):
-        bound = dict(zip(fn.arg_names, args)) | {k: v for k, v in kwargs.items() if k in fn.arg_names}
+        bound = (dict(zip(fn.arg_names, args))
+                 | {k: v for k, v in kwargs.items() if k in fn.arg_names})
         options = {k: v for k, v in kwargs.items() if k not in fn.arg_names}
         signature, constexprs, attrs = {}, {}, {}
         for i, p in enumerate(fn.params):
@@ -98,7 +105,8 @@ def record_launches() -> list[dict]:
                 constexprs[p.name] = value
             elif attr:
                 attrs[i] = attr
-        key = (fn.__name__, repr(signature), repr(constexprs), repr(attrs), repr(sorted(options.items())))
+        key = (fn.__name__, repr(signature), repr(constexprs), repr(attrs),
+               repr(sorted(options.items())))
         launch = seen.setdefault(key, dict(fn=fn, signature=signature, constexprs=constexprs,
                                            attrs=attrs, options=options, cases=[]))
         launch["cases"].append(case)
@@ -127,7 +135,7 @@ def record_launches() -> list[dict]:
     return list(seen.values())
 
 
-# ------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 2. Compiling for sm_90 and reading ptxas' report
 
 def ptxas() -> str:
@@ -140,7 +148,8 @@ def ptxas() -> str:
 
 
 def compile_for_hopper(launch: dict) -> dict:
-    """Registers, spill bytes (stores + loads) and shared memory of one launch compiled for sm_90."""
+    """Registers, spill bytes (stores + loads) and shared memory of one launch compiled for
+    sm_90."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -155,7 +164,8 @@ def compile_for_hopper(launch: dict) -> dict:
         ptx = Path(tmp) / "kernel.ptx"
         ptx.write_text(compiled.asm["ptx"])
         # the flags Triton compiles with (its ptxas 13 needs --regAllocOptLevel=2), plus -v
-        command = [ptxas(), "-v", "--regAllocOptLevel=2", "--gpu-name=sm_90a", str(ptx), "-o", f"{ptx}.o"]
+        command = [ptxas(), "-v", "--regAllocOptLevel=2", "--gpu-name=sm_90a", str(ptx),
+                   "-o", f"{ptx}.o"]
         report = subprocess.run(command, capture_output=True, text=True, check=True).stderr
     regs = int(re.search(r"Used (\d+) registers", report).group(1))
     spills = sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", report))
@@ -163,7 +173,8 @@ def compile_for_hopper(launch: dict) -> dict:
 
 
 def results() -> list[dict]:
-    """One row per distinct launch: kernel, its constexprs, the cases that make it, and what it uses."""
+    """One row per distinct launch: kernel, its constexprs, the cases that make it, and what it
+    uses."""
     rows = []
     for launch in record_launches():
         usage = compile_for_hopper(launch)
@@ -174,27 +185,28 @@ def results() -> list[dict]:
 
 
 def run_in_subprocess() -> list[dict]:
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "NANOELASTIC_KERNELS")}
-    out = subprocess.run([sys.executable, str(ROOT / "test_compile.py"), "--json"], env=env, cwd=ROOT,
-                         capture_output=True, text=True, timeout=1800)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("TRITON_INTERPRET", "NANOELASTIC_KERNELS")}
+    out = subprocess.run([sys.executable, str(ROOT / "test_compile.py"), "--json"],
+                         env=env, cwd=ROOT, capture_output=True, text=True, timeout=1800)
     assert out.returncode == 0, out.stderr[-4000:]
     return json.loads(out.stdout.splitlines()[-1])
 
 
 def path(row: dict) -> str:
-    """'bf16' for launches a GPU makes with bf16 activations (what users run), 'fp32' for the tests' exact
-    mode; a launch made by both counts as bf16."""
+    """'bf16' for launches a GPU makes with bf16 activations (what users run), 'fp32' for the tests'
+    exact mode; a launch made by both counts as bf16."""
     return "bf16" if any(case.split()[0].endswith("/bf16") for case in row["cases"]) else "fp32"
 
 
-# ------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 3. The test, and the table
 
 def test_every_launch_compiles_for_hopper_without_spills():
     rows = run_in_subprocess()
     assert {r["kernel"] for r in rows} == {
-        "_matmul_kernel", "_ssd_chunk_state_kernel", "_ssd_state_passing_kernel", "_ssd_chunk_scan_kernel",
-        "_conv_step_kernel", "_ssm_step_kernel", "_rms_norm_kernel"}
+        "_matmul_kernel", "_ssd_chunk_state_kernel", "_ssd_state_passing_kernel",
+        "_ssd_chunk_scan_kernel", "_conv_step_kernel", "_ssm_step_kernel", "_rms_norm_kernel"}
     cases = {c for r in rows for c in r["cases"]}
     assert len(cases) == len(MODES) * 3 * len(PHASES)  # every case launched kernels
     for r in rows:
@@ -203,13 +215,15 @@ def test_every_launch_compiles_for_hopper_without_spills():
 
 
 def table(rows: list[dict]) -> str:
-    """One line per kernel, path and block shape; the worst of its variants (argument alignments, sizes)."""
+    """One line per kernel, path and block shape; the worst of its variants (argument alignments,
+    sizes)."""
     groups = {}
     for r in rows:
         blocks = ", ".join(f"{k}={v}" for k, v in r["constexprs"].items() if k.startswith("BLOCK"))
         warps = r["options"].get("num_warps", 4)
         groups.setdefault((r["kernel"].strip("_"), path(r), blocks, warps), []).append(r)
-    lines = ["| kernel | activations | blocks | warps | variants | registers | spills (B) | shared (KiB) |",
+    lines = [("| kernel | activations | blocks | warps | variants | registers | spills (B) | "
+              "shared (KiB) |"),
              "|---|---|---|---:|---:|---:|---:|---:|"]
     for (kernel, act, blocks, warps), g in sorted(groups.items()):
         worst = lambda key: max(r[key] for r in g)

@@ -1,9 +1,10 @@
 """
-Tests of kernels.py: every Triton kernel against its plain-torch reference in nanoelastic.py (the function's
-`.reference`), at awkward shapes (non-multiples of every block size, strided nested views, batch > 1, FP8 and
-BF16 weights), by relative error against an fp32 reference; then the whole model with kernels against the
-model with references. Without CUDA the kernels run on the CPU under TRITON_INTERPRET=1 at small shapes;
-on a GPU the same tests run on CUDA and add the real model shapes.
+Tests of kernels.py: every Triton kernel against its plain-torch reference in nanoelastic.py (the
+function's `.reference`), at awkward shapes (non-multiples of every block size, strided nested
+views, batch > 1, FP8 and BF16 weights), by relative error against an fp32 reference; then the
+whole model with kernels against the model with references. Without CUDA the kernels run on the
+CPU under TRITON_INTERPRET=1 at small shapes; on a GPU the same tests run on CUDA and add the real
+model shapes.
 
     TRITON_INTERPRET=1 python -m pytest -q test_kernels.py
 """
@@ -35,7 +36,8 @@ def rand(*shape, dtype=torch.float32, gen=None):
 
 
 def weight(rows, cols, fp8, dtype, gen, nested=None):
-    """A weight as the model holds it (FP8 + fp32 scale, or `dtype`), optionally a nested prefix view."""
+    """A weight as the model holds it (FP8 + fp32 scale, or `dtype`), optionally a nested prefix
+    view."""
     w = torch.randn(rows, cols, generator=gen) / cols ** 0.5
     if fp8:
         w, scale = checkpoint.fp8_quantize(w)
@@ -58,10 +60,11 @@ def triton_everywhere(monkeypatch):
     monkeypatch.setattr(ne, "KERNELS", "triton")
 
 
-# ------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # linear: FP8 x per-tensor scale or BF16, contiguous or nested views; decode rows and prefill rows
 
-LINEAR_SHAPES = [(1, 70, 33), (3, 40, 100), (17, 129, 65), (70, 48, 97), (300, 40, 33)]  # (rows, in, out)
+# (rows, in, out)
+LINEAR_SHAPES = [(1, 70, 33), (3, 40, 100), (17, 129, 65), (70, 48, 97), (300, 40, 33)]
 if CUDA:  # the real 30B's in_proj, lm_head and down projections at decode and prefill row counts
     LINEAR_SHAPES += [(1, 2688, 18560), (32, 4096, 2688), (4096, 2688, 18560), (1, 2688, 131072)]
 
@@ -78,7 +81,8 @@ def test_linear(rows, k, n, fp8, dtype):
     assert out.shape == (rows, n) and out.dtype == dtype
     assert rel_err(out, ref) < TOL[dtype]
     # The reference itself agrees, and a contiguous copy of the view gives the very same result.
-    assert rel_err(ne.linear.reference(x.float(), w if fp8 else w.float(), scale), ref) < TOL[torch.float32]
+    assert (rel_err(ne.linear.reference(x.float(), w if fp8 else w.float(), scale), ref)
+            < TOL[torch.float32])
     assert torch.equal(out, kernels.linear(x, w.contiguous(), scale))
 
 
@@ -89,10 +93,11 @@ def test_linear_reads_any_strides():
     assert rel_err(kernels.linear(x, w), x @ w.T) < TOL[torch.float32]
 
 
-# ------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # MoE: grouped by expert on the device, relu^2, routing weights fused, nested views [:, :f, :d]
 
-MOE_SHAPES = [(1, 1), (1, 3), (5, 3), (64, 3), (23, 6)]  # (tokens, top-k); 64 x 3 takes the 64-row blocks
+# (tokens, top-k); 64 x 3 takes the 64-row blocks
+MOE_SHAPES = [(1, 1), (1, 3), (5, 3), (64, 3), (23, 6)]
 if CUDA:
     MOE_SHAPES += [(1, 6), (32, 6), (4096, 6)]
 
@@ -104,7 +109,8 @@ def moe_inputs(n, k, fp8, dtype, E=8, d_full=48, f_full=24, nested=(40, 16), see
     d, f = nested
     up = [weight(f_full, d_full, fp8, dtype, gen) for _ in range(E)]
     down = [weight(d_full, f_full, fp8, dtype, gen) for _ in range(E)]
-    stack = lambda ws: (torch.stack([w for w, _ in ws]), None if not fp8 else torch.stack([s for _, s in ws]))
+    stack = lambda ws: (torch.stack([w for w, _ in ws]),
+                        None if not fp8 else torch.stack([s for _, s in ws]))
     (up_w, up_s), (down_w, down_s) = stack(up), stack(down)
     x = rand(n, d, dtype=dtype, gen=gen)
     experts = torch.stack([torch.randperm(E, generator=gen)[:k] for _ in range(n)]).to(DEVICE)
@@ -127,26 +133,31 @@ def test_moe_experts(n, k, fp8, dtype):
     assert out.shape == x.shape and out.dtype == dtype
     assert rel_err(out, ref) < TOL[dtype]
     f32 = (lambda w: w) if fp8 else (lambda w: w.float())
-    ref_fn = ne.moe_experts.reference(x.float(), weights, experts, f32(up_w), up_s, f32(down_w), down_s)
+    ref_fn = ne.moe_experts.reference(x.float(), weights, experts,
+                                      f32(up_w), up_s, f32(down_w), down_s)
     assert rel_err(ref_fn, ref) < TOL[torch.float32]
 
 
 def record_launches(monkeypatch):
-    """Under the interpreter (which itself copies tensors to the host to run a kernel), replace every kernel
-    launch by a record of its name, so that a test can check everything around the kernels for host syncs."""
+    """Under the interpreter (which itself copies tensors to the host to run a kernel), replace
+    every kernel launch by a record of its name, so that a test can check everything around the
+    kernels for host syncs."""
     launches = []
     for name in dir(kernels) if kernels._INTERPRET else ():
         if name.endswith("_kernel"):
             monkeypatch.setattr(kernels, name, type("Launch", (), {
-                "__getitem__": lambda self, grid, name=name: lambda *a, **k: launches.append(name)})())
+                "__getitem__":
+                    lambda self, grid, name=name: lambda *a, **k: launches.append(name)})())
     return launches
 
 
 def forbid_host_syncs(monkeypatch):
-    """Make every Python-level way for a tensor's value to reach the host raise (and CUDA's own check)."""
+    """Make every Python-level way for a tensor's value to reach the host raise (and CUDA's own
+    check)."""
     def sync(*_, **__):
         raise AssertionError("host synchronisation")
-    for method in ("item", "tolist", "__bool__", "__int__", "__index__", "__float__", "nonzero", "numpy", "cpu"):
+    for method in ("item", "tolist", "__bool__", "__int__", "__index__", "__float__", "nonzero",
+                   "numpy", "cpu"):
         monkeypatch.setattr(torch.Tensor, method, sync)
     if CUDA:
         torch.cuda.set_sync_debug_mode("error")
@@ -160,7 +171,8 @@ def test_moe_experts_has_no_host_sync(monkeypatch):
     forbid_host_syncs(monkeypatch)
     try:
         with pytest.raises(AssertionError, match="host synchronisation"):
-            ne.moe_experts.reference(*args)  # the guard works: the reference syncs (bincount().tolist())
+            # the guard works: the reference syncs (bincount().tolist())
+            ne.moe_experts.reference(*args)
         out = kernels.moe_experts(*args)
     finally:
         if CUDA:
@@ -172,11 +184,12 @@ def test_moe_experts_has_no_host_sync(monkeypatch):
         torch.testing.assert_close(out, expected)
 
 
-# ------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Mamba-2: the chunked scan, and the fused decode step
 
 SSD_SHAPES = [  # (batch, T, heads, head dim, groups, state, chunk)
-    (1, 1, 4, 6, 1, 8, 8), (2, 21, 4, 6, 2, 8, 8), (1, 16, 8, 16, 2, 16, 16), (1, 37, 2, 5, 1, 3, 16)]
+    (1, 1, 4, 6, 1, 8, 8), (2, 21, 4, 6, 2, 8, 8), (1, 16, 8, 16, 2, 16, 16),
+    (1, 37, 2, 5, 1, 3, 16)]
 if CUDA:
     SSD_SHAPES += [(1, 8192, 64, 64, 8, 128, 128), (2, 1000, 64, 64, 8, 128, 128)]
 
@@ -192,12 +205,14 @@ def test_ssd_chunked(b, T, H, P, G, N, chunk, initial):
     y, final = kernels.ssd_chunked(x, dt, A, B, C, chunk, init)
     y_ref, final_ref = ne.ssd_chunked.reference(x, dt, A, B, C, chunk, init)
     assert y.shape == y_ref.shape and final.shape == final_ref.shape
-    tol = 1e-4 if T > 1000 else TOL[torch.float32]  # long chunks: exp of differences of cumulative sums
+    # long chunks: exp of differences of cumulative sums
+    tol = 1e-4 if T > 1000 else TOL[torch.float32]
     assert rel_err(y, y_ref) < tol and rel_err(final, final_ref) < tol
 
 
 def test_ssd_chunked_bf16_inputs():
-    """The model's path: bf16 x, B, C (tensor-core operands on a GPU) as strided views of one xBC row."""
+    """The model's path: bf16 x, B, C (tensor-core operands on a GPU) as strided views of one xBC
+    row."""
     gen = torch.Generator().manual_seed(1)
     b, T, H, P, G, N, chunk = 2, 45, 4, 16, 2, 16, 16
     xBC = rand(b, T, H * P + 2 * G * N, dtype=torch.bfloat16, gen=gen)
@@ -209,12 +224,13 @@ def test_ssd_chunked_bf16_inputs():
     y, final = kernels.ssd_chunked(x, dt, A, B, C, chunk, init)
     y_ref, final_ref = ne.ssd_chunked.reference(x.float(), dt, A, B.float(), C.float(), chunk, init)
     assert y.dtype == final.dtype == torch.float32
-    assert rel_err(y, y_ref) < TOL[torch.bfloat16] and rel_err(final, final_ref) < TOL[torch.bfloat16]
+    assert (rel_err(y, y_ref) < TOL[torch.bfloat16]
+            and rel_err(final, final_ref) < TOL[torch.bfloat16])
 
 
 def huge_view(shape, strides, dtype):
-    """A view whose offsets pass 2^31 elements, over memory that is reserved but never touched (Linux
-    maps pages on first use), so that 64-bit offsets are tested without gigabytes of RAM."""
+    """A view whose offsets pass 2^31 elements, over memory that is reserved but never touched
+    (Linux maps pages on first use), so that 64-bit offsets are tested without gigabytes of RAM."""
     numel = 1 + sum((n - 1) * s for n, s in zip(shape, strides))
     assert numel > 2**31
     return torch.empty(numel, dtype=dtype, device=DEVICE).as_strided(shape, strides).normal_()
@@ -225,58 +241,68 @@ def test_ssd_chunked_offsets_past_2_31():
     2^31 / conv_dim (about 200K) tokens in one call."""
     gen = torch.Generator().manual_seed(2)
     b, T, H, P, G, N, chunk = 1, 200, 2, 16, 1, 16, 8
-    x = huge_view((b, T, H, P), (T * 2**24, 2**24, P, 1), torch.bfloat16)  # 6.7 GB reserved, 13 KB used
-    B, C = rand(b, T, G, N, dtype=torch.bfloat16, gen=gen), rand(b, T, G, N, dtype=torch.bfloat16, gen=gen)
+    # 6.7 GB reserved, 13 KB used
+    x = huge_view((b, T, H, P), (T * 2**24, 2**24, P, 1), torch.bfloat16)
+    B, C = (rand(b, T, G, N, dtype=torch.bfloat16, gen=gen),
+            rand(b, T, G, N, dtype=torch.bfloat16, gen=gen))
     dt = torch.nn.functional.softplus(rand(b, T, H, gen=gen) - 1)
     A = -torch.rand(H, generator=gen).to(DEVICE)
     y, final = kernels.ssd_chunked(x, dt, A, B, C, chunk)
     y_ref, final_ref = ne.ssd_chunked.reference(x.float(), dt, A, B.float(), C.float(), chunk)
-    assert rel_err(y, y_ref) < TOL[torch.bfloat16] and rel_err(final, final_ref) < TOL[torch.bfloat16]
+    assert (rel_err(y, y_ref) < TOL[torch.bfloat16]
+            and rel_err(final, final_ref) < TOL[torch.bfloat16])
 
 
 def test_mamba_step_offsets_past_2_31():
-    """Batch offsets b * (stride of a sequence's SSM state) pass 2^31, as at a batch of more than 4096
-    sequences of the real model."""
+    """Batch offsets b * (stride of a sequence's SSM state) pass 2^31, as at a batch of more than
+    4096 sequences of the real model."""
     gen = torch.Generator().manual_seed(3)
     b, H, P, G, N, K = 3, 2, 4, 1, 8, 4
     ch = H * P + 2 * G * N
-    ssm_state = huge_view((b, H, P, N), (2**30 + 64, P * N, N, 1), torch.float32)  # 12.9 GB reserved
+    # 12.9 GB reserved
+    ssm_state = huge_view((b, H, P, N), (2**30 + 64, P * N, N, 1), torch.float32)
     xBC, dt, conv_state = rand(b, ch, gen=gen), rand(b, H, gen=gen), rand(b, ch, K - 1, gen=gen)
-    args = (rand(ch, 1, K, gen=gen), rand(ch, gen=gen), rand(H, gen=gen), rand(H, gen=gen), rand(H, gen=gen),
-            G, (0.0, float("inf")))
+    args = (rand(ch, 1, K, gen=gen), rand(ch, gen=gen), rand(H, gen=gen), rand(H, gen=gen),
+            rand(H, gen=gen), G, (0.0, float("inf")))
     ref_ssm, ref_conv = ssm_state.clone(), conv_state.clone()
     y = kernels.mamba_step(xBC, dt, conv_state, ssm_state, *args)
     y_ref = ne.mamba_step.reference(xBC, dt, ref_conv, ref_ssm, *args)
-    assert rel_err(y, y_ref) < TOL[torch.float32] and rel_err(ssm_state, ref_ssm) < TOL[torch.float32]
+    assert (rel_err(y, y_ref) < TOL[torch.float32]
+            and rel_err(ssm_state, ref_ssm) < TOL[torch.float32])
 
 
-STEP_SHAPES = [(1, 4, 6, 1, 8, 4), (3, 4, 6, 2, 8, 4), (2, 2, 5, 1, 3, 2)]  # (batch, H, P, G, N, conv kernel)
+# (batch, H, P, G, N, conv kernel)
+STEP_SHAPES = [(1, 4, 6, 1, 8, 4), (3, 4, 6, 2, 8, 4), (2, 2, 5, 1, 3, 2)]
 if CUDA:
     STEP_SHAPES += [(1, 64, 64, 8, 128, 4), (32, 64, 64, 8, 128, 4)]
 
 
 @pytest.mark.parametrize("b,H,P,G,N,K", STEP_SHAPES)
-@pytest.mark.parametrize("dtype,bias", [(torch.float32, True), (torch.bfloat16, True), (torch.float32, False)])
+@pytest.mark.parametrize("dtype,bias",
+                         [(torch.float32, True), (torch.bfloat16, True), (torch.float32, False)])
 def test_mamba_step(b, H, P, G, N, K, dtype, bias):
     gen = torch.Generator().manual_seed(b * 100 + H)
     ch = H * P + 2 * G * N
     xBC, dt = rand(b, ch, dtype=dtype, gen=gen), rand(b, H, dtype=dtype, gen=gen)
     conv_state, ssm_state = rand(b, ch, K - 1, dtype=dtype, gen=gen), rand(b, H, P, N, gen=gen)
-    conv_w, conv_b = rand(ch, 1, K, dtype=dtype, gen=gen), rand(ch, dtype=dtype, gen=gen) if bias else None
+    conv_w, conv_b = (rand(ch, 1, K, dtype=dtype, gen=gen),
+                      rand(ch, dtype=dtype, gen=gen) if bias else None)
     dt_bias, A_log, D = rand(H, gen=gen), rand(H, gen=gen), rand(H, gen=gen)
     states_ref = conv_state.clone(), ssm_state.clone()
     args = (conv_w, conv_b, dt_bias, A_log, D, G, (0.0, float("inf")))
     y = kernels.mamba_step(xBC, dt, conv_state, ssm_state, *args)
-    # fp32 reference from the same inputs (the reference rounds its conv to the data dtype; this one doesn't)
+    # fp32 reference from the same inputs (the reference rounds its conv to the data dtype; this
+    # one doesn't)
     f32 = lambda t: None if t is None else t.float()
     ref_conv, ref_ssm = states_ref[0].float(), states_ref[1]
-    y_ref = ne.mamba_step.reference(xBC.float(), dt.float(), ref_conv, ref_ssm, f32(conv_w), f32(conv_b), *args[2:])
+    y_ref = ne.mamba_step.reference(xBC.float(), dt.float(), ref_conv, ref_ssm,
+                                    f32(conv_w), f32(conv_b), *args[2:])
     assert y.shape == (b, H * P) and y.dtype == torch.float32
     assert rel_err(y, y_ref) < TOL[dtype] and rel_err(ssm_state, ref_ssm) < TOL[dtype]
     assert torch.equal(conv_state.float(), ref_conv)  # the shifted window holds the inputs exactly
 
 
-# ------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # RMSNorm: plain, in groups, gated; strided rows
 
 NORM_SHAPES = [(1, 48, 1), (7, 40, 1), (5, 48, 4), (3, 1000, 2)]  # (rows, channels, groups)
@@ -293,12 +319,13 @@ def test_rms_norm(rows, C, groups, gated, dtype):
     z = rand(rows, C, dtype=dtype, gen=gen) if gated else None
     w = rand(C, gen=gen).to(dtype)
     out = kernels.rms_norm(x, w, 1e-5, groups, z)
-    ref = ne.rms_norm.reference(x.float(), w.float(), 1e-5, groups, None if z is None else z.float())
+    ref = ne.rms_norm.reference(x.float(), w.float(), 1e-5, groups,
+                                None if z is None else z.float())
     assert out.shape == x.shape and out.dtype == dtype
     assert rel_err(out, ref) < TOL[dtype]
 
 
-# ------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Routing, and the whole model with kernels == with references
 
 def test_routing(monkeypatch):
@@ -320,9 +347,11 @@ def test_routing(monkeypatch):
 
 @pytest.mark.parametrize("name,fp8,size", [("A", True, "40x16"), ("B", False, None)])
 def test_model_with_kernels_matches_references(tmp_path, monkeypatch, name, fp8, size):
-    path = checkpoint.write_random_checkpoint(tmp_path / "ckpt", CONFIGS[name], fp8=fp8, shards=2, seed=3)
+    path = checkpoint.write_random_checkpoint(tmp_path / "ckpt", CONFIGS[name],
+                                              fp8=fp8, shards=2, seed=3)
     model = ne.Model.from_pretrained(path, device=DEVICE, dtype=torch.float32, verbose=False)
-    tokens = torch.randint(0, CONFIGS[name].vocab_size, (1, 12), generator=torch.Generator().manual_seed(1))
+    tokens = torch.randint(0, CONFIGS[name].vocab_size, (1, 12),
+                           generator=torch.Generator().manual_seed(1))
 
     def run():  # prefill 10 tokens, decode 2: every kernel is used
         cache = model.new_cache(1, 16)
@@ -341,10 +370,10 @@ def test_model_with_kernels_matches_references(tmp_path, monkeypatch, name, fp8,
 
 
 def test_decode_step_has_no_host_sync(tmp_path, monkeypatch):
-    """The decode step (model(), one token, with a cache) must not wait for the host, so that a CUDA graph
-    can capture it: nothing but forward()'s check of the token ids, which DecodeGraph skips while it
-    captures. Under the interpreter the kernel launches themselves are replaced (the interpreter copies
-    tensors to the host); on a GPU they run, under torch.cuda's sync check."""
+    """The decode step (model(), one token, with a cache) must not wait for the host, so that a CUDA
+    graph can capture it: nothing but forward()'s check of the token ids, which DecodeGraph skips
+    while it captures. Under the interpreter the kernel launches themselves are replaced (the
+    interpreter copies tensors to the host); on a GPU they run, under torch.cuda's sync check."""
     path = checkpoint.write_random_checkpoint(tmp_path / "ckpt", CONFIGS["A"], fp8=True, shards=1)
     model = ne.Model.from_pretrained(path, device=DEVICE, dtype=torch.float32, verbose=False)
     cache = model.new_cache(2, 16)
@@ -355,7 +384,8 @@ def test_decode_step_has_no_host_sync(tmp_path, monkeypatch):
     try:
         with pytest.raises(AssertionError, match="host synchronisation"):
             model(token, cache)  # the guard works: forward() checks token ids on the host
-        monkeypatch.setattr(ne, "checked_tokens", lambda tokens, vocab_size: tokens)  # as when capturing
+        # as when capturing
+        monkeypatch.setattr(ne, "checked_tokens", lambda tokens, vocab_size: tokens)
         model(token, cache, "40x16")
         model(token, cache)
     finally:
@@ -364,12 +394,14 @@ def test_decode_step_has_no_host_sync(tmp_path, monkeypatch):
         monkeypatch.undo()
     assert int(cache.position) == 7
     if kernels._INTERPRET:
-        assert {"_matmul_kernel", "_conv_step_kernel", "_ssm_step_kernel", "_rms_norm_kernel"} <= set(launches)
+        assert ({"_matmul_kernel", "_conv_step_kernel", "_ssm_step_kernel", "_rms_norm_kernel"}
+                <= set(launches))
 
 
 if CUDA:  # CUDA graphs exist only there
     def test_decode_graph_matches_eager(tmp_path):
-        path = checkpoint.write_random_checkpoint(tmp_path / "ckpt", CONFIGS["A"], fp8=True, shards=1)
+        path = checkpoint.write_random_checkpoint(tmp_path / "ckpt", CONFIGS["A"],
+                                                  fp8=True, shards=1)
         model = ne.Model.from_pretrained(path, device="cuda", dtype=torch.float32, verbose=False)
         tokens = torch.randint(0, 97, (2, 9), device="cuda")
         eager, graphed = model.new_cache(2, 16), model.new_cache(2, 16)
@@ -385,15 +417,18 @@ if CUDA:  # CUDA graphs exist only there
         assert graphed.length == eager.length == 9 and int(graphed.position) == 9
 
 
-@pytest.mark.parametrize("rows,C", [(1, 48), (9, 40), (33, 1000)] + ([(1, 2688), (8192, 2688)] if CUDA else []))
+@pytest.mark.parametrize(
+    "rows,C", [(1, 48), (9, 40), (33, 1000)] + ([(1, 2688), (8192, 2688)] if CUDA else []))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_add_rms_norm(rows, C, dtype):
     gen = torch.Generator().manual_seed(rows + C)
     h, update = rand(rows, C, dtype=dtype, gen=gen), rand(2, rows, C, dtype=dtype, gen=gen)[1]
     w = rand(C, gen=gen).to(dtype)
     out, total = kernels.add_rms_norm(h, update, w, 1e-5)
-    assert total.dtype == dtype and rel_err(total, h.float() + update.float()) < TOL[dtype]  # the residual stream
+    # the residual stream
+    assert total.dtype == dtype and rel_err(total, h.float() + update.float()) < TOL[dtype]
     ref = ne.rms_norm.reference(total.float(), w.float(), 1e-5)
     assert out.dtype == dtype and rel_err(out, ref) < TOL[dtype]
     out_first, same = kernels.add_rms_norm(h, None, w, 1e-5)  # the first layer: nothing to add yet
-    assert same is h and rel_err(out_first, ne.rms_norm.reference(h.float(), w.float(), 1e-5)) < TOL[dtype]
+    assert (same is h
+            and rel_err(out_first, ne.rms_norm.reference(h.float(), w.float(), 1e-5)) < TOL[dtype])

@@ -1,7 +1,9 @@
-"""Tests for nanoelastic.py on small random checkpoints written in the real on-disk format (CPU, fp32).
+"""Tests for nanoelastic.py on small random checkpoints written in the real on-disk format
+(CPU, fp32).
 
-The references: the sequential recurrence for the chunked scan, transformers' NemotronHForCausalLM for
-the whole model (fed the same dequantised, sliced weights), materialised copies for the nested views.
+The references: the sequential recurrence for the chunked scan, transformers' NemotronHForCausalLM
+for the whole model (fed the same dequantised, sliced weights), materialised copies for the nested
+views.
 """
 
 import copy
@@ -24,20 +26,23 @@ ROOT = Path(__file__).parent
 
 
 def small_config(pattern: str, **kw) -> Config:
-    """Awkward on purpose: head_dim != hidden / heads, GQA, several SSM groups, top-k > 1, chunk 8 so a
-    prompt spans several chunks and ends mid-chunk, a Mamba layer right before every attention layer."""
+    """Awkward on purpose: head_dim != hidden / heads, GQA, several SSM groups, top-k > 1, chunk 8
+    so a prompt spans several chunks and ends mid-chunk, a Mamba layer right before every attention
+    layer."""
     base = dict(vocab_size=97, hidden_size=48, layers_block_type=ne.layer_pattern(pattern),
-                num_attention_heads=4, num_key_value_heads=2, head_dim=20, mamba_num_heads=8, mamba_head_dim=6,
-                ssm_state_size=8, n_groups=2, chunk_size=8, n_routed_experts=8, num_experts_per_tok=3,
-                moe_intermediate_size=24, intermediate_size=24, moe_shared_expert_intermediate_size=40,
-                max_position_embeddings=64)
+                num_attention_heads=4, num_key_value_heads=2, head_dim=20, mamba_num_heads=8,
+                mamba_head_dim=6, ssm_state_size=8, n_groups=2, chunk_size=8, n_routed_experts=8,
+                num_experts_per_tok=3, moe_intermediate_size=24, intermediate_size=24,
+                moe_shared_expert_intermediate_size=40, max_position_embeddings=64)
     return Config(**{**base, **kw})
 
 
 CONFIGS = {
     "A": small_config("MEM*EME*M"),
-    # group-limited routing (n_group 2, topk_group 1), a dense '-' layer, conv without bias, starts with E
-    "B": small_config("EM*-EM*E", n_group=2, topk_group=1, use_conv_bias=False, num_experts_per_tok=2),
+    # group-limited routing (n_group 2, topk_group 1), a dense '-' layer, conv without bias,
+    # starts with E
+    "B": small_config("EM*-EM*E", n_group=2, topk_group=1, use_conv_bias=False,
+                      num_experts_per_tok=2),
 }
 SIZES = [None, "40x16", "32x8"]  # full, and two nested sizes (hidden x expert FFN)
 
@@ -45,8 +50,9 @@ SIZES = [None, "40x16", "32x8"]  # full, and two nested sizes (hidden x expert F
 @pytest.fixture(scope="session")
 def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("ckpt")
-    return {(name, fp8): checkpoint.write_random_checkpoint(root / f"{name}-{'fp8' if fp8 else 'bf16'}", cfg, fp8=fp8,
-                                                     shards=3, seed=len(name) + fp8)
+    return {(name, fp8): checkpoint.write_random_checkpoint(
+                root / f"{name}-{'fp8' if fp8 else 'bf16'}", cfg, fp8=fp8, shards=3,
+                seed=len(name) + fp8)
             for name, cfg in CONFIGS.items() for fp8 in (True, False)}
 
 
@@ -64,15 +70,16 @@ def tokens(B, T, seed=0, vocab=97):
     return torch.randint(0, vocab, (B, T), generator=torch.Generator().manual_seed(seed))
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # config and sizes
 
 def test_config_reads_both_spellings():
     new = {"hybrid_override_pattern": "M*E-", "n_groups": 4, "conv_kernel": 3, "chunk_size": 64,
-           "hidden_size": 64, "mamba_num_heads": 8, "mamba_head_dim": 16, "ssm_state_size": 16, "expand": 7}
-    old = {"layers_block_type": ["mamba", "attention", "moe", "mlp"], "mamba_n_groups": 4, "mamba_d_conv": 3,
-           "mamba_chunk_size": 64, "hidden_size": 64, "mamba_num_heads": 8, "mamba_head_dim": 16,
-           "ssm_state_size": 16, "expand": 7}
+           "hidden_size": 64, "mamba_num_heads": 8, "mamba_head_dim": 16, "ssm_state_size": 16,
+           "expand": 7}
+    old = {"layers_block_type": ["mamba", "attention", "moe", "mlp"], "mamba_n_groups": 4,
+           "mamba_d_conv": 3, "mamba_chunk_size": 64, "hidden_size": 64, "mamba_num_heads": 8,
+           "mamba_head_dim": 16, "ssm_state_size": 16, "expand": 7}
     hf_list = {**old, "layers_block_type": ["linear_attention", "full_attention", "moe", "mlp"]}
     a, b, c = (checkpoint.config_from_dict(d) for d in (new, old, hf_list))
     assert a == b == c
@@ -86,7 +93,8 @@ def test_config_reads_both_spellings():
         checkpoint.config_from_dict({"hybrid_override_pattern": "MX"})
 
 
-@pytest.mark.parametrize("size,total,active", [("30B", 31.58, 3.58), ("23B", 23.59, 2.91), ("12B", 12.43, 2.08)])
+@pytest.mark.parametrize("size,total,active",
+                         [("30B", 31.58, 3.58), ("23B", 23.59, 2.91), ("12B", 12.43, 2.08)])
 def test_real_configs_param_counts(size, total, active):
     with torch.device("meta"):
         model = Model(Config())  # the defaults are the real 30B config.json
@@ -115,17 +123,22 @@ def test_sizes_are_validated():
 
 def test_nested_table_matches_spec():
     expect = {  # one tensor of each row of the nesting rules
-        "backbone.embeddings.weight": ".d", "lm_head.weight": ".d", "backbone.layers.3.mixer.q_proj.weight": ".d",
+        "backbone.embeddings.weight": ".d", "lm_head.weight": ".d",
+        "backbone.layers.3.mixer.q_proj.weight": ".d",
         "backbone.layers.0.mixer.in_proj.weight": ".d", "backbone.layers.1.mixer.gate.weight": ".d",
         "backbone.layers.1.mixer.shared_experts.up_proj.weight": ".d",
-        "backbone.layers.0.mixer.out_proj.weight": "d.", "backbone.layers.3.mixer.o_proj.weight": "d.",
+        "backbone.layers.0.mixer.out_proj.weight": "d.",
+        "backbone.layers.3.mixer.o_proj.weight": "d.",
         "backbone.layers.1.mixer.shared_experts.down_proj.weight": "d.",
         "backbone.layers.7.norm.weight": "d", "backbone.norm_f.weight": "d",
-        "backbone.layers.1.mixer.experts.5.up_proj.weight": "fd", "backbone.layers.1.mixer.experts.up_proj.weight": "fd",
+        "backbone.layers.1.mixer.experts.5.up_proj.weight": "fd",
+        "backbone.layers.1.mixer.experts.up_proj.weight": "fd",
         "backbone.layers.1.mixer.experts.5.down_proj.weight": "df",
         "backbone.layers.0.mixer.conv1d.weight": "", "backbone.layers.0.mixer.A_log": "",
-        "backbone.layers.0.mixer.norm.weight": "", "backbone.layers.1.mixer.gate.e_score_correction_bias": "",
-        "backbone.layers.1.mixer.experts.5.up_proj.weight_scale": "", "backbone.layers.0.mixer.in_proj.input_scale": "",
+        "backbone.layers.0.mixer.norm.weight": "",
+        "backbone.layers.1.mixer.gate.e_score_correction_bias": "",
+        "backbone.layers.1.mixer.experts.5.up_proj.weight_scale": "",
+        "backbone.layers.0.mixer.in_proj.input_scale": "",
     }
     for name, axes in expect.items():
         assert ne.nested_axes(name) == axes, name
@@ -134,7 +147,7 @@ def test_nested_table_matches_spec():
     assert v.shape == (8, 4, 3) and v.data_ptr() == w.data_ptr()
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # the scan
 
 @pytest.mark.parametrize("T,chunk", [(1, 4), (13, 4), (16, 8), (37, 16)])
@@ -151,13 +164,15 @@ def test_chunked_scan_equals_recurrence(T, chunk, with_state):
 
     y, final = ne.ssd_chunked(x, dt, A, B, C, chunk, s0)
 
-    # The sequential recurrence written out, independent of ssd_step: S = exp(dt A) S + dt x B^T, y = S C.
+    # The sequential recurrence written out, independent of ssd_step:
+    # S = exp(dt A) S + dt x B^T, y = S C.
     S = s0.clone() if with_state else torch.zeros(b, H, P, N, dtype=torch.float64)
     heads_group = torch.arange(H) // (H // G)
     ys = []
     for t in range(T):
         Bh, Ch = B[:, t, heads_group], C[:, t, heads_group]  # [b, H, N]
-        S = torch.exp(dt[:, t] * A)[..., None, None] * S + (dt[:, t, :, None] * x[:, t])[..., None] * Bh[:, :, None]
+        S = (torch.exp(dt[:, t] * A)[..., None, None] * S
+             + (dt[:, t, :, None] * x[:, t])[..., None] * Bh[:, :, None])
         ys.append(torch.einsum("bhpn,bhn->bhp", S, Ch))
     torch.testing.assert_close(y, torch.stack(ys, 1), rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(final, S, rtol=1e-9, atol=1e-9)
@@ -170,24 +185,26 @@ def test_chunked_scan_equals_recurrence(T, chunk, with_state):
     torch.testing.assert_close(state, S, rtol=1e-9, atol=1e-9)
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # loading
 
 def test_fp8_stays_fp8(models, checkpoints):
     fp8, bf16 = models[("A", True)], models[("A", False)]
     experts = fp8.backbone.layers[1].mixer.experts
-    assert experts.up_proj.weight.dtype == torch.float8_e4m3fn and experts.up_proj.weight.shape == (8, 24, 48)
+    assert (experts.up_proj.weight.dtype == torch.float8_e4m3fn
+            and experts.up_proj.weight.shape == (8, 24, 48))
     assert experts.up_proj.weight_scale.shape == (8,)
     # input_scale (FP8 activations) is checked from the headers but not held: activations stay BF16
     assert not any(name.endswith("input_scale") for name, _ in fp8.named_buffers())
     mamba_before_attention, mamba = fp8.backbone.layers[2].mixer, fp8.backbone.layers[0].mixer
-    assert mamba.in_proj.weight.dtype == torch.float8_e4m3fn and mamba.in_proj.weight_scale is not None
+    assert (mamba.in_proj.weight.dtype == torch.float8_e4m3fn
+            and mamba.in_proj.weight_scale is not None)
     assert mamba_before_attention.in_proj.weight.dtype == torch.float32  # BF16 in the recipe
     assert mamba_before_attention.in_proj.weight_scale is None
     assert fp8.backbone.layers[3].mixer.q_proj.weight.dtype == torch.float32
     assert fp8.backbone.layers[1].mixer.gate.weight.dtype == torch.float32
     assert all(m.weight_scale is None for m in bf16.modules() if isinstance(m, ne.Linear))
-    # The loaded FP8 model holds about the bytes of the checkpoint's FP8 tensors, not 4x (fp32) of them.
+    # The loaded FP8 model holds about the checkpoint's FP8 bytes, not 4x (fp32) of them.
     fp8_bytes = sum(p.numel() for p in fp8.parameters() if p.dtype == torch.float8_e4m3fn)
     index = json.loads((checkpoints[("A", True)] / "model.safetensors.index.json").read_text())
     assert fp8_bytes > 0.5 * index["metadata"]["total_size"]
@@ -202,7 +219,8 @@ def test_checkpoint_layout(checkpoints):
     assert "backbone.layers.1.mixer.experts.7.down_proj.weight" in names
     assert "backbone.layers.1.mixer.experts.7.down_proj.weight_scale" in names
     assert "backbone.layers.0.mixer.in_proj.input_scale" in names
-    assert "backbone.layers.2.mixer.in_proj.weight_scale" not in names  # Mamba right before attention
+    # Mamba right before attention
+    assert "backbone.layers.2.mixer.in_proj.weight_scale" not in names
     assert json.loads((path / "config.json").read_text())["hybrid_override_pattern"] == "MEM*EME*M"
 
 
@@ -224,7 +242,7 @@ def test_single_file_and_mtp_and_kv_scales(tmp_path, checkpoints, models):
     torch.testing.assert_close(model(t), models[("A", True)](t), rtol=0, atol=0)
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # caches
 
 @pytest.mark.parametrize("key", MODEL_KEYS, ids=KEY_IDS)
@@ -255,8 +273,9 @@ def test_one_cache_serves_every_size(models):
 
 
 def test_fused_residual_equals_the_readable_path(models):
-    """The fast path used with the kernels (each residual add fused into the next norm, add_rms_norm)
-    computes exactly what Backbone.forward's h = h + mixer(norm(h)) does: prefill and a decode step."""
+    """The fast path used with the kernels (each residual add fused into the next norm,
+    add_rms_norm) computes exactly what Backbone.forward's h = h + mixer(norm(h)) does: prefill and
+    a decode step."""
     model = models[("A", True)]
     t = tokens(2, 12, seed=12)
     for size in SIZES:
@@ -274,8 +293,8 @@ def test_fused_residual_equals_the_readable_path(models):
 
 
 def test_decode_graph_holds_its_cache_and_dropping_it_frees_both():
-    """DecodeGraph holds the cache and the cache knows nothing of it: no reference cycle, so dropping
-    the graph (and the model) frees everything at once, without the garbage collector."""
+    """DecodeGraph holds the cache and the cache knows nothing of it: no reference cycle, so
+    dropping the graph (and the model) frees everything at once, without the garbage collector."""
     import gc
     import weakref
 
@@ -292,7 +311,7 @@ def test_decode_graph_holds_its_cache_and_dropping_it_frees_both():
         gc.enable()
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # the peer implementation: transformers' NemotronHForCausalLM on the same weights
 
 def to_transformers(model: Model, size: str | None):
@@ -301,8 +320,9 @@ def to_transformers(model: Model, size: str | None):
 
     sized = model.nested(size)
     hf_config = checkpoint.config_json(sized.config)
-    # transformers 5 clamps dt at time_step_min (0.001 in the real config) in its chunked prefill path only;
-    # mamba_ssm, vLLM, mlx-lm and the model's own remote code use (0, inf). Take that floor out here.
+    # transformers 5 clamps dt at time_step_min (0.001 in the real config) in its chunked prefill
+    # path only; mamba_ssm, vLLM, mlx-lm and the model's own remote code use (0, inf). Take that
+    # floor out here.
     hf_config["time_step_min"] = 1e-30
     hf = NemotronHForCausalLM(NemotronHConfig(**hf_config)).eval()
     state = {}
@@ -315,7 +335,8 @@ def to_transformers(model: Model, size: str | None):
             t = t * (scale[:, None, None] if t.dim() == 3 else scale)
         hf_name = name.replace("backbone.", "model.", 1)
         if ".experts." in hf_name and "shared" not in hf_name:
-            hf_name = hf_name.removesuffix(".weight")  # transformers' stacked experts are bare Parameters
+            # transformers' stacked experts are bare Parameters
+            hf_name = hf_name.removesuffix(".weight")
         state[hf_name] = t.contiguous()
     missing, unexpected = hf.load_state_dict(state, strict=False)
     assert not missing and not unexpected, (missing, unexpected)
@@ -334,12 +355,13 @@ def test_matches_transformers(models, key, size):
     # Identical greedy generations (transformers with its own hybrid cache).
     prompt = tokens(1, 13, seed=3)
     with torch.no_grad():
-        hf_out = hf.generate(prompt, max_new_tokens=12, do_sample=False, eos_token_id=2, pad_token_id=0)
+        hf_out = hf.generate(prompt, max_new_tokens=12, do_sample=False, eos_token_id=2,
+                             pad_token_id=0)
     ours = [tok.id for tok in generate(model, prompt[0], 12, size=size, stop_tokens=(2,))]
     assert ours == hf_out[0, 13:].tolist()
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # nested sizes are views
 
 @pytest.mark.parametrize("size", SIZES[1:])
@@ -351,7 +373,8 @@ def test_views_equal_materialized_copies(models, size):
     storage = {p.untyped_storage().data_ptr() for p in model.parameters()}
     view_params = list(views.parameters())
     assert all(p.untyped_storage().data_ptr() in storage for p in view_params)  # no copies
-    assert sum(p.numel() for p in view_params) < sum(p.numel() for p in model.parameters())  # fewer bytes read
+    # fewer bytes read
+    assert sum(p.numel() for p in view_params) < sum(p.numel() for p in model.parameters())
     assert views.backbone.layers[1].mixer.experts.up_proj.weight.shape == (8, f, d)
 
     # The same size, materialised: a model of the sliced config holding contiguous copies.
@@ -360,7 +383,8 @@ def test_views_equal_materialized_copies(models, size):
     modules = dict(copied.named_modules())
     for name, p in views.named_parameters():
         owner, _, leaf = name.rpartition(".")
-        modules[owner]._parameters[leaf] = torch.nn.Parameter(p.contiguous().clone(), requires_grad=False)
+        modules[owner]._parameters[leaf] = torch.nn.Parameter(p.contiguous().clone(),
+                                                              requires_grad=False)
     for name, b in views.named_buffers():
         owner, _, leaf = name.rpartition(".")
         modules[owner]._buffers[leaf] = b.clone()
@@ -369,11 +393,12 @@ def test_views_equal_materialized_copies(models, size):
     torch.testing.assert_close(model(t, size=size), copied(t), rtol=1e-5, atol=1e-5)
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # generation and the size switch
 
 def greedy(model, prompt, n, size, cache=None):
-    """Plain greedy decoding by hand: prefill, then one token at a time (the last one is not fed)."""
+    """Plain greedy decoding by hand: prefill, then one token at a time (the last one is not
+    fed)."""
     cache = cache or model.new_cache(1, len(prompt) + n)
     logits = model(torch.tensor([prompt]), cache, size)[0, -1]
     out = [int(logits.argmax())]
@@ -401,10 +426,12 @@ def test_transplant_keeps_the_caches(models):
     # By hand: the small size fills the cache, then the full size continues from that same cache.
     small, by_hand = greedy(model, prompt, 4, "32x8", model.new_cache(1, 30))
     first_logits = model(torch.tensor([[small[-1]]]), copy.deepcopy(by_hand), None)[0, -1]
-    rest, _ = greedy(model, [small[-1]], 5, None, by_hand)  # (greedy's prefill of one token = a decode step)
+    # (greedy's prefill of one token = a decode step)
+    rest, _ = greedy(model, [small[-1]], 5, None, by_hand)
     assert int(first_logits.argmax()) == rest[0]
     assert [t.id for t in stream] == small + rest
-    # ... which is not what the full size computes from scratch: the transplanted states are the small model's.
+    # ... which is not what the full size computes from scratch: the transplanted states are the
+    # small model's.
     scratch = model(torch.tensor([prompt + small]))[0, -1]
     assert not torch.allclose(first_logits, scratch, atol=1e-3)
 
@@ -426,7 +453,8 @@ def test_switch_on_token_and_budget(models):
     free, _ = greedy(model, prompt, 8, "32x8")
     # on_token: switch right after the token appears (here: the third token the small size writes).
     marker = free[2]
-    stream = list(generate(model, prompt, 8, size="32x8", stop_tokens=(), switch=Switch(None, on_token=marker)))
+    stream = list(generate(model, prompt, 8, size="32x8", stop_tokens=(),
+                           switch=Switch(None, on_token=marker)))
     first = free.index(marker)
     assert [t.size for t in stream] == ["32x8"] * (first + 1) + [None] * (7 - first)
     # budget: after 3 tokens the closing token is forced, then the size changes.
@@ -461,7 +489,8 @@ def test_sampling():
 def test_seeded_generation_is_reproducible(models):
     model = models[("A", True)]
     prompt = tokens(1, 6, seed=9)[0].tolist()
-    run = lambda seed: [t.id for t in generate(model, prompt, 10, temperature=1.0, top_p=0.95, seed=seed, stop_tokens=())]
+    run = lambda seed: [t.id for t in generate(model, prompt, 10, temperature=1.0, top_p=0.95,
+                                               seed=seed, stop_tokens=())]
     assert run(1) == run(1) and run(1) != run(2)
 
 
@@ -499,7 +528,7 @@ def test_ctrl_c_stops_the_generation(models, monkeypatch):
     assert again == [t.id for t in generate(model, prompt, 5, stop_tokens=())]
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # clear errors
 
 def test_bad_input_errors(models, checkpoints, tmp_path):
@@ -548,7 +577,8 @@ def test_bad_checkpoint_errors(checkpoints, tmp_path):
 
     def reshape(t):
         if "backbone.layers.0.mixer.in_proj.weight" in t:
-            t["backbone.layers.0.mixer.in_proj.weight"] = torch.zeros(5, 5, dtype=torch.float8_e4m3fn)
+            t["backbone.layers.0.mixer.in_proj.weight"] = torch.zeros(
+                5, 5, dtype=torch.float8_e4m3fn)
 
     def drop(t):
         t.pop(expert, None)
@@ -563,14 +593,17 @@ def test_bad_checkpoint_errors(checkpoints, tmp_path):
     cases = [
         (dict(drop_file="config.json"), "missing config"),
         (dict(drop_file="model-00002-of-00003.safetensors"), "missing shard"),
-        (dict(edit=reshape), r"wrong shape for backbone.layers.0.mixer.in_proj.weight: \[5, 5\], expected \[136, 48\]"),
+        (dict(edit=reshape), r"wrong shape for backbone.layers.0.mixer.in_proj.weight: \[5, 5\], "
+                             r"expected \[136, 48\]"),
         (dict(edit=drop), f"missing tensor in checkpoint: {expert}"),
-        (dict(edit=extra), "unexpected tensor in checkpoint: backbone.layers.1.mixer.experts.8.up_proj.weight"),
+        (dict(edit=extra),
+         "unexpected tensor in checkpoint: backbone.layers.1.mixer.experts.8.up_proj.weight"),
         (dict(edit=unscaled), "some experts have a weight_scale and some do not"),
     ]
     for i, (how, message) in enumerate(cases):
         with pytest.raises(NanoElasticError, match=message):
-            Model.from_pretrained(broken_copy(src, tmp_path / str(i), **how), device="cpu", verbose=False)
+            Model.from_pretrained(broken_copy(src, tmp_path / str(i), **how), device="cpu",
+                                  verbose=False)
 
 
 def test_writer_is_atomic(tmp_path):
@@ -587,47 +620,58 @@ def test_demo_runs():
     assert "192x96: 8 tokens" in out.stdout and "256x128: 12 tokens" in out.stdout
     bad = subprocess.run([sys.executable, str(ROOT / "nanoelastic.py"), "--size", "99B"],
                          capture_output=True, text=True, timeout=300)
-    assert bad.returncode == 1 and bad.stderr.strip().splitlines()[-1] == \
-        "nanoelastic.py: error: unknown size '99B': use HIDDENxFFN up to 256x128 (this checkpoint's widths)"
-    one = subprocess.run([sys.executable, str(ROOT / "nanoelastic.py"), "--max-new-tokens", "9", "--switch-after", "8"],
-                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 1 and bad.stderr.strip().splitlines()[-1] == (
+        "nanoelastic.py: error: unknown size '99B': use HIDDENxFFN up to 256x128 "
+        "(this checkpoint's widths)")
+    one = subprocess.run([sys.executable, str(ROOT / "nanoelastic.py"), "--max-new-tokens", "9",
+                          "--switch-after", "8"], capture_output=True, text=True, timeout=300)
     assert "192x96: 8 tokens, " in one.stdout and "(includes the prefill)" in one.stdout
-    assert one.stdout.strip().splitlines()[-1].startswith("256x128: 1 token, ") and "prefill" not in one.stdout.splitlines()[-1]
+    assert (one.stdout.strip().splitlines()[-1].startswith("256x128: 1 token, ")
+            and "prefill" not in one.stdout.splitlines()[-1])
 
 
 def test_readme_python_example_runs(tmp_path):
-    """README's Python example, run on the demo checkpoint with the changes the README names (its path,
-    device="cpu", the demo's sizes; fewer tokens to keep the test short)."""
+    """README's Python example, run on the demo checkpoint with the changes the README names (its
+    path, device="cpu", the demo's sizes; fewer tokens to keep the test short)."""
     import chat
 
     code = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)[0]
     ckpt = chat.write_demo_checkpoint(tmp_path / "demo-ckpt")
-    for real, small in [('"checkpoints/elastic-fp8"', repr(str(ckpt))), ('"23B"', '"192x96"'), ('"30B"', '"256x128"'),
-                        ("from_pretrained(ckpt)", "from_pretrained(ckpt, device='cpu')"), ("2048", "24"), ("1024", "8")]:
+    for real, small in [('"checkpoints/elastic-fp8"', repr(str(ckpt))),
+                        ('"23B"', '"192x96"'), ('"30B"', '"256x128"'),
+                        ("from_pretrained(ckpt)", "from_pretrained(ckpt, device='cpu')"),
+                        ("2048", "24"), ("1024", "8")]:
         assert real in code
         code = code.replace(real, small)
     scope = {}
     exec(compile(code, "README.md", "exec"), scope)
-    assert scope["logits"].shape[-1] == chat.demo_config().vocab_size and scope["t"].size in ("192x96", "256x128")
+    assert (scope["logits"].shape[-1] == chat.demo_config().vocab_size
+            and scope["t"].size in ("192x96", "256x128"))
 
 
 def test_from_random_is_the_random_checkpoint_without_the_disk(checkpoints):
-    """checkpoint.random_model (what bench.py builds the full-size model with) holds exactly the tensors that
-    write_random_checkpoint + from_pretrained give for the same seed, in the same dtypes and places."""
-    loaded = ne.Model.from_pretrained(checkpoints[("A", True)], device="cpu", dtype=torch.float32, verbose=False)
-    made = checkpoint.random_model(CONFIGS["A"], device="cpu", dtype=torch.float32, fp8=True, seed=len("A") + True)
+    """checkpoint.random_model (what bench.py builds the full-size model with) holds exactly the
+    tensors that write_random_checkpoint + from_pretrained give for the same seed, in the same
+    dtypes and places."""
+    loaded = ne.Model.from_pretrained(checkpoints[("A", True)], device="cpu", dtype=torch.float32,
+                                      verbose=False)
+    made = checkpoint.random_model(CONFIGS["A"], device="cpu", dtype=torch.float32, fp8=True,
+                                   seed=len("A") + True)
     tensors = lambda m: dict(m.named_parameters()) | dict(m.named_buffers())
     a, b = tensors(loaded), tensors(made)
     assert a.keys() == b.keys()
     for name in a:
-        assert a[name].dtype == b[name].dtype and torch.equal(a[name].float(), b[name].float()), name
+        assert (a[name].dtype == b[name].dtype
+                and torch.equal(a[name].float(), b[name].float())), name
 
 
 def test_repo_is_self_contained():
-    """Nothing in the repo reads or cites a file outside it (a sibling folder, a spec a user cannot open)."""
+    """Nothing in the repo reads or cites a file outside it (a sibling folder, a spec a user cannot
+    open)."""
     import re
 
-    files = [p for p in ROOT.iterdir() if p.suffix in (".py", ".md", ".txt", ".json")] + [ROOT / ".ci" / "run"]
+    files = ([p for p in ROOT.iterdir() if p.suffix in (".py", ".md", ".txt", ".json")]
+             + [ROOT / ".ci" / "run"])
     for path in files:
         text = path.read_text()
         spec = "SP" + "EC"  # spelled apart so that this test does not find itself
@@ -637,52 +681,61 @@ def test_repo_is_self_contained():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU's refusal of Triton kernels")
 def test_triton_kernels_on_cpu_without_the_interpreter_is_one_line():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"NANOELASTIC_KERNELS": "triton"}
+    env = ({k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+           | {"NANOELASTIC_KERNELS": "triton"})
     run = subprocess.run([sys.executable, str(ROOT / "nanoelastic.py"), "--max-new-tokens", "2"],
                          capture_output=True, text=True, timeout=300, env=env)
     assert run.returncode == 1 and "Traceback" not in run.stderr
-    assert run.stderr.strip().splitlines()[-1].startswith("nanoelastic.py: error: NANOELASTIC_KERNELS=triton on the CPU needs "
-                                                         "TRITON_INTERPRET=1")
+    assert run.stderr.strip().splitlines()[-1].startswith(
+        "nanoelastic.py: error: NANOELASTIC_KERNELS=triton on the CPU needs TRITON_INTERPRET=1")
 
 
 def test_readme_first_screen_and_demo_commands(tmp_path):
-    """README: set-up, then the demo, then the test command (as CI runs it); the Slicing example for the
-    demo checkpoint runs as written."""
+    """README: set-up, then the demo, then the test command (as CI runs it); the Slicing example for
+    the demo checkpoint runs as written."""
     import re
 
     readme = (ROOT / "README.md").read_text()
-    order = [readme.index(s) for s in ("## Set up", "python -m venv .venv",
-                                       "pip install torch --index-url https://download.pytorch.org/whl/cpu",
-                                       "pip install -r requirements.txt", "python nanoelastic.py",
-                                       'pip install pytest "transformers>=5" jinja2 matplotlib && python -m pytest -q')]
+    order = [readme.index(s) for s in (
+        "## Set up", "python -m venv .venv",
+        "pip install torch --index-url https://download.pytorch.org/whl/cpu",
+        "pip install -r requirements.txt", "python nanoelastic.py",
+        'pip install pytest "transformers>=5" jinja2 matplotlib && python -m pytest -q')]
     assert order == sorted(order) and order[-1] < readme.index("## Files")
-    block = next(b for b in re.findall(r"```bash\n(.*?)```", readme, re.S) if "write_demo_checkpoint" in b)
+    block = next(b for b in re.findall(r"```bash\n(.*?)```", readme, re.S)
+                 if "write_demo_checkpoint" in b)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     for line in block.strip().splitlines():
-        line = line.replace("python slice.py", f"{sys.executable} {ROOT / 'slice.py'}").replace("python -c", f"{sys.executable} -c")
-        run = subprocess.run(line, shell=True, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+        line = (line.replace("python slice.py", f"{sys.executable} {ROOT / 'slice.py'}")
+                    .replace("python -c", f"{sys.executable} -c"))
+        run = subprocess.run(line, shell=True, cwd=tmp_path, capture_output=True, text=True,
+                             timeout=300, env=env)
         assert run.returncode == 0, (line, run.stderr[-1000:])
     assert json.loads((tmp_path / "demo-192x96" / "config.json").read_text())["hidden_size"] == 192
 
 
 def test_python_api_validates_like_the_cli():
-    """Each bad argument of the Python API is one NanoElasticError that names it; prompts may be a list,
-    a 1-D tensor or a [1, T] tensor."""
+    """Each bad argument of the Python API is one NanoElasticError that names it; prompts may be a
+    list, a 1-D tensor or a [1, T] tensor."""
     model = checkpoint.random_model(ne.DEMO_CONFIG, device="cpu", dtype=torch.float32)
     prompt = [5, 6, 7]
     run = lambda **kw: list(ne.generate(model, kw.pop("prompt", prompt), 3, **kw))
-    bad = [(dict(temperature=-1), "temperature must be >= 0"), (dict(temperature=1, top_p=0), "top_p must be in (0, 1]"),
+    bad = [(dict(temperature=-1), "temperature must be >= 0"),
+           (dict(temperature=1, top_p=0), "top_p must be in (0, 1]"),
            (dict(top_p=2), "top_p must be in (0, 1]"), (dict(top_k=-1), "top_k must be >= 0"),
            (dict(prefill_chunk=0), "prefill_chunk must be >= 1"),
-           (dict(prompt=torch.zeros(2, 3, dtype=torch.long)), "a [1, T] tensor"), (dict(prompt=[]), "empty prompt")]
+           (dict(prompt=torch.zeros(2, 3, dtype=torch.long)), "a [1, T] tensor"),
+           (dict(prompt=[]), "empty prompt")]
     for kwargs, message in bad:
         with pytest.raises(ne.NanoElasticError, match=re.escape(message)):
             run(**kwargs)
-    for kwargs, message in [(dict(after=-1), "after must be >= 0"), (dict(on_token=-2), "on_token must be a token id")]:
+    for kwargs, message in [(dict(after=-1), "after must be >= 0"),
+                            (dict(on_token=-2), "on_token must be a token id")]:
         with pytest.raises(ne.NanoElasticError, match=message):
             ne.Switch("256x128", **kwargs)
     for args in [(0, 10), (1, 0)]:
-        with pytest.raises(ne.NanoElasticError, match="new_cache needs batch_size >= 1 and max_len >= 1"):
+        with pytest.raises(ne.NanoElasticError,
+                           match="new_cache needs batch_size >= 1 and max_len >= 1"):
             model.new_cache(*args)
     with pytest.raises(ne.NanoElasticError, match="need at least one token per row"):
         model(torch.zeros(1, 0, dtype=torch.long))
@@ -692,30 +745,36 @@ def test_python_api_validates_like_the_cli():
         with pytest.raises(ne.NanoElasticError, match="no CUDA GPU here"):
             checkpoint.random_model(ne.DEMO_CONFIG, device="cuda")
     expected = run()
-    assert run(prompt=torch.tensor(prompt)) == expected and run(prompt=torch.tensor([prompt])) == expected
+    assert (run(prompt=torch.tensor(prompt)) == expected
+            and run(prompt=torch.tensor([prompt])) == expected)
     assert ne.parse_size("12b", ne.Config()) == ne.parse_size("12B", ne.Config()) == (1920, 960)
     assert ne.parse_size("192X96", ne.DEMO_CONFIG) == (192, 96)
 
 
 def test_docstrings_and_nested_repr():
-    for obj in [ne.Model, ne.Config, ne.Cache, ne.Switch, ne.Token, ne.generate, ne.sample, ne.Model.new_cache,
-                ne.Model.forward, ne.prefill, ne.DecodeGraph, ne.Model.nested, ne.Model.from_pretrained]:
-        assert obj.__doc__ and "nn.Module" not in obj.__doc__ and "Base class" not in obj.__doc__, obj
+    for obj in [ne.Model, ne.Config, ne.Cache, ne.Switch, ne.Token, ne.generate, ne.sample,
+                ne.Model.new_cache, ne.Model.forward, ne.prefill, ne.DecodeGraph, ne.Model.nested,
+                ne.Model.from_pretrained]:
+        assert (obj.__doc__ and "nn.Module" not in obj.__doc__
+                and "Base class" not in obj.__doc__), obj
     model = checkpoint.random_model(ne.DEMO_CONFIG, device="cpu", dtype=torch.float32)
     text = repr(model.nested("128x64"))
-    assert "size 128x64" in text and "Embedding(512, 128)" in text and "Linear(in=128, out=64, experts=16" in text
+    assert ("size 128x64" in text and "Embedding(512, 128)" in text
+            and "Linear(in=128, out=64, experts=16" in text)
     assert "256" not in text.split("(norm)")[1].split("\n")[0] and "size 256x128" in repr(model)
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # audit fixes: each a test that failed before
 
 def test_cli_bad_device_is_one_line():
-    for device, message in [("foo", "unknown device 'foo'"), ("meta", "cannot run on the meta device")]:
+    for device, message in [("foo", "unknown device 'foo'"),
+                            ("meta", "cannot run on the meta device")]:
         run = subprocess.run([sys.executable, str(ROOT / "nanoelastic.py"), "--device", device],
                              capture_output=True, text=True, timeout=300)
         assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr
-        assert run.stderr.strip().splitlines() == [f"nanoelastic.py: error: {message}: use cpu or cuda"]
+        assert run.stderr.strip().splitlines() == [
+            f"nanoelastic.py: error: {message}: use cpu or cuda"]
         assert "demo:" not in run.stdout  # refused before the demo writes its checkpoint
 
 
@@ -729,7 +788,8 @@ def test_cli_bad_tokenizer_is_one_line_before_the_model_loads(checkpoints, tmp_p
     monkeypatch.setattr(ne.Model, "from_pretrained", lambda *a, **k: loaded.append(a))
     with pytest.raises(SystemExit) as exit_:
         ne.cli(["--ckpt", str(ckpt), "--device", "cpu"])
-    assert exit_.value.code.startswith(f"nanoelastic.py: error: {ckpt / 'tokenizer.json'}: expected")
+    assert exit_.value.code.startswith(
+        f"nanoelastic.py: error: {ckpt / 'tokenizer.json'}: expected")
     # unreadable (as root, chmod cannot make it so): the tokenizers library's own error
     class Denied:
         @staticmethod
@@ -738,10 +798,12 @@ def test_cli_bad_tokenizer_is_one_line_before_the_model_loads(checkpoints, tmp_p
     monkeypatch.setattr(tokenizers, "Tokenizer", Denied)
     with pytest.raises(SystemExit) as exit_:
         ne.cli(["--ckpt", str(ckpt), "--device", "cpu"])
-    assert exit_.value.code == f"nanoelastic.py: error: {ckpt / 'tokenizer.json'}: Permission denied (os error 13)"
+    assert exit_.value.code == (
+        f"nanoelastic.py: error: {ckpt / 'tokenizer.json'}: Permission denied (os error 13)")
     with pytest.raises(SystemExit) as exit_:
         ne.cli(["--ckpt", str(tmp_path / "nowhere"), "--device", "cpu"])
-    assert exit_.value.code == f"nanoelastic.py: error: checkpoint folder not found: {tmp_path / 'nowhere'}"
+    assert exit_.value.code == (
+        f"nanoelastic.py: error: checkpoint folder not found: {tmp_path / 'nowhere'}")
     assert loaded == []
 
 
@@ -750,8 +812,9 @@ def test_cli_ctrl_c_exits_130_and_sigterm_143():
     import time
 
     for sig, code in [(signal.SIGINT, 130), (signal.SIGTERM, 143)]:
-        proc = subprocess.Popen([sys.executable, str(ROOT / "nanoelastic.py"), "--max-new-tokens", "3000",
-                                 "--switch-after", "2000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        proc = subprocess.Popen([sys.executable, str(ROOT / "nanoelastic.py"),
+                                 "--max-new-tokens", "3000", "--switch-after", "2000"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         assert proc.stdout.readline().startswith(b"demo:")
         assert proc.stdout.read(1) == b"["  # generating
         time.sleep(0.2)  # inside generate(), where the time goes
@@ -762,8 +825,10 @@ def test_cli_ctrl_c_exits_130_and_sigterm_143():
 
 def test_generate_refuses_bad_argument_types_and_non_finite_values(models):
     model = models[("A", True)]
-    bad = [(dict(top_k=2.5), "top_k must be an integer"), (dict(temperature="1"), "temperature must be a finite number"),
-           (dict(prompt="abc"), "prompt must be token ids"), (dict(prompt=[1.5, 2]), "prompt must be token ids"),
+    bad = [(dict(top_k=2.5), "top_k must be an integer"),
+           (dict(temperature="1"), "temperature must be a finite number"),
+           (dict(prompt="abc"), "prompt must be token ids"),
+           (dict(prompt=[1.5, 2]), "prompt must be token ids"),
            (dict(temperature=math.inf), "temperature must be a finite number"),
            (dict(temperature=1, top_p=math.nan), "top_p must be a finite number"),
            (dict(temperature=1, top_p=math.inf), "top_p must be a finite number")]
@@ -790,4 +855,5 @@ def test_decode_step_takes_one_token_per_row(models):
         with pytest.raises(NanoElasticError, match=r"tokens of shape \[batch, 1\]"):
             step(bad)
     assert step.cache.length == 3
-    assert step(torch.tensor([[4]])).shape == (1, model.config.vocab_size) and step.cache.length == 4
+    assert (step(torch.tensor([[4]])).shape == (1, model.config.vocab_size)
+            and step.cache.length == 4)
