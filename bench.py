@@ -1,18 +1,20 @@
 """
 bench.py: measured speed of nanoelastic on the device it runs on, as a table and then as JSON.
 
-    python bench.py                   # kernels, then the model: 52-layer 30B config, random FP8 weights
-    python bench.py --only kernels    # each kernel against its torch reference and the device's ceilings
+    python bench.py                   # kernels, then the model: 52-layer 30B, random FP8 weights
+    python bench.py --only kernels    # each kernel vs its torch reference and the device's ceilings
     python bench.py --only model      # decode, prefill, size switch, memory
     python bench.py --small           # a small config and small shapes: runs anywhere, a CPU too
-                                      # (there the kernels run in Triton's interpreter: slow, but checked)
-    python bench.py --budget P.jsonl  # accuracy against latency of think/answer sizes and budgets (section 5)
+                                      # (there the kernels run interpreted: slow, but checked)
+    python bench.py --budget P.jsonl  # accuracy against latency of think/answer sizes and
+                                      # budgets (section 5)
 
-Every number is measured here, beside what it is compared with: the device's ceilings (a device-to-device
-copy for bandwidth, a large matmul for FLOP/s) and, for kernels, the torch reference. Correctness is
-checked before anything is timed. Decode reads its bytes from the weights the step really touches (the
-chosen experts, not all 128), the KV cache (all of it: these caches are shorter than the smallest window
-a decode graph attends over) and the Mamba states; the achieved bandwidth is those bytes over the step time.
+Every number is measured here, beside what it is compared with: the device's ceilings (a
+device-to-device copy for bandwidth, a large matmul for FLOP/s) and, for kernels, the torch
+reference. Correctness is checked before anything is timed. Decode reads its bytes from the weights
+the step really touches (the chosen experts, not all 128), the KV cache (all of it: these caches are
+shorter than the smallest window a decode graph attends over) and the Mamba states; the achieved
+bandwidth is those bytes over the step time.
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ import numpy as np
 import torch
 
 CUDA = torch.cuda.is_available()
-if not CUDA:  # the Triton kernels can only run in Triton's interpreter here; set before triton is imported
+# the Triton kernels can only run in Triton's interpreter here; set before triton is imported
+if not CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import checkpoint  # noqa: E402
@@ -70,7 +73,7 @@ def rel_err(out, ref) -> float:
     return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 1. The device's ceilings
 
 def ceilings(small: bool) -> dict:
@@ -82,10 +85,11 @@ def ceilings(small: bool) -> dict:
     dtype = torch.float32 if small and not CUDA else torch.bfloat16
     a, b = (torch.randn(m, m, device=DEVICE, dtype=dtype) for _ in range(2))
     mm_s = timed(lambda: a @ b, 3 if small else 20)
-    return {"copy_GBps": 2 * n / copy_s / 1e9, "matmul_TFLOPs": 2 * m ** 3 / mm_s / 1e12, "matmul_dtype": str(dtype)}
+    return {"copy_GBps": 2 * n / copy_s / 1e9, "matmul_TFLOPs": 2 * m ** 3 / mm_s / 1e12,
+            "matmul_dtype": str(dtype)}
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 2. Kernels: correctness first, then time against the torch reference and the ceilings
 
 def kernel_cases(small: bool):
@@ -102,40 +106,53 @@ def kernel_cases(small: bool):
     for rows in (1, 32, 512 if small else 4096):
         x = randn(rows, D)
         flops = 2 * rows * w.numel()
-        cases.append((f"linear fp8 {rows}x{D} @ {c.in_proj_dim}x{D}", "linear", (x, w, s), w.numel() + x.numel() * 2, flops))
+        cases.append((f"linear fp8 {rows}x{D} @ {c.in_proj_dim}x{D}", "linear", (x, w, s),
+                      w.numel() + x.numel() * 2, flops))
     w_bf16 = randn(c.vocab_size, D)
-    cases.append((f"linear bf16 1x{D} @ lm_head", "linear", (randn(1, D), w_bf16, None), w_bf16.numel() * 2, 2 * w_bf16.numel()))
+    cases.append((f"linear bf16 1x{D} @ lm_head", "linear", (randn(1, D), w_bf16, None),
+                  w_bf16.numel() * 2, 2 * w_bf16.numel()))
     view = w[:, :d]  # the 23B's nested view vs the same bytes contiguous
-    cases.append((f"linear fp8 1x{d} nested view", "linear", (randn(1, d), view, s), view.numel(), 2 * view.numel()))
-    cases.append((f"linear fp8 1x{d} contiguous", "linear", (randn(1, d), view.contiguous(), s), view.numel(), 2 * view.numel()))
+    cases.append((f"linear fp8 1x{d} nested view", "linear", (randn(1, d), view, s),
+                  view.numel(), 2 * view.numel()))
+    cases.append((f"linear fp8 1x{d} contiguous", "linear", (randn(1, d), view.contiguous(), s),
+                  view.numel(), 2 * view.numel()))
 
-    per_expert = lambda ws: (torch.stack([w for w, _ in ws]), torch.stack([s for _, s in ws]))  # scales [E]
-    up, down = per_expert([fp8(Fe, D) for _ in range(E)]), per_expert([fp8(D, Fe) for _ in range(E)])
+    # stacked weights, scales [E]
+    per_expert = lambda ws: (torch.stack([w for w, _ in ws]), torch.stack([s for _, s in ws]))
+    up = per_expert([fp8(Fe, D) for _ in range(E)])
+    down = per_expert([fp8(D, Fe) for _ in range(E)])
     for n in (1, 32):
         x = randn(n, D)
-        weights, experts = torch.rand(n, k, device=DEVICE, generator=g), torch.rand(n, E, device=DEVICE, generator=g).topk(k).indices
+        weights = torch.rand(n, k, device=DEVICE, generator=g)
+        experts = torch.rand(n, E, device=DEVICE, generator=g).topk(k).indices
         touched = experts.unique().numel()
-        cases.append((f"moe fp8 {n} tok top-{k} of {E}", "moe_experts", (x, weights, experts, up[0], up[1], down[0], down[1]),
+        cases.append((f"moe fp8 {n} tok top-{k} of {E}", "moe_experts",
+                      (x, weights, experts, up[0], up[1], down[0], down[1]),
                       touched * 2 * Fe * D, 2 * n * k * 2 * Fe * D))
     upv, downv = up[0][:, :f, :d], down[0][:, :d, :f]
     cases.append((f"moe fp8 1 tok nested {d}x{f}", "moe_experts",
-                  (randn(1, d), weights[:1], experts[:1], upv, up[1], downv, down[1]), k * 2 * f * d, 2 * k * 2 * f * d))
+                  (randn(1, d), weights[:1], experts[:1], upv, up[1], downv, down[1]),
+                  k * 2 * f * d, 2 * k * 2 * f * d))
 
     H, P, G, N = c.mamba_num_heads, c.mamba_head_dim, c.n_groups, c.ssm_state_size
     T = 64 if small else 8192
-    x, B, C = randn(1, T, H, P), randn(1, T, G, N), randn(1, T, G, N)  # bf16, as the model passes them
+    # bf16, as the model passes them
+    x, B, C = randn(1, T, H, P), randn(1, T, G, N), randn(1, T, G, N)
     dt = torch.nn.functional.softplus(randn(1, T, H, dtype=torch.float32) - 2)
     A = -torch.rand(H, device=DEVICE, generator=g) * 4
-    cases.append((f"ssd scan T={T}", "ssd_chunked", (x, dt, A, B, C, c.chunk_size), (x.numel() + 2 * B.numel()) * 2 + x.numel() * 4, None))
+    cases.append((f"ssd scan T={T}", "ssd_chunked", (x, dt, A, B, C, c.chunk_size),
+                  (x.numel() + 2 * B.numel()) * 2 + x.numel() * 4, None))
 
     ch = c.conv_dim
-    step_args = lambda: (randn(1, ch), randn(1, H), randn(1, ch, c.conv_kernel - 1), randn(1, H, P, N, dtype=torch.float32),
-                         randn(ch, 1, c.conv_kernel), randn(ch), randn(H, dtype=torch.float32), randn(H, dtype=torch.float32),
+    step_args = lambda: (randn(1, ch), randn(1, H), randn(1, ch, c.conv_kernel - 1),
+                         randn(1, H, P, N, dtype=torch.float32), randn(ch, 1, c.conv_kernel),
+                         randn(ch), randn(H, dtype=torch.float32), randn(H, dtype=torch.float32),
                          randn(H, dtype=torch.float32), G, (0.0, math.inf))
     cases.append(("mamba decode step", "mamba_step", step_args(), 2 * H * P * N * 4, None))
     for rows in (1, 512 if small else 8192):
         cases.append((f"gated rms_norm {rows}x{c.mamba_inner}", "rms_norm",
-                      (randn(rows, c.mamba_inner), randn(c.mamba_inner), 1e-5, G, randn(rows, c.mamba_inner)),
+                      (randn(rows, c.mamba_inner), randn(c.mamba_inner), 1e-5, G,
+                       randn(rows, c.mamba_inner)),
                       3 * rows * c.mamba_inner * 2, None))
     return cases
 
@@ -149,17 +166,20 @@ def bench_kernels(small: bool, ceil: dict) -> list[dict]:
     rows = []
     for label, name, args, nbytes, flops in kernel_cases(small):
         triton_fn, reference = getattr(kernels, name), getattr(ne, name).reference
-        fresh = lambda: tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)  # in-place ops
+        # fresh copies of the arguments: some ops work in place
+        fresh = lambda: tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
         out, ref = triton_fn(*fresh()), reference(*fresh())
         out, ref = (out[0], ref[0]) if isinstance(out, tuple) else (out, ref)
         err = rel_err(out, ref)
         if err > 2e-2:
-            raise SystemExit(f"bench.py: error: {label}: Triton and the torch reference differ (relative error {err:.2e})")
+            raise SystemExit(f"bench.py: error: {label}: Triton and the torch reference differ "
+                             f"(relative error {err:.2e})")
         iters, warmup = (1, 1) if small else (50, 3)
         t_triton = timed(lambda: triton_fn(*args), iters, warmup)
         t_torch = timed(lambda: reference(*args), iters, warmup)
-        row = {"kernel": label, "rel_err": err, "triton_us": t_triton * 1e6, "torch_us": t_torch * 1e6,
-               "speedup": t_torch / t_triton, "GBps": nbytes / t_triton / 1e9}
+        row = {"kernel": label, "rel_err": err, "triton_us": t_triton * 1e6,
+               "torch_us": t_torch * 1e6, "speedup": t_torch / t_triton,
+               "GBps": nbytes / t_triton / 1e9}
         row["pct_copy_bw"] = 100 * row["GBps"] / ceil["copy_GBps"]
         if flops:
             row["TFLOPs"] = flops / t_triton / 1e12
@@ -168,12 +188,12 @@ def bench_kernels(small: bool, ceil: dict) -> list[dict]:
     return rows
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 3. The model: decode at batch 1/8/32 per size, prefill, size switch, memory
 
 def contiguous_copy(model: ne.Model, size: str) -> ne.Model:
-    """A standalone model of `size` whose weights are contiguous copies of the nested views (what slice.py
-    writes), to compare with the views."""
+    """A standalone model of `size` whose weights are contiguous copies of the nested views (what
+    slice.py writes), to compare with the views."""
     view = model.nested(size)
     with torch.device("meta"):
         copy = ne.Model(view.config)
@@ -198,8 +218,9 @@ def experts_touched(model: ne.Model, cache: ne.Cache, tokens: torch.Tensor) -> d
 
 
 def decode_bytes(model: ne.Model, cache: ne.Cache, batch: int, touched: dict[int, int]) -> int:
-    """Bytes one decode step reads: each weight of this size once, except that of the embeddings only `batch`
-    rows and of the routed experts only those chosen; the whole KV cache; the Mamba states twice (read, write)."""
+    """Bytes one decode step reads: each weight of this size once, except that of the embeddings
+    only `batch` rows and of the routed experts only those chosen; the whole KV cache; the Mamba
+    states twice (read, write)."""
     total = 0
     for name, t in chain(model.named_parameters(), model.named_buffers()):
         nbytes = t.numel() * t.element_size()
@@ -210,11 +231,13 @@ def decode_bytes(model: ne.Model, cache: ne.Cache, batch: int, touched: dict[int
         total += nbytes
     for state in cache.layers:
         for t in state or ():
-            total += t.numel() * t.element_size() * (1 if t.dim() == 4 and t.shape[2] == cache.max_len else 2)
+            kv = t.dim() == 4 and t.shape[2] == cache.max_len  # else a Mamba state: read, written
+            total += t.numel() * t.element_size() * (1 if kv else 2)
     return total
 
 
-def bench_decode(model: ne.Model, size: str | None, batch: int, steps: int, prompt: int, ceil: dict, label: str) -> dict:
+def bench_decode(model: ne.Model, size: str | None, batch: int, steps: int, prompt: int, ceil: dict,
+                 label: str) -> dict:
     view = model.nested(size)
     cache = model.new_cache(batch, prompt + steps + 8)
     g = torch.Generator(device=DEVICE).manual_seed(batch)
@@ -230,13 +253,15 @@ def bench_decode(model: ne.Model, size: str | None, batch: int, steps: int, prom
         torch.cuda.synchronize()
     t = time.perf_counter()
     for _ in range(steps):
-        token = step(token, size).argmax(-1, keepdim=True)  # stays on the device: no host round trip
+        # stays on the device: no host round trip
+        token = step(token, size).argmax(-1, keepdim=True)
     if CUDA:
         torch.cuda.synchronize()
     seconds = (time.perf_counter() - t) / steps
     gbps = nbytes / seconds / 1e9
     return {"model": label, "batch": batch, "tok_per_s": batch / seconds, "step_ms": seconds * 1e3,
-            "GB_per_step": nbytes / 1e9, "GBps": gbps, "pct_copy_bw": 100 * gbps / ceil["copy_GBps"],
+            "GB_per_step": nbytes / 1e9, "GBps": gbps,
+            "pct_copy_bw": 100 * gbps / ceil["copy_GBps"],
             "ceiling_tok_per_s": batch * ceil["copy_GBps"] * 1e9 / nbytes}
 
 
@@ -252,8 +277,9 @@ def bench_prefill(model: ne.Model, size: str | None, length: int, chunk: int) ->
 
 
 def bench_switch(model: ne.Model, think: str, answer: str, thought: int, chunk: int) -> dict:
-    """After `thought` tokens at `think`, the cost of going on at `answer`: transplant = the next decode
-    step at the new size on the same cache; re-prefill = rebuilding the cache at the new size."""
+    """After `thought` tokens at `think`, the cost of going on at `answer`: transplant = the next
+    decode step at the new size on the same cache; re-prefill = rebuilding the cache at the new
+    size."""
     cache = model.new_cache(1, thought + 16)
     tokens = torch.randint(0, model.config.vocab_size, (1, thought), device=DEVICE)
     step = ne.DecodeGraph(model, cache)
@@ -277,7 +303,8 @@ def bench_switch(model: ne.Model, think: str, answer: str, thought: int, chunk: 
     transplant()  # warm up
     t_transplant = sorted(transplant() for _ in range(3))[1]
     t_reprefill = timed(reprefill, 2 if CUDA else 1, warmup=1)
-    return {"thought_tokens": thought, "transplant_ms": t_transplant * 1e3, "reprefill_ms": t_reprefill * 1e3}
+    return {"thought_tokens": thought, "transplant_ms": t_transplant * 1e3,
+            "reprefill_ms": t_reprefill * 1e3}
 
 
 def bench_model(small: bool, ceil: dict, batches: list[int]) -> dict:
@@ -285,9 +312,10 @@ def bench_model(small: bool, ceil: dict, batches: list[int]) -> dict:
     sizes = ["256x128", "224x112", "192x96"] if small else ["30B", "23B", "12B"]
     names = ["full", "mid", "small"] if small else sizes
     t = time.perf_counter()
-    model = checkpoint.random_model(config, DEVICE, torch.bfloat16 if CUDA else torch.float32, fp8=True, seed=0)
-    print(f"random FP8 model of {'the small demo config' if small else 'the 30B config'} made on {DEVICE} "
-          f"in {time.perf_counter() - t:.1f} s", file=sys.stderr)
+    model = checkpoint.random_model(config, DEVICE, torch.bfloat16 if CUDA else torch.float32,
+                                    fp8=True, seed=0)
+    print(f"random FP8 model of {'the small demo config' if small else 'the 30B config'} "
+          f"made on {DEVICE} in {time.perf_counter() - t:.1f} s", file=sys.stderr)
     steps, prompt = (4, 16) if small else (128, 256)
     decode = []
     for batch in batches:
@@ -295,12 +323,14 @@ def bench_model(small: bool, ceil: dict, batches: list[int]) -> dict:
             decode.append(bench_decode(model, size, batch, steps, prompt, ceil, f"{name} (view)"))
         for size, name in zip(sizes[1:], names[1:]):
             sliced = contiguous_copy(model, size)
-            decode.append(bench_decode(sliced, None, batch, steps, prompt, ceil, f"{name} (sliced copy)"))
+            decode.append(bench_decode(sliced, None, batch, steps, prompt, ceil,
+                                       f"{name} (sliced copy)"))
             del sliced  # freed here: nothing refers back to it
             if CUDA:
                 torch.cuda.empty_cache()
     chunk = 8192
-    prefill = [bench_prefill(model, None, n, chunk) for n in ((128, 512) if small else (2048, 8192, 32768))]
+    prefill = [bench_prefill(model, None, n, chunk)
+               for n in ((128, 512) if small else (2048, 8192, 32768))]
     switch = bench_switch(model, sizes[1], sizes[0], 256 if small else 4096, chunk)
     out = {"decode": decode, "prefill": prefill, "switch": switch}
     if CUDA:
@@ -308,22 +338,26 @@ def bench_model(small: bool, ceil: dict, batches: list[int]) -> dict:
     return out
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 4. Report
 
 def table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
     """columns: (key, header, format)."""
-    cells = [[h for _, h, _ in columns]] + [[format(r[k], f) if k in r else "" for k, _, f in columns] for r in rows]
+    cells = ([[h for _, h, _ in columns]]
+             + [[format(r[k], f) if k in r else "" for k, _, f in columns] for r in rows])
     widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
-    return "\n".join("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
+    return "\n".join("  ".join(c.rjust(w) if i else c.ljust(w)
+                               for i, (c, w) in enumerate(zip(row, widths)))
                      for row in cells)
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", choices=["kernels", "model"], help="run one part")
     p.add_argument("--small", action="store_true", help="small config and shapes (CPU)")
-    p.add_argument("--batch", type=int, nargs="+", default=None, help="decode batch sizes (default 1 8 32)")
+    p.add_argument("--batch", type=int, nargs="+", default=None,
+                   help="decode batch sizes (default 1 8 32)")
     p.add_argument("--json", metavar="FILE", help="also write the JSON here")
     add_budget_args(p)
     args = p.parse_args(argv)
@@ -333,28 +367,38 @@ def main(argv: list[str] | None = None) -> dict:
         return run_budget(args, argv)
     if not CUDA and not args.small:
         p.error("no GPU here: the full-size benchmark needs one (try --small)")
-    device_name = torch.cuda.get_device_name() if CUDA else f"CPU ({torch.get_num_threads()} threads)"
+    device_name = (torch.cuda.get_device_name() if CUDA
+                   else f"CPU ({torch.get_num_threads()} threads)")
     result = {"date": time.strftime("%Y-%m-%d"), "device": device_name, "torch": torch.__version__,
               "kernels": "triton" if ne.use_kernels(torch.empty(0, device=DEVICE)) else "torch",
-              "command": " ".join(["python", "bench.py", *(argv if argv is not None else sys.argv[1:])])}
+              "command": " ".join(["python", "bench.py",
+                                   *(argv if argv is not None else sys.argv[1:])])}
     ceil = result["ceilings"] = ceilings(args.small)
-    print(f"# {result['date']}  {device_name}  torch {torch.__version__}  kernels: {result['kernels']}")
-    print(f"# ceilings: copy {ceil['copy_GBps']:.0f} GB/s, matmul {ceil['matmul_TFLOPs']:.3g} TFLOP/s ({ceil['matmul_dtype']})")
+    print(f"# {result['date']}  {device_name}  torch {torch.__version__}  "
+          f"kernels: {result['kernels']}")
+    print(f"# ceilings: copy {ceil['copy_GBps']:.0f} GB/s, "
+          f"matmul {ceil['matmul_TFLOPs']:.3g} TFLOP/s ({ceil['matmul_dtype']})")
     if args.only in (None, "kernels"):
         result["kernel_bench"] = bench_kernels(args.small, ceil)
         print("\n" + table(result["kernel_bench"], [
-            ("kernel", "kernel", "s"), ("rel_err", "rel err", ".1e"), ("triton_us", "triton us", ".1f"),
-            ("torch_us", "torch us", ".1f"), ("speedup", "x torch", ".1f"), ("GBps", "GB/s", ".0f"),
-            ("pct_copy_bw", "% copy", ".0f"), ("TFLOPs", "TFLOP/s", ".1f"), ("pct_matmul", "% mm", ".0f")]))
+            ("kernel", "kernel", "s"), ("rel_err", "rel err", ".1e"),
+            ("triton_us", "triton us", ".1f"), ("torch_us", "torch us", ".1f"),
+            ("speedup", "x torch", ".1f"), ("GBps", "GB/s", ".0f"),
+            ("pct_copy_bw", "% copy", ".0f"), ("TFLOPs", "TFLOP/s", ".1f"),
+            ("pct_matmul", "% mm", ".0f")]))
     if args.only in (None, "model"):
-        m = result["model_bench"] = bench_model(args.small, ceil, args.batch or ([1, 8] if args.small else [1, 8, 32]))
+        m = result["model_bench"] = bench_model(
+            args.small, ceil, args.batch or ([1, 8] if args.small else [1, 8, 32]))
         print("\n" + table(m["decode"], [
-            ("model", "decode", "s"), ("batch", "batch", "d"), ("tok_per_s", "tok/s", ".1f"), ("step_ms", "ms/step", ".2f"),
-            ("GB_per_step", "GB/step", ".3f"), ("GBps", "GB/s", ".0f"), ("pct_copy_bw", "% copy", ".0f"),
+            ("model", "decode", "s"), ("batch", "batch", "d"), ("tok_per_s", "tok/s", ".1f"),
+            ("step_ms", "ms/step", ".2f"), ("GB_per_step", "GB/step", ".3f"),
+            ("GBps", "GB/s", ".0f"), ("pct_copy_bw", "% copy", ".0f"),
             ("ceiling_tok_per_s", "ceiling tok/s", ".0f")]))
-        print("\n" + table(m["prefill"], [("length", "prefill tokens", "d"), ("tok_per_s", "tok/s", ".0f"), ("seconds", "s", ".3f")]))
+        print("\n" + table(m["prefill"], [("length", "prefill tokens", "d"),
+                                          ("tok_per_s", "tok/s", ".0f"), ("seconds", "s", ".3f")]))
         s = m["switch"]
-        print(f"\nsize switch after {s['thought_tokens']} thinking tokens: transplant {s['transplant_ms']:.2f} ms "
+        print(f"\nsize switch after {s['thought_tokens']} thinking tokens: "
+              f"transplant {s['transplant_ms']:.2f} ms "
               f"(one decode step), re-prefill {s['reprefill_ms']:.1f} ms")
         if "peak_memory_GB" in m:
             print(f"peak GPU memory: {m['peak_memory_GB']:.1f} GB")
@@ -366,50 +410,60 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 
-# ----------------------------------------------------------------------------------------------------
-# 5. Budget control: accuracy against latency of think/answer sizes and thinking budgets, on a user's
-#    problems (python bench.py --budget PROBLEMS.jsonl). Each problem is one chat turn, as chat.py replies:
-#    the THINK size thinks until it writes </think> or the budget forces it, then the ANSWER size answers.
+# --------------------------------------------------------------------------------------------------
+# 5. Budget control: accuracy against latency of think/answer sizes and thinking budgets, on a
+#    user's problems (python bench.py --budget PROBLEMS.jsonl). Each problem is one chat turn, as
+#    chat.py replies: the THINK size thinks until it writes </think> or the budget forces it, then
+#    the ANSWER size answers.
 
 BUDGET_CONFIGS = "30B:30B,23B:30B,23B:23B,12B:30B,12B:12B"
 BUDGET_THINK = "512,2048,8192"
 ANSWER_ROOM = 4096  # default --max-new-tokens: the largest budget plus this much for the answer
 DEMO_THINK, DEMO_MAX_NEW = "8,32", 64  # the demo's: random weights are slow on a CPU and never stop
-NUMBER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|-?\.\d+")  # 1,000 and 3.5 are one number each
+# 1,000 and 3.5 are one number each
+NUMBER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|-?\.\d+")
 DECIMAL = re.compile(r"-?(?:\d+(?:\.\d*)?|\.\d+)")
 
 
 def add_budget_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("budget control (--budget PROBLEMS.jsonl: accuracy against latency)")
-    g.add_argument("--budget", metavar="PROBLEMS.jsonl", help='one {"question": ..., "answer": ...} a line: '
+    g.add_argument("--budget", metavar="PROBLEMS.jsonl",
+                   help='one {"question": ..., "answer": ...} a line: '
                    "solve each with every --configs at every --think-budgets")
     g.add_argument("--configs", default=BUDGET_CONFIGS, metavar="T:A,...",
                    help="THINK:ANSWER sizes (default %(default)s)")
-    g.add_argument("--think-budgets", metavar="N,...", help=f"thinking budgets: after N tokens </think> is "
+    g.add_argument("--think-budgets", metavar="N,...",
+                   help=f"thinking budgets: after N tokens </think> is "
                    f"written for the model (default {BUDGET_THINK}; demo {DEMO_THINK})")
     g.add_argument("--switch", default="transplant", choices=["transplant", "reprefill"],
-                   help="at </think>: keep the caches (transplant) or rebuild them with the answer size")
+                   help="at </think>: keep the caches (transplant) "
+                   "or rebuild them with the answer size")
     g.add_argument("--max-new-tokens", type=int, metavar="N", help="per reply, thinking included "
                    f"(default: the largest budget + {ANSWER_ROOM}; demo {DEMO_MAX_NEW})")
     g.add_argument("--limit", type=int, metavar="N", help="the first N problems only")
     g.add_argument("--temperature", type=float, default=1.0, metavar="T",
-                   help="default 1.0 with --top-p 1.0: the model card's advice for reasoning; 0 = greedy")
+                   help="default 1.0 with --top-p 1.0: the model card's advice for reasoning; "
+                   "0 = greedy")
     g.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling")
-    g.add_argument("--seed", type=int, default=0, help="problem i samples with seed + i (default 0)")
+    g.add_argument("--seed", type=int, default=0,
+                   help="problem i samples with seed + i (default 0)")
     g.add_argument("--ckpt", metavar="DIR", help="checkpoint folder, found as chat.py finds it")
-    g.add_argument("--demo", action="store_true", help="chat.py's small random checkpoint (accuracy: meaningless)")
-    g.add_argument("--out", default="budget_results", metavar="DIR", help="results.jsonl (one line per reply "
-                   "done: a rerun goes on from there), results.json and frontier.png (default %(default)s)")
+    g.add_argument("--demo", action="store_true",
+                   help="chat.py's small random checkpoint (accuracy: meaningless)")
+    g.add_argument("--out", default="budget_results", metavar="DIR",
+                   help="results.jsonl (one line per reply done: a rerun goes on from there), "
+                   "results.json and frontier.png (default %(default)s)")
 
 
 def fail(message: str):
     raise SystemExit(f"bench.py: error: {message}")
 
 
-# -- grading -----------------------------------------------------------------------------------------
+# -- grading ---------------------------------------------------------------------------------------
 
 def boxed(text: str) -> str | None:
-    """The content of the last \\boxed{...} whose braces balance (a cut-off last box: the one before)."""
+    """The content of the last \\boxed{...} whose braces balance (a cut-off last box: the one
+    before)."""
     for m in reversed(list(re.finditer(r"\\boxed\s*\{", text))):
         depth = 1
         for j in range(m.end(), len(text)):
@@ -431,15 +485,16 @@ def extract_answer(text: str) -> str | None:
 def normalize(answer: str) -> str:
     """Spaces, $, \\text{}, thin spaces, % and a trailing period out; 1,000 -> 1000."""
     s = re.sub(r"\\(?:text|textbf|mathrm)\{([^{}]*)\}", r"\1", answer)
-    for old, new in (("\\dfrac", "\\frac"), ("\\tfrac", "\\frac"), ("{,}", ","), ("\\!", ""), ("\\,", ""),
-                     ("\\%", ""), ("%", ""), ("\\$", ""), ("$", "")):
+    for old, new in (("\\dfrac", "\\frac"), ("\\tfrac", "\\frac"), ("{,}", ","), ("\\!", ""),
+                     ("\\,", ""), ("\\%", ""), ("%", ""), ("\\$", ""), ("$", "")):
         s = s.replace(old, new)
     s = re.sub(r"\s+", "", s).rstrip(".")
     return s.replace(",", "") if NUMBER.fullmatch(s) else s
 
 
 def is_correct(predicted: str | None, reference) -> bool:
-    """Equal after normalize(), as decimals when both are numbers (1000 == 1000.0). A boxed reference: its box."""
+    """Equal after normalize(), as decimals when both are numbers (1000 == 1000.0). A boxed
+    reference: its box."""
     if predicted is None:
         return False
     reference = str(reference)
@@ -449,7 +504,7 @@ def is_correct(predicted: str | None, reference) -> bool:
     return a == b
 
 
-# -- one problem -------------------------------------------------------------------------------------
+# -- one problem -----------------------------------------------------------------------------------
 
 def load_problems(path: str, limit: int | None) -> list[dict]:
     try:
@@ -467,7 +522,8 @@ def load_problems(path: str, limit: int | None) -> list[dict]:
         except json.JSONDecodeError as e:
             fail(f"{path} line {n}: not JSON ({e.msg})")
         if not (isinstance(p, dict) and isinstance(p.get("question"), str) and p["question"].strip()
-                and isinstance(p.get("answer"), (str, int, float)) and not isinstance(p["answer"], bool)):
+                and isinstance(p.get("answer"), (str, int, float))
+                and not isinstance(p["answer"], bool)):
             fail(f'{path} line {n}: expected {{"question": "...", "answer": ...}} '
                  "(a non-empty question, a text or number answer)")
         problems.append({"question": p["question"], "answer": str(p["answer"])})
@@ -476,19 +532,20 @@ def load_problems(path: str, limit: int | None) -> list[dict]:
     return problems[:limit]
 
 
-def solve(model: ne.Model, tokenizer, step: ne.DecodeGraph, prompt: list[int], think: str, answer: str, budget: int,
-          args: argparse.Namespace, seed: int) -> tuple[dict, list[ne.Token]]:
-    """One reply to `prompt` (chat.render_chat's, thinking on), timed: think at `think` (a model size), answer
-    at `answer`. Returns its measurements and its tokens. Ctrl-C (which ends generate()'s stream) raises
-    KeyboardInterrupt: a cut reply is not a result."""
+def solve(model: ne.Model, tokenizer, step: ne.DecodeGraph, prompt: list[int], think: str,
+          answer: str, budget: int, args: argparse.Namespace,
+          seed: int) -> tuple[dict, list[ne.Token]]:
+    """One reply to `prompt` (chat.render_chat's, thinking on), timed: think at `think` (a model
+    size), answer at `answer`. Returns its measurements and its tokens. Ctrl-C (which ends
+    generate()'s stream) raises KeyboardInterrupt: a cut reply is not a result."""
     mode = args.switch if think != answer else "transplant"  # the same size: nothing to rebuild
     switch = ne.Switch(answer, on_token=tokenizer.think_end, after=budget, mode=mode)
     step.cache.reset()
     tokens, times = [], []
     t0 = time.perf_counter()
     for token in ne.generate(model, prompt, args.max_new_tokens, size=think, switch=switch,
-                             stop_tokens=tokenizer.stop, temperature=args.temperature, top_p=args.top_p,
-                             seed=seed, cache=step):
+                             stop_tokens=tokenizer.stop, temperature=args.temperature,
+                             top_p=args.top_p, seed=seed, cache=step):
         tokens.append(token)
         times.append(time.perf_counter() - t0)
     ids = [t.id for t in tokens]
@@ -499,7 +556,8 @@ def solve(model: ne.Model, tokenizer, step: ne.DecodeGraph, prompt: list[int], t
     end = body.index(tokenizer.think_end) if tokenizer.think_end in body else len(body)  # </think>
     thought, said = body[:end], body[end + 1:]
     last = len(ids) - 1
-    think_steps = min(end, last)  # decode steps of each phase (the first token's time is the first token's)
+    # decode steps of each phase (the first token's time is the first token's)
+    think_steps = min(end, last)
     reply = tokenizer.decode(said)
     predicted = extract_answer(reply)
     return {"predicted": predicted, "think_tokens": len(thought), "answer_tokens": len(said),
@@ -510,13 +568,15 @@ def solve(model: ne.Model, tokenizer, step: ne.DecodeGraph, prompt: list[int], t
             "reply": reply}, tokens
 
 
-# -- the run -----------------------------------------------------------------------------------------
+# -- the run ---------------------------------------------------------------------------------------
 
 def parse_configs(text: str) -> list[tuple[str, str]]:
-    preset = lambda s: s.upper() if s.upper() in ("30B", "23B", "12B") else s  # any case, as chat.py
+    # any case, as chat.py
+    preset = lambda s: s.upper() if s.upper() in ("30B", "23B", "12B") else s
     configs = [tuple(preset(s) for s in c.strip().split(":")) for c in text.split(",") if c.strip()]
     if not configs or any(len(c) != 2 or not all(c) for c in configs):
-        fail(f"--configs {text!r}: expected THINK:ANSWER pairs separated by commas, e.g. 23B:30B,12B:12B")
+        fail(f"--configs {text!r}: expected THINK:ANSWER pairs separated by commas, "
+             "e.g. 23B:30B,12B:12B")
     return list(dict.fromkeys(configs))
 
 
@@ -526,12 +586,14 @@ def parse_budgets(text: str) -> list[int]:
     except ValueError:
         budgets = []
     if not budgets or min(budgets) < 0:
-        fail(f"--think-budgets {text!r}: expected token counts >= 0 separated by commas, e.g. 512,2048")
+        fail(f"--think-budgets {text!r}: expected token counts >= 0 separated by commas, "
+             "e.g. 512,2048")
     return sorted(set(budgets))
 
 
 def read_results(path: Path) -> dict[tuple, dict]:
-    """The replies done so far, by key. A line cut by a crash mid-write is dropped (and cut from the file)."""
+    """The replies done so far, by key. A line cut by a crash mid-write is dropped (and cut from the
+    file)."""
     if not path.exists():
         return {}
     data = path.read_bytes()
@@ -550,7 +612,8 @@ def read_results(path: Path) -> dict[tuple, dict]:
 
 
 def write_atomic(path: Path, write) -> None:
-    """write(temp_path), then rename over path: readers see the old file or the new one, never half of one."""
+    """write(temp_path), then rename over path: readers see the old file or the new one, never half
+    of one."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         write(tmp)
@@ -559,13 +622,15 @@ def write_atomic(path: Path, write) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def summarize(records: list[dict], configs: list[tuple[str, str]], budgets: list[int]) -> list[dict]:
-    """One row per (configuration, budget) with results, and which rows are on the Pareto frontier: no other
-    row is as fast and at least as accurate."""
+def summarize(records: list[dict], configs: list[tuple[str, str]],
+              budgets: list[int]) -> list[dict]:
+    """One row per (configuration, budget) with results, and which rows are on the Pareto frontier:
+    no other row is as fast and at least as accurate."""
     rows = []
     for think, answer in configs:
         for budget in budgets:
-            rs = [r for r in records if (r["think"], r["answer"], r["budget"]) == (think, answer, budget)]
+            rs = [r for r in records
+                  if (r["think"], r["answer"], r["budget"]) == (think, answer, budget)]
             if not rs:
                 continue
             latency = [r["latency_s"] for r in rs]
@@ -589,13 +654,15 @@ def summarize(records: list[dict], configs: list[tuple[str, str]], budgets: list
 
 
 def plot_frontier(rows: list[dict], path: Path, title: str) -> str:
-    """Accuracy against mean latency, a line per configuration through its budgets, the frontier dashed."""
+    """Accuracy against mean latency, a line per configuration through its budgets, the frontier
+    dashed."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return "no plot: matplotlib is not installed (pip install matplotlib); the table and JSON are written"
+        return ("no plot: matplotlib is not installed (pip install matplotlib); "
+                "the table and JSON are written")
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
     for think, answer in dict.fromkeys((r["think"], r["answer"]) for r in rows):
         rs = [r for r in rows if (r["think"], r["answer"]) == (think, answer)]
@@ -605,8 +672,9 @@ def plot_frontier(rows: list[dict], path: Path, title: str) -> str:
             ax.annotate(str(r["budget"]), (r["latency_mean_s"], 100 * r["accuracy"]), fontsize=7,
                         textcoords="offset points", xytext=(4, 4))
     front = sorted((r for r in rows if r["frontier"]), key=lambda r: r["latency_mean_s"])
-    ax.plot([r["latency_mean_s"] for r in front], [100 * r["accuracy"] for r in front], "k--", marker="o",
-            markersize=11, markerfacecolor="none", drawstyle="steps-post", linewidth=1, label="Pareto frontier")
+    ax.plot([r["latency_mean_s"] for r in front], [100 * r["accuracy"] for r in front], "k--",
+            marker="o", markersize=11, markerfacecolor="none", drawstyle="steps-post", linewidth=1,
+            label="Pareto frontier")
     ax.set_ylim(-4, 104)
     ax.set_xlabel("mean latency per problem (s)")
     ax.set_ylabel("accuracy (%)")
@@ -622,10 +690,12 @@ def plot_frontier(rows: list[dict], path: Path, title: str) -> str:
 def budget_table(rows: list[dict]) -> str:
     rows = [{**{k: v for k, v in r.items() if v is not None},  # no time in a phase: an empty cell
              "config": f"{r['think']}:{r['answer']}", "accuracy_pct": 100 * r["accuracy"],
-             "budget_hit_pct": 100 * r["budget_hit"], "on_frontier": "*" if r["frontier"] else ""} for r in rows]
+             "budget_hit_pct": 100 * r["budget_hit"], "on_frontier": "*" if r["frontier"] else ""}
+            for r in rows]
     return table(rows, [
         ("config", "think:answer", "s"), ("budget", "budget", "d"), ("problems", "n", "d"),
-        ("accuracy_pct", "acc %", ".1f"), ("latency_mean_s", "latency s", ".2f"), ("latency_p90_s", "p90 s", ".2f"),
+        ("accuracy_pct", "acc %", ".1f"), ("latency_mean_s", "latency s", ".2f"),
+        ("latency_p90_s", "p90 s", ".2f"),
         ("think_tokens_mean", "think tok", ".0f"), ("answer_tokens_mean", "answer tok", ".0f"),
         ("think_tok_per_s", "think tok/s", ".1f"), ("answer_tok_per_s", "answer tok/s", ".1f"),
         ("budget_hit_pct", "budget hit %", ".0f"), ("on_frontier", "frontier", "s")])
@@ -633,7 +703,8 @@ def budget_table(rows: list[dict]) -> str:
 
 @contextmanager
 def locked(folder: Path):
-    """Hold folder/.lock: two runs appending to the same results.jsonl would interleave their lines."""
+    """Hold folder/.lock: two runs appending to the same results.jsonl would interleave their
+    lines."""
     with open(folder / ".lock", "w") as lock:
         try:
             import fcntl
@@ -658,7 +729,8 @@ def run_budget(args: argparse.Namespace, argv: list[str] | None) -> dict:
     if not 0 <= args.temperature < math.inf or not 0 < args.top_p <= 1:  # NaN fails both
         fail("--temperature must be >= 0 and --top-p in (0, 1]")
     if max(budgets) + 1 >= args.max_new_tokens:
-        fail(f"--max-new-tokens {args.max_new_tokens} leaves no room to answer after a budget of {max(budgets)}")
+        fail(f"--max-new-tokens {args.max_new_tokens} leaves no room to answer "
+             f"after a budget of {max(budgets)}")
     problems = load_problems(args.budget, args.limit)
     try:
         size_names = chat.DEMO_SIZES if args.demo else {}
@@ -673,23 +745,26 @@ def run_budget(args: argparse.Namespace, argv: list[str] | None) -> dict:
         fail(f"--out {out} is a file, not a folder")
     out.mkdir(parents=True, exist_ok=True)
     if args.demo:
-        print("DEMO: random weights, so accuracy is meaningless; the sizes, the budgets, the switch and the "
-              f"timing are real. 30B/23B/12B stand for the nested sizes {'/'.join(chat.DEMO_SIZES.values())}.",
-              flush=True)
+        print("DEMO: random weights, so accuracy is meaningless; the sizes, the budgets, "
+              "the switch and the timing are real. 30B/23B/12B stand for the nested sizes "
+              f"{'/'.join(chat.DEMO_SIZES.values())}.", flush=True)
 
-    # A reply's key: everything that decides it. A rerun reuses the replies whose key it asks for again.
+    # A reply's key: everything that decides it; a rerun reuses the replies whose keys it asks for.
     settings = {"checkpoint": "demo" if args.demo else str(ckpt.resolve()), "switch": args.switch,
                 "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed,
                 "max_new_tokens": args.max_new_tokens}
     problem_ids = [hashlib.sha1(json.dumps([p["question"], p["answer"]]).encode()).hexdigest()[:12]
                    for p in problems]
-    key = lambda think, answer, budget, i: (*settings.values(), think, answer, budget, i, problem_ids[i])
+    key = lambda think, answer, budget, i: (*settings.values(), think, answer, budget, i,
+                                            problem_ids[i])
     wanted = [(t, a, b, i) for t, a in configs for b in budgets for i in range(len(problems))]
     results = out / "results.jsonl"
     with locked(out):
         in_file = read_results(results)
-        done = {key(*w): in_file[key(*w)] for w in wanted if key(*w) in in_file}  # this run's part of the file
-        print(f"{len(configs)} configurations x {len(budgets)} budgets x {len(problems)} problems = "
+        # this run's part of the file
+        done = {key(*w): in_file[key(*w)] for w in wanted if key(*w) in in_file}
+        print(f"{len(configs)} configurations x {len(budgets)} budgets x "
+              f"{len(problems)} problems = "
               f"{len(wanted)} replies" + (f", {len(done)} already in {results}" if done else ""),
               file=sys.stderr, flush=True)
         try:
@@ -701,26 +776,29 @@ def run_budget(args: argparse.Namespace, argv: list[str] | None) -> dict:
 
     device_name = torch.cuda.get_device_name() if CUDA else "CPU"
     result = {"date": time.strftime("%Y-%m-%d"), "device": device_name, "torch": torch.__version__,
-              "command": " ".join(["python", "bench.py", *(argv if argv is not None else sys.argv[1:])]),
+              "command": " ".join(["python", "bench.py",
+                                   *(argv if argv is not None else sys.argv[1:])]),
               "demo": args.demo, "problems_file": str(args.budget), "problems": len(problems),
               "complete": len(records) == len(wanted), "settings": settings, "budget_bench": rows}
     write_atomic(out / "results.json", lambda tmp: tmp.write_text(json.dumps(result, indent=1)))
-    print(("\nDEMO (random weights: accuracy is meaningless)\n" if args.demo else "\n") + budget_table(rows))
-    title = (f"{Path(args.budget).name}: {len(problems)} problems, switch {args.switch}, {device_name}"
+    print(("\nDEMO (random weights: accuracy is meaningless)\n" if args.demo else "\n")
+          + budget_table(rows))
+    title = (f"{Path(args.budget).name}: {len(problems)} problems, switch {args.switch}, "
+             f"{device_name}"
              + ("\nDEMO: random weights, accuracy is meaningless" if args.demo else ""))
     print(plot_frontier(rows, out / "frontier.png", title) if rows else "no plot: no results yet")
     print(f"results: {out / 'results.json'}")
     if interrupted:
-        print(f"interrupted: {len(records)} of {len(wanted)} replies are kept in {results}; the same command "
-              f"goes on from there", file=sys.stderr)
+        print(f"interrupted: {len(records)} of {len(wanted)} replies are kept in {results}; "
+              f"the same command goes on from there", file=sys.stderr)
         raise SystemExit(interrupted)
     return result
 
 
 def solve_all(args, problems, wanted, key, size_names, results: Path, done: dict) -> int:
-    """Solve each (think, answer, budget, problem) of `wanted` not in `done` yet, appending each result to
-    `results` as it completes (flushed to disk) and to `done`. The exit code when Ctrl-C (130) or SIGTERM
-    (143) stopped it, else 0."""
+    """Solve each (think, answer, budget, problem) of `wanted` not in `done` yet, appending each
+    result to `results` as it completes (flushed to disk) and to `done`. The exit code when Ctrl-C
+    (130) or SIGTERM (143) stopped it, else 0."""
     import tempfile
     from argparse import Namespace
 
@@ -739,25 +817,32 @@ def solve_all(args, problems, wanted, key, size_names, results: Path, done: dict
             think, answer = todo[0][:2]
             sizes = Namespace(demo=args.demo, ckpt=args.ckpt, think=think, answer=answer)
             model, tokenizer = chat.load(sizes, tmp)
-            prompts = [tokenizer.encode(chat.render_chat([{"role": "user", "content": p["question"]}],
-                                                         add_generation_prompt=True)) for p in problems]
+            prompts = [
+                tokenizer.encode(chat.render_chat([{"role": "user", "content": p["question"]}],
+                                                  add_generation_prompt=True))
+                for p in problems]
             max_len = max(map(len, prompts)) + args.max_new_tokens
             if max_len > model.config.max_position_embeddings:
                 fail(f"the longest prompt ({max(map(len, prompts))} tokens) + --max-new-tokens "
-                     f"{args.max_new_tokens} > the model's {model.config.max_position_embeddings} positions")
-            step = ne.DecodeGraph(model, model.new_cache(1, max_len))  # one cache (and its graphs) for every reply
+                     f"{args.max_new_tokens} > the model's "
+                     f"{model.config.max_position_embeddings} positions")
+            # one cache (and its graphs) for every reply
+            step = ne.DecodeGraph(model, model.new_cache(1, max_len))
             warm_up = Namespace(**{**vars(args), "max_new_tokens": min(8, args.max_new_tokens)})
-            for think, answer in dict.fromkeys(w[:2] for w in todo):  # compile kernels, capture graphs: untimed
+            # compile kernels, capture graphs: untimed
+            for think, answer in dict.fromkeys(w[:2] for w in todo):
                 solve(model, tokenizer, step, prompts[0], size_names.get(think, think),
                       size_names.get(answer, answer), 2, warm_up, args.seed)
             t_start = time.perf_counter()
             for n, (think, answer, budget, i) in enumerate(todo, 1):
-                measured, _ = solve(model, tokenizer, step, prompts[i], size_names.get(think, think),
-                                    size_names.get(answer, answer), budget, args, args.seed + i)
+                measured, _ = solve(model, tokenizer, step, prompts[i],
+                                    size_names.get(think, think), size_names.get(answer, answer),
+                                    budget, args, args.seed + i)
                 k = key(think, answer, budget, i)
-                record = {"key": list(k), "think": think, "answer": answer, "budget": budget, "problem": i,
-                          "reference": problems[i]["answer"],
-                          "correct": is_correct(measured["predicted"], problems[i]["answer"]), **measured}
+                record = {"key": list(k), "think": think, "answer": answer, "budget": budget,
+                          "problem": i, "reference": problems[i]["answer"],
+                          "correct": is_correct(measured["predicted"], problems[i]["answer"]),
+                          **measured}
                 log.write(json.dumps(record) + "\n")
                 log.flush()
                 os.fsync(log.fileno())
@@ -766,8 +851,9 @@ def solve_all(args, problems, wanted, key, size_names, results: Path, done: dict
                 tally[group_of(k), "correct"] += record["correct"]
                 count, correct = tally[group_of(k), "n"], tally[group_of(k), "correct"]
                 elapsed = time.perf_counter() - t_start
-                print(f"{think}:{answer} budget {budget}: {count}/{len(problems)} problems, accuracy "
-                      f"{100 * correct / count:.0f}% | {n}/{len(todo)} replies in {elapsed:.0f} s",
+                print(f"{think}:{answer} budget {budget}: {count}/{len(problems)} problems, "
+                      f"accuracy {100 * correct / count:.0f}% | "
+                      f"{n}/{len(todo)} replies in {elapsed:.0f} s",
                       file=sys.stderr, flush=True)
     except (KeyboardInterrupt, ne.Terminated) as e:
         return ne.interrupted_exit_code(e)

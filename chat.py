@@ -37,17 +37,20 @@ HF_REPOS = ("nvidia/NVIDIA-Nemotron-Labs-3-Elastic-30B-A3B-FP8",
 MAX_CONTEXT = 65536
 PREFILL_CHUNK = 8192
 
-HELP = """commands:
-  /think SIZE     think with SIZE (30B, 23B, 12B or HIDDENxFFN)
-  /answer SIZE    answer with SIZE
-  /switch MODE    transplant (keep the caches, free) or reprefill (rebuild them with the answer size, exact)
-  /nothink        thinking off (again: on)
-  /clear          forget the conversation
-  /help           this list
-  /exit           leave (or Ctrl-D); Ctrl-C stops a reply and keeps the conversation, and at the
-                  prompt clears the line
-a prompt of several lines: end a line with \\ to go on on the next one, or put the lines between two
-lines of \"\"\"; a paste of several lines is one prompt."""
+HELP = ("commands:\n"
+        "  /think SIZE     think with SIZE (30B, 23B, 12B or HIDDENxFFN)\n"
+        "  /answer SIZE    answer with SIZE\n"
+        "  /switch MODE    transplant (keep the caches, free) or reprefill (rebuild them with the "
+        "answer size, exact)\n"
+        "  /nothink        thinking off (again: on)\n"
+        "  /clear          forget the conversation\n"
+        "  /help           this list\n"
+        "  /exit           leave (or Ctrl-D); Ctrl-C stops a reply and keeps the conversation, "
+        "and at the\n"
+        "                  prompt clears the line\n"
+        "a prompt of several lines: end a line with \\ to go on on the next one, "
+        "or put the lines between two\n"
+        "lines of \"\"\"; a paste of several lines is one prompt.")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -610,7 +613,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if getattr(args, name) is not None and getattr(args, name) < low:
             ap.error(f"--{name.replace('_', '-')} must be >= {low}")
     bad_top_p = args.top_p is not None and not 0 < args.top_p <= 1
-    bad_temperature = args.temperature is not None and not 0 <= args.temperature < math.inf  # NaN too
+    bad_temperature = (args.temperature is not None
+                       and not 0 <= args.temperature < math.inf)  # NaN too
     if bad_temperature or bad_top_p:
         ap.error("--temperature must be >= 0 and --top-p in (0, 1]")
     return args

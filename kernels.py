@@ -1,8 +1,9 @@
 """
 kernels.py: Triton kernels for nanoelastic's hot paths.
 
-Each public function here has the signature and the result of the plain-torch function of the same name
-in nanoelastic.py, which is the reference (the spec); nanoelastic routes calls here on CUDA tensors:
+Each public function here has the signature and the result of the plain-torch function of the same
+name in nanoelastic.py, which is the reference (the spec); nanoelastic routes calls here on CUDA
+tensors:
 
     NANOELASTIC_KERNELS unset    Triton on CUDA tensors, torch references elsewhere
     NANOELASTIC_KERNELS=torch    torch references everywhere
@@ -18,11 +19,12 @@ in nanoelastic.py, which is the reference (the spec); nanoelastic routes calls h
     rms_norm      RMSNorm in groups, with the Mamba gate y * silu(z) fused
     add_rms_norm  the residual add fused with the next layer's RMSNorm
 
-All accumulate in fp32. Products of bf16 activations run on tensor cores (bf16 operands; FP8 weights
-convert to bf16 exactly); fp32 activations, the tests' exact mode, multiply in full fp32. Block sizes are
-fixed heuristics (no autotuning, so the interpreter stays fast), chosen so that nothing spills registers
-on an H100: test_compile.py compiles every launch the model makes for sm_90 and checks ptxas' report.
-Optional inputs are passed as None, which Triton compiles out: no dummy pointers, no mode flags.
+All accumulate in fp32. Products of bf16 activations run on tensor cores (bf16 operands; FP8
+weights convert to bf16 exactly); fp32 activations, the tests' exact mode, multiply in full fp32.
+Block sizes are fixed heuristics (no autotuning, so the interpreter stays fast), chosen so that
+nothing spills registers on an H100: test_compile.py compiles every launch the model makes for sm_90
+and checks ptxas' report. Optional inputs are passed as None, which Triton compiles out: no dummy
+pointers, no mode flags.
 """
 
 from __future__ import annotations
@@ -40,7 +42,8 @@ def _pow2(n: int, least: int = 16) -> int:
 
 
 def _rows_last(t: Tensor) -> Tensor:
-    """t with unit stride in its last dimension (the kernels' inner loads), copied only if needed."""
+    """t with unit stride in its last dimension (the kernels' inner loads), copied only if
+    needed."""
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
@@ -48,15 +51,15 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _dot_args(dtype: torch.dtype) -> dict:
-    """tl.dot operands in the compute dtype; fp32 ones without TF32 rounding. The interpreter's tl.dot
-    mis-reads bfloat16 operands (Triton 3.9), so under it they are upcast to fp32 first."""
+    """tl.dot operands in the compute dtype; fp32 ones without TF32 rounding. The interpreter's
+    tl.dot mis-reads bfloat16 operands (Triton 3.9), so under it they are upcast to fp32 first."""
     if dtype == torch.float32 or _INTERPRET:
         return dict(DOT_DTYPE=tl.float32, PRECISION="ieee")
     dot_dtype = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype]
     return dict(DOT_DTYPE=dot_dtype, PRECISION="tf32")
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 1. One matmul kernel for linear() and for both halves of the MoE
 
 @triton.jit
@@ -65,20 +68,21 @@ def _matmul_kernel(a_ptr, w_ptr, out_ptr, scale_ptr, pair_ptr, block_expert_ptr,
                    stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_om, stride_on,
                    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """One [BLOCK_M, BLOCK_N] tile of out = epilogue(scale * A @ W^T), fp32 accumulation. Which optional
-    pointers are given (None ones are compiled out) sets the mode:
+    """One [BLOCK_M, BLOCK_N] tile of out = epilogue(scale * A @ W^T), fp32 accumulation. Which
+    optional pointers are given (None ones are compiled out) sets the mode:
 
-      linear    pair_ptr None: row r of A gives row r of out; one weight. scale_ptr None: BF16 weight.
+      linear    pair_ptr None: row r of A gives row r of out; one weight. scale_ptr None: BF16
+                weight.
       MoE up    pair_ptr given, pair_weight_ptr None: row r reads A row pair[r] // TOP_K (the
                 pair's token) and stores relu(.)^2 at out row r (the pairs in sorted order).
       MoE down  pair_weight_ptr given: row r reads A row r and stores at out row pair[r], times
                 the pair's routing weight.
 
-    In the MoE modes the rows are the (token, expert) pairs sorted by expert, each expert's group padded
-    to BLOCK_M rows (pair -1) so that every row block has one expert, block_expert[pid_m] (-1: an unused
-    block of a grid sized for the worst case). W is read through its strides, so nested prefix views need
-    no copy; an FP8 W converts exactly to the dot dtype and its scale (one per expert) multiplies the
-    accumulator once, so no dequantised weight exists anywhere.
+    In the MoE modes the rows are the (token, expert) pairs sorted by expert, each expert's group
+    padded to BLOCK_M rows (pair -1) so that every row block has one expert, block_expert[pid_m]
+    (-1: an unused block of a grid sized for the worst case). W is read through its strides, so
+    nested prefix views need no copy; an FP8 W converts exactly to the dot dtype and its scale (one
+    per expert) multiplies the accumulator once, so no dequantised weight exists anywhere.
     """
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -104,8 +108,9 @@ def _matmul_kernel(a_ptr, w_ptr, out_ptr, scale_ptr, pair_ptr, block_expert_ptr,
         ks = k0 + tl.arange(0, BLOCK_K)
         a = tl.load(a_ptr + a_rows[:, None].to(tl.int64) * stride_am + ks[None, :] * stride_ak,
                     mask=valid[:, None] & (ks[None, :] < K), other=0.0)
+        # W^T [BLOCK_K, BLOCK_N]
         w = tl.load(w_base + cols[None, :] * stride_wn + ks[:, None] * stride_wk,
-                    mask=(cols[None, :] < N) & (ks[:, None] < K), other=0.0)  # W^T [BLOCK_K, BLOCK_N]
+                    mask=(cols[None, :] < N) & (ks[:, None] < K), other=0.0)
         acc = tl.dot(a.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=PRECISION)
 
     if scale_ptr is not None:
@@ -125,8 +130,8 @@ def _blocks(rows: int, dtype: torch.dtype) -> dict:
     """Decode (a few rows): thin row blocks, narrow column blocks, so that many programs stream
     the weight.
     Prefill: square tiles that reuse each loaded weight tile across many rows. fp32 activations (the
-    tests' exact mode) multiply on FMA units, where each thread holds its slice of the inner dimension in
-    registers: a short BLOCK_K keeps that from spilling."""
+    tests' exact mode) multiply on FMA units, where each thread holds its slice of the inner
+    dimension in registers: a short BLOCK_K keeps that from spilling."""
     if dtype == torch.float32:
         return dict(BLOCK_M=16 if rows <= 16 else 64, BLOCK_N=32 if rows <= 16 else 64, BLOCK_K=32,
                     num_warps=4 if rows <= 16 else 8)
@@ -152,11 +157,12 @@ def linear(x: Tensor, weight: Tensor, weight_scale: Tensor | None = None) -> Ten
     return out.view(*x.shape[:-1], N)
 
 
-def moe_experts(x: Tensor, weights: Tensor, experts: Tensor, up_weight: Tensor, up_scale: Tensor | None,
-                down_weight: Tensor, down_scale: Tensor | None) -> Tensor:
+def moe_experts(x: Tensor, weights: Tensor, experts: Tensor, up_weight: Tensor,
+                up_scale: Tensor | None, down_weight: Tensor, down_scale: Tensor | None) -> Tensor:
     """x [n, d], routing weights [n, k] fp32 and experts [n, k] -> [n, d] in x.dtype:
-    sum_j weights[:, j] * down[e_j](relu(up[e_j](x))^2), up_weight [E, f, d] and down_weight [E, d, f]
-    possibly nested views. Only device ops: the grid is sized for the worst case, unused blocks exit."""
+    sum_j weights[:, j] * down[e_j](relu(up[e_j](x))^2), up_weight [E, f, d] and down_weight
+    [E, d, f] possibly nested views. Only device ops: the grid is sized for the worst case, unused
+    blocks exit."""
     n, top_k = experts.shape
     E, f, d = up_weight.shape
     pairs = n * top_k
@@ -174,7 +180,8 @@ def moe_experts(x: Tensor, weights: Tensor, experts: Tensor, up_weight: Tensor, 
     blocks = triton.cdiv(pairs, BM) + min(E, pairs)  # >= sum over experts of ceil(count / BM)
     pair_of_row = torch.full((blocks * BM,), -1, device=x.device, dtype=torch.int64)
     pair_of_row[(padded_end - padded)[sorted_experts] + rank] = pair_of_sorted
-    block_expert = torch.searchsorted(padded_end, torch.arange(blocks, device=x.device) * BM, right=True)
+    block_expert = torch.searchsorted(padded_end, torch.arange(blocks, device=x.device) * BM,
+                                      right=True)
     block_expert = torch.where(block_expert < E, block_expert, -1)
 
     dots = _dot_args(x.dtype)
@@ -183,7 +190,8 @@ def moe_experts(x: Tensor, weights: Tensor, experts: Tensor, up_weight: Tensor, 
         x, up_weight, h, up_scale, pair_of_row, block_expert, None,
         pairs, f, d, top_k, x.stride(0), x.stride(1), *up_weight.stride(), h.stride(0), h.stride(1),
         **dots, **cfg)
-    out = torch.empty(pairs, d, device=x.device, dtype=torch.float32)  # every pair's row is written once
+    # every pair's row is written once
+    out = torch.empty(pairs, d, device=x.device, dtype=torch.float32)
     _matmul_kernel[(blocks, triton.cdiv(d, cfg["BLOCK_N"]))](
         h, down_weight, out, down_scale, pair_of_row, block_expert, weights.float().contiguous(),
         pairs, d, f, top_k, h.stride(0), h.stride(1), *down_weight.stride(),
@@ -192,7 +200,7 @@ def moe_experts(x: Tensor, weights: Tensor, experts: Tensor, up_weight: Tensor, 
     return out.view(n, top_k, d).sum(1).to(x.dtype)
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 2. The chunked SSD scan (prefill), in three kernels over (batch x head, chunk, tile):
 #    a. each chunk's own end state, b. the states passed between chunks (sequential over chunks),
 #    c. the outputs. Within a chunk the decay from step j to step i is exp(cum_i - cum_j), where cum
@@ -200,8 +208,8 @@ def moe_experts(x: Tensor, weights: Tensor, experts: Tensor, up_weight: Tensor, 
 #    reads it.
 #
 # The products are tensor-core dots (as mamba_ssm does it): bf16 x, B, C stay bf16 and the fp32
-# factors multiplied into them (decays, dt, the states) are rounded to bf16 on the way in; fp32 x, B,
-# C (the tests' exact mode) multiply in full fp32. Accumulation is fp32 either way. Tiles are 64
+# factors multiplied into them (decays, dt, the states) are rounded to bf16 on the way in; fp32 x,
+# B, C (the tests' exact mode) multiply in full fp32. Accumulation is fp32 either way. Tiles are 64
 # wide (32 on FMA units) so that one program's operands and accumulator fit in registers without
 # spilling (see test_compile.py).
 # Offsets that grow with batch x tokens are int64: one call may hold more than 2^31 elements.
@@ -222,7 +230,8 @@ def _ssd_chunk_state_kernel(x_ptr, B_ptr, dt_ptr, cum_ptr, states_ptr,
     t0 = c * CHUNK
     x_base = x_ptr + b.to(tl.int64) * s_xb + t0.to(tl.int64) * s_xt + h * s_xh
     B_base = B_ptr + b.to(tl.int64) * s_Bb + t0.to(tl.int64) * s_Bt + (h // HEADS_PER_GROUP) * s_Bg
-    row = (bh.to(tl.int64) * n_chunks + c) * CHUNK  # this chunk in dt and cum [b * H, n_chunks, CHUNK]
+    # this chunk in dt and cum [b * H, n_chunks, CHUNK]
+    row = (bh.to(tl.int64) * n_chunks + c) * CHUNK
     cum_last = tl.load(cum_ptr + row + CHUNK - 1)
     acc = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
     for l0 in range(0, CHUNK, BLOCK_K):
@@ -230,10 +239,10 @@ def _ssd_chunk_state_kernel(x_ptr, B_ptr, dt_ptr, cum_ptr, states_ptr,
         valid = (ls < CHUNK) & (t0 + ls < T)
         coef = tl.load(dt_ptr + row + ls, mask=valid, other=0.0) * tl.exp(
             cum_last - tl.load(cum_ptr + row + ls, mask=valid, other=0.0))
-        x = tl.load(x_base + ls[None, :] * s_xt + ps[:, None], mask=valid[None, :] & (ps[:, None] < P),
-                    other=0.0)  # x^T [BLOCK_P, BLOCK_K]
-        Bm = tl.load(B_base + ls[:, None] * s_Bt + ns[None, :], mask=valid[:, None] & (ns[None, :] < N),
-                     other=0.0)
+        x = tl.load(x_base + ls[None, :] * s_xt + ps[:, None],
+                    mask=valid[None, :] & (ps[:, None] < P), other=0.0)  # x^T [BLOCK_P, BLOCK_K]
+        Bm = tl.load(B_base + ls[:, None] * s_Bt + ns[None, :],
+                     mask=valid[:, None] & (ns[None, :] < N), other=0.0)
         Bm = (Bm.to(tl.float32) * coef[:, None]).to(DOT_DTYPE)
         acc = tl.dot(x.to(DOT_DTYPE), Bm, acc, input_precision=PRECISION)
     out = states_ptr + (bh.to(tl.int64) * n_chunks + c) * P * N + ps[:, None] * N + ns[None, :]
@@ -243,8 +252,8 @@ def _ssd_chunk_state_kernel(x_ptr, B_ptr, dt_ptr, cum_ptr, states_ptr,
 @triton.jit
 def _ssd_state_passing_kernel(states_ptr, cum_ptr, init_ptr, final_ptr, n_chunks, PN, CHUNK,
                               HAS_INIT: tl.constexpr, BLOCK: tl.constexpr):
-    """states[c] := the state entering chunk c (it held the state chunk c adds); final = after the last.
-    Sequential over chunks, parallel over (batch x head, BLOCK of the P*N state entries)."""
+    """states[c] := the state entering chunk c (it held the state chunk c adds); final = after the
+    last. Sequential over chunks, parallel over (batch x head, BLOCK of the P*N state entries)."""
     bh, blk = tl.program_id(0).to(tl.int64), tl.program_id(1)
     offs = blk * BLOCK + tl.arange(0, BLOCK)
     mask = offs < PN
@@ -289,8 +298,9 @@ def _ssd_chunk_scan_kernel(x_ptr, B_ptr, C_ptr, dt_ptr, cum_ptr, states_ptr, y_p
         ns = n0 + tl.arange(0, BLOCK_N)
         Cm = tl.load(C_ptr + bc_offset + ms[:, None] * s_Bt + ns[None, :],
                      mask=rows_valid[:, None] & (ns[None, :] < N), other=0.0)  # [BLOCK_M, BLOCK_N]
+        # S^T [BLOCK_N, BLOCK_P]
         S_t = tl.load(states_ptr + state_offset + ps[None, :] * N + ns[:, None],
-                      mask=(ps[None, :] < P) & (ns[:, None] < N), other=0.0)  # S^T [BLOCK_N, BLOCK_P]
+                      mask=(ps[None, :] < P) & (ns[:, None] < N), other=0.0)
         y = tl.dot(Cm.to(DOT_DTYPE), S_t.to(DOT_DTYPE), y, input_precision=PRECISION)
     y = y * tl.exp(cum_i)[:, None]
 
@@ -304,7 +314,8 @@ def _ssd_chunk_scan_kernel(x_ptr, B_ptr, C_ptr, dt_ptr, cum_ptr, states_ptr, y_p
             ns = n0 + tl.arange(0, BLOCK_N)
             Cm = tl.load(C_ptr + bc_offset + ms[:, None] * s_Bt + ns[None, :],
                          mask=rows_valid[:, None] & (ns[None, :] < N), other=0.0)
-            Bm = tl.load(B_ptr + bc_offset + js[None, :] * s_Bt + ns[:, None],  # B^T [BLOCK_N, BLOCK_K]
+            # B^T [BLOCK_N, BLOCK_K]
+            Bm = tl.load(B_ptr + bc_offset + js[None, :] * s_Bt + ns[:, None],
                          mask=cols_valid[None, :] & (ns[:, None] < N), other=0.0)
             scores = tl.dot(Cm.to(DOT_DTYPE), Bm.to(DOT_DTYPE), scores, input_precision=PRECISION)
         cum_j = tl.load(cum_ptr + row + js, mask=cols_valid, other=0.0)
@@ -315,7 +326,8 @@ def _ssd_chunk_scan_kernel(x_ptr, B_ptr, C_ptr, dt_ptr, cum_ptr, states_ptr, y_p
         x = tl.load(x_base + js[:, None] * s_xt + ps[None, :],
                     mask=cols_valid[:, None] & (ps[None, :] < P), other=0.0)  # [BLOCK_K, BLOCK_P]
         y = tl.dot(scores.to(DOT_DTYPE), x.to(DOT_DTYPE), y, input_precision=PRECISION)
-    out = y_ptr + b.to(tl.int64) * s_yb + (t0 + ms[:, None]).to(tl.int64) * s_yt + h * s_yh + ps[None, :]
+    out = (y_ptr + b.to(tl.int64) * s_yb + (t0 + ms[:, None]).to(tl.int64) * s_yt + h * s_yh
+           + ps[None, :])
     tl.store(out, y, mask=rows_valid[:, None] & (ps[None, :] < P))
 
 
@@ -339,8 +351,8 @@ def ssd_chunked(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk: i
     final = torch.empty(b, H, P, N, device=x.device, dtype=torch.float32)
     dims = (T, H, P, N, H // G, chunk, n_chunks, *x.stride()[:3], *B.stride()[:3])
     dots = _dot_args(dtype)
-    # tensor cores: 64-wide tiles, N whole; FMA units (fp32): 32-wide tiles and 32-long inner products,
-    # since each thread then holds its whole slice of the inner dimension in registers
+    # tensor cores: 64-wide tiles, N whole; FMA units (fp32): 32-wide tiles and 32-long inner
+    # products, since each thread then holds its whole slice of the inner dimension in registers
     tile = 32 if dots["DOT_DTYPE"] == tl.float32 else 64
     BP, BL = min(tile, _pow2(P)), min(tile, _pow2(chunk))
     BN = min(tile, _pow2(N))
@@ -348,7 +360,8 @@ def ssd_chunked(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk: i
         x, B, dt, cum, states, *dims, **dots, BLOCK_P=BP, BLOCK_N=BN, BLOCK_K=BL, num_warps=4)
     init = initial_state.float().contiguous() if initial_state is not None else final
     _ssd_state_passing_kernel[(b * H, triton.cdiv(P * N, 1024))](
-        states, cum, init, final, n_chunks, P * N, chunk, HAS_INIT=initial_state is not None, BLOCK=1024)
+        states, cum, init, final, n_chunks, P * N, chunk, HAS_INIT=initial_state is not None,
+        BLOCK=1024)
     BN = _pow2(N) if tile == 64 else BN
     _ssd_chunk_scan_kernel[(b * H, n_chunks, triton.cdiv(chunk, BL) * triton.cdiv(P, BP))](
         x, B, C, dt, cum, states, y, *dims, *y.stride()[:3], **dots, BLOCK_M=BL, BLOCK_K=BL,
@@ -356,9 +369,10 @@ def ssd_chunked(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk: i
     return y, final
 
 
-# ----------------------------------------------------------------------------------------------------
-# 3. The Mamba-2 decode step: (a) conv over the cached K-1 inputs + the new one, shifting the conv state;
-#    (b) per head: dt, the state update S = exp(dt A) S + dt x B^T, the output y = S C + D x.
+# --------------------------------------------------------------------------------------------------
+# 3. The Mamba-2 decode step: (a) conv over the cached K-1 inputs + the new one, shifting the conv
+#    state; (b) per head: dt, the state update S = exp(dt A) S + dt x B^T, the output
+#    y = S C + D x.
 
 @triton.jit
 def _conv_step_kernel(xBC_ptr, conv_state_ptr, w_ptr, bias_ptr, out_ptr, CH,
@@ -425,8 +439,8 @@ def mamba_step(xBC: Tensor, dt: Tensor, conv_state: Tensor, ssm_state: Tensor, c
     conv_out = torch.empty(b, CH, device=xBC.device, dtype=torch.float32)
     w = conv_weight.view(CH, K)
     _conv_step_kernel[(b, triton.cdiv(CH, 256))](
-        xBC, conv_state, w, conv_bias, conv_out, CH, xBC.stride(0), *conv_state.stride(), *w.stride(),
-        K=K, BLOCK=256)
+        xBC, conv_state, w, conv_bias, conv_out, CH, xBC.stride(0), *conv_state.stride(),
+        *w.stride(), K=K, BLOCK=256)
     y = torch.empty(b, H * P, device=xBC.device, dtype=torch.float32)
     _ssm_step_kernel[(b, H)](
         conv_out, dt, dt_bias, A_log, D, ssm_state, y, CH, H, P, N, H // n_groups, n_groups * N,
@@ -435,7 +449,7 @@ def mamba_step(xBC: Tensor, dt: Tensor, conv_state: Tensor, ssm_state: Tensor, c
     return y
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 4. RMSNorm in groups: weight * g / sqrt(mean(g^2) + eps), where g = x * silu(gate) (the Mamba
 #    output norm), or g = x + update, also stored (the residual add fused with the next layer's
 #    norm), or g = x
@@ -443,11 +457,11 @@ def mamba_step(xBC: Tensor, dt: Tensor, conv_state: Tensor, ssm_state: Tensor, c
 @triton.jit
 def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, gate_ptr, update_ptr, sum_ptr, n_rows, width, eps,
                      s_x, s_other, s_out, BLOCK_ROWS: tl.constexpr, BLOCK: tl.constexpr):
-    """BLOCK_ROWS rows of one group of `width` channels: out = w * g / sqrt(mean(g^2) + eps) with fp32
-    statistics, where g = x * silu(gate) (gate_ptr given: the Mamba output norm), or g = x + update, also
-    stored at sum_ptr (update_ptr given: the residual add fused with the next layer's norm), or g = x.
-    A program normalises whole rows (one reduction, no second pass); narrow rows go several per
-    program."""
+    """BLOCK_ROWS rows of one group of `width` channels: out = w * g / sqrt(mean(g^2) + eps) with
+    fp32 statistics, where g = x * silu(gate) (gate_ptr given: the Mamba output norm), or
+    g = x + update, also stored at sum_ptr (update_ptr given: the residual add fused with the next
+    layer's norm), or g = x. A program normalises whole rows (one reduction, no second pass); narrow
+    rows go several per program."""
     rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     cols = tl.program_id(1) * width + tl.arange(0, BLOCK)
     mask = (rows[:, None] < n_rows) & (tl.arange(0, BLOCK)[None, :] < width)
@@ -459,7 +473,8 @@ def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, gate_ptr, update_ptr, sum_ptr, n_row
         tl.store(sum_ptr + rows * s_out + cols[None, :], x, mask=mask)
     x = x.to(tl.float32)
     if gate_ptr is not None:
-        gate = tl.load(gate_ptr + rows * s_other + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        gate = tl.load(gate_ptr + rows * s_other + cols[None, :],
+                       mask=mask, other=0.0).to(tl.float32)
         x = x * gate * tl.sigmoid(gate)
     rstd = tl.rsqrt(tl.sum(x * x, axis=1) / width + eps)
     w = tl.load(w_ptr + cols, mask=cols < (tl.program_id(1) + 1) * width, other=0.0).to(tl.float32)
@@ -469,7 +484,8 @@ def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, gate_ptr, update_ptr, sum_ptr, n_row
 
 def _norm(x: Tensor, weight: Tensor, eps: float, groups: int = 1, gate: Tensor | None = None,
           update: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-    """(the norm, x + update or None): rows with unit channel stride; gate and update are exclusive."""
+    """(the norm, x + update or None): rows with unit channel stride; gate and update are
+    exclusive."""
     C = x.shape[-1]
     rows_of = lambda t: None if t is None else _rows_last(t.reshape(-1, C))
     rows, gate, update = rows_of(x), rows_of(gate), rows_of(update)
@@ -489,11 +505,13 @@ def _norm(x: Tensor, weight: Tensor, eps: float, groups: int = 1, gate: Tensor |
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float, groups: int = 1,
              gate: Tensor | None = None) -> Tensor:
-    """x [..., C] (times silu(gate) first, if given) normalised over `groups` equal slices -> x.dtype."""
+    """x [..., C] (times silu(gate) first, if given) normalised over `groups` equal slices ->
+    x.dtype."""
     return _norm(x, weight, eps, groups, gate=gate)[0]
 
 
-def add_rms_norm(h: Tensor, update: Tensor | None, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+def add_rms_norm(h: Tensor, update: Tensor | None, weight: Tensor,
+                 eps: float) -> tuple[Tensor, Tensor]:
     """(rms_norm(h + update), h + update) in one pass; update None: (rms_norm(h), h)."""
     if update is None:
         return rms_norm(h, weight, eps), h

@@ -1,6 +1,7 @@
-"""Tests of bench.py on the CPU: the small config end to end (kernels under TRITON_INTERPRET=1, the model
-with the torch references), the byte accounting that the bandwidth figures rest on, and --budget on the demo
-checkpoint (grading, the switch at the budget, resume, the JSON and the plot)."""
+"""Tests of bench.py on the CPU: the small config end to end (kernels under TRITON_INTERPRET=1, the
+model with the torch references), the byte accounting that the bandwidth figures rest on, and
+--budget on the demo checkpoint (grading, the switch at the budget, resume, the JSON and the
+plot)."""
 
 import json
 import os
@@ -22,26 +23,34 @@ ROOT = Path(__file__).resolve().parent
 
 def test_bench_small_end_to_end(tmp_path):
     out = tmp_path / "bench.json"
-    # as a user runs it: no environment variables (on a CPU bench.py runs the kernels in Triton's interpreter)
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "NANOELASTIC_KERNELS")}
-    run = subprocess.run([sys.executable, "bench.py", "--small", "--batch", "1", "2", "--json", str(out)],
+    # as a user runs it: no environment variables (on a CPU bench.py runs the kernels in Triton's
+    # interpreter)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("TRITON_INTERPRET", "NANOELASTIC_KERNELS")}
+    run = subprocess.run([sys.executable, "bench.py", "--small", "--batch", "1", "2",
+                          "--json", str(out)],
                          capture_output=True, text=True, timeout=600, env=env)
     assert run.returncode == 0, run.stderr[-2000:]
     result = json.loads(out.read_text())
-    assert json.loads(run.stdout.strip().splitlines()[-1]) == result  # the JSON line printed after the tables
+    # the JSON line printed after the tables
+    assert json.loads(run.stdout.strip().splitlines()[-1]) == result
     assert result["ceilings"]["copy_GBps"] > 0 and result["ceilings"]["matmul_TFLOPs"] > 0
     kernels = {r["kernel"]: r for r in result["kernel_bench"]}
     assert {"linear", "moe", "ssd", "mamba", "gated"} <= {k.split()[0] for k in kernels}
-    assert all(r["rel_err"] < 2e-2 and r["triton_us"] > 0 and r["torch_us"] > 0 for r in kernels.values())
+    assert all(r["rel_err"] < 2e-2 and r["triton_us"] > 0 and r["torch_us"] > 0
+               for r in kernels.values())
 
     decode = {(r["model"], r["batch"]): r for r in result["model_bench"]["decode"]}
-    assert set(decode) == {(m, b) for b in (1, 2) for m in ("full (view)", "mid (view)", "small (view)",
-                                                            "mid (sliced copy)", "small (sliced copy)")}
+    assert set(decode) == {(m, b) for b in (1, 2)
+                           for m in ("full (view)", "mid (view)", "small (view)",
+                                     "mid (sliced copy)", "small (sliced copy)")}
     for b in (1, 2):
-        full, mid, small = (decode[(m, b)]["GB_per_step"] for m in ("full (view)", "mid (view)", "small (view)"))
+        full, mid, small = (decode[(m, b)]["GB_per_step"]
+                            for m in ("full (view)", "mid (view)", "small (view)"))
         assert full > mid > small  # smaller sizes read fewer bytes
         for m in ("mid", "small"):  # a view reads exactly the bytes of its contiguous copy
-            assert decode[(f"{m} (view)", b)]["GB_per_step"] == decode[(f"{m} (sliced copy)", b)]["GB_per_step"]
+            assert (decode[(f"{m} (view)", b)]["GB_per_step"]
+                    == decode[(f"{m} (sliced copy)", b)]["GB_per_step"])
     assert all(r["tok_per_s"] > 0 for r in decode.values())
     assert [r["length"] for r in result["model_bench"]["prefill"]] == [128, 512]
     assert result["model_bench"]["switch"]["reprefill_ms"] > 0
@@ -57,9 +66,11 @@ def test_decode_bytes_counts_what_a_step_reads():
     nbytes = bench.decode_bytes(model, cache, batch=2, touched=touched)
     D, E, Fe = config.hidden_size, config.n_routed_experts, config.moe_intermediate_size
     params = sum(p.numel() for p in model.parameters()) * 4  # meta Parameters are fp32
-    untouched = len(moe_layers) * (E - 3) * 2 * Fe * D * 4  # up and down of the experts nobody chose
+    # up and down of the experts nobody chose
+    untouched = len(moe_layers) * (E - 3) * 2 * Fe * D * 4
     embeddings = (config.vocab_size - 2) * D * 4  # only 2 rows read
-    kv = sum(t.numel() for s, k in zip(cache.layers, config.layers_block_type) if k == "attention" for t in s) * 2
+    kv = sum(t.numel() for s, k in zip(cache.layers, config.layers_block_type)
+             if k == "attention" for t in s) * 2
     mamba = sum(t.numel() * t.element_size() for s, k in zip(cache.layers, config.layers_block_type)
                 if k == "mamba" for t in s) * 2
     assert nbytes == params - untouched - embeddings + kv + mamba
@@ -71,7 +82,7 @@ def test_bench_without_gpu_says_so():
     assert run.returncode != 0 and "no GPU here" in run.stderr and "Traceback" not in run.stderr
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # bench.py --budget: grading, the switch at the budget, resume, the JSON and the plot (on the demo)
 
 @pytest.mark.parametrize("text, expected", [
@@ -96,13 +107,14 @@ def test_extract_answer(text, expected):
 
 
 @pytest.mark.parametrize("predicted, reference, correct", [
-    ("1,000", "1000", True), ("1000.0", "1000", True), ("1000", "1,000", True), ("1 000", "1000", True),
-    ("$42$", "42", True), ("42.", "42", True), ("42", 42, True), ("0.5", ".5", True), ("-3", "-3.0", True),
-    ("\\text{(B)}", "(B)", True), ("\\dfrac{1}{2}", "\\frac{1}{2}", True), ("\\frac {1} {2}", "\\frac{1}{2}", True),
+    ("1,000", "1000", True), ("1000.0", "1000", True), ("1000", "1,000", True),
+    ("1 000", "1000", True), ("$42$", "42", True), ("42.", "42", True), ("42", 42, True),
+    ("0.5", ".5", True), ("-3", "-3.0", True), ("\\text{(B)}", "(B)", True),
+    ("\\dfrac{1}{2}", "\\frac{1}{2}", True), ("\\frac {1} {2}", "\\frac{1}{2}", True),
     ("50\\%", "50", True), ("1\\,000", "1000", True), ("12", "The answer is \\boxed{12}.", True),
     ("9007199254740993", "9007199254740992", False),  # exact, not float, equality
-    ("41", "42", False), ("1,00", "100", False), ("(A)", "(B)", False), ("", "0", False), (None, "42", False),
-    ("0.333", "\\frac{1}{3}", False), ("\\$18", "18", True),
+    ("41", "42", False), ("1,00", "100", False), ("(A)", "(B)", False), ("", "0", False),
+    (None, "42", False), ("0.333", "\\frac{1}{3}", False), ("\\$18", "18", True),
 ])
 def test_is_correct(predicted, reference, correct):
     assert bench.is_correct(predicted, reference) is correct
@@ -110,18 +122,22 @@ def test_is_correct(predicted, reference, correct):
 
 def test_summarize_and_the_pareto_frontier():
     def record(think, budget, correct, latency):
-        return {"think": think, "answer": "30B", "budget": budget, "correct": correct, "latency_s": latency,
-                "first_token_s": 0.1, "think_tokens": budget, "answer_tokens": 3, "think_steps": budget,
-                "think_s": budget / 100, "answer_steps": 3, "answer_s": 0.3, "budget_hit": True, "finished": True}
+        return {"think": think, "answer": "30B", "budget": budget, "correct": correct,
+                "latency_s": latency, "first_token_s": 0.1, "think_tokens": budget,
+                "answer_tokens": 3, "think_steps": budget, "think_s": budget / 100,
+                "answer_steps": 3, "answer_s": 0.3, "budget_hit": True, "finished": True}
     records = ([record("12B", 8, c, t) for c, t in ((True, 1.0), (False, 2.0))]  # 50 %, 1.5 s
                + [record("23B", 8, c, t) for c, t in ((True, 1.0), (True, 3.0))]  # 100 %, 2 s
-               + [record("23B", 16, c, t) for c, t in ((True, 3.0), (False, 3.0))]  # 50 %, 3 s: dominated
+               # 50 %, 3 s: dominated
+               + [record("23B", 16, c, t) for c, t in ((True, 3.0), (False, 3.0))]
                + [record("12B", 16, False, t) for t in (1.0, 1.0)])  # 0 %, 1 s: the fastest
     rows = bench.summarize(records, [("12B", "30B"), ("23B", "30B")], [8, 16])
     by = {(r["think"], r["budget"]): r for r in rows}
     assert by["12B", 8]["accuracy"] == 0.5 and by["23B", 8]["accuracy"] == 1.0
-    assert by["12B", 8]["latency_mean_s"] == 1.5 and by["12B", 8]["latency_p90_s"] == pytest.approx(1.9)
-    assert by["23B", 16]["think_tok_per_s"] == pytest.approx(100) and by["23B", 16]["answer_tok_per_s"] == pytest.approx(10)
+    assert (by["12B", 8]["latency_mean_s"] == 1.5
+            and by["12B", 8]["latency_p90_s"] == pytest.approx(1.9))
+    assert (by["23B", 16]["think_tok_per_s"] == pytest.approx(100)
+            and by["23B", 16]["answer_tok_per_s"] == pytest.approx(10))
     assert {k for k, r in by.items() if r["frontier"]} == {("12B", 16), ("12B", 8), ("23B", 8)}
 
 
@@ -143,18 +159,23 @@ def test_budget_switches_size_at_the_budget_for_every_configuration(demo, switch
                                                add_generation_prompt=True))
     step, budget, at_budget = ne.DecodeGraph(model, model.new_cache(1, len(prompt) + 12)), 4, 0
     for think, answer in bench.parse_configs(bench.BUDGET_CONFIGS):
-        record, tokens = bench.solve(model, tokenizer, step, prompt, names[think], names[answer], budget, args, 0)
+        record, tokens = bench.solve(model, tokenizer, step, prompt, names[think], names[answer],
+                                     budget, args, 0)
         ids = [t.id for t in tokens]
         body = ids[:len(ids) - record["finished"]]  # without the stop token
         end = body.index(tokenizer.think_end) if tokenizer.think_end in body else len(body)
-        assert end <= budget and record["think_tokens"] == end  # </think> by the model, or forced after 4
-        assert [t.size for t in tokens] == [names[think]] * min(end + 1, len(ids)) + [names[answer]] * (len(ids) - end - 1)
+        # </think> by the model, or forced after 4
+        assert end <= budget and record["think_tokens"] == end
+        assert [t.size for t in tokens] == ([names[think]] * min(end + 1, len(ids))
+                                            + [names[answer]] * (len(ids) - end - 1))
         assert record["answer_tokens"] == len(body[end + 1:])
-        assert record["think_steps"] + record["answer_steps"] == len(ids) - 1 and record["latency_s"] > 0
+        assert (record["think_steps"] + record["answer_steps"] == len(ids) - 1
+                and record["latency_s"] > 0)
         assert record["reply"] == tokenizer.decode(body[end + 1:])
         if end == budget:
             at_budget += 1
-            assert ids[budget] == tokenizer.think_end and record["budget_hit"] and len(ids) > budget + 1
+            assert (ids[budget] == tokenizer.think_end and record["budget_hit"]
+                    and len(ids) > budget + 1)
     assert at_budget >= 3  # (on the CPU with seed 0: every configuration)
 
 
@@ -162,13 +183,16 @@ def test_budget_reply_cut_by_ctrl_c_is_not_a_result(demo, monkeypatch):
     import chat
     model, tokenizer, names = demo
     args = Namespace(switch="transplant", max_new_tokens=12, temperature=1.0, top_p=1.0)
-    prompt = tokenizer.encode(chat.render_chat([{"role": "user", "content": "2 + 2?"}], add_generation_prompt=True))
-    step, steps, decode_step = ne.DecodeGraph(model, model.new_cache(1, len(prompt) + 12)), [], ne.DecodeGraph.__call__
+    prompt = tokenizer.encode(chat.render_chat([{"role": "user", "content": "2 + 2?"}],
+                                               add_generation_prompt=True))
+    step = ne.DecodeGraph(model, model.new_cache(1, len(prompt) + 12))
+    steps, decode_step = [], ne.DecodeGraph.__call__
 
     def ctrl_c_at_the_third_step(*a):
         steps.append(1)
         if len(steps) == 3:
-            raise KeyboardInterrupt  # generate() ends its stream quietly: the reply just looks short
+            # generate() ends its stream quietly: the reply just looks short
+            raise KeyboardInterrupt
         return decode_step(*a)
     monkeypatch.setattr(ne.DecodeGraph, "__call__", ctrl_c_at_the_third_step)
     with pytest.raises(KeyboardInterrupt):
@@ -177,31 +201,38 @@ def test_budget_reply_cut_by_ctrl_c_is_not_a_result(demo, monkeypatch):
 
 
 def write_problems(path, n=3):
-    path.write_text("".join(json.dumps({"question": f"What is {a} * 7?", "answer": a * 7}) + "\n" for a in range(2, 2 + n)))
+    path.write_text("".join(json.dumps({"question": f"What is {a} * 7?", "answer": a * 7}) + "\n"
+                            for a in range(2, 2 + n)))
     return path
 
 
-BUDGET_ARGS = ["--demo", "--configs", "23B:30B,12B:12B", "--think-budgets", "2,4", "--max-new-tokens", "8", "--limit", "2"]
-TIMING = ("latency_s", "first_token_s", "think_s", "answer_s", "frontier")  # the frontier: by latency
+BUDGET_ARGS = ["--demo", "--configs", "23B:30B,12B:12B", "--think-budgets", "2,4",
+               "--max-new-tokens", "8", "--limit", "2"]
+# the frontier: by latency
+TIMING = ("latency_s", "first_token_s", "think_s", "answer_s", "frontier")
 
 
 def without_timing(record):
-    return {k: v for k, v in record.items() if k not in TIMING and not k.endswith(("_mean_s", "_p90_s", "tok_per_s"))}
+    return {k: v for k, v in record.items()
+            if k not in TIMING and not k.endswith(("_mean_s", "_p90_s", "tok_per_s"))}
 
 
 def read_jsonl(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_budget_run_interrupted_and_resumed_equals_an_uninterrupted_run(tmp_path, monkeypatch, capsys):
+def test_budget_run_interrupted_and_resumed_equals_an_uninterrupted_run(tmp_path, monkeypatch,
+                                                                        capsys):
     problems = write_problems(tmp_path / "problems.jsonl")
     whole = bench.main(["--budget", str(problems), "--out", str(tmp_path / "whole"), *BUDGET_ARGS])
     assert whole["complete"] and len(whole["budget_bench"]) == 4
     assert len(read_jsonl(tmp_path / "whole" / "results.jsonl")) == 8
     out = capsys.readouterr().out
-    assert "DEMO (random weights: accuracy is meaningless)" in out and "23B:30B" in out and "12B:12B" in out
+    assert ("DEMO (random weights: accuracy is meaningless)" in out and "23B:30B" in out
+            and "12B:12B" in out)
 
-    graded, is_correct = [], bench.is_correct  # each reply is graded once, right before it is written
+    # each reply is graded once, right before it is written
+    graded, is_correct = [], bench.is_correct
 
     def interrupt_after(k):
         def grade(*a):
@@ -225,12 +256,16 @@ def test_budget_run_interrupted_and_resumed_equals_an_uninterrupted_run(tmp_path
     assert len(graded) == 8 - 3  # the done replies were not recomputed
     records = read_jsonl(tmp_path / "resumed" / "results.jsonl")
     assert len(records) == 8 and len({tuple(r["key"]) for r in records}) == 8
-    reference = {tuple(r["key"]): without_timing(r) for r in read_jsonl(tmp_path / "whole" / "results.jsonl")}
-    assert {tuple(r["key"]): without_timing(r) for r in records} == reference  # seeded sampling: same replies
-    assert [without_timing(r) for r in again["budget_bench"]] == [without_timing(r) for r in whole["budget_bench"]]
+    reference = {tuple(r["key"]): without_timing(r)
+                 for r in read_jsonl(tmp_path / "whole" / "results.jsonl")}
+    # seeded sampling: same replies
+    assert {tuple(r["key"]): without_timing(r) for r in records} == reference
+    assert ([without_timing(r) for r in again["budget_bench"]]
+            == [without_timing(r) for r in whole["budget_bench"]])
     graded.clear()
     bench.main(resumed)  # all done: nothing to compute, the summary written again
-    assert graded == [] and json.loads((tmp_path / "resumed" / "results.json").read_text())["complete"]
+    assert (graded == []
+            and json.loads((tmp_path / "resumed" / "results.json").read_text())["complete"])
     bench.main([*resumed, "--limit", "3"])  # one more problem: only its replies are new
     assert len(graded) == 2 * 2 and len(read_jsonl(tmp_path / "resumed" / "results.jsonl")) == 12
 
@@ -238,26 +273,35 @@ def test_budget_run_interrupted_and_resumed_equals_an_uninterrupted_run(tmp_path
 def test_budget_json_and_plot(tmp_path, capsys):
     problems = write_problems(tmp_path / "problems.jsonl", n=2)
     out = tmp_path / "out"
-    result = bench.main(["--budget", str(problems), "--out", str(out), *BUDGET_ARGS, "--switch", "reprefill"])
+    result = bench.main(["--budget", str(problems), "--out", str(out), *BUDGET_ARGS,
+                         "--switch", "reprefill"])
     assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(result))
-    assert result["demo"] and result["problems"] == 2 and result["settings"]["switch"] == "reprefill"
+    assert (result["demo"] and result["problems"] == 2
+            and result["settings"]["switch"] == "reprefill")
     rows = result["budget_bench"]
     assert [(r["think"], r["answer"], r["budget"]) for r in rows] == [
         ("23B", "30B", 2), ("23B", "30B", 4), ("12B", "12B", 2), ("12B", "12B", 4)]
     for r in rows:
-        assert r["problems"] == 2 and 0 <= r["accuracy"] <= 1 and r["latency_p90_s"] >= r["latency_mean_s"] > 0  # 2 problems
+        assert (r["problems"] == 2 and 0 <= r["accuracy"] <= 1
+                and r["latency_p90_s"] >= r["latency_mean_s"] > 0)  # 2 problems
         assert r["think_tokens_mean"] <= r["budget"] and 0 <= r["budget_hit"] <= 1
         assert r["think_tok_per_s"] > 0 and r["answer_tok_per_s"] > 0
-        dominated = any(o["latency_mean_s"] <= r["latency_mean_s"] and o["accuracy"] >= r["accuracy"]
-                        and (o["latency_mean_s"], o["accuracy"]) != (r["latency_mean_s"], r["accuracy"]) for o in rows)
+        dominated = any(o["latency_mean_s"] <= r["latency_mean_s"]
+                        and o["accuracy"] >= r["accuracy"]
+                        and ((o["latency_mean_s"], o["accuracy"])
+                             != (r["latency_mean_s"], r["accuracy"]))
+                        for o in rows)
         assert r["frontier"] == (not dominated)
     stdout = capsys.readouterr().out
     try:
         import matplotlib  # noqa: F401
-    except ImportError:  # the optional dependency is missing: the table and JSON are there, one line says why
-        assert "no plot: matplotlib is not installed" in stdout and not (out / "frontier.png").exists()
+    except ImportError:
+        # the optional dependency is missing: the table and JSON are there, one line says why
+        assert ("no plot: matplotlib is not installed" in stdout
+                and not (out / "frontier.png").exists())
     else:
-        assert (out / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"plot: {out}" in stdout
+        assert ((out / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+                and f"plot: {out}" in stdout)
     assert not list(out.glob(".*.tmp"))  # the temporary files of the atomic writes are gone
 
 
@@ -268,8 +312,10 @@ def test_budget_without_matplotlib_writes_table_and_json(tmp_path, monkeypatch, 
     bench.main(["--budget", str(problems), "--out", str(out), *BUDGET_ARGS, "--configs", "12B:12B"])
     stdout = capsys.readouterr().out
     assert [line for line in stdout.splitlines() if line.startswith("no plot")] == [
-        "no plot: matplotlib is not installed (pip install matplotlib); the table and JSON are written"]
-    assert (out / "results.json").exists() and not (out / "frontier.png").exists() and "12B:12B" in stdout
+        "no plot: matplotlib is not installed (pip install matplotlib); "
+        "the table and JSON are written"]
+    assert ((out / "results.json").exists() and not (out / "frontier.png").exists()
+            and "12B:12B" in stdout)
 
 
 @pytest.mark.parametrize("lines, args, message", [
@@ -283,11 +329,13 @@ def test_budget_without_matplotlib_writes_table_and_json(tmp_path, monkeypatch, 
     (['{"question": "a", "answer": 1}'], ["--think-budgets", "-1"], "expected token counts >= 0"),
     (['{"question": "a", "answer": 1}'], ["--configs", "99B:30B"], "99B"),
     (['{"question": "a", "answer": 1}'], ["--limit", "0"], "--limit must be >= 1, got 0"),
-    (['{"question": "a", "answer": 1}'], ["--max-new-tokens", "0"], "--max-new-tokens must be >= 1, got 0"),
+    (['{"question": "a", "answer": 1}'], ["--max-new-tokens", "0"],
+     "--max-new-tokens must be >= 1, got 0"),
     (['{"question": "a", "answer": 1}'], ["--temperature", "nan"], "--temperature must be >= 0"),
     (['{"question": "a", "answer": 1}'], ["--temperature", "inf"], "--temperature must be >= 0"),
     (['{"question": "a", "answer": 1}'], ["--top-p", "0"], "--top-p in (0, 1]"),
-    (['{"question": "a", "answer": 1}'], ["--think-budgets", "8", "--max-new-tokens", "9"], "leaves no room to answer"),
+    (['{"question": "a", "answer": 1}'], ["--think-budgets", "8", "--max-new-tokens", "9"],
+     "leaves no room to answer"),
 ])
 def test_budget_bad_input_is_one_line(tmp_path, lines, args, message):
     problems = tmp_path / "problems.jsonl"
@@ -320,38 +368,44 @@ def test_budget_errors_without_a_checkpoint_or_with_a_busy_out(tmp_path, monkeyp
 def test_budget_sigterm_keeps_what_is_done(tmp_path):
     problems = write_problems(tmp_path / "problems.jsonl", n=3)
     out = tmp_path / "out"
-    run = subprocess.Popen([sys.executable, "bench.py", "--budget", str(problems), "--demo", "--out", str(out),
-                            "--max-new-tokens", "48", "--think-budgets", "4,16,32"],
+    run = subprocess.Popen([sys.executable, "bench.py", "--budget", str(problems), "--demo",
+                            "--out", str(out), "--max-new-tokens", "48",
+                            "--think-budgets", "4,16,32"],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     results = out / "results.jsonl"
     deadline = time.time() + 120
-    while not (results.exists() and results.read_text().count("\n") >= 1) and time.time() < deadline:
+    while (not (results.exists() and results.read_text().count("\n") >= 1)
+           and time.time() < deadline):
         time.sleep(0.1)
     run.send_signal(signal.SIGTERM)
     stdout, stderr = run.communicate(timeout=120)
     assert run.returncode == 143, stderr[-2000:]  # 128 + SIGTERM, as every CLI here
-    assert "Traceback" not in stderr and "interrupted:" in stderr and "the same command goes on" in stderr
+    assert ("Traceback" not in stderr and "interrupted:" in stderr
+            and "the same command goes on" in stderr)
     kept = read_jsonl(results)
     assert 1 <= len(kept) < 5 * 3 * 3  # every line whole; the run had far to go
     assert json.loads((out / "results.json").read_text())["complete"] is False
 
 
 def test_budget_sizes_in_any_case():
-    assert bench.parse_configs("23b:30b, 12B:12b,192x96:30B") == [("23B", "30B"), ("12B", "12B"), ("192x96", "30B")]
+    assert (bench.parse_configs("23b:30b, 12B:12b,192x96:30B")
+            == [("23B", "30B"), ("12B", "12B"), ("192x96", "30B")])
 
 
 @pytest.mark.parametrize("args, env, message", [
-    (["--small", "--json", "no-such-folder/out.json"], {}, "--json no-such-folder/out.json: its folder"),
+    (["--small", "--json", "no-such-folder/out.json"], {},
+     "--json no-such-folder/out.json: its folder"),
     (["--small"], {"NANOELASTIC_KERNELS": "bogus"}, "NANOELASTIC_KERNELS='bogus'"),
     (["--budget", "problems.jsonl", "--demo", "--out", "file"], {}, "--out file is a file"),
 ])
 def test_bench_errors_are_one_line(tmp_path, args, env, message):
     (tmp_path / "problems.jsonl").write_text('{"question": "a", "answer": 1}\n')
     (tmp_path / "file").write_text("")
-    run = subprocess.run([sys.executable, str(ROOT / "bench.py"), *args], capture_output=True, text=True,
-                         timeout=300, cwd=tmp_path, env={**os.environ, **env})
+    run = subprocess.run([sys.executable, str(ROOT / "bench.py"), *args], capture_output=True,
+                         text=True, timeout=300, cwd=tmp_path, env={**os.environ, **env})
     assert run.returncode != 0 and "Traceback" not in run.stderr
-    assert run.stderr.strip().splitlines()[-1].startswith("bench.py: error: ") and message in run.stderr
+    assert (run.stderr.strip().splitlines()[-1].startswith("bench.py: error: ")
+            and message in run.stderr)
 
 
 def test_bench_without_triton_skips_the_kernel_table(monkeypatch, capsys):

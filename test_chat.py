@@ -1,6 +1,7 @@
-"""Tests for chat.py: the chat template against stored renderings of the checkpoint's own, streaming decode, the
-multi-turn cache, and chat.py driven as a user drives it (a subprocess: --prompt, piped stdin, the REPL,
-Ctrl-C, bad input) on the demo's random checkpoint with its byte-level tokenizer."""
+"""Tests for chat.py: the chat template against stored renderings of the checkpoint's own, streaming
+decode, the multi-turn cache, and chat.py driven as a user drives it (a subprocess: --prompt, piped
+stdin, the REPL, Ctrl-C, bad input) on the demo's random checkpoint with its byte-level
+tokenizer."""
 
 import io
 import json
@@ -25,7 +26,7 @@ ROOT = Path(__file__).parent
 STATUS = re.compile(r"^\[(think|answer) .*\]$", re.M)
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # the chat format
 
 TEMPLATE_CASES = ROOT / "test_chat_template.json"
@@ -34,14 +35,15 @@ TEMPLATE_CASES = ROOT / "test_chat_template.json"
 def template_cases():
     """(messages, options, expected string) for every case of test_chat_template.json.
 
-    The file holds facts about the checkpoint's chat template: 164 conversations, hand-made and random
-    (with and without system, multi-turn, a system turn in the middle, assistant turns with
-    reasoning_content (blank or None too), think tags inside the content (whole, only open, only close),
-    empty or None content, surrounding whitespace, non-ASCII text, jinja-like text, a final assistant
-    turn), each rendered once with jinja2 (trim_blocks, lstrip_blocks, as transformers renders chat
-    templates) from the template of the Nemotron 3 Nano release, under the 8 combinations of
-    add_generation_prompt, enable_thinking and truncate_history_thinking. Identical renderings of one
-    conversation are stored once ("which" picks the rendering of each option combination)."""
+    The file holds facts about the checkpoint's chat template: 164 conversations, hand-made and
+    random (with and without system, multi-turn, a system turn in the middle, assistant turns with
+    reasoning_content (blank or None too), think tags inside the content (whole, only open, only
+    close), empty or None content, surrounding whitespace, non-ASCII text, jinja-like text, a final
+    assistant turn), each rendered once with jinja2 (trim_blocks, lstrip_blocks, as transformers
+    renders chat templates) from the template of the Nemotron 3 Nano release, under the 8
+    combinations of add_generation_prompt, enable_thinking and truncate_history_thinking. Identical
+    renderings of one conversation are stored once ("which" picks the rendering of each option
+    combination)."""
     data = json.loads(TEMPLATE_CASES.read_text())
     for case in data["cases"]:
         for options, which in zip(data["options"], case["which"]):
@@ -56,11 +58,13 @@ def test_render_matches_the_template_renderings():
     assert n > 1000
     # the shape of a two-turn chat, spelled out once: the history's thinking is cut to an empty
     # <think></think>, and the generation prompt opens a thought
-    two_turns = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "\n4", "reasoning_content": "add"},
+    two_turns = [{"role": "user", "content": "2+2?"},
+                 {"role": "assistant", "content": "\n4", "reasoning_content": "add"},
                  {"role": "user", "content": "and 3+3?"}]
     assert chat.render_chat(two_turns, add_generation_prompt=True) == (
         "<|im_start|>system\n<|im_end|>\n<|im_start|>user\n2+2?<|im_end|>\n"
-        "<|im_start|>assistant\n<think></think>\n\n4<|im_end|>\n<|im_start|>user\nand 3+3?<|im_end|>\n"
+        "<|im_start|>assistant\n<think></think>\n\n4<|im_end|>\n"
+        "<|im_start|>user\nand 3+3?<|im_end|>\n"
         "<|im_start|>assistant\n<think>\n")
 
 
@@ -80,20 +84,23 @@ def test_render_matches_the_checkpoint_template_itself():
     """The same conversations through the template of the checkpoint at hand (skips without one)."""
     source = checkpoint_template()
     if source is None:
-        pytest.skip("no real checkpoint here (set NANOELASTIC_CKPT): the stored renderings above still ran")
+        pytest.skip("no real checkpoint here (set NANOELASTIC_CKPT): the stored renderings above "
+                    "still ran")
     import jinja2
 
     template = jinja2.Environment(trim_blocks=True, lstrip_blocks=True).from_string(source)
     for messages, options, _ in template_cases():
-        assert chat.render_chat(messages, **options) == template.render(messages=messages, **options), (messages, options)
+        assert (chat.render_chat(messages, **options)
+                == template.render(messages=messages, **options)), (messages, options)
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # the demo checkpoint, its tokenizer, streaming
 
 @pytest.fixture(autouse=True)
 def one_thread():
-    """The demo model's matrices are tiny: more threads only add overhead (as chat.py --demo knows)."""
+    """The demo model's matrices are tiny: more threads only add overhead (as chat.py --demo
+    knows)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -116,8 +123,10 @@ def test_tokenizer_ids_come_from_tokenizer_json(demo_ckpt):
     assert tok.think_end == vocab["</think>"] and tok.stop == (vocab["<|im_end|>"], vocab["</s>"])
     text = chat.render_chat([{"role": "user", "content": "é!"}], add_generation_prompt=True)
     ids = tok.encode(text)
-    assert ids[0] == vocab["<|im_start|>"] and ids[-2:] == [vocab["<think>"], vocab["Ċ"]]  # no BOS; "\n" is Ċ
-    assert ids.count(vocab["<|im_end|>"]) == 2 and tok.tokenizer.decode(ids, skip_special_tokens=False) == text
+    # no BOS; "\n" is Ċ
+    assert ids[0] == vocab["<|im_start|>"] and ids[-2:] == [vocab["<think>"], vocab["Ċ"]]
+    assert (ids.count(vocab["<|im_end|>"]) == 2
+            and tok.tokenizer.decode(ids, skip_special_tokens=False) == text)
     assert len(vocab) == chat.demo_config().vocab_size  # every id the model can write decodes
 
 
@@ -129,19 +138,21 @@ def test_stream_releases_whole_characters(demo_ckpt):
     stream = chat.TextStream(tok)
     pieces = [stream.push(i) for i in ids]
     assert "".join(pieces) + stream.flush() == text
-    assert "\ufffd" not in "".join(pieces) and pieces.count("") == len(ids) - len(text)  # held back mid-character
+    # held back mid-character
+    assert "\ufffd" not in "".join(pieces) and pieces.count("") == len(ids) - len(text)
     cut = chat.TextStream(tok)  # a stream that ends mid-character shows what it has
     assert "".join(cut.push(i) for i in tok.encode("a🙂")[:3]) == "a" and cut.flush() == "\ufffd"
 
 
 def test_history_cache_reuse_equals_a_fresh_prefill(demo_model, demo_ckpt):
-    """Turn 2 starts from turn 1's saved cache (history up to turn 1's user message) and prefills only the
-    rest: the same cache as prefilling the whole history afresh. Tokens after </think> come from the
-    answer size; the thinking is dimmed on a terminal."""
+    """Turn 2 starts from turn 1's saved cache (history up to turn 1's user message) and prefills
+    only the rest: the same cache as prefilling the whole history afresh. Tokens after </think> come
+    from the answer size; the thinking is dimmed on a terminal."""
     tok = chat.ChatTokenizer.load(demo_ckpt)
     out = io.StringIO()
     seed = quiet_seed(demo_model, tok, "first question", "12B", 3, system="Be brief.")
-    settings = chat.Settings(think="12B", answer="30B", max_think=3, max_new_tokens=24, seed=seed, system="Be brief.")
+    settings = chat.Settings(think="12B", answer="30B", max_think=3, max_new_tokens=24, seed=seed,
+                             system="Be brief.")
     talk = chat.Chat(demo_model, tok, settings, chat.DEMO_SIZES, color=True, out=out)
     sizes = []
     real_generate = ne.generate
@@ -158,19 +169,22 @@ def test_history_cache_reuse_equals_a_fresh_prefill(demo_model, demo_ckpt):
         ne.generate = real_generate
     first = talk.snapshot
     think_n = sizes.index(chat.DEMO_SIZES["30B"])
-    assert set(sizes[:think_n]) == {chat.DEMO_SIZES["12B"]} and set(sizes[think_n:]) == {chat.DEMO_SIZES["30B"]}
+    assert (set(sizes[:think_n]) == {chat.DEMO_SIZES["12B"]}
+            and set(sizes[think_n:]) == {chat.DEMO_SIZES["30B"]})
     assert "\x1b[2m[think 12B] \x1b[0m" in out.getvalue() and "[answer 30B] " in out.getvalue()
 
     talk.reply("second question")
-    history = tok.encode(chat.render_chat([{"role": "system", "content": "Be brief."}] + talk.messages[:3]))
-    assert talk.snapshot.ids == history and history[:len(first.ids)] == first.ids  # a prefix: reused
+    history = tok.encode(chat.render_chat([{"role": "system", "content": "Be brief."}]
+                                          + talk.messages[:3]))
+    # a prefix: reused
+    assert talk.snapshot.ids == history and history[:len(first.ids)] == first.ids
     fresh = chat.Chat(demo_model, tok, settings, chat.DEMO_SIZES, out=io.StringIO())
     fresh.prefill_history(history, chat.DEMO_SIZES["12B"])
     for reused, scratch in zip(talk.snapshot.states[1], fresh.snapshot.states[1]):  # per layer
         for a, b in zip(reused or (), scratch or ()):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     assert len(talk.messages) == 4 and talk.messages[1]["role"] == "assistant"
-    # and the reply from the reused cache is the reply of a chat that prefills the whole history afresh
+    # and the reply from the reused cache is that of a chat that prefills the whole history afresh
     fresh.messages, fresh.turn = talk.messages[:2], 1  # (the turn number goes into the seed)
     fresh.reply("second question")
     assert fresh.messages == talk.messages
@@ -193,28 +207,32 @@ def test_checkpoint_from_flag_then_environment_then_hf_cache(monkeypatch, tmp_pa
     assert chat.find_checkpoint(None) == fp8 / "snapshots" / "4567def"  # FP8 before BF16
     monkeypatch.setenv("NANOELASTIC_CKPT", str(demo_ckpt))
     assert chat.find_checkpoint(None) == demo_ckpt
-    assert chat.find_checkpoint(str(bf16 / "snapshots" / "0123abc")) == bf16 / "snapshots" / "0123abc"
+    assert (chat.find_checkpoint(str(bf16 / "snapshots" / "0123abc"))
+            == bf16 / "snapshots" / "0123abc")
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # chat.py as a user runs it
 
 def run(*args, input="", env=None, timeout=120):
     """python chat.py ARGS with stdin from a pipe; no real checkpoint can be found by accident."""
     environ = {k: v for k, v in os.environ.items() if k != "NANOELASTIC_CKPT"}
-    environ.update(PYTHONUNBUFFERED="1", HF_HOME=str(ROOT / ".no-hf-home"), HF_HUB_CACHE=str(ROOT / ".no-hf-home"))
-    return subprocess.run([sys.executable, str(ROOT / "chat.py"), *args], input=input, capture_output=True,
-                          text=True, env={**environ, **(env or {})}, timeout=timeout, cwd=ROOT)
+    environ.update(PYTHONUNBUFFERED="1", HF_HOME=str(ROOT / ".no-hf-home"),
+                   HF_HUB_CACHE=str(ROOT / ".no-hf-home"))
+    return subprocess.run([sys.executable, str(ROOT / "chat.py"), *args], input=input,
+                          capture_output=True, text=True, env={**environ, **(env or {})},
+                          timeout=timeout, cwd=ROOT)
 
 
 def quiet_seed(model, tok, text, size, n, system=None):
-    """A seed whose first n sampled tokens neither stop the reply nor close the thought: random weights
-    write them now and then, which would cut short what a test wants to see."""
+    """A seed whose first n sampled tokens neither stop the reply nor close the thought: random
+    weights write them now and then, which would cut short what a test wants to see."""
     messages = [{"role": "system", "content": system}] if system is not None else []
-    prompt = tok.encode(chat.render_chat(messages + [{"role": "user", "content": text}], add_generation_prompt=True))
+    prompt = tok.encode(chat.render_chat(messages + [{"role": "user", "content": text}],
+                                         add_generation_prompt=True))
     for seed in range(20):
-        ids = [t.id for t in ne.generate(model, prompt, n, size=chat.DEMO_SIZES[size], stop_tokens=tok.stop,
-                                         temperature=1.0, seed=seed)]
+        ids = [t.id for t in ne.generate(model, prompt, n, size=chat.DEMO_SIZES[size],
+                                         stop_tokens=tok.stop, temperature=1.0, seed=seed)]
         if not set(ids) & {*tok.stop, tok.think_end}:
             return seed
     raise AssertionError("no quiet seed")
@@ -222,27 +240,33 @@ def quiet_seed(model, tok, text, size, n, system=None):
 
 def test_one_shot_thinks_small_then_answers_large_after_the_budget(demo_ckpt, demo_model):
     seed = quiet_seed(demo_model, chat.ChatTokenizer.load(demo_ckpt), "What is 17 * 23?", "12B", 5)
-    r = run("--demo", "--ckpt", str(demo_ckpt), "--prompt", "What is 17 * 23?", "--think", "12B", "--answer", "30B",
-            "--max-think", "5", "--max-new-tokens", "10", "--seed", str(seed))
+    r = run("--demo", "--ckpt", str(demo_ckpt), "--prompt", "What is 17 * 23?",
+            "--think", "12B", "--answer", "30B", "--max-think", "5", "--max-new-tokens", "10",
+            "--seed", str(seed))
     # one-shot: the demo's banner goes to stderr, stdout is the reply only
-    assert r.returncode == 0 and r.stderr.startswith("DEMO: random weights, so the text is noise"), r.stderr
+    assert (r.returncode == 0
+            and r.stderr.startswith("DEMO: random weights, so the text is noise")), r.stderr
     assert "DEMO" not in r.stdout and r.stdout.startswith("[think 12B] ")
     think, answer = r.stdout.index("[think 12B] "), r.stdout.index("\n[answer 30B] ")
     assert think < answer
-    assert re.search(r"^\[think 12B: 5 tok \(budget\), [\d.]+ tok/s \| answer 30B: \d+ tok, [\d.]+ tok/s \| "
+    assert re.search(r"^\[think 12B: 5 tok \(budget\), [\d.]+ tok/s \| "
+                     r"answer 30B: \d+ tok, [\d.]+ tok/s \| "
                      r"first token [\d.]+ s \| switch transplant\]$", r.stdout, re.M), r.stdout
 
 
 def test_piped_prompt_switches_where_the_model_writes_think_end(demo_ckpt, demo_model, tmp_path):
-    """Random weights rarely write </think>, so this checkpoint's tokenizer calls </think> the token the
-    model writes 4th (the model and the prompt's ids are unchanged): the switch must come right there,
-    before the budget, in reprefill mode too."""
+    """Random weights rarely write </think>, so this checkpoint's tokenizer calls </think> the token
+    the model writes 4th (the model and the prompt's ids are unchanged): the switch must come right
+    there, before the budget, in reprefill mode too."""
     tok, text = chat.ChatTokenizer.load(demo_ckpt), "Hello there"
     seed = quiet_seed(demo_model, tok, text, "23B", 4)
-    prompt = tok.encode(chat.render_chat([{"role": "user", "content": text}], add_generation_prompt=True))
-    ids = [t.id for t in ne.generate(demo_model, prompt, 4, size=chat.DEMO_SIZES["23B"], temperature=1.0, seed=seed)]
+    prompt = tok.encode(chat.render_chat([{"role": "user", "content": text}],
+                                         add_generation_prompt=True))
+    ids = [t.id for t in ne.generate(demo_model, prompt, 4, size=chat.DEMO_SIZES["23B"],
+                                     temperature=1.0, seed=seed)]
     fourth = ids[3]
-    assert fourth >= len(chat.DEMO_SPECIAL) and fourth not in prompt + ids[:3], "pick another position"
+    assert (fourth >= len(chat.DEMO_SPECIAL)
+            and fourth not in prompt + ids[:3]), "pick another position"
     ckpt = Path(shutil.copytree(demo_ckpt, tmp_path / "early-thinker"))
     tokenizer = json.loads((ckpt / "tokenizer.json").read_text())
     vocab = tokenizer["model"]["vocab"]
@@ -251,36 +275,43 @@ def test_piped_prompt_switches_where_the_model_writes_think_end(demo_ckpt, demo_
     next(t for t in tokenizer["added_tokens"] if t["content"] == "</think>")["id"] = fourth
     (ckpt / "tokenizer.json").write_text(json.dumps(tokenizer))
 
-    r = run("--demo", "--ckpt", str(ckpt), "--max-think", "8", "--max-new-tokens", "8", "--switch", "reprefill",
-            "--seed", str(seed), input=text + "\n")
+    r = run("--demo", "--ckpt", str(ckpt), "--max-think", "8", "--max-new-tokens", "8",
+            "--switch", "reprefill", "--seed", str(seed), input=text + "\n")
     assert r.returncode == 0 and r.stderr.startswith("DEMO: ") and "DEMO" not in r.stdout, r.stderr
-    assert re.search(r"^\[think 23B: 3 tok, [\d.]+ tok/s \| answer 30B: \d+ tok, .*\| switch reprefill\]$",
-                     r.stdout, re.M), r.stdout
+    assert re.search(r"^\[think 23B: 3 tok, [\d.]+ tok/s \| "
+                     r"answer 30B: \d+ tok, .*\| switch reprefill\]$", r.stdout, re.M), r.stdout
     assert r.stdout.index("[think 23B] ") < r.stdout.index("\n[answer 30B] ")
 
 
 def test_repl_commands(demo_ckpt):
-    lines = ["/help", "/think 12b", "/answer 23B", "/switch reprefill", "hello \\", "on two lines", "/nothink",
-             '"""', "again", "", "in a block", '"""', "/think 99B", "/think 2304x1600", "/switch sideways", "/switch",
-             "/think", "/think 12B 23B", "/clear now", "/frobnicate", "/clear", "", "/exit", "not read"]
-    r = run("--demo", "--ckpt", str(demo_ckpt), "--interactive", "--max-think", "2", "--max-new-tokens", "4",
-            input="\n".join(lines) + "\n")
+    lines = ["/help", "/think 12b", "/answer 23B", "/switch reprefill", "hello \\", "on two lines",
+             "/nothink", '"""', "again", "", "in a block", '"""', "/think 99B", "/think 2304x1600",
+             "/switch sideways", "/switch", "/think", "/think 12B 23B", "/clear now", "/frobnicate",
+             "/clear", "", "/exit", "not read"]
+    r = run("--demo", "--ckpt", str(demo_ckpt), "--interactive", "--max-think", "2",
+            "--max-new-tokens", "4", input="\n".join(lines) + "\n")
     out = r.stdout
     assert r.returncode == 0 and r.stderr == "", r.stderr
     usage = "error: usage: /switch transplant|reprefill\n"
-    for expected in ["/nothink        thinking off", "think 12B, answer 30B", "think 12B, answer 23B",
-                     "switch reprefill", "thinking off", "error: unknown size '99B': use 30B (= 256x128), 23B (= 192x96), "
-                     "12B (= 128x64), or HIDDENxFFN up to 256x128", "error: size 2304x1600 = hidden 2304",
-                     "> /switch sideways\n" + usage, "> /switch\n" + usage, "> /think\nerror: usage: /think SIZE",
+    for expected in ["/nothink        thinking off", "think 12B, answer 30B",
+                     "think 12B, answer 23B", "switch reprefill", "thinking off",
+                     "error: unknown size '99B': use 30B (= 256x128), 23B (= 192x96), "
+                     "12B (= 128x64), or HIDDENxFFN up to 256x128",
+                     "error: size 2304x1600 = hidden 2304",
+                     "> /switch sideways\n" + usage, "> /switch\n" + usage,
+                     "> /think\nerror: usage: /think SIZE",
                      "> /think 12B 23B\nerror: usage: /think SIZE",
-                     "> /clear now\nerror: usage: /clear\n", "error: unknown command /frobnicate", "conversation cleared",
-                     "a paste of several lines is one prompt"]:
+                     "> /clear now\nerror: usage: /clear\n", "error: unknown command /frobnicate",
+                     "conversation cleared", "a paste of several lines is one prompt"]:
         assert expected in out, expected
     statuses = STATUS.findall(out)
-    assert statuses == ["think", "answer"], out  # two replies (each of several lines), nothing after /exit
+    # two replies (each of several lines), nothing after /exit
+    assert statuses == ["think", "answer"], out
     first, second = [line for line in out.splitlines() if STATUS.match(line)]
-    assert first.startswith("[think 12B: ") and "| answer 23B: " in first and first.endswith("| switch reprefill]")
-    assert second.startswith("[answer 23B: ") and second.endswith("| no switch]") and "[think" not in out.split("> again")[1]
+    assert (first.startswith("[think 12B: ") and "| answer 23B: " in first
+            and first.endswith("| switch reprefill]"))
+    assert (second.startswith("[answer 23B: ") and second.endswith("| no switch]")
+            and "[think" not in out.split("> again")[1])
 
 
 class Reader:
@@ -302,9 +333,11 @@ class Reader:
 
 
 def test_ctrl_c_stops_a_reply_and_the_chat_goes_on(demo_ckpt, demo_model):
-    seed = quiet_seed(demo_model, chat.ChatTokenizer.load(demo_ckpt), "Tell me a long story", "23B", 12)
-    proc = subprocess.Popen([sys.executable, str(ROOT / "chat.py"), "--demo", "--ckpt", str(demo_ckpt), "--interactive",
-                             "--max-think", "3000", "--max-new-tokens", "3000", "--seed", str(seed)],
+    seed = quiet_seed(demo_model, chat.ChatTokenizer.load(demo_ckpt), "Tell me a long story",
+                      "23B", 12)
+    proc = subprocess.Popen([sys.executable, str(ROOT / "chat.py"), "--demo", "--ckpt",
+                             str(demo_ckpt), "--interactive", "--max-think", "3000",
+                             "--max-new-tokens", "3000", "--seed", str(seed)],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"}, cwd=ROOT)
     out = Reader(proc.stdout)
@@ -314,11 +347,13 @@ def test_ctrl_c_stops_a_reply_and_the_chat_goes_on(demo_ckpt, demo_model):
         out.wait_for(r"\[think 23B\] \S{3}")  # streaming
         proc.send_signal(signal.SIGINT)
         out.wait_for(r"^\[stopped\]\n\[think 23B: \d+ tok, .*\]$")
-        proc.stdin.write(b"/help\nGo on\n")  # the chat still answers: commands, and a reply that streams
+        # the chat still answers: commands, and a reply that streams
+        proc.stdin.write(b"/help\nGo on\n")
         proc.stdin.flush()
         out.wait_for(r"^commands:")
         out.wait_for(r"\[think 23B\] ", count=2)
-        proc.send_signal(signal.SIGINT)  # stops the second reply, or (had it ended) clears the prompt's line
+        # stops the second reply, or (had it ended) clears the prompt's line
+        proc.send_signal(signal.SIGINT)
         out.wait_for(STATUS.pattern, count=2)
         time.sleep(0.5)
         proc.send_signal(signal.SIGINT)  # at the prompt: the line is cleared, the chat goes on
@@ -343,33 +378,41 @@ def test_bad_input_is_one_line_error(demo_ckpt, tmp_path):
     sliced_23b.mkdir()
     (sliced_23b / "config.json").write_text(json.dumps(checkpoint.config_json(ne.Config().sliced(2304, 1600))))
     cases = [  # (arguments, stdin, what the one line says)
-        (["--demo", "--ckpt", str(demo_ckpt), "--think", "40B", "--prompt", "hi"], "", "unknown size '40B'"),
+        (["--demo", "--ckpt", str(demo_ckpt), "--think", "40B", "--prompt", "hi"], "",
+         "unknown size '40B'"),
         (["--prompt", "hi"], "", "no checkpoint found.*hf download nvidia/.*python chat.py --demo"),
         (["--ckpt", str(tmp_path / "nowhere"), "--prompt", "hi"], "", "is not a checkpoint folder"),
-        (["--demo", "--ckpt", str(demo_ckpt)], "", "empty prompt"),  # stdin is a pipe holding nothing
-        (["--ckpt", str(no_tokenizer), "--think", "192x96", "--answer", "256x128", "--prompt", "hi"], "",
-         "missing tokenizer: .*tokenizer.json"),
-        # refused from config.json alone, before the tokenizer and the weights are read (there are none)
-        (["--ckpt", str(config_only), "--think", "12B", "--prompt", "hi"], "", "size 12B = hidden 1920 .* does not fit"),
-        (["--demo", "--ckpt", str(demo_ckpt), "--think", "12b", "--answer", "500x10", "--prompt", "hi"], "",
-         "size 500x10 .* does not fit .*: use 30B \\(= 256x128\\)"),
-        (["--demo", "--ckpt", str(demo_ckpt), "--temperature", "nan", "--prompt", "hi"], "", "--temperature"),
-        (["--demo", "--ckpt", str(demo_ckpt), "--temperature", "inf", "--prompt", "hi"], "", "--temperature"),
+        # stdin is a pipe holding nothing
+        (["--demo", "--ckpt", str(demo_ckpt)], "", "empty prompt"),
+        (["--ckpt", str(no_tokenizer), "--think", "192x96", "--answer", "256x128",
+          "--prompt", "hi"], "", "missing tokenizer: .*tokenizer.json"),
+        # refused from config.json alone, before the tokenizer and the weights (none here) are read
+        (["--ckpt", str(config_only), "--think", "12B", "--prompt", "hi"], "",
+         "size 12B = hidden 1920 .* does not fit"),
+        (["--demo", "--ckpt", str(demo_ckpt), "--think", "12b", "--answer", "500x10",
+          "--prompt", "hi"], "", "size 500x10 .* does not fit .*: use 30B \\(= 256x128\\)"),
+        (["--demo", "--ckpt", str(demo_ckpt), "--temperature", "nan", "--prompt", "hi"], "",
+         "--temperature"),
+        (["--demo", "--ckpt", str(demo_ckpt), "--temperature", "inf", "--prompt", "hi"], "",
+         "--temperature"),
         (["--ckpt", str(sliced_23b), "--think", "30B", "--prompt", "hi"], "",
          "size 30B .* does not fit .*: use 23B, 12B, or HIDDENxFFN up to 2304x1600"),
-        # no size given: the default 30B does not fit, so the checkpoint's own size is used (then the
-        # missing tokenizer is the first problem)
+        # no size given: the default 30B does not fit, so the checkpoint's own size is used (then
+        # the missing tokenizer is the first problem)
         (["--ckpt", str(sliced_23b), "--prompt", "hi"], "", "missing tokenizer"),
     ]
-    procs = [(subprocess.Popen([sys.executable, str(ROOT / "chat.py"), *args], stdin=subprocess.PIPE,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                               env={**{k: v for k, v in os.environ.items() if k != "NANOELASTIC_CKPT"},
-                                    "HF_HOME": str(tmp_path), "HF_HUB_CACHE": str(tmp_path)}), stdin, message)
+    env = {**{k: v for k, v in os.environ.items() if k != "NANOELASTIC_CKPT"},
+           "HF_HOME": str(tmp_path), "HF_HUB_CACHE": str(tmp_path)}
+    procs = [(subprocess.Popen([sys.executable, str(ROOT / "chat.py"), *args],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env),
+              stdin, message)
              for args, stdin, message in cases]  # all at once: each spends its time importing torch
     for proc, stdin, message in procs:
         out, err = proc.communicate(stdin, timeout=120)
         assert proc.returncode != 0 and "Traceback" not in err, err
-        assert err.count("\n") == 1 and re.match(f"chat.py: error: .*{message}", err), (message, err)
+        assert (err.count("\n") == 1
+                and re.match(f"chat.py: error: .*{message}", err)), (message, err)
 
 
 @pytest.mark.skipif(not hasattr(os, "openpty"), reason="needs a pseudo-terminal")
@@ -380,8 +423,9 @@ def test_a_pasted_block_is_one_prompt_on_a_terminal(demo_ckpt):
 
     pid, fd = pty.fork()
     if pid == 0:  # the child: chat.py on a terminal
-        os.execv(sys.executable, [sys.executable, str(ROOT / "chat.py"), "--demo", "--ckpt", str(demo_ckpt),
-                                  "--max-new-tokens", "4", "--max-think", "2"])
+        os.execv(sys.executable, [sys.executable, str(ROOT / "chat.py"), "--demo",
+                                  "--ckpt", str(demo_ckpt), "--max-new-tokens", "4",
+                                  "--max-think", "2"])
     out = b""
 
     def read_until(pattern, timeout=60):
@@ -405,4 +449,5 @@ def test_a_pasted_block_is_one_prompt_on_a_terminal(demo_ckpt):
         except ProcessLookupError:
             pass
     text = out.decode(errors="replace")
-    assert "> first line\r\n. second line\r\n" in text and len(re.findall(r"^\[think 23B: ", text, re.M)) == 1, text
+    assert ("> first line\r\n. second line\r\n" in text
+            and len(re.findall(r"^\[think 23B: ", text, re.M)) == 1), text

@@ -1,7 +1,7 @@
-"""Fault injection: broken configs and tensors (made by editing a small random checkpoint), a slice target
-that appears mid-run, two runs on one target, interruptions inside the --force swap, killed runs' leftovers,
-a full disk, SIGTERM, and input that is not UTF-8. Each case checks the exit code or the error, its one
-line, and what is left on disk."""
+"""Fault injection: broken configs and tensors (made by editing a small random checkpoint), a slice
+target that appears mid-run, two runs on one target, interruptions inside the --force swap, killed
+runs' leftovers, a full disk, SIGTERM, and input that is not UTF-8. Each case checks the exit code
+or the error, its one line, and what is left on disk."""
 
 import errno
 import json
@@ -49,7 +49,8 @@ def listing(folder: Path) -> dict[str, str]:
     out = {}
     for p in sorted(folder.rglob("*")):
         if p.is_file():
-            out[str(p.relative_to(folder))] = p.read_text() if p.suffix in (".txt", ".json") else p.stat().st_size
+            out[str(p.relative_to(folder))] = (p.read_text() if p.suffix in (".txt", ".json")
+                                               else p.stat().st_size)
     return out
 
 
@@ -59,7 +60,7 @@ def old_target(folder: Path) -> Path:
     return folder
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # config.json: every field checked before anything is built, one line naming the field
 
 def edited(config: dict, **changes) -> dict:
@@ -74,18 +75,22 @@ CONFIG_FAULTS = [  # (edit of config.json, the message expected)
     (lambda c: edited(c, hidden_size="256"), "hidden_size must be int, not '256'"),
     (lambda c: edited(c, n_routed_experts=16.0), "n_routed_experts must be int, not 16.0"),
     (lambda c: edited(c, use_conv_bias=1), "use_conv_bias must be bool, not 1"),
-    (lambda c: edited(c, hybrid_override_pattern=7), "the layer pattern must be a string or a list"),
-    (lambda c: edited(c, hybrid_override_pattern="M" * 200_000), "200000 layers, expected 1 to 1000"),
+    (lambda c: edited(c, hybrid_override_pattern=7),
+     "the layer pattern must be a string or a list"),
+    (lambda c: edited(c, hybrid_override_pattern="M" * 200_000),
+     "200000 layers, expected 1 to 1000"),
     (lambda c: [c], "config must be a JSON object, not list"),
     (lambda c: edited(c, chunk_size=0), "chunk_size = 0 is out of range (must be >= 1)"),
     (lambda c: edited(c, hidden_size=-48), "hidden_size = -48 is out of range"),
-    (lambda c: edited(c, layer_norm_epsilon=0), "layer_norm_epsilon = 0 is out of range (must be > 0.0)"),
+    (lambda c: edited(c, layer_norm_epsilon=0),
+     "layer_norm_epsilon = 0 is out of range (must be > 0.0)"),
     (lambda c: edited(c, num_experts_per_tok=9), "num_experts_per_tok (9) > n_routed_experts (8)"),
     (lambda c: edited(c, n_group=2, topk_group=3), "topk_group (3) > n_group (2)"),
     (lambda c: edited(c, n_group=3), "n_routed_experts (8) is not a multiple of n_group (3)"),
     (lambda c: edited(c, n_groups=3), "mamba_num_heads (8) is not a multiple of n_groups (3)"),
     (lambda c: edited(c, time_step_limit=[0.0]), "time_step_limit must be pair of float"),
-    (lambda c: edited(c, routed_scaling_factor=math.nan), "routed_scaling_factor must be float, not nan"),
+    (lambda c: edited(c, routed_scaling_factor=math.nan),
+     "routed_scaling_factor must be float, not nan"),
     (lambda c: edited(c, layer_norm_epsilon=math.inf), "layer_norm_epsilon must be float, not inf"),
     (lambda c: edited(c, time_step_limit=[math.nan, 1.0]), "time_step_limit must be pair of float"),
     (lambda c: edited(c, time_step_limit=[5.0, 1.0]), "time_step_limit [5.0, 1.0] has min > max"),
@@ -94,13 +99,16 @@ CONFIG_FAULTS = [  # (edit of config.json, the message expected)
      "num_experts_per_tok (3) > the 2 experts of the topk_group best groups"),
     (lambda c: edited(c, chunk_size=10**12), "chunk_size 1000000000000 > 4096"),
     (lambda c: edited(c, num_hidden_layers=52), "num_hidden_layers = 52 but the layer pattern has"),
-    (lambda c: edited(c, eos_token_id=[2, 100_000]), "eos_token_id [2, 100000] is not below vocab_size"),
+    (lambda c: edited(c, eos_token_id=[2, 100_000]),
+     "eos_token_id [2, 100000] is not below vocab_size"),
     (lambda c: without(c, "hidden_size"), "missing field hidden_size"),
-    (lambda c: without(without(c, "vocab_size"), "head_dim"), "missing field vocab_size (and 1 more)"),
+    (lambda c: without(without(c, "vocab_size"), "head_dim"),
+     "missing field vocab_size (and 1 more)"),
 ]
 
 
-@pytest.mark.parametrize("edit,message", CONFIG_FAULTS, ids=[m.split()[0] for _, m in CONFIG_FAULTS])
+@pytest.mark.parametrize("edit,message", CONFIG_FAULTS,
+                         ids=[m.split()[0] for _, m in CONFIG_FAULTS])
 def test_bad_config_is_one_line_naming_the_field(source, tmp_path, edit, message):
     ckpt = broken_copy(source, tmp_path / "ckpt")
     config = json.loads((ckpt / "config.json").read_text())
@@ -116,7 +124,8 @@ def test_config_not_utf8_or_unreadable(source, tmp_path, monkeypatch):
 
     def denied(self):
         raise PermissionError(errno.EACCES, "Permission denied", str(self))
-    monkeypatch.setattr(Path, "read_bytes", denied)  # root reads any file: deny it the way a user is denied
+    # root reads any file: deny it the way a user is denied
+    monkeypatch.setattr(Path, "read_bytes", denied)
     assert one_line_error(ne.Config.from_file, ckpt / "config.json").endswith("Permission denied")
 
 
@@ -124,14 +133,16 @@ def test_bad_config_refused_by_slice_before_writing(source, tmp_path, capsys):
     ckpt = broken_copy(source, tmp_path / "ckpt")
     config = json.loads((ckpt / "config.json").read_text())
     (ckpt / "config.json").write_text(json.dumps(edited(config, chunk_size=0)))
-    code, _ = slice_main(["--source-checkpoint", ckpt, "--target-checkpoint", tmp_path / "out", "--size", "32x8"],
-                         capsys)
-    assert code == f"slice.py: error: {ckpt / 'config.json'}: config: chunk_size = 0 is out of range (must be >= 1)"
+    code, _ = slice_main(["--source-checkpoint", ckpt, "--target-checkpoint", tmp_path / "out",
+                          "--size", "32x8"], capsys)
+    assert code == (f"slice.py: error: {ckpt / 'config.json'}: config: "
+                    "chunk_size = 0 is out of range (must be >= 1)")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
 
 
-# ---------------------------------------------------------------------------------------------------
-# tensors: dtypes outside the format, bad FP8 scales, an index naming the wrong shard, an unreadable shard
+# --------------------------------------------------------------------------------------------------
+# tensors: dtypes outside the format, bad FP8 scales, an index naming the wrong shard, an
+# unreadable shard
 
 SCALE = "backbone.layers.1.mixer.experts.2.up_proj.weight_scale"
 NORM = "backbone.layers.0.norm.weight"
@@ -145,7 +156,8 @@ def set_tensor(name: str, value: torch.Tensor):
 
 
 TENSOR_FAULTS = [
-    (NORM, torch.ones(48, dtype=torch.int32), f"{NORM} is I32: the format stores it as F8_E4M3 or BF16 or F32"),
+    (NORM, torch.ones(48, dtype=torch.int32),
+     f"{NORM} is I32: the format stores it as F8_E4M3 or BF16 or F32"),
     (NORM, torch.ones(48, dtype=torch.float64), f"{NORM} is F64"),
     (NORM, torch.ones(48, dtype=torch.bool), f"{NORM} is BOOL"),
     (SCALE, torch.tensor(1.0, dtype=torch.float64), f"{SCALE} is F64: the format stores it as F32"),
@@ -156,14 +168,15 @@ TENSOR_FAULTS = [
 ]
 
 
-@pytest.mark.parametrize("name,value,message", TENSOR_FAULTS, ids=[m.split(": ")[0][-30:] + str(v.dtype) + str(
-    v.flatten()[0].item()) for _, v, m in TENSOR_FAULTS])
+@pytest.mark.parametrize("name,value,message", TENSOR_FAULTS,
+                         ids=[m.split(": ")[0][-30:] + str(v.dtype) + str(v.flatten()[0].item())
+                              for _, v, m in TENSOR_FAULTS])
 def test_bad_tensor_refused_at_load_and_by_slice(source, tmp_path, capsys, name, value, message):
     ckpt = broken_copy(source, tmp_path / "ckpt", edit=set_tensor(name, value))
     error = one_line_error(ne.Model.from_pretrained, ckpt, device="cpu", verbose=False)
     assert message in error
-    code, _ = slice_main(["--source-checkpoint", ckpt, "--target-checkpoint", tmp_path / "out", "--size", "32x8"],
-                         capsys)
+    code, _ = slice_main(["--source-checkpoint", ckpt, "--target-checkpoint", tmp_path / "out",
+                          "--size", "32x8"], capsys)
     assert message in code and "\n" not in code
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no target, no temporary folder
 
@@ -178,18 +191,21 @@ def test_index_naming_the_wrong_shard(source, tmp_path):
     assert error == f"{name} is not in {SHARDS[1]}, the shard the index names for it"
 
 
-@pytest.mark.parametrize("raw", [b"\xff\xfe", b"[1, 2]", b'{"weight_map": [1]}', b'{"weight_map": {"a": 3}}'])
+@pytest.mark.parametrize("raw", [b"\xff\xfe", b"[1, 2]", b'{"weight_map": [1]}',
+                                 b'{"weight_map": {"a": 3}}'])
 def test_broken_index(source, tmp_path, raw):
     ckpt = broken_copy(source, tmp_path / "ckpt")
     (ckpt / "model.safetensors.index.json").write_bytes(raw)
     error = one_line_error(ne.Model.from_pretrained, ckpt, device="cpu", verbose=False)
-    assert error.startswith(f"{ckpt / 'model.safetensors.index.json'} is not a valid safetensors index (")
+    assert error.startswith(
+        f"{ckpt / 'model.safetensors.index.json'} is not a valid safetensors index (")
 
 
 def test_unreadable_shard_reports_the_true_cause(source, tmp_path, monkeypatch):
     real_open = open
 
-    def denied(file, *args, **kwargs):  # root reads any file: deny the shard the way a user is denied
+    # root reads any file: deny the shard the way a user is denied
+    def denied(file, *args, **kwargs):
         if str(file).endswith(SHARDS[1]):
             raise PermissionError(errno.EACCES, "Permission denied", str(file))
         return real_open(file, *args, **kwargs)
@@ -198,8 +214,9 @@ def test_unreadable_shard_reports_the_true_cause(source, tmp_path, monkeypatch):
     assert error == f"cannot read {source / SHARDS[1]}: Permission denied"
 
 
-# ---------------------------------------------------------------------------------------------------
-# slice.py's target: claimed, never replaced or merged unless told, the old one survives any interruption
+# --------------------------------------------------------------------------------------------------
+# slice.py's target: claimed, never replaced or merged unless told, the old one survives any
+# interruption
 
 def test_target_appearing_mid_run_is_left_as_it_is(source, tmp_path, monkeypatch, capsys):
     dst, write = tmp_path / "out", checkpoint.write_safetensors
@@ -209,8 +226,10 @@ def test_target_appearing_mid_run_is_left_as_it_is(source, tmp_path, monkeypatch
         if not dst.exists():
             old_target(dst)
     monkeypatch.setattr(checkpoint, "write_safetensors", someone_creates_the_target)
-    code, _ = slice_main(["--source-checkpoint", source, "--target-checkpoint", dst, "--size", "32x8"], capsys)
-    assert code == f"slice.py: error: target {dst} appeared while slicing: left as it is; nothing was written"
+    code, _ = slice_main(["--source-checkpoint", source, "--target-checkpoint", dst,
+                          "--size", "32x8"], capsys)
+    assert code == (f"slice.py: error: target {dst} appeared while slicing: left as it is; "
+                    "nothing was written")
     assert listing(tmp_path) == {"out/old.txt": "the user's old slice"}
 
 
@@ -218,12 +237,16 @@ def test_second_run_on_the_same_target_is_refused(source, tmp_path, capsys):
     dst = tmp_path / "out"
     lock = slicer.lock_target(dst)  # a first run, in the middle of writing
     try:
-        code, _ = slice_main(["--source-checkpoint", source, "--target-checkpoint", dst, "--size", "32x8"], capsys)
-        assert code == f"slice.py: error: another slice.py is writing {dst}: wait for it, or choose another target"
-        assert sorted(p.name for p in tmp_path.iterdir()) == [".out.slice-lock"]  # the first run's lock only
+        code, _ = slice_main(["--source-checkpoint", source, "--target-checkpoint", dst,
+                              "--size", "32x8"], capsys)
+        assert code == (f"slice.py: error: another slice.py is writing {dst}: wait for it, "
+                        "or choose another target")
+        # the first run's lock only
+        assert sorted(p.name for p in tmp_path.iterdir()) == [".out.slice-lock"]
     finally:
         slicer.unlock_target(dst, lock)
-    slicer.slice_checkpoint(source, dst, "32x8", log=lambda s: None)  # once it is done, the target is free
+    # once it is done, the target is free
+    slicer.slice_checkpoint(source, dst, "32x8", log=lambda s: None)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
@@ -231,13 +254,15 @@ def test_two_concurrent_processes_one_wins(source, tmp_path):
     dst = tmp_path / "out"
     argv = [sys.executable, str(ROOT / "slice.py"), "--source-checkpoint", str(source),
             "--target-checkpoint", str(dst), "--size", "32x8"]
-    runs = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    runs = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for _ in range(2)]
     results = [(p.wait(timeout=120), p.stderr.read().strip().splitlines()[-1:]) for p in runs]
     codes = sorted(code for code, _ in results)
     assert codes == [0, 1], results  # exactly one wrote the target; the other said why it did not
     refused = next(lines for code, lines in results if code == 1)
-    assert refused in ([f"slice.py: error: another slice.py is writing {dst}: wait for it, or choose another "
-                        "target"], [f"slice.py: error: target exists: {dst} (use --force to replace it)"])
+    assert refused in ([f"slice.py: error: another slice.py is writing {dst}: wait for it, "
+                        "or choose another target"],
+                       [f"slice.py: error: target exists: {dst} (use --force to replace it)"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     checkpoint.check_checkpoint(ne.Model(ne.Config.from_file(dst / "config.json")).to("meta"), dst)
 
@@ -255,24 +280,27 @@ def test_force_swap_interrupted_keeps_the_old_target(source, tmp_path, monkeypat
         return wrapped
     monkeypatch.setattr(Path, "rename", interrupted(Path.rename))  # the old target moved aside
     monkeypatch.setattr(checkpoint, "rename_no_replace", interrupted(checkpoint.rename_no_replace))
-    code, err = slice_main(["--source-checkpoint", source, "--target-checkpoint", dst, "--size", "32x8", "--force"],
-                           capsys)
+    code, err = slice_main(["--source-checkpoint", source, "--target-checkpoint", dst,
+                            "--size", "32x8", "--force"], capsys)
     assert code == 130
-    assert err.splitlines()[-1] == f"slice.py: error: interrupted; nothing half-written is left at {dst}"
+    assert (err.splitlines()[-1]
+            == f"slice.py: error: interrupted; nothing half-written is left at {dst}")
     assert listing(tmp_path) == {"out/old.txt": "the user's old slice"}
 
 
 def test_killed_runs_leftovers_restored_or_removed(source, tmp_path, capsys):
-    """A run killed (SIGKILL) between the swap's renames left the old target aside, and one killed while
-    writing left its temporary folder: the next run puts the first back and removes the second."""
+    """A run killed (SIGKILL) between the swap's renames left the old target aside, and one killed
+    while writing left its temporary folder: the next run puts the first back and removes the
+    second."""
     dst = tmp_path / "out"
     old_target(tmp_path / ".out.old-999999")
     (tmp_path / ".out.tmp-999998").mkdir()
     (tmp_path / ".out.tmp-999998" / "model-00001-of-00002.safetensors").write_bytes(b"\0" * 100)
-    code, _ = slice_main(["--source-checkpoint", source, "--target-checkpoint", dst, "--size", "32x8"], capsys)
+    code, _ = slice_main(["--source-checkpoint", source, "--target-checkpoint", dst,
+                          "--size", "32x8"], capsys)
     assert code == f"slice.py: error: target exists: {dst} (use --force to replace it)"
     assert listing(tmp_path) == {"out/old.txt": "the user's old slice"}
-    # A kill after the swap (while the backup was being removed): the new target stays, the backup goes.
+    # Killed after the swap (while removing the backup): the new target stays, the backup goes.
     (tmp_path / ".out.old-999997").mkdir()
     log = []
     slicer.slice_checkpoint(source, tmp_path / "new", "32x8", log=log.append)
@@ -285,13 +313,15 @@ def test_symlinked_target_refused_up_front(source, tmp_path, capsys):
     real, link = old_target(tmp_path / "real"), tmp_path / "out"
     link.symlink_to(real)
     for force in ([], ["--force"]):
-        code, _ = slice_main(["--source-checkpoint", source, "--target-checkpoint", link, "--size", "32x8", *force],
-                             capsys)
-        assert code == f"slice.py: error: target {link} is a symbolic link: give the path of the folder itself"
-        assert link.readlink() == real and listing(tmp_path) == {"real/old.txt": "the user's old slice"}
+        code, _ = slice_main(["--source-checkpoint", source, "--target-checkpoint", link,
+                              "--size", "32x8", *force], capsys)
+        assert code == (f"slice.py: error: target {link} is a symbolic link: "
+                        "give the path of the folder itself")
+        assert (link.readlink() == real
+                and listing(tmp_path) == {"real/old.txt": "the user's old slice"})
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # a full disk: one line with the cause, nothing half-written
 
 def test_full_disk_while_slicing(source, tmp_path, monkeypatch, capsys):
@@ -305,8 +335,8 @@ def test_full_disk_while_slicing(source, tmp_path, monkeypatch, capsys):
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
         write(path, outputs, tensors)
     monkeypatch.setattr(checkpoint, "write_safetensors", disk_full)
-    code, _ = slice_main(["--source-checkpoint", source, "--target-checkpoint", dst, "--size", "40x16", "--force"],
-                         capsys)
+    code, _ = slice_main(["--source-checkpoint", source, "--target-checkpoint", dst,
+                          "--size", "40x16", "--force"], capsys)
     assert code == f"slice.py: error: [Errno 28] No space left on device: '{shards[1]}'"
     assert listing(tmp_path) == {"out/old.txt": "the user's old slice"}
 
@@ -327,17 +357,20 @@ def small_disk(tmp_path):
     """A real 2 MB filesystem (tmpfs), where the machine lets us mount one (root, Linux)."""
     disk = tmp_path / "disk"
     disk.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)], capture_output=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)],
+                             capture_output=True)
     if mounted.returncode != 0:
-        pytest.skip("cannot mount a tmpfs here (needs root); test_full_disk_* above simulate ENOSPC instead")
+        pytest.skip("cannot mount a tmpfs here (needs root); "
+                    "test_full_disk_* above simulate ENOSPC instead")
     yield disk
     subprocess.run(["umount", str(disk)], check=True)
 
 
 def test_really_full_disk(small_disk, tmp_path):
     """The demo checkpoint (about 7 MB) on a 2 MB disk: one line, and the disk is left empty."""
-    result = subprocess.run([sys.executable, str(ROOT / "chat.py"), "--demo", "--ckpt", str(small_disk / "demo"),
-                             "--prompt", "hi"], capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, str(ROOT / "chat.py"), "--demo",
+                             "--ckpt", str(small_disk / "demo"), "--prompt", "hi"],
+                            capture_output=True, text=True, timeout=120)
     assert result.returncode == 1 and "No space left on device" in result.stderr
     *banner, error = result.stderr.splitlines()  # the demo banner goes to stderr in one-shot mode
     assert error.startswith("chat.py: error:") and "No space left on device" in error
@@ -346,7 +379,8 @@ def test_really_full_disk(small_disk, tmp_path):
 
 
 def test_folder_appearing_while_a_checkpoint_is_written(tmp_path):
-    """Two demo runs writing the same folder: the second to finish leaves the first's output as it is."""
+    """Two demo runs writing the same folder: the second to finish leaves the first's output as it
+    is."""
     path = tmp_path / "demo"
     chat.write_demo_checkpoint(path)
     first = listing(path)
@@ -354,10 +388,11 @@ def test_folder_appearing_while_a_checkpoint_is_written(tmp_path):
     error = one_line_error(checkpoint.write_random_checkpoint, path_again, ne.DEMO_CONFIG,
                            extra_files=lambda folder: chat.write_demo_checkpoint(path_again))
     assert error == f"{path_again} appeared while it was written (another run?): left as it is"
-    assert listing(path_again) == first and sorted(p.name for p in tmp_path.iterdir()) == ["demo", "demo2"]
+    assert (listing(path_again) == first
+            and sorted(p.name for p in tmp_path.iterdir()) == ["demo", "demo2"])
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # the chat: text that is not UTF-8, SIGTERM
 
 def run_chat(*args, stdin=b"", env=None) -> subprocess.CompletedProcess:
@@ -368,7 +403,8 @@ def run_chat(*args, stdin=b"", env=None) -> subprocess.CompletedProcess:
 def test_not_utf8_input_is_replaced_and_the_chat_goes_on(tmp_path):
     ckpt = tmp_path / "demo"
     chat.write_demo_checkpoint(ckpt)
-    one_shot = run_chat("--ckpt", ckpt, "--max-new-tokens", "4", "--prompt", os.fsdecode(b"hi \xff\xfe there"))
+    one_shot = run_chat("--ckpt", ckpt, "--max-new-tokens", "4",
+                        "--prompt", os.fsdecode(b"hi \xff\xfe there"))
     assert one_shot.returncode == 0 and b"Traceback" not in one_shot.stderr
     assert one_shot.stdout.count(b"[cut at 4 tokens") == 1
     piped = run_chat("--ckpt", ckpt, "--max-new-tokens", "4", "--interactive",
@@ -385,7 +421,8 @@ def test_sigterm_removes_the_demo_checkpoint(tmp_path):
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             env={**os.environ, "TMPDIR": str(temp)})
     try:
-        for line in proc.stdout:  # until the chat waits for input, its checkpoint written and loaded
+        # until the chat waits for input, its checkpoint written and loaded
+        for line in proc.stdout:
             if line.startswith(b"nanoelastic chat:"):
                 break
         assert any(temp.iterdir())  # the demo checkpoint is there ...
@@ -398,8 +435,8 @@ def test_sigterm_removes_the_demo_checkpoint(tmp_path):
 
 
 def test_move_into_place_never_replaces_what_appears_at_the_target(tmp_path, monkeypatch):
-    """An empty folder made at the target after every check (here: the checks are blinded) is left as
-    it is: the rename itself refuses to replace (renameat2 with RENAME_NOREPLACE)."""
+    """An empty folder made at the target after every check (here: the checks are blinded) is left
+    as it is: the rename itself refuses to replace (renameat2 with RENAME_NOREPLACE)."""
     new, target = tmp_path / "new", tmp_path / "target"
     new.mkdir()
     (new / "model.safetensors").write_text("new")
@@ -409,7 +446,8 @@ def test_move_into_place_never_replaces_what_appears_at_the_target(tmp_path, mon
     assert list(target.iterdir()) == [] and (new / "model.safetensors").read_text() == "new"
     monkeypatch.undo()
     target.rmdir()
-    assert checkpoint.move_into_place(new, target) is True and (target / "model.safetensors").exists()
+    assert (checkpoint.move_into_place(new, target) is True
+            and (target / "model.safetensors").exists())
 
 
 def test_slice_to_the_current_folder_is_one_line(source, tmp_path, monkeypatch, capsys):
@@ -421,8 +459,8 @@ def test_slice_to_the_current_folder_is_one_line(source, tmp_path, monkeypatch, 
 
 
 def test_a_killed_demo_writers_folder_is_removed_by_the_next_run(tmp_path):
-    """kill -9 while the demo checkpoint is written leaves `.NAME.tmp-PID-*`; the next run removes the
-    folders of dead processes (and leaves those of live ones)."""
+    """kill -9 while the demo checkpoint is written leaves `.NAME.tmp-PID-*`; the next run removes
+    the folders of dead processes (and leaves those of live ones)."""
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     left = tmp_path / f".demo.tmp-{dead.pid}-abc"

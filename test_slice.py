@@ -18,16 +18,18 @@ import checkpoint
 import nanoelastic as ne
 import slice as slicer
 from nanoelastic import Model
-from test_nanoelastic import CONFIGS, broken_copy, checkpoints, models, small_config, tokens  # noqa: F401 (fixtures)
+from test_nanoelastic import (CONFIGS, broken_copy, checkpoints, models,  # noqa: F401 (fixtures)
+                              small_config, tokens)
 
 ROOT = Path(__file__).parent
-EXTRA_FILES = {"tokenizer.json": '{"model": {}}', "tokenizer_config.json": '{"chat_template": "{{ x }}"}'}
+EXTRA_FILES = {"tokenizer.json": '{"model": {}}',
+               "tokenizer_config.json": '{"chat_template": "{{ x }}"}'}
 
 
 @pytest.fixture(scope="module")
 def sources(checkpoints, tmp_path_factory):
-    """The test checkpoints plus what a real release also holds: tokenizer files, a download cache and, in
-    the FP8 one, FP8-KV scales and a quantization_config (names from ModelOpt's exports)."""
+    """The test checkpoints plus what a real release also holds: tokenizer files, a download cache
+    and, in the FP8 one, FP8-KV scales and a quantization_config (names from ModelOpt's exports)."""
     root = tmp_path_factory.mktemp("src")
     out = {}
     for key, path in checkpoints.items():
@@ -35,7 +37,8 @@ def sources(checkpoints, tmp_path_factory):
 
         def kv_scales(tensors):
             for i, kind in enumerate(CONFIGS[name].layers_block_type):
-                if fp8 and kind == "attention" and f"backbone.layers.{i}.mixer.k_proj.weight" in tensors:
+                if (fp8 and kind == "attention"
+                        and f"backbone.layers.{i}.mixer.k_proj.weight" in tensors):
                     tensors[f"backbone.layers.{i}.mixer.k_proj.k_scale"] = torch.tensor(0.5 + i)
                     tensors[f"backbone.layers.{i}.mixer.v_proj.v_scale"] = torch.tensor(0.25 + i)
 
@@ -82,10 +85,11 @@ def leftovers(folder: Path) -> list[str]:
     return [p.name for p in folder.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # same precision: tensors, config, index, files, and logits equal to the source's views
 
-@pytest.mark.parametrize("key", [("A", True), ("A", False), ("B", True)], ids=["A-fp8", "A-bf16", "B-fp8"])
+@pytest.mark.parametrize("key", [("A", True), ("A", False), ("B", True)],
+                         ids=["A-fp8", "A-bf16", "B-fp8"])
 @pytest.mark.parametrize("size", ["40x16", "32x8"])
 def test_slice_equals_views(sources, models, tmp_path, key, size):
     src = sources[key]
@@ -101,14 +105,15 @@ def test_slice_equals_views(sources, models, tmp_path, key, size):
 
     # Every other file copied byte for byte; the download cache is not.
     skip = {"config.json", "model.safetensors.index.json"}
-    copied = sorted(p.name for p in src.iterdir() if p.suffix != ".safetensors" and p.name not in skip | {".cache"})
+    copied = sorted(p.name for p in src.iterdir()
+                    if p.suffix != ".safetensors" and p.name not in skip | {".cache"})
     assert "tokenizer.json" in copied and "generation_config.json" in copied
     assert ("hf_quant_config.json" in copied) == key[1]
     for name in copied:
         assert (dst / name).read_bytes() == (src / name).read_bytes(), name
     assert not (dst / ".cache").exists() and leftovers(tmp_path) == []
 
-    # The index names every tensor of the source, in shards that exist and hold exactly those tensors.
+    # The index names every tensor of the source, in existing shards holding exactly those tensors.
     index = json.loads((dst / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
     assert shards == sorted(p.name for p in dst.glob("*.safetensors"))
@@ -118,14 +123,17 @@ def test_slice_equals_views(sources, models, tmp_path, key, size):
             assert set(sf.keys()) == {n for n, s in index["weight_map"].items() if s == shard}
     before, after = tensors_of(src), tensors_of(dst)
     assert after.keys() == before.keys()
-    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in after.values())
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size()
+                                                  for t in after.values())
 
     # Each tensor is the prefix of the table (shape and values), in its own dtype; scales unchanged.
     for name, t in after.items():
         assert t.dtype == before[name].dtype and t.is_contiguous()
         assert torch.equal(t, ne.nested_view(name, before[name], d, f)), name
-    expert = "backbone.layers.1.mixer.experts.2" if key[0] == "A" else "backbone.layers.0.mixer.experts.2"
-    assert after[f"{expert}.up_proj.weight"].shape == (f, d) and after[f"{expert}.down_proj.weight"].shape == (d, f)
+    expert = ("backbone.layers.1.mixer.experts.2" if key[0] == "A"
+              else "backbone.layers.0.mixer.experts.2")
+    assert (after[f"{expert}.up_proj.weight"].shape == (f, d)
+            and after[f"{expert}.down_proj.weight"].shape == (d, f))
     scales = [n for n in before if n.endswith(slicer.SCALES)]
     assert bool(scales) == key[1] and all(torch.equal(after[n], before[n]) for n in scales)
 
@@ -136,14 +144,15 @@ def test_slice_equals_views(sources, models, tmp_path, key, size):
     assert (summary["params_total"], summary["params_active"]) == models[key].num_params(size)
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # precision
 
 def hf_logits(path: Path, t: torch.Tensor) -> torch.Tensor:
     """transformers' NemotronHForCausalLM, loaded from the folder as a user would."""
     from transformers import NemotronHForCausalLM
 
-    # transformers floors dt at time_step_min in its chunked prefill only; nanoelastic does not (README).
+    # transformers floors dt at time_step_min in its chunked prefill only; nanoelastic does not
+    # (see the README).
     hf = NemotronHForCausalLM.from_pretrained(path, dtype=torch.float32, time_step_min=1e-30).eval()
     with torch.no_grad():
         return hf(t).logits
@@ -153,13 +162,16 @@ def test_bf16_from_fp8_dequantizes(sources, tmp_path):
     src, dst = sources[("A", True)], tmp_path / "bf16"
     slicer.slice_checkpoint(src, dst, "40x16", precision="bf16", log=lambda s: None)
     before, after = tensors_of(src), tensors_of(dst)
-    assert not any(n.endswith(slicer.SCALES) for n in after)  # weight, input and k/v scales all dropped
+    # weight, input and k/v scales all dropped
+    assert not any(n.endswith(slicer.SCALES) for n in after)
     assert after.keys() == {n for n in before if not n.endswith(slicer.SCALES)}
     assert not any(t.dtype == torch.float8_e4m3fn for t in after.values())
     w = "backbone.layers.1.mixer.experts.5.down_proj.weight"
-    expect = (ne.nested_view(w, before[w], 40, 16).float() * before[w + "_scale"]).to(torch.bfloat16)
+    expect = (ne.nested_view(w, before[w], 40, 16).float()
+              * before[w + "_scale"]).to(torch.bfloat16)
     assert after[w].dtype == torch.bfloat16 and torch.equal(after[w], expect)
-    assert after["backbone.layers.1.mixer.gate.weight"].dtype == torch.float32  # non-FP8 tensors keep their dtype
+    # non-FP8 tensors keep their dtype
+    assert after["backbone.layers.1.mixer.gate.weight"].dtype == torch.float32
 
     old, new = (json.loads((p / "config.json").read_text()) for p in (src, dst))
     assert {k for k in old.keys() | new.keys() if old.get(k) != new.get(k)} == \
@@ -167,10 +179,11 @@ def test_bf16_from_fp8_dequantizes(sources, tmp_path):
     assert "quantization_config" not in new and not (dst / "hf_quant_config.json").exists()
     assert (dst / "tokenizer.json").is_file()
 
-    # Same weights as the FP8 source dequantised to BF16 on use, so at BF16 compute the logits agree.
+    # Same weights as the FP8 source dequantised to BF16 on use: at BF16 compute the logits agree.
     t = tokens(2, 19, seed=6)
     source_bf16 = load(src, torch.bfloat16)
-    torch.testing.assert_close(load(dst, torch.bfloat16)(t), source_bf16(t, size="40x16"), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(load(dst, torch.bfloat16)(t), source_bf16(t, size="40x16"),
+                               rtol=1e-5, atol=1e-5)
     # transformers reads the folder as is and agrees with nanoelastic on it (fp32 compute).
     torch.testing.assert_close(hf_logits(dst, t), load(dst)(t), rtol=1e-4, atol=1e-4)
 
@@ -179,23 +192,26 @@ def test_bf16_output_loads_in_transformers(sources, models, tmp_path):
     dst = tmp_path / "out"
     slicer.slice_checkpoint(sources[("B", False)], dst, "32x8", log=lambda s: None)
     t = tokens(2, 19, seed=7)
-    torch.testing.assert_close(hf_logits(dst, t), models[("B", False)](t, size="32x8"), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(hf_logits(dst, t), models[("B", False)](t, size="32x8"),
+                               rtol=1e-4, atol=1e-4)
 
 
 def test_fp8_from_bf16_is_refused(sources, tmp_path):
-    message = error_of(["--source-checkpoint", sources[("A", False)], "--target-checkpoint", tmp_path / "out",
+    message = error_of(["--source-checkpoint", sources[("A", False)],
+                        "--target-checkpoint", tmp_path / "out",
                         "--size", "40x16", "--precision", "fp8"])
     assert message.startswith("slice.py: error: --precision fp8 needs an FP8 source")
     assert list(tmp_path.iterdir()) == []
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # the presets, the command line, mtp
 
 def test_presets_on_the_real_widths(tmp_path):
-    """23B and 12B by name, on a checkpoint with the 30B's hidden and expert FFN widths (few other params)."""
-    config = small_config("EM*", hidden_size=2688, moe_intermediate_size=1856, intermediate_size=1856,
-                          n_routed_experts=2, num_experts_per_tok=1)
+    """23B and 12B by name, on a checkpoint with the 30B's hidden and expert FFN widths (few other
+    params)."""
+    config = small_config("EM*", hidden_size=2688, moe_intermediate_size=1856,
+                          intermediate_size=1856, n_routed_experts=2, num_experts_per_tok=1)
     src = checkpoint.write_random_checkpoint(tmp_path / "src", config, shards=2)
     source = load(src)
     t = tokens(1, 9, seed=8)
@@ -226,17 +242,19 @@ def test_mtp_dropped_kv_scales_kept(checkpoints, tmp_path):
     config = json.loads((src / "config.json").read_text())
     (src / "config.json").write_text(json.dumps({**config, "num_nextn_predict_layers": 1}))
     for precision, kept in [("fp8", True), ("bf16", False)]:
-        summary = slicer.slice_checkpoint(src, tmp_path / precision, "32x8", precision, log=lambda s: None)
+        summary = slicer.slice_checkpoint(src, tmp_path / precision, "32x8", precision,
+                                          log=lambda s: None)
         after = tensors_of(tmp_path / precision)
         assert not any(n.startswith("mtp.") for n in after)
         assert summary["dropped"]["mtp.* (no nesting rule for the MTP head)"] == 2
         assert ("backbone.layers.3.mixer.k_proj.k_scale" in after) == kept
         if kept:
             assert after["backbone.layers.3.mixer.k_proj.k_scale"] == 0.5
-        assert json.loads((tmp_path / precision / "config.json").read_text())["num_nextn_predict_layers"] == 0
+        config_out = json.loads((tmp_path / precision / "config.json").read_text())
+        assert config_out["num_nextn_predict_layers"] == 0
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # safety and errors
 
 def test_target_is_refused_unless_force(sources, tmp_path):
@@ -247,9 +265,11 @@ def test_target_is_refused_unless_force(sources, tmp_path):
     assert error_of(args) == f"slice.py: error: target exists: {dst} (use --force to replace it)"
     assert (dst / "old.txt").is_file()
     slicer.cli(list(map(str, args)) + ["--force"])
-    assert not (dst / "old.txt").exists() and (dst / "config.json").is_file() and leftovers(tmp_path) == []
-    assert error_of(["--source-checkpoint", src, "--target-checkpoint", src / "sub", "--size", "32x8"]) == \
-        f"slice.py: error: target {src / 'sub'} must be a folder outside the source {src}"
+    assert (not (dst / "old.txt").exists() and (dst / "config.json").is_file()
+            and leftovers(tmp_path) == [])
+    assert (error_of(["--source-checkpoint", src, "--target-checkpoint", src / "sub",
+                      "--size", "32x8"])
+            == f"slice.py: error: target {src / 'sub'} must be a folder outside the source {src}")
 
 
 def test_interrupted_run_leaves_nothing(sources, tmp_path, monkeypatch, capsys):
@@ -262,17 +282,20 @@ def test_interrupted_run_leaves_nothing(sources, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(checkpoint, "write_safetensors", interrupted)
     src, dst = sources[("A", True)], tmp_path / "out"
     with pytest.raises(SystemExit) as e:
-        slicer.cli(list(map(str, ["--source-checkpoint", src, "--target-checkpoint", dst, "--size", "32x8"])))
+        slicer.cli(list(map(str, ["--source-checkpoint", src, "--target-checkpoint", dst,
+                                   "--size", "32x8"])))
     assert e.value.code == 130  # as a shell reports Ctrl-C
-    assert capsys.readouterr().err == f"slice.py: error: interrupted; nothing half-written is left at {dst}\n"
+    assert (capsys.readouterr().err
+            == f"slice.py: error: interrupted; nothing half-written is left at {dst}\n")
     assert list(tmp_path.iterdir()) == []
     # With --force, an interrupted run leaves the old target as it was.
     dst.mkdir()
     (dst / "old.txt").write_text("old")
     with pytest.raises(SystemExit):
-        slicer.cli(list(map(str, ["--source-checkpoint", src, "--target-checkpoint", dst, "--size", "32x8",
-                                   "--force"])))
-    assert [p.name for p in tmp_path.iterdir()] == ["out"] and (dst / "old.txt").read_text() == "old"
+        slicer.cli(list(map(str, ["--source-checkpoint", src, "--target-checkpoint", dst,
+                                   "--size", "32x8", "--force"])))
+    assert ([p.name for p in tmp_path.iterdir()] == ["out"]
+            and (dst / "old.txt").read_text() == "old")
 
 
 def test_bad_input_errors(sources, tmp_path):
@@ -295,15 +318,18 @@ def test_bad_input_errors(sources, tmp_path):
         (broken_copy(src, tmp_path / "a", drop_file="config.json"), "40x16", "missing config"),
         (broken_copy(src, tmp_path / "b", drop_file="model-00002-of-00003.safetensors"), "40x16",
          "missing shard: .*model-00002-of-00003.safetensors"),
-        (broken_copy(src, tmp_path / "c", edit=drop), "40x16", f"missing tensor in checkpoint: {expert}"),
-        (broken_copy(src, tmp_path / "d", edit=reshape), "40x16", rf"wrong shape for {expert}: \[24, 40\], expected \[24, 48\]"),
+        (broken_copy(src, tmp_path / "c", edit=drop), "40x16",
+         f"missing tensor in checkpoint: {expert}"),
+        (broken_copy(src, tmp_path / "d", edit=reshape), "40x16",
+         rf"wrong shape for {expert}: \[24, 40\], expected \[24, 48\]"),
         (src, "XL", "unknown size 'XL'"),
         (src, "23B", "does not fit"),
         (src, "49x8", "does not fit"),
     ]
     out = tmp_path / "out"
     for source, size, message in cases:
-        error = error_of(["--source-checkpoint", source, "--target-checkpoint", out, "--size", size])
+        error = error_of(["--source-checkpoint", source, "--target-checkpoint", out,
+                          "--size", size])
         assert error.startswith("slice.py: error: ")
         assert re.search(message, error), (error, message)
         assert not out.exists() and leftovers(tmp_path) == []
@@ -311,4 +337,5 @@ def test_bad_input_errors(sources, tmp_path):
     proc = run("--source-checkpoint", src, "--target-checkpoint", out, "--size", "99B")
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 1 and len(lines) == 1 and re.fullmatch(
-        r"slice\.py: error: unknown size '99B': use HIDDENxFFN up to \d+x\d+ \(this checkpoint's widths\)", lines[0])
+        r"slice\.py: error: unknown size '99B': use HIDDENxFFN up to \d+x\d+ "
+        r"\(this checkpoint's widths\)", lines[0])
