@@ -655,6 +655,9 @@ def load(args: argparse.Namespace, tmp: str) -> tuple[ne.Model, ChatTokenizer]:
     """The checkpoint's model and tokenizer."""
     if args.demo:
         path = Path(args.ckpt) if args.ckpt else Path(tmp) / "demo"
+        if path.exists() and not path.is_dir():
+            raise NanoElasticError(f"{path} is a file: --demo --ckpt takes a folder (written if "
+                                   f"missing)")
         if not path.exists():
             try:
                 write_demo_checkpoint(path)

@@ -376,11 +376,14 @@ def test_bad_input_is_one_line_error(demo_ckpt, tmp_path):
     shutil.copy(no_tokenizer / "config.json", config_only)
     sliced_23b = tmp_path / "sliced-23B"  # the config of a standalone 23B (slice.py's output)
     sliced_23b.mkdir()
-    (sliced_23b / "config.json").write_text(json.dumps(checkpoint.config_json(ne.Config().sliced(2304, 1600))))
+    config_23b = checkpoint.config_json(ne.Config().sliced(2304, 1600))
+    (sliced_23b / "config.json").write_text(json.dumps(config_23b))
     cases = [  # (arguments, stdin, what the one line says)
         (["--demo", "--ckpt", str(demo_ckpt), "--think", "40B", "--prompt", "hi"], "",
          "unknown size '40B'"),
         (["--prompt", "hi"], "", "no checkpoint found.*hf download nvidia/.*python chat.py --demo"),
+        (["--demo", "--ckpt", str(config_only / "config.json"), "--prompt", "hi"], "",
+         "config.json is a file: --demo --ckpt takes a folder"),
         (["--ckpt", str(tmp_path / "nowhere"), "--prompt", "hi"], "", "is not a checkpoint folder"),
         # stdin is a pipe holding nothing
         (["--demo", "--ckpt", str(demo_ckpt)], "", "empty prompt"),

@@ -307,6 +307,8 @@ def test_killed_runs_leftovers_restored_or_removed(source, tmp_path, capsys):
     slicer.slice_checkpoint(source, dst, "32x8", force=True, log=log.append)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["new", "out"]
     assert listing(tmp_path / "out") == listing(tmp_path / "new")
+    assert any(line.startswith(f"removed {tmp_path / '.out.old-999997'}, the old target")
+               for line in log)
 
 
 def test_symlinked_target_refused_up_front(source, tmp_path, capsys):
