@@ -655,9 +655,6 @@ def load(args: argparse.Namespace, tmp: str) -> tuple[ne.Model, ChatTokenizer]:
     """The checkpoint's model and tokenizer."""
     if args.demo:
         path = Path(args.ckpt) if args.ckpt else Path(tmp) / "demo"
-        if path.exists() and not path.is_dir():
-            raise NanoElasticError(f"{path} is a file: --demo --ckpt takes a folder (written if "
-                                   f"missing)")
         if not path.exists():
             try:
                 write_demo_checkpoint(path)
@@ -693,6 +690,9 @@ def main(argv: list[str] | None = None) -> int:
         raise NanoElasticError("empty prompt")
     settings = settings_of(args)
     size_names = check_sizes(args, settings)
+    if args.demo and args.ckpt and os.path.isfile(args.ckpt):
+        raise NanoElasticError(f"{args.ckpt} is a file: --demo --ckpt takes a folder (written if "
+                               f"missing)")
     # on stderr when the output is an answer (one-shot, piped), so stdout is only the reply
     if args.demo:
         print(f"DEMO: random weights, so the text is noise; the sizes, caches and switch are "
