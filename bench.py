@@ -716,7 +716,9 @@ def locked(folder: Path):
         yield
 
 
-def run_budget(args: argparse.Namespace, argv: list[str] | None) -> dict:
+def budget_plan(args: argparse.Namespace) -> tuple[list, list, list, dict, Path | None]:
+    """--budget's arguments, checked before anything loads: (configurations, budgets, problems,
+    the demo's size names, the checkpoint folder or None for the demo). Fills in --max-new-tokens."""
     import chat
     configs = parse_configs(args.configs)
     budgets = parse_budgets(args.think_budgets or (DEMO_THINK if args.demo else BUDGET_THINK))
@@ -740,6 +742,12 @@ def run_budget(args: argparse.Namespace, argv: list[str] | None) -> dict:
             ne.parse_size(size_names.get(size, size), config)
     except NanoElasticError as e:
         fail(str(e))
+    return configs, budgets, problems, size_names, ckpt
+
+
+def run_budget(args: argparse.Namespace, argv: list[str] | None) -> dict:
+    import chat
+    configs, budgets, problems, size_names, ckpt = budget_plan(args)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         fail(f"--out {out} is a file, not a folder")
