@@ -37,20 +37,18 @@ HF_REPOS = ("nvidia/NVIDIA-Nemotron-Labs-3-Elastic-30B-A3B-FP8",
 MAX_CONTEXT = 65536
 PREFILL_CHUNK = 8192
 
-HELP = ("commands:\n"
-        "  /think SIZE     think with SIZE (30B, 23B, 12B or HIDDENxFFN)\n"
-        "  /answer SIZE    answer with SIZE\n"
-        "  /switch MODE    transplant (keep the caches, free) or reprefill (rebuild them with the "
-        "answer size, exact)\n"
-        "  /nothink        thinking off (again: on)\n"
-        "  /clear          forget the conversation\n"
-        "  /help           this list\n"
-        "  /exit           leave (or Ctrl-D); Ctrl-C stops a reply and keeps the conversation, "
-        "and at the\n"
-        "                  prompt clears the line\n"
-        "a prompt of several lines: end a line with \\ to go on on the next one, "
-        "or put the lines between two\n"
-        "lines of \"\"\"; a paste of several lines is one prompt.")
+HELP = """commands:
+  /think SIZE     think with SIZE (30B, 23B, 12B or HIDDENxFFN)
+  /answer SIZE    answer with SIZE
+  /switch MODE    transplant (keep the caches, free) or reprefill (rebuild them with the answer
+                  size, exact)
+  /nothink        thinking off (again: on)
+  /clear          forget the conversation
+  /help           this list
+  /exit           leave (or Ctrl-D); Ctrl-C stops a reply and keeps the conversation, and at the
+                  prompt clears the line
+a prompt of several lines: end a line with \\ to go on on the next one, or put the lines between two
+lines of \"\"\"; a paste of several lines is one prompt."""
 
 
 # --------------------------------------------------------------------------------------------------
