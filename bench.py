@@ -718,7 +718,7 @@ def locked(folder: Path):
 
 def budget_plan(args: argparse.Namespace) -> tuple[list, list, list, dict, Path | None]:
     """--budget's arguments, checked before anything loads: (configurations, budgets, problems,
-    the demo's size names, the checkpoint folder or None for the demo). Fills in --max-new-tokens."""
+    the demo's size names, the checkpoint folder or None for the demo). Sets --max-new-tokens."""
     import chat
     configs = parse_configs(args.configs)
     budgets = parse_budgets(args.think_budgets or (DEMO_THINK if args.demo else BUDGET_THINK))
