@@ -839,6 +839,27 @@ def test_generate_refuses_bad_argument_types_and_non_finite_values(models):
         ne.sample(torch.zeros(8), 1.0, 1.0, 2.5)
 
 
+@pytest.mark.parametrize("error,code", [
+    (NanoElasticError("bad size"), "demo.py: error: bad size"),
+    (OSError(28, "No space left on device"), "demo.py: error: [Errno 28] No space left on device"),
+    ("safetensors", "demo.py: error: corrupt shard"),
+    (KeyboardInterrupt(), 130), (ne.Terminated(), 143), (None, 3)])
+def test_run_cli_ends_every_way_with_one_line_or_a_code(monkeypatch, error, code):
+    """Every command line ends through run_cli: bad input, an OS error or a shard corrupt beyond its
+    header (SafetensorError) is one line; Ctrl-C and SIGTERM are 130 and 143; main's int is kept."""
+    from safetensors import SafetensorError
+
+    monkeypatch.setattr(ne, "sigterm_as_interrupt", lambda: None)
+
+    def main():
+        if error is None:
+            return 3
+        raise SafetensorError("corrupt shard") if error == "safetensors" else error
+    with pytest.raises(SystemExit) as exit_:
+        ne.run_cli("demo.py", main)
+    assert exit_.value.code == code
+
+
 def test_no_cuda_error_fits_the_api_and_the_cli():
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
