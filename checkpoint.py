@@ -389,10 +389,10 @@ def place_tensor(model: Model, stacks: dict, name: str, t: Tensor, dtype: torch.
     stay FP8, scales become fp32 scalars, FP32_TENSORS fp32, the rest `dtype`; experts fill stacked
     tensors."""
     target, expert = model_tensor(name)
-    if target.endswith(".input_scale"):  # checked in the headers; unused: activations stay BF16
-        return
     if target.endswith(SCALES):
         t = checked_scale(name, t)
+        if target.endswith(".input_scale"):  # checked, not kept: activations stay BF16
+            return
     elif t.dtype != torch.float8_e4m3fn:
         t = t.to(torch.float32 if target.endswith(FP32_TENSORS) else dtype)
     if expert is not None:  # stacks: target -> [E, ...], filled one expert at a time
@@ -423,9 +423,7 @@ def load_checkpoint(model: Model, path: Path, device: torch.device, dtype: torch
     loads."""
     from safetensors import safe_open
 
-    import checkpoint
-
-    weight_map, plan, total_bytes = checkpoint.check_checkpoint(model, path)
+    weight_map, plan, total_bytes = check_checkpoint(model, path)
     progress, stacks = Progress(verbose), {}  # stacks: the stacked expert tensors being filled
     done_tensors, done_bytes, t0 = 0, 0, time.time()
     for shard, names in by_shard(plan, weight_map).items():

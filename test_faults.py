@@ -145,6 +145,7 @@ def test_bad_config_refused_by_slice_before_writing(source, tmp_path, capsys):
 # unreadable shard
 
 SCALE = "backbone.layers.1.mixer.experts.2.up_proj.weight_scale"
+INPUT_SCALE = "backbone.layers.0.mixer.in_proj.input_scale"  # unused by the model, still checked
 NORM = "backbone.layers.0.norm.weight"
 
 
@@ -165,6 +166,8 @@ TENSOR_FAULTS = [
     (SCALE, torch.tensor(float("inf")), f"{SCALE} is inf: an FP8 scale must be finite and > 0"),
     (SCALE, torch.tensor(0.0), f"{SCALE} is 0.0: an FP8 scale must be finite and > 0"),
     (SCALE, torch.tensor(-0.5), f"{SCALE} is -0.5: an FP8 scale must be finite and > 0"),
+    (INPUT_SCALE, torch.tensor(float("nan")),
+     f"{INPUT_SCALE} is nan: an FP8 scale must be finite and > 0"),
 ]
 
 
