@@ -71,25 +71,27 @@ def _matmul_kernel(a_ptr, w_ptr, out_ptr, scale_ptr, pair_ptr, block_expert_ptr,
     """One [BLOCK_M, BLOCK_N] tile of out = epilogue(scale * A @ W^T), fp32 accumulation. Which
     optional pointers are given (None ones are compiled out) sets the mode:
 
-      linear    pair_ptr None: row r of A gives row r of out; one weight. scale_ptr None: BF16
-                weight.
-      MoE up    pair_ptr given, pair_weight_ptr None: row r reads A row pair[r] // TOP_K (the
-                pair's token) and stores relu(.)^2 at out row r (the pairs in sorted order).
+      linear    block_expert_ptr None: row r of A gives row r of out; one weight. scale_ptr
+                None: BF16 weight.
+      MoE up    block_expert_ptr given, pair_weight_ptr None: row r reads A row pair[r] // TOP_K
+                (the pair's token) and stores relu(.)^2 at out row r.
       MoE down  pair_weight_ptr given: row r reads A row r and stores at out row pair[r], times
                 the pair's routing weight.
 
-    In the MoE modes the rows are the (token, expert) pairs sorted by expert, each expert's group
-    padded to BLOCK_M rows (pair -1) so that every row block has one expert, block_expert[pid_m]
-    (-1: an unused block of a grid sized for the worst case). W is read through its strides, so
-    nested prefix views need no copy; an FP8 W converts exactly to the dot dtype and its scale (one
-    per expert) multiplies the accumulator once, so no dequantised weight exists anywhere.
+    In the MoE modes W is stacked [E, N, K] and each row block has one expert, block_expert[pid_m]
+    (-1: an unused block of a grid sized for the worst case). Which pair a row holds: with pair_ptr,
+    pair[r] (the (token, expert) pairs sorted by expert, each expert's group padded to BLOCK_M rows
+    with pair -1); without, one pair per row block, pair pid_m on its first row (one token, whose k
+    experts are distinct: nothing to sort or group). W is read through its strides, so nested
+    prefix views need no copy; an FP8 W converts exactly to the dot dtype and its scale (one per
+    expert) multiplies the accumulator once, so no dequantised weight exists anywhere.
     """
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     expert = 0
     w_base = w_ptr
-    if pair_ptr is None:
+    if block_expert_ptr is None:
         valid = rows < M
         a_rows, out_rows = rows, rows
     else:
@@ -97,7 +99,10 @@ def _matmul_kernel(a_ptr, w_ptr, out_ptr, scale_ptr, pair_ptr, block_expert_ptr,
         if expert < 0:
             return
         w_base += expert.to(tl.int64) * stride_we
-        pair = tl.load(pair_ptr + rows)
+        if pair_ptr is None:
+            pair = tl.where(rows == pid_m * BLOCK_M, pid_m, -1)
+        else:
+            pair = tl.load(pair_ptr + rows)
         valid = pair >= 0
         a_rows = pair // TOP_K if pair_weight_ptr is None else rows
         out_rows = rows if pair_weight_ptr is None else pair
@@ -115,7 +120,7 @@ def _matmul_kernel(a_ptr, w_ptr, out_ptr, scale_ptr, pair_ptr, block_expert_ptr,
 
     if scale_ptr is not None:
         acc = acc * tl.load(scale_ptr + expert)
-    if pair_ptr is not None:
+    if block_expert_ptr is not None:
         if pair_weight_ptr is None:  # MoE up: relu^2
             acc = tl.maximum(acc, 0.0)
             acc = acc * acc
@@ -157,6 +162,26 @@ def linear(x: Tensor, weight: Tensor, weight_scale: Tensor | None = None) -> Ten
     return out.view(*x.shape[:-1], N)
 
 
+def _group_by_expert(experts: Tensor, E: int, BM: int) -> tuple[Tensor, Tensor, int]:
+    """The (token, expert) pairs sorted by expert, each expert's group starting at a multiple of
+    BM rows: (pair of each row, -1 for padding; expert of each row block, -1 for unused blocks;
+    the number of row blocks, enough for any routing)."""
+    flat = experts.flatten()
+    pairs = flat.numel()
+    sorted_experts, pair_of_sorted = flat.sort(stable=True)
+    counts = torch.zeros(E, device=flat.device, dtype=torch.int64)
+    counts.scatter_add_(0, flat, torch.ones_like(flat))
+    padded = (counts + BM - 1) // BM * BM
+    padded_end = padded.cumsum(0)
+    rank = torch.arange(pairs, device=flat.device) - (counts.cumsum(0) - counts)[sorted_experts]
+    blocks = triton.cdiv(pairs, BM) + min(E, pairs)  # >= sum over experts of ceil(count / BM)
+    pair_of_row = torch.full((blocks * BM,), -1, device=flat.device, dtype=torch.int64)
+    pair_of_row[(padded_end - padded)[sorted_experts] + rank] = pair_of_sorted
+    block_expert = torch.searchsorted(padded_end, torch.arange(blocks, device=flat.device) * BM,
+                                      right=True)
+    return pair_of_row, torch.where(block_expert < E, block_expert, -1), blocks
+
+
 def moe_experts(x: Tensor, weights: Tensor, experts: Tensor, up_weight: Tensor,
                 up_scale: Tensor | None, down_weight: Tensor, down_scale: Tensor | None) -> Tensor:
     """x [n, d], routing weights [n, k] fp32 and experts [n, k] -> [n, d] in x.dtype:
@@ -169,21 +194,10 @@ def moe_experts(x: Tensor, weights: Tensor, experts: Tensor, up_weight: Tensor,
     cfg = _blocks(pairs // min(E, pairs) + 1, x.dtype)  # rows per expert on average
     BM = cfg["BLOCK_M"]
 
-    # Sort the (token, expert) pairs by expert; each expert's group starts at a multiple of BM.
-    flat = experts.flatten()
-    sorted_experts, pair_of_sorted = flat.sort(stable=True)
-    counts = torch.zeros(E, device=x.device, dtype=torch.int64)
-    counts.scatter_add_(0, flat, torch.ones_like(flat))
-    padded = (counts + BM - 1) // BM * BM
-    padded_end = padded.cumsum(0)
-    rank = torch.arange(pairs, device=x.device) - (counts.cumsum(0) - counts)[sorted_experts]
-    blocks = triton.cdiv(pairs, BM) + min(E, pairs)  # >= sum over experts of ceil(count / BM)
-    pair_of_row = torch.full((blocks * BM,), -1, device=x.device, dtype=torch.int64)
-    pair_of_row[(padded_end - padded)[sorted_experts] + rank] = pair_of_sorted
-    block_expert = torch.searchsorted(padded_end, torch.arange(blocks, device=x.device) * BM,
-                                      right=True)
-    block_expert = torch.where(block_expert < E, block_expert, -1)
-
+    if n == 1:  # one token's experts are distinct: a row block per pair, nothing to sort
+        pair_of_row, block_expert, blocks = None, experts.flatten().contiguous(), top_k
+    else:
+        pair_of_row, block_expert, blocks = _group_by_expert(experts, E, BM)
     dots = _dot_args(x.dtype)
     h = torch.empty(blocks * BM, f, device=x.device, dtype=x.dtype)  # rows in sorted, padded order
     _matmul_kernel[(blocks, triton.cdiv(f, cfg["BLOCK_N"]))](
