@@ -9,15 +9,16 @@ tensors:
     NANOELASTIC_KERNELS=torch    torch references everywhere
     NANOELASTIC_KERNELS=triton   Triton everywhere; on CPU tensors under TRITON_INTERPRET=1 (CI)
 
-    linear        x @ W^T, W FP8 (x per-tensor scale) or BF16, read through nested prefix views with
-                  their strides: no copy, no dequantised weight in memory
-    moe_experts   top-k routed experts, up -> relu^2 -> down x routing weight, over stacked
-                  [E, out, in] weights; tokens grouped by expert on the device, no host
-                  synchronisation (graph-capturable)
-    ssd_chunked   the chunked Mamba-2 scan for prefill: chunk states, state passing, chunk outputs
-    mamba_step    the decode step: conv-state update + conv + SSM state update + output, in place
-    rms_norm      RMSNorm in groups, with the Mamba gate y * silu(z) fused
-    add_rms_norm  the residual add fused with the next layer's RMSNorm
+    linear          x @ W^T, W FP8 (x per-tensor scale) or BF16, read through nested prefix views
+                    with their strides: no copy, no dequantised weight in memory
+    select_experts  the router's choice: sigmoid, top-k of scores + bias, weights renormalised
+    moe_experts     top-k routed experts, up -> relu^2 -> down x routing weight, over stacked
+                    [E, out, in] weights; tokens grouped by expert on the device, no host
+                    synchronisation (graph-capturable)
+    ssd_chunked     the chunked Mamba-2 scan for prefill: chunk states, state passing, outputs
+    mamba_step      the decode step: conv-state update + conv + SSM state update + output, in place
+    rms_norm        RMSNorm in groups, with the Mamba gate y * silu(z) fused
+    add_rms_norm    the residual add fused with the next layer's RMSNorm
 
 All accumulate in fp32. Products of bf16 activations run on tensor cores (bf16 operands; FP8
 weights convert to bf16 exactly); fp32 activations, the tests' exact mode, multiply in full fp32.
@@ -60,7 +61,7 @@ def _dot_args(dtype: torch.dtype) -> dict:
 
 
 # --------------------------------------------------------------------------------------------------
-# 1. One matmul kernel for linear() and for both halves of the MoE
+# 1. One matmul kernel for linear() and for both halves of the MoE; the experts' choice
 
 @triton.jit
 def _matmul_kernel(a_ptr, w_ptr, out_ptr, scale_ptr, pair_ptr, block_expert_ptr, pair_weight_ptr,
@@ -212,6 +213,56 @@ def moe_experts(x: Tensor, weights: Tensor, experts: Tensor, up_weight: Tensor,
         out.stride(0), out.stride(1),
         **dots, **cfg)
     return out.view(n, top_k, d).sum(1).to(x.dtype)
+
+
+@triton.jit
+def _select_experts_kernel(logits_ptr, bias_ptr, weights_ptr, experts_ptr, n, E, scaling,
+                           TOP_K: tl.constexpr, NORMALIZE: tl.constexpr, BLOCK_T: tl.constexpr,
+                           BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
+    """BLOCK_T tokens' routing: sigmoid scores, the top-k of scores + bias by k rounds of argmax
+    (each round masks its winner), their unbiased scores renormalised and scaled."""
+    tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    es = tl.arange(0, BLOCK_E)
+    valid = (tokens[:, None] < n) & (es[None, :] < E)
+    logits = tl.load(logits_ptr + tokens[:, None].to(tl.int64) * E + es[None, :], mask=valid,
+                     other=0.0)
+    scores = tl.sigmoid(logits.to(tl.float32))
+    bias = tl.load(bias_ptr + es, mask=es < E, other=0.0).to(tl.float32)
+    choice = tl.where(valid, scores + bias[None, :], -float("inf"))
+    ks = tl.arange(0, BLOCK_K)
+    chosen = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.int32)
+    weights = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.float32)
+    for j in tl.static_range(TOP_K):
+        best = tl.argmax(choice, axis=1)  # [BLOCK_T]
+        hit = es[None, :] == best[:, None]
+        chosen = tl.where(ks[None, :] == j, best[:, None], chosen)
+        weights = tl.where(ks[None, :] == j, tl.sum(tl.where(hit, scores, 0.0), axis=1)[:, None],
+                           weights)
+        choice = tl.where(hit, -float("inf"), choice)
+    if NORMALIZE:
+        weights = weights / (tl.sum(weights, axis=1)[:, None] + 1e-20)
+    out = tokens[:, None].to(tl.int64) * TOP_K + ks[None, :]
+    keep = (tokens[:, None] < n) & (ks[None, :] < TOP_K)
+    tl.store(weights_ptr + out, weights * scaling, mask=keep)
+    tl.store(experts_ptr + out, chosen.to(tl.int64), mask=keep)
+
+
+def select_experts(logits: Tensor, bias: Tensor, config) -> tuple[Tensor, Tensor]:
+    """Router logits [n, E] -> routing weights [n, k] fp32, chosen experts [n, k] int64, in one
+    launch. Group-limited routing (n_group > 1; 1 in this model's config) runs the reference."""
+    if config.n_group > 1:
+        import nanoelastic
+        return nanoelastic.select_experts.reference(logits, bias, config)
+    n, E = logits.shape
+    k = config.num_experts_per_tok
+    logits = logits.contiguous()
+    weights = torch.empty(n, k, device=logits.device, dtype=torch.float32)
+    experts = torch.empty(n, k, device=logits.device, dtype=torch.int64)
+    BLOCK_T = 16
+    _select_experts_kernel[(triton.cdiv(n, BLOCK_T),)](
+        logits, bias, weights, experts, n, E, config.routed_scaling_factor, TOP_K=k,
+        NORMALIZE=config.norm_topk_prob, BLOCK_T=BLOCK_T, BLOCK_E=_pow2(E), BLOCK_K=_pow2(k, 1))
+    return weights, experts
 
 
 # --------------------------------------------------------------------------------------------------

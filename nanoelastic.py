@@ -390,19 +390,26 @@ class Router(nn.Module):
         self.e_score_correction_bias = nn.Parameter(torch.empty(E), requires_grad=False)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:  # x [n, D] -> weights, experts [n, k]
-        c = self.config
-        scores = torch.sigmoid(F.linear(x.float(), self.weight.float()))  # [n, E]
-        choice = scores + self.e_score_correction_bias.float()  # the bias only chooses experts
-        if c.n_group > 1:  # group-limited routing: the topk_group groups of best top-2 sums
-            groups = choice.unflatten(-1, (c.n_group, -1))
-            best = groups.topk(2, dim=-1).values.sum(-1).topk(c.topk_group, dim=-1).indices
-            keep = torch.zeros_like(groups[..., 0], dtype=torch.bool).scatter_(1, best, True)
-            choice = groups.masked_fill(~keep[..., None], -math.inf).flatten(1)
-        experts = choice.topk(c.num_experts_per_tok, dim=-1).indices
-        weights = scores.gather(1, experts)
-        if c.norm_topk_prob:
-            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
-        return weights * c.routed_scaling_factor, experts  # fp32, indices
+        logits = F.linear(x.float(), self.weight.float())  # [n, E], fp32 as the checkpoint's router
+        return select_experts(logits, self.e_score_correction_bias, self.config)
+
+
+@kernel
+def select_experts(logits: Tensor, bias: Tensor, config: Config) -> tuple[Tensor, Tensor]:
+    """Router logits [n, E] -> routing weights [n, k] fp32, chosen experts [n, k]."""
+    c = config
+    scores = torch.sigmoid(logits)
+    choice = scores + bias.float()  # the bias only chooses experts
+    if c.n_group > 1:  # group-limited routing: the topk_group groups of best top-2 sums
+        groups = choice.unflatten(-1, (c.n_group, -1))
+        best = groups.topk(2, dim=-1).values.sum(-1).topk(c.topk_group, dim=-1).indices
+        keep = torch.zeros_like(groups[..., 0], dtype=torch.bool).scatter_(1, best, True)
+        choice = groups.masked_fill(~keep[..., None], -math.inf).flatten(1)
+    experts = choice.topk(c.num_experts_per_tok, dim=-1).indices
+    weights = scores.gather(1, experts)
+    if c.norm_topk_prob:
+        weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+    return weights * c.routed_scaling_factor, experts  # fp32, indices
 
 
 @kernel

@@ -9,9 +9,13 @@ model shapes.
     TRITON_INTERPRET=1 python -m pytest -q test_kernels.py
 """
 
+import collections
+import dataclasses
+import functools
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 import checkpoint
 import kernels
@@ -138,16 +142,47 @@ def test_moe_experts(n, k, fp8, dtype):
     assert rel_err(ref_fn, ref) < TOL[torch.float32]
 
 
+@pytest.mark.parametrize("n,E,k,normalise", [(1, 128, 6, True), (37, 128, 6, True),
+                                              (5, 8, 3, False), (3, 10, 1, True),
+                                              (1000, 128, 6, True)])
+def test_select_experts(n, E, k, normalise):
+    """The router's choice: the same experts in the same (descending) order, the same weights."""
+    gen = torch.Generator().manual_seed(n + E + k)
+    config = ne.Config(n_routed_experts=E, num_experts_per_tok=k, norm_topk_prob=normalise)
+    logits, bias = rand(n, E, gen=gen) * 3, rand(E, gen=gen) * 0.3
+    weights, experts = kernels.select_experts(logits, bias, config)
+    weights_ref, experts_ref = ne.select_experts.reference(logits, bias, config)
+    assert experts.dtype == torch.int64 and torch.equal(experts, experts_ref)
+    assert weights.dtype == torch.float32 and rel_err(weights, weights_ref) < 1e-6
+
+
+def test_select_experts_group_limited_is_the_reference():
+    config = ne.Config(n_routed_experts=16, num_experts_per_tok=4, n_group=4, topk_group=2)
+    gen = torch.Generator().manual_seed(1)
+    logits, bias = rand(7, 16, gen=gen), rand(16, gen=gen)
+    weights, experts = kernels.select_experts(logits, bias, config)
+    weights_ref, experts_ref = ne.select_experts.reference(logits, bias, config)
+    assert torch.equal(experts, experts_ref) and torch.equal(weights, weights_ref)
+    # the groups matter: each token's experts come from its two best groups of four
+    assert all(len(set(row.tolist())) <= 2 for row in experts // 4)
+
+
 def record_launches(monkeypatch):
     """Under the interpreter (which itself copies tensors to the host to run a kernel), replace
     every kernel launch by a record of its name, so that a test can check everything around the
-    kernels for host syncs."""
+    kernels for host syncs. Nothing is computed: the router's choice is expert 0 (a valid index for
+    the MoE's grouping)."""
     launches = []
+
+    def launch(name, *args, **kwargs):
+        launches.append(name)
+        if name == "_select_experts_kernel":
+            with _disable_current_modes():  # not the step's work: CountOps does not see it
+                args[3].zero_()  # experts_ptr
     for name in dir(kernels) if kernels._INTERPRET else ():
         if name.endswith("_kernel"):
             monkeypatch.setattr(kernels, name, type("Launch", (), {
-                "__getitem__":
-                    lambda self, grid, name=name: lambda *a, **k: launches.append(name)})())
+                "__getitem__": lambda self, grid, name=name: functools.partial(launch, name)})())
     return launches
 
 
@@ -394,8 +429,49 @@ def test_decode_step_has_no_host_sync(tmp_path, monkeypatch):
         monkeypatch.undo()
     assert int(cache.position) == 7
     if kernels._INTERPRET:
-        assert ({"_matmul_kernel", "_conv_step_kernel", "_ssm_step_kernel", "_rms_norm_kernel"}
-                <= set(launches))
+        assert {"_matmul_kernel", "_select_experts_kernel", "_conv_step_kernel",
+                "_ssm_step_kernel", "_rms_norm_kernel"} <= set(launches)
+
+
+class CountOps(TorchDispatchMode):
+    """Counts the torch ops that do device work (not views, not bare allocations)."""
+    def __init__(self):
+        super().__init__()
+        self.ops = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if not func.is_view and not name.startswith("empty"):
+            self.ops[name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_decode_step_launches_few_kernels(monkeypatch):
+    """Replayed from a CUDA graph, every kernel costs a few microseconds whatever it does: at batch
+    1 that overhead, not the weights' bytes, would bound decode. So the step of the real 52-layer
+    pattern (narrow widths) launches at most 12 kernels and torch ops per layer (25 before the
+    router and the batch-1 MoE became one launch each)."""
+    config = dataclasses.replace(ne.Config(), hidden_size=128, moe_intermediate_size=64,
+                                 moe_shared_expert_intermediate_size=128, mamba_num_heads=8,
+                                 mamba_head_dim=16, ssm_state_size=16, n_groups=2,
+                                 num_attention_heads=4, head_dim=32, vocab_size=1024)
+    model = checkpoint.random_model(config, DEVICE, torch.bfloat16, fp8=True, seed=0)
+    cache = model.new_cache(1, 16)  # empty: the first token is decoded like any other
+    monkeypatch.setattr(ne, "checked_tokens", lambda tokens, vocab_size: tokens)  # as captured
+    launches = record_launches(monkeypatch)  # under the interpreter: recorded, not run
+    if CUDA:
+        for name in dir(kernels):
+            if name.endswith("_kernel"):
+                jit = getattr(kernels, name)
+                monkeypatch.setattr(kernels, name, type("Counted", (), {
+                    "__getitem__": lambda self, grid, jit=jit, name=name:
+                        launches.append(name) or jit[grid]})())
+    token = torch.tensor([[7]], device=DEVICE)
+    with CountOps() as counted:
+        model(token, cache, last_only=True)
+    layers = len(config.layers_block_type)
+    assert {"_select_experts_kernel", "_matmul_kernel"} <= set(launches)
+    assert len(launches) + counted.ops.total() <= 12 * layers, (len(launches), counted.ops)
 
 
 if CUDA:  # CUDA graphs exist only there
