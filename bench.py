@@ -14,7 +14,9 @@ device-to-device copy for bandwidth, a large matmul for FLOP/s) and, for kernels
 reference. Correctness is checked before anything is timed. Decode reads its bytes from the weights
 the step really touches (the chosen experts, not all 128), the KV cache (all of it: these caches are
 shorter than the smallest window a decode graph attends over) and the Mamba states; the achieved
-bandwidth is those bytes over the step time.
+bandwidth is those bytes over the step time. A profile of the batch-1 step then says where its time
+goes: kernels against the gaps between them, and each kernel's share (and bandwidth, for the
+matmuls and the SSM step). Each result is also printed to stderr as it is measured.
 """
 
 from __future__ import annotations
@@ -217,23 +219,26 @@ def experts_touched(model: ne.Model, cache: ne.Cache, tokens: torch.Tensor) -> d
     return counts
 
 
-def decode_bytes(model: ne.Model, cache: ne.Cache, batch: int, touched: dict[int, int]) -> int:
-    """Bytes one decode step reads: each weight of this size once, except that of the embeddings
-    only `batch` rows and of the routed experts only those chosen; the whole KV cache; the Mamba
-    states twice (read, write)."""
-    total = 0
+def decode_bytes(model: ne.Model, cache: ne.Cache, batch: int,
+                 touched: dict[int, int]) -> dict[str, int]:
+    """Bytes one decode step reads, by what reads them: each weight of this size once, except that
+    of the embeddings only `batch` rows and of the routed experts only those chosen; the whole KV
+    cache; the Mamba states twice (read, written). "linear" is what the matmul kernel reads."""
+    parts = Counter()
+    linears = {name for name, m in model.named_modules() if isinstance(m, ne.Linear)}
     for name, t in chain(model.named_parameters(), model.named_buffers()):
         nbytes = t.numel() * t.element_size()
         if "embeddings" in name:
             nbytes = batch * t.shape[1] * t.element_size()
         elif ".experts." in name and "shared" not in name:
             nbytes = nbytes // t.shape[0] * touched[int(name.split(".")[2])]
-        total += nbytes
+        parts["linear" if name.rsplit(".", 1)[0] in linears else "other weights"] += nbytes
     for state in cache.layers:
         for t in state or ():
             kv = t.dim() == 4 and t.shape[2] == cache.max_len  # else a Mamba state: read, written
-            total += t.numel() * t.element_size() * (1 if kv else 2)
-    return total
+            nbytes = t.numel() * t.element_size()
+            parts["kv cache" if kv else "mamba states"] += nbytes if kv else 2 * nbytes
+    return dict(parts)
 
 
 def bench_decode(model: ne.Model, size: str | None, batch: int, steps: int, prompt: int, ceil: dict,
@@ -244,7 +249,7 @@ def bench_decode(model: ne.Model, size: str | None, batch: int, steps: int, prom
     tokens = torch.randint(0, model.config.vocab_size, (batch, prompt), device=DEVICE, generator=g)
     model(tokens, cache, size)
     touched = experts_touched(view, cache, tokens[:, -1:])
-    nbytes = decode_bytes(view, cache, batch, touched)
+    nbytes = sum(decode_bytes(view, cache, batch, touched).values())
     step = ne.DecodeGraph(model, cache)
     token = tokens[:, -1:]
     for _ in range(3):  # warm up (and capture the graph)
@@ -263,6 +268,64 @@ def bench_decode(model: ne.Model, size: str | None, batch: int, steps: int, prom
             "GB_per_step": nbytes / 1e9, "GBps": gbps,
             "pct_copy_bw": 100 * gbps / ceil["copy_GBps"],
             "ceiling_tok_per_s": batch * ceil["copy_GBps"] * 1e9 / nbytes}
+
+
+def kernel_timeline(intervals: list[tuple[str, float, float]], steps: int, step_us: float,
+                    nbytes: dict[str, int], copy_GBps: float) -> dict:
+    """Where `steps` decode steps of step_us each went, from the kernels' (name, start us, end us):
+    the time some kernel ran (the union of the intervals) against the step, the rest gaps between
+    kernels; per kernel name, its launches and microseconds per step, its share of the step and,
+    for the names that nbytes gives bytes per step for (by prefix), its bandwidth."""
+    busy, end = 0.0, -math.inf
+    for _, start, stop in sorted(intervals, key=lambda i: i[1]):
+        busy += max(0.0, stop - max(start, end))
+        end = max(end, stop)
+    totals, launches = Counter(), Counter()
+    for name, start, stop in intervals:
+        totals[name] += stop - start
+        launches[name] += 1
+    rows = []
+    for name, us in totals.most_common():
+        row = {"kernel": name[:80], "per_step": launches[name] / steps, "us_per_step": us / steps,
+               "pct_step": 100 * us / steps / step_us}
+        for prefix, b in nbytes.items():
+            if name.startswith(prefix):
+                row["GBps"] = b / row["us_per_step"] / 1e3
+                row["pct_copy_bw"] = 100 * row["GBps"] / copy_GBps
+        rows.append(row)
+    return {"step_us": step_us, "kernel_us": busy / steps, "gap_us": step_us - busy / steps,
+            "launches_per_step": len(intervals) / steps, "kernels": rows}
+
+
+def profile_decode(model: ne.Model, size: str, ceil: dict, steps: int = 20) -> dict:
+    """Batch-1 decode at `size` as a GPU runs it (graph replays), kernel by kernel from
+    torch.profiler's timeline: what bounds decode where it falls short of the copy bandwidth. (On a
+    CPU, the top-level torch ops of eager steps.)"""
+    from torch.profiler import ProfilerActivity, profile
+    cache = model.new_cache(1, 512)
+    tokens = torch.randint(0, model.config.vocab_size, (1, 256), device=DEVICE)
+    model(tokens, cache, size)
+    view = model.nested(size)
+    parts = decode_bytes(view, cache, 1, experts_touched(view, cache, tokens[:, -1:]))
+    step, token = ne.DecodeGraph(model, cache), tokens[:, -1:]
+    for _ in range(3):  # capture
+        token = step(token, size).argmax(-1, keepdim=True)
+    sync = torch.cuda.synchronize if CUDA else (lambda: None)
+    sync()
+    with profile(activities=[ProfilerActivity.CUDA if CUDA else ProfilerActivity.CPU]) as prof:
+        t = time.perf_counter()
+        for _ in range(steps):
+            token = step(token, size).argmax(-1, keepdim=True)
+        sync()
+        step_us = (time.perf_counter() - t) / steps * 1e6
+    kernels = (e for e in prof.events()
+               if (e.device_type == torch.autograd.DeviceType.CUDA if CUDA
+                   else e.cpu_parent is None))
+    intervals = [(e.name, e.time_range.start, e.time_range.end) for e in kernels]
+    nbytes = {"_matmul_kernel": parts["linear"], "_ssm_step_kernel": parts["mamba states"]}
+    timeline = kernel_timeline(intervals, steps, step_us, nbytes, ceil["copy_GBps"])
+    what = "CUDA kernels of graph replays" if CUDA else "top-level torch ops of eager steps"
+    return {"model": size, "timeline": what, **timeline}
 
 
 def bench_prefill(model: ne.Model, size: str | None, length: int, chunk: int) -> dict:
@@ -317,25 +380,46 @@ def bench_model(small: bool, ceil: dict, batches: list[int]) -> dict:
     print(f"random FP8 model of {'the small demo config' if small else 'the 30B config'} "
           f"made on {DEVICE} in {time.perf_counter() - t:.1f} s", file=sys.stderr)
     steps, prompt = (4, 16) if small else (128, 256)
-    decode = []
-    for batch in batches:
+    out = {"weights_GB": sum(t.numel() * t.element_size()
+                             for t in chain(model.parameters(), model.buffers())) / 1e9}
+    decode = out["decode"] = []
+    if CUDA:
+        torch.cuda.reset_peak_memory_stats()
+    for batch in batches:  # every size as views of the one model, each with its cache
         for size, name in zip(sizes, names):
-            decode.append(bench_decode(model, size, batch, steps, prompt, ceil, f"{name} (view)"))
-        for size, name in zip(sizes[1:], names[1:]):
-            sliced = contiguous_copy(model, size)
-            decode.append(bench_decode(sliced, None, batch, steps, prompt, ceil,
-                                       f"{name} (sliced copy)"))
-            del sliced  # freed here: nothing refers back to it
-            if CUDA:
-                torch.cuda.empty_cache()
-    chunk = 8192
-    prefill = [bench_prefill(model, None, n, chunk)
-               for n in ((128, 512) if small else (2048, 8192, 32768))]
-    switch = bench_switch(model, sizes[1], sizes[0], 256 if small else 4096, chunk)
-    out = {"decode": decode, "prefill": prefill, "switch": switch}
+            decode.append(progress(bench_decode(model, size, batch, steps, prompt, ceil,
+                                                f"{name} (view)")))
     if CUDA:
         out["peak_memory_GB"] = torch.cuda.max_memory_allocated() / 1e9
+    try:  # a diagnosis: the rest of the numbers stand without it
+        out["profile"] = progress(profile_decode(model, sizes[0], ceil, 20 if CUDA else 2))
+    except Exception as e:  # noqa: BLE001 (e.g. no CUPTI)
+        print(f"bench.py: no decode profile: {type(e).__name__}: {e}", file=sys.stderr)
+    for size, name in zip(sizes[1:], names[1:]):
+        sliced = contiguous_copy(model, size)
+        for batch in batches:
+            decode.append(progress(bench_decode(sliced, None, batch, steps, prompt, ceil,
+                                                f"{name} (sliced copy)")))
+        del sliced  # freed here: nothing refers back to it
+        if CUDA:
+            torch.cuda.empty_cache()
+    chunk = 8192
+    for row in decode:  # the views' cost: their tokens/s against the sliced copies'
+        copy = [r for r in decode if r["model"] == row["model"].replace("(view)", "(sliced copy)")
+                and r["batch"] == row["batch"]]
+        if copy and row is not copy[0]:
+            row["pct_of_sliced"] = 100 * row["tok_per_s"] / copy[0]["tok_per_s"]
+    out["prefill"] = [progress(bench_prefill(model, None, n, chunk))
+                      for n in ((128, 512) if small else (2048, 8192, 32768))]
+    out["switch"] = progress(bench_switch(model, sizes[1], sizes[0], 256 if small else 4096,
+                                          chunk))
     return out
+
+
+def progress(row: dict) -> dict:
+    """Each result on stderr as it comes: a run cut short still shows what it measured."""
+    print(f"bench.py: {json.dumps(row)}", file=sys.stderr, flush=True)
+    return row
 
 
 # --------------------------------------------------------------------------------------------------
@@ -349,6 +433,16 @@ def table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
     return "\n".join("  ".join(c.rjust(w) if i else c.ljust(w)
                                for i, (c, w) in enumerate(zip(row, widths)))
                      for row in cells)
+
+
+def profile_report(p: dict) -> str:
+    head = (f"batch-1 decode of the {p['model']}, by {p['timeline']} (torch.profiler): "
+            f"{p['step_us']:.0f} us a step, kernels busy {p['kernel_us']:.0f} "
+            f"us, gaps {p['gap_us']:.0f} us, {p['launches_per_step']:.0f} launches")
+    return head + "\n" + table(p["kernels"][:15], [
+        ("kernel", "kernel", "s"), ("per_step", "per step", ".3g"),
+        ("us_per_step", "us/step", ".1f"), ("pct_step", "% step", ".1f"),
+        ("GBps", "GB/s", ".0f"), ("pct_copy_bw", "% copy", ".0f")])
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -389,11 +483,12 @@ def main(argv: list[str] | None = None) -> dict:
     if args.only in (None, "model"):
         m = result["model_bench"] = bench_model(
             args.small, ceil, args.batch or ([1, 8] if args.small else [1, 8, 32]))
-        print("\n" + table(m["decode"], [
+        print("\n" + table(sorted(m["decode"], key=lambda r: r["batch"]), [
             ("model", "decode", "s"), ("batch", "batch", "d"), ("tok_per_s", "tok/s", ".1f"),
             ("step_ms", "ms/step", ".2f"), ("GB_per_step", "GB/step", ".3f"),
             ("GBps", "GB/s", ".0f"), ("pct_copy_bw", "% copy", ".0f"),
-            ("ceiling_tok_per_s", "ceiling tok/s", ".0f")]))
+            ("ceiling_tok_per_s", "ceiling tok/s", ".0f"),
+            ("pct_of_sliced", "% of sliced", ".0f")]))
         print("\n" + table(m["prefill"], [("length", "prefill tokens", "d"),
                                           ("tok_per_s", "tok/s", ".0f"), ("seconds", "s", ".3f")]))
         s = m["switch"]
@@ -401,7 +496,10 @@ def main(argv: list[str] | None = None) -> dict:
               f"transplant {s['transplant_ms']:.2f} ms "
               f"(one decode step), re-prefill {s['reprefill_ms']:.1f} ms")
         if "peak_memory_GB" in m:
-            print(f"peak GPU memory: {m['peak_memory_GB']:.1f} GB")
+            print(f"peak GPU memory, the three sizes as views decoding with their caches: "
+                  f"{m['peak_memory_GB']:.1f} GB (weights {m['weights_GB']:.1f} GB)")
+        if "profile" in m:
+            print("\n" + profile_report(m["profile"]))
     print("\n" + json.dumps(result))
     if args.json:
         with open(args.json, "w") as f:

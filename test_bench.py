@@ -49,11 +49,15 @@ def test_bench_small_end_to_end(tmp_path):
                             for m in ("full (view)", "mid (view)", "small (view)"))
         assert full > mid > small  # smaller sizes read fewer bytes
         for m in ("mid", "small"):  # a view reads exactly the bytes of its contiguous copy
-            assert (decode[(f"{m} (view)", b)]["GB_per_step"]
-                    == decode[(f"{m} (sliced copy)", b)]["GB_per_step"])
+            view, copy = decode[(f"{m} (view)", b)], decode[(f"{m} (sliced copy)", b)]
+            assert view["GB_per_step"] == copy["GB_per_step"]
+            assert view["pct_of_sliced"] == 100 * view["tok_per_s"] / copy["tok_per_s"]
     assert all(r["tok_per_s"] > 0 for r in decode.values())
     assert [r["length"] for r in result["model_bench"]["prefill"]] == [128, 512]
     assert result["model_bench"]["switch"]["reprefill_ms"] > 0
+    profile = result["model_bench"]["profile"]  # on a CPU: torch ops of eager steps
+    assert profile["launches_per_step"] > 0 and 0 < profile["kernel_us"] <= profile["step_us"]
+    assert "batch-1 decode of the 256x128, by top-level torch ops" in run.stdout
 
 
 def test_decode_bytes_counts_what_a_step_reads():
@@ -63,7 +67,7 @@ def test_decode_bytes_counts_what_a_step_reads():
     cache = ne.Cache(config, 2, 64, "meta", torch.bfloat16)
     moe_layers = [i for i, kind in enumerate(config.layers_block_type) if kind == "moe"]
     touched = {i: 3 for i in moe_layers}
-    nbytes = bench.decode_bytes(model, cache, batch=2, touched=touched)
+    parts = bench.decode_bytes(model, cache, batch=2, touched=touched)
     D, E, Fe = config.hidden_size, config.n_routed_experts, config.moe_intermediate_size
     params = sum(p.numel() for p in model.parameters()) * 4  # meta Parameters are fp32
     # up and down of the experts nobody chose
@@ -73,7 +77,28 @@ def test_decode_bytes_counts_what_a_step_reads():
              if k == "attention" for t in s) * 2
     mamba = sum(t.numel() * t.element_size() for s, k in zip(cache.layers, config.layers_block_type)
                 if k == "mamba" for t in s) * 2
-    assert nbytes == params - untouched - embeddings + kv + mamba
+    assert sum(parts.values()) == params - untouched - embeddings + kv + mamba
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, ne.Linear)) * 4
+    assert parts["linear"] == linear - untouched  # what the matmul kernel reads
+    assert parts["kv cache"] == kv and parts["mamba states"] == mamba
+
+
+def test_kernel_timeline_splits_a_step_into_kernels_and_gaps():
+    # two steps of 30 us; "b" overlaps "a" (another stream): busy time counts it once
+    intervals = [("a", 0, 10), ("b", 5, 15), ("a", 20, 30), ("_matmul_kernel_x", 40, 50)]
+    p = bench.kernel_timeline(intervals, steps=2, step_us=30, nbytes={"_matmul_kernel": 1000},
+                              copy_GBps=1.0)
+    assert (p["kernel_us"], p["gap_us"], p["launches_per_step"]) == (17.5, 12.5, 2)
+    rows = {r["kernel"]: r for r in p["kernels"]}
+    assert [r["kernel"] for r in p["kernels"]] == ["a", "b", "_matmul_kernel_x"]  # by time
+    assert rows["a"]["per_step"] == 1 and rows["a"]["us_per_step"] == 10
+    assert rows["a"]["pct_step"] == pytest.approx(100 / 3) and "GBps" not in rows["a"]
+    # 1000 bytes a step in 5 us a step: 0.2 GB/s, 20 % of a 1 GB/s copy
+    matmul = rows["_matmul_kernel_x"]
+    assert matmul["GBps"] == pytest.approx(0.2) and matmul["pct_copy_bw"] == pytest.approx(20)
+    report = bench.profile_report({"model": "30B", "timeline": "kernels", **p})
+    assert "30 us a step, kernels busy 18 us, gaps 12 us, 2 launches" in report
+    assert report.splitlines()[-1].split() == ["_matmul_kernel_x", "0.5", "5.0", "16.7", "0", "20"]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the full benchmark runs")
