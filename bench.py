@@ -110,6 +110,9 @@ def kernel_cases(small: bool):
         flops = 2 * rows * w.numel()
         cases.append((f"linear fp8 {rows}x{D} @ {c.in_proj_dim}x{D}", "linear", (x, w, s),
                       w.numel() + x.numel() * 2, flops))
+    w_out, s_out = fp8(D, c.mamba_inner)  # few output columns: a narrow grid at decode
+    cases.append((f"linear fp8 1x{c.mamba_inner} @ out_proj {D}x{c.mamba_inner}", "linear",
+                  (randn(1, c.mamba_inner), w_out, s_out), w_out.numel(), 2 * w_out.numel()))
     w_bf16 = randn(c.vocab_size, D)
     cases.append((f"linear bf16 1x{D} @ lm_head", "linear", (randn(1, D), w_bf16, None),
                   w_bf16.numel() * 2, 2 * w_bf16.numel()))
@@ -131,6 +134,10 @@ def kernel_cases(small: bool):
         cases.append((f"moe fp8 {n} tok top-{k} of {E}", "moe_experts",
                       (x, weights, experts, up[0], up[1], down[0], down[1]),
                       touched * 2 * Fe * D, 2 * n * k * 2 * Fe * D))
+    for n in (1, 32):
+        logits = randn(n, E, dtype=torch.float32)
+        cases.append((f"select experts {n} tok top-{k} of {E}", "select_experts",
+                      (logits, randn(E, dtype=torch.float32), c), logits.numel() * 4, None))
     upv, downv = up[0][:, :f, :d], down[0][:, :d, :f]
     cases.append((f"moe fp8 1 tok nested {d}x{f}", "moe_experts",
                   (randn(1, d), weights[:1], experts[:1], upv, up[1], downv, down[1]),

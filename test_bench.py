@@ -36,7 +36,7 @@ def test_bench_small_end_to_end(tmp_path):
     assert json.loads(run.stdout.strip().splitlines()[-1]) == result
     assert result["ceilings"]["copy_GBps"] > 0 and result["ceilings"]["matmul_TFLOPs"] > 0
     kernels = {r["kernel"]: r for r in result["kernel_bench"]}
-    assert {"linear", "moe", "ssd", "mamba", "gated"} <= {k.split()[0] for k in kernels}
+    assert {"linear", "select", "moe", "ssd", "mamba", "gated"} <= {k.split()[0] for k in kernels}
     assert all(r["rel_err"] < 2e-2 and r["triton_us"] > 0 and r["torch_us"] > 0
                for r in kernels.values())
 
