@@ -159,10 +159,11 @@ def kernel_cases(small: bool):
                          randn(H, dtype=torch.float32), G, (0.0, math.inf))
     cases.append(("mamba decode step", "mamba_step", step_args(), 2 * H * P * N * 4, None))
     for rows in (1, 512 if small else 8192):
+        # as in Mamba: fp32 scan output, bf16 gate and result
         cases.append((f"gated rms_norm {rows}x{c.mamba_inner}", "rms_norm",
-                      (randn(rows, c.mamba_inner), randn(c.mamba_inner), 1e-5, G,
-                       randn(rows, c.mamba_inner)),
-                      3 * rows * c.mamba_inner * 2, None))
+                      (randn(rows, c.mamba_inner, dtype=torch.float32), randn(c.mamba_inner),
+                       1e-5, G, randn(rows, c.mamba_inner)),
+                      rows * c.mamba_inner * (4 + 2 + 2), None))
     return cases
 
 

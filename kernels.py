@@ -555,7 +555,7 @@ def _norm(x: Tensor, weight: Tensor, eps: float, groups: int = 1, gate: Tensor |
     rows_of = lambda t: None if t is None else _rows_last(t.reshape(-1, C))
     rows, gate, update = rows_of(x), rows_of(gate), rows_of(update)
     other = gate if gate is not None else update
-    out = torch.empty(rows.shape, device=x.device, dtype=x.dtype)
+    out = torch.empty(rows.shape, device=x.device, dtype=(x if gate is None else gate).dtype)
     total = torch.empty_like(out) if update is not None else None
     width = C // groups
     block = _pow2(width, 1)
@@ -571,7 +571,7 @@ def _norm(x: Tensor, weight: Tensor, eps: float, groups: int = 1, gate: Tensor |
 def rms_norm(x: Tensor, weight: Tensor, eps: float, groups: int = 1,
              gate: Tensor | None = None) -> Tensor:
     """x [..., C] (times silu(gate) first, if given) normalised over `groups` equal slices ->
-    x.dtype."""
+    x.dtype (gate.dtype with a gate)."""
     return _norm(x, weight, eps, groups, gate=gate)[0]
 
 

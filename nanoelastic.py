@@ -169,11 +169,12 @@ class Linear(nn.Module):
 def rms_norm(x: Tensor, weight: Tensor, eps: float, groups: int = 1,
              gate: Tensor | None = None) -> Tensor:
     """weight * x / sqrt(mean(x^2) + eps), statistics in fp32, over `groups` equal slices of the
-    channels. With a gate (the Mamba output norm), x is first multiplied by silu(gate)."""
+    channels, in x's dtype. With a gate (the Mamba output norm), x is first multiplied by
+    silu(gate), and the result is in the gate's dtype (x is the scan's fp32 output there)."""
     xf = x.float() if gate is None else x.float() * F.silu(gate.float())
     xf = xf.unflatten(-1, (groups, -1))
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return (weight.float() * xf.flatten(-2)).to(x.dtype)
+    return (weight.float() * xf.flatten(-2)).to(x.dtype if gate is None else gate.dtype)
 
 
 class RMSNorm(nn.Module):
@@ -333,8 +334,8 @@ class Mamba2Mixer(nn.Module):
                 ssm_state.copy_(final_state)
             y = (y + self.D.float()[:, None] * x.float()).flatten(2)  # + D skip, [B, T, H*P] fp32
         # Gated RMSNorm: gate y * silu(z) first, then normalise in G groups of H*P/G channels.
-        y = rms_norm(y, self.norm.weight, self.norm.eps, groups=c.n_groups, gate=z)
-        return self.out_proj(y.to(u.dtype))
+        y = rms_norm(y, self.norm.weight, self.norm.eps, groups=c.n_groups, gate=z)  # z's dtype
+        return self.out_proj(y)
 
 
 # --------------------------------------------------------------------------------------------------

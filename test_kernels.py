@@ -350,13 +350,15 @@ if CUDA:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rms_norm(rows, C, groups, gated, dtype):
     gen = torch.Generator().manual_seed(rows + C)
-    x = rand(rows, C + 3, dtype=dtype, gen=gen)[:, :C]  # rows with a stride wider than C
+    # rows with a stride wider than C; gated as in Mamba: fp32 scan output x, gate in `dtype`
+    x = rand(rows, C + 3, dtype=torch.float32 if gated else dtype, gen=gen)[:, :C]
     z = rand(rows, C, dtype=dtype, gen=gen) if gated else None
     w = rand(C, gen=gen).to(dtype)
     out = kernels.rms_norm(x, w, 1e-5, groups, z)
     ref = ne.rms_norm.reference(x.float(), w.float(), 1e-5, groups,
                                 None if z is None else z.float())
     assert out.shape == x.shape and out.dtype == dtype
+    assert ne.rms_norm.reference(x, w, 1e-5, groups, z).dtype == dtype
     assert rel_err(out, ref) < TOL[dtype]
 
 
