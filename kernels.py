@@ -11,6 +11,7 @@ tensors:
 
     linear          x @ W^T, W FP8 (x per-tensor scale) or BF16, read through nested prefix views
                     with their strides: no copy, no dequantised weight in memory
+    relu2_linear    relu(x @ W^T)^2, the same kernel with the activation in its epilogue
     select_experts  the router's choice: sigmoid, top-k of scores + bias, weights renormalised
     moe_experts     top-k routed experts, up -> relu^2 -> down x routing weight, over stacked
                     [E, out, in] weights; tokens grouped by expert on the device, no host
@@ -67,15 +68,16 @@ def _dot_args(dtype: torch.dtype) -> dict:
 def _matmul_kernel(a_ptr, w_ptr, out_ptr, scale_ptr, pair_ptr, block_expert_ptr, pair_weight_ptr,
                    M, N, K, TOP_K,
                    stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_om, stride_on,
-                   DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+                   RELU2: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """One [BLOCK_M, BLOCK_N] tile of out = epilogue(scale * A @ W^T), fp32 accumulation. Which
-    optional pointers are given (None ones are compiled out) sets the mode:
+    """One [BLOCK_M, BLOCK_N] tile of out = epilogue(scale * A @ W^T), fp32 accumulation; RELU2:
+    relu(.)^2 in the epilogue (the up-projections). Which optional pointers are given (None ones
+    are compiled out) sets the mode:
 
       linear    block_expert_ptr None: row r of A gives row r of out; one weight. scale_ptr
                 None: BF16 weight.
       MoE up    block_expert_ptr given, pair_weight_ptr None: row r reads A row pair[r] // TOP_K
-                (the pair's token) and stores relu(.)^2 at out row r.
+                (the pair's token) and stores at out row r.
       MoE down  pair_weight_ptr given: row r reads A row r and stores at out row pair[r], times
                 the pair's routing weight.
 
@@ -121,13 +123,12 @@ def _matmul_kernel(a_ptr, w_ptr, out_ptr, scale_ptr, pair_ptr, block_expert_ptr,
 
     if scale_ptr is not None:
         acc = acc * tl.load(scale_ptr + expert)
-    if block_expert_ptr is not None:
-        if pair_weight_ptr is None:  # MoE up: relu^2
-            acc = tl.maximum(acc, 0.0)
-            acc = acc * acc
-        else:  # MoE down: times the routing weight
-            weight = tl.load(pair_weight_ptr + tl.where(valid, pair, 0), mask=valid, other=0.0)
-            acc = acc * weight[:, None]
+    if RELU2:
+        acc = tl.maximum(acc, 0.0)
+        acc = acc * acc
+    if pair_weight_ptr is not None:  # MoE down: times the routing weight
+        weight = tl.load(pair_weight_ptr + tl.where(valid, pair, 0), mask=valid, other=0.0)
+        acc = acc * weight[:, None]
     out = out_ptr + out_rows[:, None].to(tl.int64) * stride_om + cols[None, :] * stride_on
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=valid[:, None] & (cols[None, :] < N))
 
@@ -151,6 +152,15 @@ def _blocks(rows: int, dtype: torch.dtype) -> dict:
 def linear(x: Tensor, weight: Tensor, weight_scale: Tensor | None = None) -> Tensor:
     """x [..., K] @ weight[N, K]^T (* weight_scale for FP8) -> [..., N] in x.dtype; weight may be
     a strided view."""
+    return _linear(x, weight, weight_scale, relu2=False)
+
+
+def relu2_linear(x: Tensor, weight: Tensor, weight_scale: Tensor | None = None) -> Tensor:
+    """relu(x @ weight^T)^2 in one launch (the shared expert's up-projection)."""
+    return _linear(x, weight, weight_scale, relu2=True)
+
+
+def _linear(x: Tensor, weight: Tensor, weight_scale: Tensor | None, relu2: bool) -> Tensor:
     K, N = x.shape[-1], weight.shape[0]
     a = x.reshape(-1, K)
     M = a.shape[0]
@@ -159,7 +169,7 @@ def linear(x: Tensor, weight: Tensor, weight_scale: Tensor | None = None) -> Ten
     grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]))
     _matmul_kernel[grid](a, weight, out, weight_scale, None, None, None, M, N, K, 1,
                          a.stride(0), a.stride(1), 0, weight.stride(0), weight.stride(1),
-                         out.stride(0), out.stride(1), **_dot_args(x.dtype), **cfg)
+                         out.stride(0), out.stride(1), RELU2=relu2, **_dot_args(x.dtype), **cfg)
     return out.view(*x.shape[:-1], N)
 
 
@@ -204,14 +214,13 @@ def moe_experts(x: Tensor, weights: Tensor, experts: Tensor, up_weight: Tensor,
     _matmul_kernel[(blocks, triton.cdiv(f, cfg["BLOCK_N"]))](
         x, up_weight, h, up_scale, pair_of_row, block_expert, None,
         pairs, f, d, top_k, x.stride(0), x.stride(1), *up_weight.stride(), h.stride(0), h.stride(1),
-        **dots, **cfg)
+        RELU2=True, **dots, **cfg)
     # every pair's row is written once
     out = torch.empty(pairs, d, device=x.device, dtype=torch.float32)
     _matmul_kernel[(blocks, triton.cdiv(d, cfg["BLOCK_N"]))](
         h, down_weight, out, down_scale, pair_of_row, block_expert, weights.float().contiguous(),
         pairs, d, f, top_k, h.stride(0), h.stride(1), *down_weight.stride(),
-        out.stride(0), out.stride(1),
-        **dots, **cfg)
+        out.stride(0), out.stride(1), RELU2=False, **dots, **cfg)
     return out.view(n, top_k, d).sum(1).to(x.dtype)
 
 

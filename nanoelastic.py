@@ -377,7 +377,14 @@ class MLP(nn.Module):
         self.down_proj = Linear(ffn, hidden)
 
     def forward(self, x: Tensor, cache: Cache | None = None) -> Tensor:
-        return self.down_proj(F.relu(self.up_proj(x)).square())
+        up = self.up_proj
+        return self.down_proj(relu2_linear(x, up.weight, up.weight_scale))
+
+
+@kernel
+def relu2_linear(x: Tensor, weight: Tensor, weight_scale: Tensor | None = None) -> Tensor:
+    """relu(x @ weight^T)^2: the up-projection and activation of a relu^2 FFN."""
+    return F.relu(linear(x, weight, weight_scale)).square()
 
 
 class Router(nn.Module):

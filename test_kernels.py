@@ -90,6 +90,21 @@ def test_linear(rows, k, n, fp8, dtype):
     assert torch.equal(out, kernels.linear(x, w.contiguous(), scale))
 
 
+@pytest.mark.parametrize("rows,k,n", [(1, 70, 33), (17, 129, 65), (70, 48, 97)])
+@pytest.mark.parametrize("fp8", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_relu2_linear(rows, k, n, fp8, dtype):
+    gen = torch.Generator().manual_seed(rows + k)
+    w, scale = weight(n + 5, k + 7, fp8, dtype, gen, nested=(n, k))
+    x = rand(rows, k, dtype=dtype, gen=gen)
+    out = kernels.relu2_linear(x, w, scale)
+    ref = (x.float() @ dequant(w, scale).T).relu().square()
+    assert out.shape == (rows, n) and out.dtype == dtype and (out >= 0).all()
+    assert rel_err(out, ref) < TOL[dtype]
+    ref_fn = ne.relu2_linear.reference(x.float(), w if fp8 else w.float(), scale)
+    assert rel_err(ref_fn, ref) < TOL[torch.float32]
+
+
 def test_linear_reads_any_strides():
     gen = torch.Generator().manual_seed(0)
     w = rand(40, 24, gen=gen).T  # stride (1, 24): a column-major weight
