@@ -492,12 +492,13 @@ def test_decode_step_launches_few_kernels(monkeypatch):
 
 
 if CUDA:  # CUDA graphs exist only there
-    def test_decode_graph_matches_eager(tmp_path):
+    @pytest.mark.parametrize("batch", [1, 2])  # one token's MoE path, and the grouped one
+    def test_decode_graph_matches_eager(tmp_path, batch):
         path = checkpoint.write_random_checkpoint(tmp_path / "ckpt", CONFIGS["A"],
                                                   fp8=True, shards=1)
         model = ne.Model.from_pretrained(path, device="cuda", dtype=torch.float32, verbose=False)
-        tokens = torch.randint(0, 97, (2, 9), device="cuda")
-        eager, graphed = model.new_cache(2, 16), model.new_cache(2, 16)
+        tokens = torch.randint(0, 97, (batch, 9), device="cuda")
+        eager, graphed = model.new_cache(batch, 16), model.new_cache(batch, 16)
         graph = ne.DecodeGraph(model, graphed)
         assert graph.capture_graphs
         for cache in (eager, graphed):
