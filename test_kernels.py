@@ -421,17 +421,18 @@ def test_model_with_kernels_matches_references(tmp_path, monkeypatch, name, fp8,
             assert rel_err(t, t_ref) < 1e-5
 
 
-def test_decode_step_has_no_host_sync(tmp_path, monkeypatch):
+@pytest.mark.parametrize("batch", [1, 2])  # one token's MoE path, and the grouped one
+def test_decode_step_has_no_host_sync(tmp_path, monkeypatch, batch):
     """The decode step (model(), one token, with a cache) must not wait for the host, so that a CUDA
     graph can capture it: nothing but forward()'s check of the token ids, which DecodeGraph skips
     while it captures. Under the interpreter the kernel launches themselves are replaced (the
     interpreter copies tensors to the host); on a GPU they run, under torch.cuda's sync check."""
     path = checkpoint.write_random_checkpoint(tmp_path / "ckpt", CONFIGS["A"], fp8=True, shards=1)
     model = ne.Model.from_pretrained(path, device=DEVICE, dtype=torch.float32, verbose=False)
-    cache = model.new_cache(2, 16)
-    model(torch.randint(0, 97, (2, 5)).to(DEVICE), cache)
+    cache = model.new_cache(batch, 16)
+    model(torch.randint(0, 97, (batch, 5)).to(DEVICE), cache)
     launches = record_launches(monkeypatch)
-    token = torch.tensor([[3], [4]], device=DEVICE)
+    token = torch.tensor([[3], [4]][:batch], device=DEVICE)
     forbid_host_syncs(monkeypatch)
     try:
         with pytest.raises(AssertionError, match="host synchronisation"):
