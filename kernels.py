@@ -14,8 +14,8 @@ tensors:
     relu2_linear    relu(x @ W^T)^2, the same kernel with the activation in its epilogue
     select_experts  the router's choice: sigmoid, top-k of scores + bias, weights renormalised
     moe_experts     top-k routed experts, up -> relu^2 -> down x routing weight, over stacked
-                    [E, out, in] weights; tokens grouped by expert on the device, no host
-                    synchronisation (graph-capturable)
+                    [E, out, in] weights; tokens grouped by expert on the device (one token needs
+                    no grouping), no host synchronisation (graph-capturable)
     ssd_chunked     the chunked Mamba-2 scan for prefill: chunk states, state passing, outputs
     mamba_step      the decode step: conv-state update + conv + SSM state update + output, in place
     rms_norm        RMSNorm in groups, with the Mamba gate y * silu(z) fused
