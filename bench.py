@@ -348,18 +348,19 @@ def bench_prefill(model: ne.Model, size: str | None, length: int, chunk: int) ->
 
 
 def bench_switch(model: ne.Model, think: str, answer: str, thought: int, chunk: int) -> dict:
-    """After `thought` tokens at `think`, the cost of going on at `answer`: transplant = the next
-    decode step at the new size on the same cache; re-prefill = rebuilding the cache at the new
-    size."""
+    """After `thought` tokens at `think`, the cost of going on at `answer`. Transplant: the next
+    decode step at the new size on the same cache, against a step at that size after one at that
+    size (the difference is what the switch itself costs); re-prefill: rebuilding the cache at the
+    new size."""
     cache = model.new_cache(1, thought + 16)
     tokens = torch.randint(0, model.config.vocab_size, (1, thought), device=DEVICE)
     step = ne.DecodeGraph(model, cache)
     token = tokens[:, -1:]
 
-    def transplant():
+    def step_after(before: str) -> float:  # seconds of a step at `answer` after one at `before`
         cache.reset()
         model(tokens[:, :-1], cache, think)
-        step(token, think)
+        step(token, before)
         if CUDA:
             torch.cuda.synchronize()
         t = time.perf_counter()
@@ -371,10 +372,12 @@ def bench_switch(model: ne.Model, think: str, answer: str, thought: int, chunk: 
     def reprefill():
         cache.reset()
         ne.prefill(model, tokens, cache, answer, chunk)
-    transplant()  # warm up
-    t_transplant = sorted(transplant() for _ in range(3))[1]
+    step_after(think), step_after(answer)  # warm up: capture both sizes' graphs
+    median = lambda before: sorted(step_after(before) for _ in range(5))[2]
+    t_switch, t_same = median(think), median(answer)
     t_reprefill = timed(reprefill, 2 if CUDA else 1, warmup=1)
-    return {"thought_tokens": thought, "transplant_ms": t_transplant * 1e3,
+    return {"thought_tokens": thought, "transplant_ms": t_switch * 1e3,
+            "same_size_step_ms": t_same * 1e3, "switch_overhead_ms": (t_switch - t_same) * 1e3,
             "reprefill_ms": t_reprefill * 1e3}
 
 
@@ -500,9 +503,10 @@ def main(argv: list[str] | None = None) -> dict:
         print("\n" + table(m["prefill"], [("length", "prefill tokens", "d"),
                                           ("tok_per_s", "tok/s", ".0f"), ("seconds", "s", ".3f")]))
         s = m["switch"]
-        print(f"\nsize switch after {s['thought_tokens']} thinking tokens: "
-              f"transplant {s['transplant_ms']:.2f} ms "
-              f"(one decode step), re-prefill {s['reprefill_ms']:.1f} ms")
+        print(f"\nsize switch after {s['thought_tokens']} thinking tokens: transplant "
+              f"{s['transplant_ms']:.2f} ms for the first step at the new size, against "
+              f"{s['same_size_step_ms']:.2f} ms for a step without a switch (the switch: "
+              f"{s['switch_overhead_ms']:+.2f} ms); re-prefill {s['reprefill_ms']:.1f} ms")
         if "peak_memory_GB" in m:
             print(f"peak GPU memory, the three sizes as views decoding with their caches: "
                   f"{m['peak_memory_GB']:.1f} GB (weights {m['weights_GB']:.1f} GB)")

@@ -54,7 +54,10 @@ def test_bench_small_end_to_end(tmp_path):
             assert view["pct_of_sliced"] == 100 * view["tok_per_s"] / copy["tok_per_s"]
     assert all(r["tok_per_s"] > 0 for r in decode.values())
     assert [r["length"] for r in result["model_bench"]["prefill"]] == [128, 512]
-    assert result["model_bench"]["switch"]["reprefill_ms"] > 0
+    switch = result["model_bench"]["switch"]
+    assert switch["reprefill_ms"] > 0 and switch["same_size_step_ms"] > 0
+    assert switch["switch_overhead_ms"] == pytest.approx(
+        switch["transplant_ms"] - switch["same_size_step_ms"])
     profile = result["model_bench"]["profile"]  # on a CPU: torch ops of eager steps
     assert profile["launches_per_step"] > 0 and 0 < profile["kernel_us"] <= profile["step_us"]
     assert "batch-1 decode of the 256x128, by top-level torch ops" in run.stdout
