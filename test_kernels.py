@@ -467,8 +467,8 @@ class CountOps(TorchDispatchMode):
 def test_decode_step_launches_few_kernels(monkeypatch):
     """Replayed from a CUDA graph, every kernel costs a few microseconds whatever it does: at batch
     1 that overhead, not the weights' bytes, would bound decode. So the step of the real 52-layer
-    pattern (narrow widths) launches at most 12 kernels and torch ops per layer (25 before the
-    router and the batch-1 MoE became one launch each)."""
+    pattern (narrow widths) launches at most 12 kernels and torch ops per layer (about 9 now; 25
+    when the router was ten torch ops and the batch-1 MoE grouped its pairs in twenty more)."""
     config = dataclasses.replace(ne.Config(), hidden_size=128, moe_intermediate_size=64,
                                  moe_shared_expert_intermediate_size=128, mamba_num_heads=8,
                                  mamba_head_dim=16, ssm_state_size=16, n_groups=2,
