@@ -249,19 +249,23 @@ def decode_bytes(model: ne.Model, cache: ne.Cache, batch: int,
     return dict(parts)
 
 
-def bench_decode(model: ne.Model, size: str | None, batch: int, steps: int, prompt: int, ceil: dict,
-                 label: str) -> dict:
+def warm_decoder(model: ne.Model, size: str | None, batch: int, prompt: int, steps: int):
+    """A cache holding a random `prompt`-token prefill with room for `steps` more, the decode step
+    on it (graph captured), its next tokens, and the bytes a step reads (decode_bytes)."""
     view = model.nested(size)
     cache = model.new_cache(batch, prompt + steps + 8)
     g = torch.Generator(device=DEVICE).manual_seed(batch)
     tokens = torch.randint(0, model.config.vocab_size, (batch, prompt), device=DEVICE, generator=g)
     model(tokens, cache, size)
-    touched = experts_touched(view, cache, tokens[:, -1:])
-    nbytes = sum(decode_bytes(view, cache, batch, touched).values())
-    step = ne.DecodeGraph(model, cache)
-    token = tokens[:, -1:]
+    parts = decode_bytes(view, cache, batch, experts_touched(view, cache, tokens[:, -1:]))
+    step, token = ne.DecodeGraph(model, cache), tokens[:, -1:]
     for _ in range(3):  # warm up (and capture the graph)
         token = step(token, size).argmax(-1, keepdim=True)
+    return step, token, parts
+
+
+def seconds_per_step(step: ne.DecodeGraph, token: torch.Tensor, size: str | None,
+                     steps: int) -> float:
     if CUDA:
         torch.cuda.synchronize()
     t = time.perf_counter()
@@ -270,7 +274,14 @@ def bench_decode(model: ne.Model, size: str | None, batch: int, steps: int, prom
         token = step(token, size).argmax(-1, keepdim=True)
     if CUDA:
         torch.cuda.synchronize()
-    seconds = (time.perf_counter() - t) / steps
+    return (time.perf_counter() - t) / steps
+
+
+def bench_decode(model: ne.Model, size: str | None, batch: int, steps: int, prompt: int, ceil: dict,
+                 label: str) -> dict:
+    step, token, parts = warm_decoder(model, size, batch, prompt, steps)
+    nbytes = sum(parts.values())
+    seconds = seconds_per_step(step, token, size, steps)
     gbps = nbytes / seconds / 1e9
     return {"model": label, "batch": batch, "tok_per_s": batch / seconds, "step_ms": seconds * 1e3,
             "GB_per_step": nbytes / 1e9, "GBps": gbps,
@@ -310,22 +321,9 @@ def profile_decode(model: ne.Model, size: str, ceil: dict, steps: int = 20) -> d
     torch.profiler's timeline: what bounds decode where it falls short of the copy bandwidth. (On a
     CPU, the top-level torch ops of eager steps.)"""
     from torch.profiler import ProfilerActivity, profile
-    cache = model.new_cache(1, 512)
-    tokens = torch.randint(0, model.config.vocab_size, (1, 256), device=DEVICE)
-    model(tokens, cache, size)
-    view = model.nested(size)
-    parts = decode_bytes(view, cache, 1, experts_touched(view, cache, tokens[:, -1:]))
-    step, token = ne.DecodeGraph(model, cache), tokens[:, -1:]
-    for _ in range(3):  # capture
-        token = step(token, size).argmax(-1, keepdim=True)
-    sync = torch.cuda.synchronize if CUDA else (lambda: None)
-    sync()
+    step, token, parts = warm_decoder(model, size, 1, 256, steps)
     with profile(activities=[ProfilerActivity.CUDA if CUDA else ProfilerActivity.CPU]) as prof:
-        t = time.perf_counter()
-        for _ in range(steps):
-            token = step(token, size).argmax(-1, keepdim=True)
-        sync()
-        step_us = (time.perf_counter() - t) / steps * 1e6
+        step_us = seconds_per_step(step, token, size, steps) * 1e6
     kernels = (e for e in prof.events()
                if (e.device_type == torch.autograd.DeviceType.CUDA if CUDA
                    else e.cpu_parent is None))
