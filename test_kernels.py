@@ -183,21 +183,25 @@ def test_select_experts_group_limited_is_the_reference():
 
 
 def record_launches(monkeypatch):
-    """Under the interpreter (which itself copies tensors to the host to run a kernel), replace
-    every kernel launch by a record of its name, so that a test can check everything around the
-    kernels for host syncs. Nothing is computed: the router's choice is expert 0 (a valid index for
-    the MoE's grouping)."""
+    """Record every kernel launch by name. On a GPU the kernels still run. Under the interpreter
+    (which itself copies tensors to the host to run a kernel) they are replaced by the record, so
+    that a test can check everything around the kernels for host syncs; nothing is computed then,
+    and the router's choice is expert 0 (a valid index for the MoE's grouping)."""
     launches = []
 
-    def launch(name, *args, **kwargs):
+    def launch(name, jit, grid, *args, **kwargs):
         launches.append(name)
+        if not kernels._INTERPRET:
+            return jit[grid](*args, **kwargs)
         if name == "_select_experts_kernel":
             with _disable_current_modes():  # not the step's work: CountOps does not see it
                 args[3].zero_()  # experts_ptr
-    for name in dir(kernels) if kernels._INTERPRET else ():
+    for name in dir(kernels):
         if name.endswith("_kernel"):
+            jit = getattr(kernels, name)
             monkeypatch.setattr(kernels, name, type("Launch", (), {
-                "__getitem__": lambda self, grid, name=name: functools.partial(launch, name)})())
+                "__getitem__": lambda self, grid, name=name, jit=jit:
+                    functools.partial(launch, name, jit, grid)})())
     return launches
 
 
@@ -476,14 +480,7 @@ def test_decode_step_launches_few_kernels(monkeypatch):
     model = checkpoint.random_model(config, DEVICE, torch.bfloat16, fp8=True, seed=0)
     cache = model.new_cache(1, 16)  # empty: the first token is decoded like any other
     monkeypatch.setattr(ne, "checked_tokens", lambda tokens, vocab_size: tokens)  # as captured
-    launches = record_launches(monkeypatch)  # under the interpreter: recorded, not run
-    if CUDA:
-        for name in dir(kernels):
-            if name.endswith("_kernel"):
-                jit = getattr(kernels, name)
-                monkeypatch.setattr(kernels, name, type("Counted", (), {
-                    "__getitem__": lambda self, grid, jit=jit, name=name:
-                        launches.append(name) or jit[grid]})())
+    launches = record_launches(monkeypatch)
     token = torch.tensor([[7]], device=DEVICE)
     with CountOps() as counted:
         model(token, cache, last_only=True)
