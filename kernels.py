@@ -9,8 +9,9 @@ tensors:
     NANOELASTIC_KERNELS=torch    torch references everywhere
     NANOELASTIC_KERNELS=triton   Triton everywhere; on CPU tensors under TRITON_INTERPRET=1 (CI)
 
-    linear          x @ W^T, W FP8 (x per-tensor scale) or BF16, read through nested prefix views
-                    with their strides: no copy, no dequantised weight in memory
+    linear          x @ W^T, W FP8 (x per-tensor scale), BF16 or FP32 (the router's), read through
+                    nested prefix views with their strides: no copy, no dequantised weight in
+                    memory; `plus` adds the routed experts' outputs before the one rounding
     relu2_linear    relu(x @ W^T)^2, the same kernel with the activation in its epilogue
     select_experts  the router's choice: sigmoid, top-k of scores + bias, weights renormalised
     moe_experts     top-k routed experts, up -> relu^2 -> down x routing weight, over stacked
@@ -22,7 +23,8 @@ tensors:
     add_rms_norm    the residual add fused with the next layer's RMSNorm
 
 All accumulate in fp32. Products of bf16 activations run on tensor cores (bf16 operands; FP8
-weights convert to bf16 exactly); fp32 activations, the tests' exact mode, multiply in full fp32.
+weights convert to bf16 exactly); fp32 operands (the tests' exact mode, the router's
+weight) multiply in full fp32.
 Block sizes are fixed heuristics (no autotuning, so the interpreter stays fast), chosen so that
 nothing spills registers on an H100: test_compile.py compiles every launch the model makes for sm_90
 and checks ptxas' report. Optional inputs are passed as None, which Triton compiles out: no dummy
@@ -66,16 +68,18 @@ def _dot_args(dtype: torch.dtype) -> dict:
 
 @triton.jit
 def _matmul_kernel(a_ptr, w_ptr, out_ptr, scale_ptr, pair_ptr, block_expert_ptr, pair_weight_ptr,
-                   M, N, K, TOP_K,
+                   plus_ptr, M, N, K, TOP_K,
                    stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_om, stride_on,
-                   RELU2: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                   stride_pm, stride_pj, RELU2: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                   PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_K: tl.constexpr):
     """One [BLOCK_M, BLOCK_N] tile of out = epilogue(scale * A @ W^T), fp32 accumulation; RELU2:
     relu(.)^2 in the epilogue (the up-projections). Which optional pointers are given (None ones
     are compiled out) sets the mode:
 
       linear    block_expert_ptr None: row r of A gives row r of out; one weight. scale_ptr
-                None: BF16 weight.
+                None: BF16 weight. plus_ptr given: + the TOP_K rows plus[r, j, :] in fp32
+                before the one rounding (the routed experts' outputs, into the shared expert's).
       MoE up    block_expert_ptr given, pair_weight_ptr None: row r reads A row pair[r] // TOP_K
                 (the pair's token) and stores at out row r.
       MoE down  pair_weight_ptr given: row r reads A row r and stores at out row pair[r], times
@@ -129,6 +133,11 @@ def _matmul_kernel(a_ptr, w_ptr, out_ptr, scale_ptr, pair_ptr, block_expert_ptr,
     if pair_weight_ptr is not None:  # MoE down: times the routing weight
         weight = tl.load(pair_weight_ptr + tl.where(valid, pair, 0), mask=valid, other=0.0)
         acc = acc * weight[:, None]
+    if plus_ptr is not None:
+        plus = plus_ptr + rows[:, None].to(tl.int64) * stride_pm + cols[None, :]
+        for j in range(TOP_K):
+            acc += tl.load(plus + j * stride_pj, mask=valid[:, None] & (cols[None, :] < N),
+                           other=0.0)
     out = out_ptr + out_rows[:, None].to(tl.int64) * stride_om + cols[None, :] * stride_on
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=valid[:, None] & (cols[None, :] < N))
 
@@ -149,10 +158,12 @@ def _blocks(rows: int, dtype: torch.dtype) -> dict:
     return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
 
 
-def linear(x: Tensor, weight: Tensor, weight_scale: Tensor | None = None) -> Tensor:
-    """x [..., K] @ weight[N, K]^T (* weight_scale for FP8) -> [..., N] in x.dtype; weight may be
-    a strided view."""
-    return _linear(x, weight, weight_scale, relu2=False)
+def linear(x: Tensor, weight: Tensor, weight_scale: Tensor | None = None,
+           plus: Tensor | None = None) -> Tensor:
+    """x [..., K] @ weight[N, K]^T (* weight_scale for FP8) (+ plus [..., j, N] summed over j)
+    -> [..., N] in the wider of x's and weight's dtypes (x's for FP8); weight may be a strided
+    view."""
+    return _linear(x, weight, weight_scale, relu2=False, plus=plus)
 
 
 def relu2_linear(x: Tensor, weight: Tensor, weight_scale: Tensor | None = None) -> Tensor:
@@ -160,16 +171,24 @@ def relu2_linear(x: Tensor, weight: Tensor, weight_scale: Tensor | None = None) 
     return _linear(x, weight, weight_scale, relu2=True)
 
 
-def _linear(x: Tensor, weight: Tensor, weight_scale: Tensor | None, relu2: bool) -> Tensor:
+def _linear(x: Tensor, weight: Tensor, weight_scale: Tensor | None, relu2: bool,
+            plus: Tensor | None = None) -> Tensor:
     K, N = x.shape[-1], weight.shape[0]
     a = x.reshape(-1, K)
     M = a.shape[0]
-    out = torch.empty(M, N, device=x.device, dtype=x.dtype)
-    cfg = _blocks(M, x.dtype)
+    # an fp32 weight (the router's) with bf16 x multiplies in fp32: no fp32 copy of x
+    dtype = x.dtype if weight_scale is not None else torch.promote_types(x.dtype, weight.dtype)
+    out = torch.empty(M, N, device=x.device, dtype=dtype)
+    plus_rows, plus_strides = 1, (0, 0)
+    if plus is not None:
+        plus = _rows_last(plus.reshape(M, -1, N))
+        plus_rows, plus_strides = plus.shape[1], plus.stride()[:2]
+    cfg = _blocks(M, dtype)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]))
-    _matmul_kernel[grid](a, weight, out, weight_scale, None, None, None, M, N, K, 1,
+    _matmul_kernel[grid](a, weight, out, weight_scale, None, None, None, plus, M, N, K, plus_rows,
                          a.stride(0), a.stride(1), 0, weight.stride(0), weight.stride(1),
-                         out.stride(0), out.stride(1), RELU2=relu2, **_dot_args(x.dtype), **cfg)
+                         out.stride(0), out.stride(1), *plus_strides,
+                         RELU2=relu2, **_dot_args(dtype), **cfg)
     return out.view(*x.shape[:-1], N)
 
 
@@ -195,10 +214,10 @@ def _group_by_expert(experts: Tensor, E: int, BM: int) -> tuple[Tensor, Tensor, 
 
 def moe_experts(x: Tensor, weights: Tensor, experts: Tensor, up_weight: Tensor,
                 up_scale: Tensor | None, down_weight: Tensor, down_scale: Tensor | None) -> Tensor:
-    """x [n, d], routing weights [n, k] fp32 and experts [n, k] -> [n, d] in x.dtype:
-    sum_j weights[:, j] * down[e_j](relu(up[e_j](x))^2), up_weight [E, f, d] and down_weight
-    [E, d, f] possibly nested views. Only device ops: the grid is sized for the worst case, unused
-    blocks exit."""
+    """x [n, d], routing weights [n, k] fp32 and experts [n, k] -> [n, k, d] fp32, each chosen
+    expert's weighted output weights[:, j] * down[e_j](relu(up[e_j](x))^2) (linear's `plus` sums
+    them), up_weight [E, f, d] and down_weight [E, d, f] possibly nested views. Only device ops:
+    the grid is sized for the worst case, unused blocks exit."""
     n, top_k = experts.shape
     E, f, d = up_weight.shape
     pairs = n * top_k
@@ -212,16 +231,16 @@ def moe_experts(x: Tensor, weights: Tensor, experts: Tensor, up_weight: Tensor,
     dots = _dot_args(x.dtype)
     h = torch.empty(blocks * BM, f, device=x.device, dtype=x.dtype)  # rows in sorted, padded order
     _matmul_kernel[(blocks, triton.cdiv(f, cfg["BLOCK_N"]))](
-        x, up_weight, h, up_scale, pair_of_row, block_expert, None,
+        x, up_weight, h, up_scale, pair_of_row, block_expert, None, None,
         pairs, f, d, top_k, x.stride(0), x.stride(1), *up_weight.stride(), h.stride(0), h.stride(1),
-        RELU2=True, **dots, **cfg)
+        0, 0, RELU2=True, **dots, **cfg)
     # every pair's row is written once
     out = torch.empty(pairs, d, device=x.device, dtype=torch.float32)
     _matmul_kernel[(blocks, triton.cdiv(d, cfg["BLOCK_N"]))](
         h, down_weight, out, down_scale, pair_of_row, block_expert, weights.float().contiguous(),
-        pairs, d, f, top_k, h.stride(0), h.stride(1), *down_weight.stride(),
-        out.stride(0), out.stride(1), RELU2=False, **dots, **cfg)
-    return out.view(n, top_k, d).sum(1).to(x.dtype)
+        None, pairs, d, f, top_k, h.stride(0), h.stride(1), *down_weight.stride(),
+        out.stride(0), out.stride(1), 0, 0, RELU2=False, **dots, **cfg)
+    return out.view(n, top_k, d)
 
 
 @triton.jit

@@ -139,11 +139,18 @@ def kernel(reference):
 
 
 @kernel
-def linear(x: Tensor, weight: Tensor, weight_scale: Tensor | None = None) -> Tensor:
-    """x @ weight^T. An FP8 weight (weight_scale given) is dequantised on use: weight * scale."""
+def linear(x: Tensor, weight: Tensor, weight_scale: Tensor | None = None,
+           plus: Tensor | None = None) -> Tensor:
+    """x @ weight^T in the wider of the two dtypes (the router's fp32 weight makes fp32 logits).
+    An FP8 weight (weight_scale given) is dequantised on use to x's dtype: weight * scale.
+    plus [..., j, N] fp32 (the routed experts' outputs) is summed into the result."""
     if weight_scale is not None:
         weight = (weight.float() * weight_scale).to(x.dtype)
-    return F.linear(x, weight)
+    dtype = torch.promote_types(x.dtype, weight.dtype)
+    out = F.linear(x.to(dtype), weight.to(dtype))
+    if plus is not None:
+        out = (out.float() + plus.sum(-2)).to(dtype)
+    return out
 
 
 class Linear(nn.Module):
@@ -156,8 +163,8 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(torch.empty(shape), requires_grad=False)
         self.register_buffer("weight_scale", None)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return linear(x, self.weight, self.weight_scale)
+    def forward(self, x: Tensor, plus: Tensor | None = None) -> Tensor:
+        return linear(x, self.weight, self.weight_scale, plus)
 
     def extra_repr(self) -> str:  # from the weight itself, so a nested view shows its nested widths
         *experts, out_features, in_features = self.weight.shape
@@ -376,9 +383,10 @@ class MLP(nn.Module):
         self.up_proj = Linear(hidden, ffn)
         self.down_proj = Linear(ffn, hidden)
 
-    def forward(self, x: Tensor, cache: Cache | None = None) -> Tensor:
+    def forward(self, x: Tensor, cache: Cache | None = None,
+                plus: Tensor | None = None) -> Tensor:  # plus: linear's
         up = self.up_proj
-        return self.down_proj(relu2_linear(x, up.weight, up.weight_scale))
+        return self.down_proj(relu2_linear(x, up.weight, up.weight_scale), plus)
 
 
 @kernel
@@ -398,7 +406,7 @@ class Router(nn.Module):
         self.e_score_correction_bias = nn.Parameter(torch.empty(E), requires_grad=False)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:  # x [n, D] -> weights, experts [n, k]
-        logits = F.linear(x.float(), self.weight.float())  # [n, E], fp32 as the checkpoint's router
+        logits = linear(x, self.weight.float())  # [n, E] fp32, as the checkpoint's router
         return select_experts(logits, self.e_score_correction_bias, self.config)
 
 
@@ -423,23 +431,24 @@ def select_experts(logits: Tensor, bias: Tensor, config: Config) -> tuple[Tensor
 @kernel
 def moe_experts(x: Tensor, weights: Tensor, experts: Tensor, up_weight: Tensor,
                 up_scale: Tensor | None, down_weight: Tensor, down_scale: Tensor | None) -> Tensor:
-    """x [n, D], routing weights [n, k] fp32, chosen experts [n, k]
-    -> sum_j weights_j down_j(relu(up_j(x))^2) [n, D], with stacked up_weight [E, F, D],
-    down_weight [E, D, F] and FP8 scales [E] (or None)."""
+    """x [n, D], routing weights [n, k] fp32, chosen experts [n, k] -> [n, k, D] fp32, each
+    chosen expert's weighted output weights_j down_j(relu(up_j(x))^2), with stacked up_weight
+    [E, F, D], down_weight [E, D, F] and FP8 scales [E] (or None)."""
     # The n*k (token, expert) pairs grouped by expert: each expert runs once on its tokens.
-    order = experts.flatten().argsort(stable=True)
-    tokens = order // experts.shape[1]  # the token of each pair, pairs in expert order
-    pair_weights = weights.flatten()[order]
+    n, k = experts.shape
+    pairs = experts.flatten().argsort(stable=True)  # pair p is token p // k's j = p % k
     E = up_weight.shape[0]
     counts = torch.bincount(experts.flatten(), minlength=E).tolist()  # a host sync: fine here
     up_scale = [None] * E if up_scale is None else up_scale  # None: BF16 weights
     down_scale = [None] * E if down_scale is None else down_scale
-    out = torch.zeros_like(x, dtype=torch.float32)
-    for e, (idx, w) in enumerate(zip(tokens.split(counts), pair_weights.split(counts))):
-        if len(idx):
-            h = F.relu(linear(x[idx], up_weight[e], up_scale[e])).square()
-            out.index_add_(0, idx, linear(h, down_weight[e], down_scale[e]).float() * w[:, None])
-    return out.to(x.dtype)
+    pair_weights = weights.flatten()
+    out = torch.zeros(n * k, x.shape[-1], device=x.device, dtype=torch.float32)
+    for e, group in enumerate(pairs.split(counts)):
+        if len(group):
+            h = F.relu(linear(x[group // k], up_weight[e], up_scale[e])).square()
+            h = linear(h, down_weight[e], down_scale[e])
+            out[group] = h.float() * pair_weights[group, None]
+    return out.view(n, k, -1)
 
 
 class MoE(nn.Module):
@@ -459,8 +468,9 @@ class MoE(nn.Module):
         weights, experts = self.gate(flat)  # [n, k]
         up, down = self.experts.up_proj, self.experts.down_proj
         routed = moe_experts(flat, weights, experts, up.weight, up.weight_scale, down.weight,
-                             down.weight_scale)
-        return routed.view_as(x) + self.shared_experts(x)
+                             down.weight_scale)  # [n, k, D] fp32
+        # shared(x) + the routed outputs, summed inside the shared down-projection: one rounding
+        return self.shared_experts(x, plus=routed.view(*x.shape[:-1], *routed.shape[1:]))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -105,6 +105,32 @@ def test_relu2_linear(rows, k, n, fp8, dtype):
     assert rel_err(ref_fn, ref) < TOL[torch.float32]
 
 
+@pytest.mark.parametrize("rows,j", [(1, 6), (37, 3)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_plus(rows, j, dtype):
+    """plus [rows, j, n] fp32 (the routed experts' outputs) summed into the result."""
+    gen = torch.Generator().manual_seed(rows + j)
+    w, scale = weight(53, 40, True, dtype, gen)
+    x, plus = rand(rows, 40, dtype=dtype, gen=gen), rand(2, rows, j, 53, gen=gen)[1]
+    out = kernels.linear(x, w, scale, plus)
+    ref = x.float() @ dequant(w, scale).T + plus.sum(1)
+    assert out.shape == (rows, 53) and out.dtype == dtype
+    assert rel_err(out, ref) < TOL[dtype]
+    assert rel_err(ne.linear.reference(x.float(), w, scale, plus), ref) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize("rows", [1, 70])
+def test_linear_fp32_weight_bf16_x(rows):
+    """The router: bf16 x times its fp32 weight gives fp32 logits, multiplied in full fp32 (no
+    rounding of the products, which a choice among 128 experts would feel)."""
+    gen = torch.Generator().manual_seed(rows)
+    w, x = rand(128, 96, gen=gen), rand(rows, 96, dtype=torch.bfloat16, gen=gen)
+    out = kernels.linear(x, w)
+    ref = x.double() @ w.double().T
+    assert out.dtype == torch.float32 and rel_err(out, ref) < 1e-6
+    assert rel_err(ne.linear.reference(x, w), ref) < 1e-6
+
+
 def test_linear_reads_any_strides():
     gen = torch.Generator().manual_seed(0)
     w = rand(40, 24, gen=gen).T  # stride (1, 24): a column-major weight
@@ -148,8 +174,8 @@ def test_moe_experts(n, k, fp8, dtype):
     # fp32 reference: each token through each of its experts, written out directly.
     up, down = dequant(up_w, up_s), dequant(down_w, down_s)
     h = torch.relu(torch.einsum("nd,nkfd->nkf", x.float(), up[experts])).square()
-    ref = torch.einsum("nkf,nkdf,nk->nd", h, down[experts], weights)
-    assert out.shape == x.shape and out.dtype == dtype
+    ref = torch.einsum("nkf,nkdf,nk->nkd", h, down[experts], weights)
+    assert out.shape == (n, k, x.shape[1]) and out.dtype == torch.float32
     assert rel_err(out, ref) < TOL[dtype]
     f32 = (lambda w: w) if fp8 else (lambda w: w.float())
     ref_fn = ne.moe_experts.reference(x.float(), weights, experts,
