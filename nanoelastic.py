@@ -367,9 +367,15 @@ class Attention(nn.Module):
         mask = None  # None: plain causal
         if cache is not None:  # all keys and values so far [B, Hkv, L, hd]; what each query sees
             k, v, mask = cache.update(self.layer_idx, k, v)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                           is_causal=mask is None and T > 1,
-                                           scale=hd ** -0.5, enable_gqa=True)  # [B, Hq, T, hd]
+        if T == 1:  # decode: KV head j's query heads (jG..jG+G-1) as G queries of one head, so
+            # each KV head is read once, and no backend has to take a GQA flag beside a mask
+            B, Hq = q.shape[:2]
+            o = F.scaled_dot_product_attention(q.reshape(B, k.shape[1], -1, hd), k, v,
+                                               attn_mask=mask, scale=hd ** -0.5)
+            o = o.reshape(B, Hq, 1, hd)
+        else:
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                               scale=hd ** -0.5, enable_gqa=True)  # [B, Hq, T, hd]
         return self.o_proj(o.transpose(1, 2).flatten(2))
 
 
@@ -599,6 +605,7 @@ class Cache:
                                    f"{c.max_position_embeddings}")
         self.batch_size, self.max_len, self.length = batch_size, max_len, 0
         self.position = torch.zeros((), dtype=torch.int64, device=device)
+        self.key_positions = torch.arange(max_len, device=device)  # for the decode mask
         self.interrupted = False  # set while a step is half-written (Ctrl-C): see begin()
         self.kinds, self.layers = c.layers_block_type, []
         zeros = functools.partial(torch.zeros, device=device, dtype=dtype)
@@ -624,7 +631,7 @@ class Cache:
             k_cache.index_copy_(2, self.position.view(1), k)
             v_cache.index_copy_(2, self.position.view(1), v)
             window = self.window()
-            mask = (torch.arange(window, device=k.device) <= self.position)[None]  # [1, window]
+            mask = (self.key_positions[:window] <= self.position)[None]  # [1, window]
             return k_cache[:, :, :window], v_cache[:, :, :window], mask
         start = self.length
         k_cache[:, :, start:start + T] = k

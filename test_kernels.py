@@ -482,23 +482,26 @@ def test_decode_step_has_no_host_sync(tmp_path, monkeypatch, batch):
 
 
 class CountOps(TorchDispatchMode):
-    """Counts the torch ops that do device work (not views, not bare allocations)."""
+    """Counts the torch ops that do device work: not views, not bare allocations, not the ones
+    that make no tensor (torch.promote_types)."""
     def __init__(self):
         super().__init__()
         self.ops = collections.Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
         name = func.overloadpacket.__name__
-        if not func.is_view and not name.startswith("empty"):
+        if not func.is_view and not name.startswith("empty") and isinstance(out, torch.Tensor):
             self.ops[name] += 1
-        return func(*args, **(kwargs or {}))
+        return out
 
 
 def test_decode_step_launches_few_kernels(monkeypatch):
     """Replayed from a CUDA graph, every kernel costs a few microseconds whatever it does: at batch
     1 that overhead, not the weights' bytes, would bound decode. So the step of the real 52-layer
-    pattern (narrow widths) launches at most 12 kernels and torch ops per layer (about 9 now; 25
-    when the router was ten torch ops and the batch-1 MoE grouped its pairs in twenty more)."""
+    pattern (narrow widths) launches at most 8 kernels and torch ops per layer (about 7 now; 25
+    when the router was ten torch ops and the batch-1 MoE grouped its pairs in twenty more, 9
+    before the routed outputs were summed inside the shared expert's down-projection)."""
     config = dataclasses.replace(ne.Config(), hidden_size=128, moe_intermediate_size=64,
                                  moe_shared_expert_intermediate_size=128, mamba_num_heads=8,
                                  mamba_head_dim=16, ssm_state_size=16, n_groups=2,
@@ -512,7 +515,7 @@ def test_decode_step_launches_few_kernels(monkeypatch):
         model(token, cache, last_only=True)
     layers = len(config.layers_block_type)
     assert {"_select_experts_kernel", "_matmul_kernel"} <= set(launches)
-    assert len(launches) + counted.ops.total() <= 12 * layers, (len(launches), counted.ops)
+    assert len(launches) + counted.ops.total() <= 8 * layers, (len(launches), counted.ops)
 
 
 if CUDA:  # CUDA graphs exist only there
