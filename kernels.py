@@ -33,6 +33,7 @@ pointers, no mode flags.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -68,7 +69,7 @@ def _dot_args(dtype: torch.dtype) -> dict:
 
 @triton.jit
 def _matmul_kernel(a_ptr, w_ptr, out_ptr, scale_ptr, pair_ptr, block_expert_ptr, pair_weight_ptr,
-                   plus_ptr, M, N, K, TOP_K,
+                   plus_ptr, partial_ptr, ticket_ptr, M, N, K, TOP_K,
                    stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_om, stride_on,
                    stride_pm, stride_pj, RELU2: tl.constexpr, DOT_DTYPE: tl.constexpr,
                    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -92,8 +93,13 @@ def _matmul_kernel(a_ptr, w_ptr, out_ptr, scale_ptr, pair_ptr, block_expert_ptr,
     experts are distinct: nothing to sort or group). W is read through its strides, so nested
     prefix views need no copy; an FP8 W converts exactly to the dot dtype and its scale (one per
     expert) multiplies the accumulator once, so no dequantised weight exists anywhere.
+
+    Split K (linear; partial_ptr given): the grid's third axis splits the inner dimension, so that
+    a decode matmul with few column blocks still has a program on every SM. Each program stores
+    its fp32 partial tile and takes a ticket; the tile's last program sums the partials in split
+    order (deterministic: no float atomics), runs the epilogue and resets the ticket to 0.
     """
-    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+    pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     expert = 0
@@ -115,8 +121,13 @@ def _matmul_kernel(a_ptr, w_ptr, out_ptr, scale_ptr, pair_ptr, block_expert_ptr,
         out_rows = rows if pair_weight_ptr is None else pair
     a_rows = tl.where(valid, a_rows, 0)
 
+    k_lo, k_hi = 0, K
+    if partial_ptr is not None:  # this program's share of K, whole blocks
+        k_span = tl.cdiv(tl.cdiv(K, tl.num_programs(2)), BLOCK_K) * BLOCK_K
+        k_lo = pid_k * k_span
+        k_hi = tl.minimum(K, k_lo + k_span)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_lo, k_hi, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         a = tl.load(a_ptr + a_rows[:, None].to(tl.int64) * stride_am + ks[None, :] * stride_ak,
                     mask=valid[:, None] & (ks[None, :] < K), other=0.0)
@@ -124,6 +135,19 @@ def _matmul_kernel(a_ptr, w_ptr, out_ptr, scale_ptr, pair_ptr, block_expert_ptr,
         w = tl.load(w_base + cols[None, :] * stride_wn + ks[:, None] * stride_wk,
                     mask=(cols[None, :] < N) & (ks[:, None] < K), other=0.0)
         acc = tl.dot(a.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=PRECISION)
+
+    if partial_ptr is not None:
+        tile_mask = (rows[:, None] < M) & (cols[None, :] < N)
+        partial = partial_ptr + rows[:, None].to(tl.int64) * N + cols[None, :]
+        tl.store(partial + pid_k.to(tl.int64) * M * N, acc, mask=tile_mask)
+        tl.debug_barrier()  # every thread's partial is stored before the ticket is taken
+        ticket = ticket_ptr + pid_m * tl.num_programs(1) + pid_n
+        if tl.atomic_add(ticket, 1, sem="acq_rel", scope="gpu") < tl.num_programs(2) - 1:
+            return
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for split in range(tl.num_programs(2)):  # .cg: read from L2, where the others wrote
+            acc += tl.load(partial + split * M * N, mask=tile_mask, other=0.0, cache_modifier=".cg")
+        tl.atomic_xchg(ticket, 0, sem="relaxed", scope="gpu")
 
     if scale_ptr is not None:
         acc = acc * tl.load(scale_ptr + expert)
@@ -158,6 +182,32 @@ def _blocks(rows: int, dtype: torch.dtype) -> dict:
     return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
 
 
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 132  # an H100 SXM's (the interpreter)
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _k_splits(tiles: int, K: int, BLOCK_K: int, device: torch.device) -> int:
+    """How many ways a decode matmul of `tiles` output tiles splits K: enough for about two
+    programs per SM (so a narrow one, such as the 2688 columns of out_proj in 84 tiles, still
+    streams its weight from every SM), each with at least 4 blocks of K to pipeline."""
+    return max(1, min(triton.cdiv(2 * _sm_count(device), tiles), K // (4 * BLOCK_K)))
+
+
+_TICKETS: dict = {}
+
+
+def _tickets(device: torch.device) -> Tensor:
+    """Split-K tickets, one per tile of a split launch (fewer than 2 x SMs tiles): zero between
+    launches, since each tile's last program resets its own. One buffer per device, made once, so
+    CUDA graphs and eager calls share it."""
+    if device not in _TICKETS:
+        _TICKETS[device] = torch.zeros(1024, device=device, dtype=torch.int32)
+    return _TICKETS[device]
+
+
 def linear(x: Tensor, weight: Tensor, weight_scale: Tensor | None = None,
            plus: Tensor | None = None) -> Tensor:
     """x [..., K] @ weight[N, K]^T (* weight_scale for FP8) (+ plus [..., j, N] summed over j)
@@ -185,10 +235,15 @@ def _linear(x: Tensor, weight: Tensor, weight_scale: Tensor | None, relu2: bool,
         plus_rows, plus_strides = plus.shape[1], plus.stride()[:2]
     cfg = _blocks(M, dtype)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]))
-    _matmul_kernel[grid](a, weight, out, weight_scale, None, None, None, plus, M, N, K, plus_rows,
-                         a.stride(0), a.stride(1), 0, weight.stride(0), weight.stride(1),
-                         out.stride(0), out.stride(1), *plus_strides,
-                         RELU2=relu2, **_dot_args(dtype), **cfg)
+    splits = _k_splits(grid[0] * grid[1], K, cfg["BLOCK_K"], x.device) if M <= 64 else 1
+    partial, tickets = None, None
+    if splits > 1:
+        partial = torch.empty(splits, M, N, device=x.device, dtype=torch.float32)
+        tickets = _tickets(x.device)
+    _matmul_kernel[grid + (splits,)](
+        a, weight, out, weight_scale, None, None, None, plus, partial, tickets, M, N, K, plus_rows,
+        a.stride(0), a.stride(1), 0, weight.stride(0), weight.stride(1), out.stride(0),
+        out.stride(1), *plus_strides, RELU2=relu2, **_dot_args(dtype), **cfg)
     return out.view(*x.shape[:-1], N)
 
 
@@ -231,14 +286,14 @@ def moe_experts(x: Tensor, weights: Tensor, experts: Tensor, up_weight: Tensor,
     dots = _dot_args(x.dtype)
     h = torch.empty(blocks * BM, f, device=x.device, dtype=x.dtype)  # rows in sorted, padded order
     _matmul_kernel[(blocks, triton.cdiv(f, cfg["BLOCK_N"]))](
-        x, up_weight, h, up_scale, pair_of_row, block_expert, None, None,
+        x, up_weight, h, up_scale, pair_of_row, block_expert, None, None, None, None,
         pairs, f, d, top_k, x.stride(0), x.stride(1), *up_weight.stride(), h.stride(0), h.stride(1),
         0, 0, RELU2=True, **dots, **cfg)
     # every pair's row is written once
     out = torch.empty(pairs, d, device=x.device, dtype=torch.float32)
     _matmul_kernel[(blocks, triton.cdiv(d, cfg["BLOCK_N"]))](
         h, down_weight, out, down_scale, pair_of_row, block_expert, weights.float().contiguous(),
-        None, pairs, d, f, top_k, h.stride(0), h.stride(1), *down_weight.stride(),
+        None, None, None, pairs, d, f, top_k, h.stride(0), h.stride(1), *down_weight.stride(),
         out.stride(0), out.stride(1), 0, 0, RELU2=False, **dots, **cfg)
     return out.view(n, top_k, d)
 

@@ -68,9 +68,12 @@ def triton_everywhere(monkeypatch):
 # linear: FP8 x per-tensor scale or BF16, contiguous or nested views; decode rows and prefill rows
 
 # (rows, in, out)
-LINEAR_SHAPES = [(1, 70, 33), (3, 40, 100), (17, 129, 65), (70, 48, 97), (300, 40, 33)]
-if CUDA:  # the real 30B's in_proj, lm_head and down projections at decode and prefill row counts
-    LINEAR_SHAPES += [(1, 2688, 18560), (32, 4096, 2688), (4096, 2688, 18560), (1, 2688, 131072)]
+# (2, 1100, 40) and (40, 1100, 20) split K in both dtypes
+LINEAR_SHAPES = [(1, 70, 33), (3, 40, 100), (17, 129, 65), (70, 48, 97), (300, 40, 33),
+                 (2, 1100, 40), (40, 1100, 20)]
+if CUDA:  # the real 30B's projections at decode and prefill row counts (out_proj's split K)
+    LINEAR_SHAPES += [(1, 2688, 10304), (1, 4096, 2688), (32, 4096, 2688), (1, 2688, 256),
+                      (4096, 2688, 10304), (1, 2688, 131072)]
 
 
 @pytest.mark.parametrize("rows,k,n", LINEAR_SHAPES)
@@ -129,6 +132,23 @@ def test_linear_fp32_weight_bf16_x(rows):
     ref = x.double() @ w.double().T
     assert out.dtype == torch.float32 and rel_err(out, ref) < 1e-6
     assert rel_err(ne.linear.reference(x, w), ref) < 1e-6
+
+
+def test_decode_matmuls_with_few_tiles_split_k():
+    """The split-K rule: a narrow decode matmul (out_proj's 84 tiles) splits so the grid covers
+    every SM about twice; a wide one (lm_head), a short K or prefill rows do not."""
+    device = torch.device(DEVICE)
+    sms = kernels._sm_count(device)
+    assert kernels._k_splits(84, 4096, 128, device) * 84 >= 2 * sms
+    assert kernels._k_splits(84, 4096, 128, device) <= 4096 // (4 * 128)
+    assert kernels._k_splits(4096, 2688, 128, device) == 1
+    assert kernels._k_splits(1, 256, 128, device) == 1
+    assert kernels._k_splits(1, 1100, 128, device) == 2
+    assert kernels._k_splits(1, 1100, 32, device) > 2
+    # after a split launch every ticket is back at zero, ready for the next one
+    x, w = rand(2, 1100, dtype=torch.bfloat16), rand(40, 1100, dtype=torch.bfloat16)
+    kernels.linear(x, w)
+    assert kernels._TICKETS[x.device].count_nonzero() == 0
 
 
 def test_linear_reads_any_strides():
