@@ -212,6 +212,13 @@ def kernel_cases(small: bool):
                          randn(ch), randn(H, dtype=torch.float32), randn(H, dtype=torch.float32),
                          randn(H, dtype=torch.float32), G, (0.0, math.inf))
     cases.append(("mamba decode step", "mamba_step", step_args(), 2 * H * P * N * 4, None))
+    Hq, Hkv, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+    window = 512 if small else 32768
+    kv = lambda: randn(1, Hkv, window, hd)
+    position = torch.tensor(window - 100, device=DEVICE)
+    cases.append((f"decode attention at {window - 100} of {window}", "decode_attention",
+                  (randn(1, Hq, 1, hd), randn(1, Hkv, 1, hd), randn(1, Hkv, 1, hd), kv(), kv(),
+                   position, window), 2 * Hkv * (window - 100) * hd * 2, None))
     for rows in (1, 512 if small else 8192):
         # as in Mamba: fp32 scan output, bf16 gate and result
         cases.append((f"gated rms_norm {rows}x{c.mamba_inner}", "rms_norm",

@@ -19,6 +19,7 @@ tensors:
                     no grouping), no host synchronisation (graph-capturable)
     ssd_chunked     the chunked Mamba-2 scan for prefill: chunk states, state passing, outputs
     mamba_step      the decode step: conv-state update + conv + SSM state update + output, in place
+    decode_attention  a decoded token: K, V into the cache, attention split over the positions
     rms_norm        RMSNorm in groups, with the Mamba gate y * silu(z) fused
     add_rms_norm    the residual add fused with the next layer's RMSNorm
 
@@ -199,13 +200,15 @@ def _k_splits(tiles: int, K: int, BLOCK_K: int, device: torch.device) -> int:
 _TICKETS: dict = {}
 
 
-def _tickets(device: torch.device) -> Tensor:
-    """Split-K tickets, one per tile of a split launch (fewer than 2 x SMs tiles): zero between
-    launches, since each tile's last program resets its own. One buffer per device, made once, so
-    CUDA graphs and eager calls share it."""
-    if device not in _TICKETS:
-        _TICKETS[device] = torch.zeros(1024, device=device, dtype=torch.int32)
-    return _TICKETS[device]
+def _tickets(device: torch.device, n: int) -> Tensor:
+    """n tickets for a launch whose programs merge their partial results (split-K matmuls,
+    decode attention): zero between launches, since each merging program resets its own. One
+    buffer per device that only grows (a CUDA graph keeps its address: old buffers stay alive), so
+    graphs and eager calls share it."""
+    if device not in _TICKETS or _TICKETS[device][-1].numel() < n:
+        _TICKETS.setdefault(device, []).append(
+            torch.zeros(max(1024, n), device=device, dtype=torch.int32))
+    return _TICKETS[device][-1]
 
 
 def linear(x: Tensor, weight: Tensor, weight_scale: Tensor | None = None,
@@ -239,7 +242,7 @@ def _linear(x: Tensor, weight: Tensor, weight_scale: Tensor | None, relu2: bool,
     partial, tickets = None, None
     if splits > 1:
         partial = torch.empty(splits, M, N, device=x.device, dtype=torch.float32)
-        tickets = _tickets(x.device)
+        tickets = _tickets(x.device, grid[0] * grid[1])
     _matmul_kernel[grid + (splits,)](
         a, weight, out, weight_scale, None, None, None, plus, partial, tickets, M, N, K, plus_rows,
         a.stride(0), a.stride(1), 0, weight.stride(0), weight.stride(1), out.stride(0),
@@ -598,7 +601,110 @@ def mamba_step(xBC: Tensor, dt: Tensor, conv_state: Tensor, ssm_state: Tensor, c
 
 
 # --------------------------------------------------------------------------------------------------
-# 4. RMSNorm in groups: weight * g / sqrt(mean(g^2) + eps), where g = x * silu(gate) (the Mamba
+# 4. Decode attention, split over the KV positions (flash-decoding): programs over (batch x KV head,
+#    span of 256 positions), each an online softmax over its span for the G query heads of its KV
+#    head; each (batch, KV head)'s last program merges the spans in order, with the new token.
+
+@triton.jit
+def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, position_ptr, out_ptr,
+                             partial_ptr, ticket_ptr, Hkv, G, HD, SPAN, scale,
+                             s_qb, s_qh, s_kb, s_kh, s_cb, s_ch, s_cl, s_ob, s_oh,
+                             DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+                             BLOCK_G: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Program (b * Hkv + j, split): cache positions [split * SPAN, min((split + 1) * SPAN,
+    position)) of KV head j, whose G query heads are the rows of one [BLOCK_G, BLOCK_D] tile. Its
+    (max, sum, unnormalised output) go to the workspace; the last program of the (b, j) ticket
+    merges them in split order with the new token's own key and value (so nothing in this launch
+    reads what split 0 writes: the new key and value into the caches at `position`)."""
+    bj, split = tl.program_id(0), tl.program_id(1)
+    b, j = bj // Hkv, bj % Hkv
+    n_splits = tl.num_programs(1)
+    pos = tl.load(position_ptr)
+    gs, ds = tl.arange(0, BLOCK_G), tl.arange(0, BLOCK_D)
+    gmask, dmask = gs < G, ds < HD
+    q = tl.load(q_ptr + b * s_qb + (j * G + gs)[:, None] * s_qh + ds[None, :],
+                mask=gmask[:, None] & dmask[None, :], other=0.0)  # [BLOCK_G, BLOCK_D]
+    k_new = tl.load(k_ptr + b * s_kb + j * s_kh + ds, mask=dmask, other=0.0)
+    v_new = tl.load(v_ptr + b * s_kb + j * s_kh + ds, mask=dmask, other=0.0)
+    cache = b.to(tl.int64) * s_cb + j * s_ch
+    if split == 0:
+        tl.store(k_cache_ptr + cache + pos * s_cl + ds, k_new, mask=dmask)
+        tl.store(v_cache_ptr + cache + pos * s_cl + ds, v_new, mask=dmask)
+
+    m = tl.full((BLOCK_G,), float("-inf"), dtype=tl.float32)  # running max of the scores
+    l = tl.zeros((BLOCK_G,), dtype=tl.float32)  # running sum of exp(score - m)
+    acc = tl.zeros((BLOCK_G, BLOCK_D), dtype=tl.float32)
+    lo = split * SPAN
+    hi = tl.minimum(lo + SPAN, pos)
+    for l0 in range(lo, hi, BLOCK_L):  # every block holds a position < hi: m stays finite
+        ls = l0 + tl.arange(0, BLOCK_L)
+        lmask = ls < hi
+        kt = tl.load(k_cache_ptr + cache + ls[None, :] * s_cl + ds[:, None],
+                     mask=lmask[None, :] & dmask[:, None], other=0.0)  # K^T [BLOCK_D, BLOCK_L]
+        scores = tl.dot(q.to(DOT_DTYPE), kt.to(DOT_DTYPE), input_precision=PRECISION) * scale
+        scores = tl.where(lmask[None, :], scores, float("-inf"))
+        m_new = tl.maximum(m, tl.max(scores, axis=1))
+        p = tl.exp(scores - m_new[:, None])
+        alpha = tl.exp(m - m_new)
+        vt = tl.load(v_cache_ptr + cache + ls[:, None] * s_cl + ds[None, :],
+                     mask=lmask[:, None] & dmask[None, :], other=0.0)  # [BLOCK_L, BLOCK_D]
+        acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), vt.to(DOT_DTYPE),
+                                            input_precision=PRECISION)
+        l = l * alpha + tl.sum(p, axis=1)
+        m = m_new
+
+    # workspace [b * Hkv, n_splits, BLOCK_G, 2 + BLOCK_D]: max, sum, output
+    row = partial_ptr + ((bj * n_splits + split) * BLOCK_G + gs.to(tl.int64)) * (2 + BLOCK_D)
+    tl.store(row, m)
+    tl.store(row + 1, l)
+    tl.store(row[:, None] + 2 + ds[None, :], acc)
+    tl.debug_barrier()  # every thread's partial is stored before the ticket is taken
+    if tl.atomic_add(ticket_ptr + bj, 1, sem="acq_rel", scope="gpu") < n_splits - 1:
+        return
+    s_new = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], axis=1) * scale
+    m_all = s_new
+    for other in range(n_splits):
+        row = partial_ptr + ((bj * n_splits + other) * BLOCK_G + gs.to(tl.int64)) * (2 + BLOCK_D)
+        m_all = tl.maximum(m_all, tl.load(row, cache_modifier=".cg"))
+    l_all = tl.exp(s_new - m_all)
+    acc = l_all[:, None] * v_new.to(tl.float32)[None, :]
+    for other in range(n_splits):  # split order: the same sums whichever program merges
+        row = partial_ptr + ((bj * n_splits + other) * BLOCK_G + gs.to(tl.int64)) * (2 + BLOCK_D)
+        factor = tl.exp(tl.load(row, cache_modifier=".cg") - m_all)  # 0 for an empty span
+        l_all += tl.load(row + 1, cache_modifier=".cg") * factor
+        acc += tl.load(row[:, None] + 2 + ds[None, :], cache_modifier=".cg") * factor[:, None]
+    out = out_ptr + b * s_ob + (j * G + gs)[:, None] * s_oh + ds[None, :]
+    tl.store(out, (acc / l_all[:, None]).to(out_ptr.dtype.element_ty),
+             mask=gmask[:, None] & dmask[None, :])
+    tl.atomic_xchg(ticket_ptr + bj, 0, sem="relaxed", scope="gpu")
+
+
+def decode_attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor,
+                     position: Tensor, window: int) -> Tensor:
+    """q [B, Hq, 1, hd], the new k, v [B, Hkv, 1, hd] (written into k_cache, v_cache
+    [B, Hkv, L, hd] at position) -> [B, Hq, 1, hd]: attention over positions 0..position. One
+    launch; the grid depends on window alone, so a CUDA graph holds for every position in it."""
+    B, Hq, _, hd = q.shape
+    Hkv = k.shape[1]
+    SPAN = 256
+    n_splits = triton.cdiv(window, SPAN)
+    BLOCK_G, BLOCK_D = _pow2(Hq // Hkv), _pow2(hd)
+    dots = _dot_args(q.dtype)
+    out = torch.empty(B, Hq, 1, hd, device=q.device, dtype=q.dtype)
+    partial = torch.empty(B * Hkv, n_splits, BLOCK_G, 2 + BLOCK_D, device=q.device,
+                          dtype=torch.float32)
+    q, k, v = (_rows_last(t) for t in (q, k, v))
+    assert k_cache.stride(-1) == 1 and k_cache.stride() == v_cache.stride()
+    _decode_attention_kernel[(B * Hkv, n_splits)](
+        q, k, v, k_cache, v_cache, position, out, partial, _tickets(q.device, B * Hkv), Hkv,
+        Hq // Hkv, hd, SPAN, hd ** -0.5, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+        *k_cache.stride()[:3], out.stride(0), out.stride(1), **dots, BLOCK_G=BLOCK_G,
+        BLOCK_L=32 if dots["DOT_DTYPE"] == tl.float32 else 64, BLOCK_D=BLOCK_D, num_warps=4)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# 5. RMSNorm in groups: weight * g / sqrt(mean(g^2) + eps), where g = x * silu(gate) (the Mamba
 #    output norm), or g = x + update, also stored (the residual add fused with the next layer's
 #    norm), or g = x
 

@@ -348,6 +348,23 @@ class Mamba2Mixer(nn.Module):
 # --------------------------------------------------------------------------------------------------
 # 4. Attention: GQA, no positional encoding; the cache returns what to attend over
 
+@kernel
+def decode_attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor,
+                     position: Tensor, window: int) -> Tensor:
+    """One decoded token a row: its k, v [B, Hkv, 1, hd] go into the caches [B, Hkv, L, hd] at
+    `position` (a device scalar: no host sync), then q [B, Hq, 1, hd] attends over positions
+    0..position, all inside the first `window` (a power of two: shapes that stay the same, one
+    CUDA graph, until the cache outgrows it) -> [B, Hq, 1, hd]. The G = Hq / Hkv query heads of
+    KV head j (jG..jG+G-1) are G queries of it, so no backend has to take a GQA flag with a mask."""
+    k_cache.index_copy_(2, position.view(1), k)
+    v_cache.index_copy_(2, position.view(1), v)
+    B, Hq, _, hd = q.shape
+    seen = (torch.arange(window, device=q.device) <= position)[None]  # [1, window]
+    o = F.scaled_dot_product_attention(q.reshape(B, k.shape[1], -1, hd), k_cache[:, :, :window],
+                                       v_cache[:, :, :window], attn_mask=seen, scale=hd ** -0.5)
+    return o.reshape(B, Hq, 1, hd)
+
+
 class Attention(nn.Module):
     """Causal grouped-query attention without positional encoding; K and V go into the cache."""
     def __init__(self, config: Config, layer_idx: int):
@@ -364,17 +381,15 @@ class Attention(nn.Module):
         q = self.q_proj(x).unflatten(-1, (-1, hd)).transpose(1, 2)  # [B, Hq, T, hd]
         k = self.k_proj(x).unflatten(-1, (-1, hd)).transpose(1, 2)  # [B, Hkv, T, hd]
         v = self.v_proj(x).unflatten(-1, (-1, hd)).transpose(1, 2)
-        mask = None  # None: plain causal
-        if cache is not None:  # all keys and values so far [B, Hkv, L, hd]; what each query sees
-            k, v, mask = cache.update(self.layer_idx, k, v)
-        if T == 1:  # decode: KV head j's query heads (jG..jG+G-1) as G queries of one head, so
-            # each KV head is read once, and no backend has to take a GQA flag beside a mask
-            B, Hq = q.shape[:2]
-            o = F.scaled_dot_product_attention(q.reshape(B, k.shape[1], -1, hd), k, v,
-                                               attn_mask=mask, scale=hd ** -0.5)
-            o = o.reshape(B, Hq, 1, hd)
+        if cache is not None and T == 1:  # decode: into the cache, and attend over it
+            k_cache, v_cache = cache.layers[self.layer_idx]
+            o = decode_attention(q, k, v, k_cache, v_cache, cache.position, cache.window())
         else:
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+            mask = None  # None: plain causal
+            if cache is not None:  # all keys and values so far [B, Hkv, L, hd]; what each sees
+                k, v, mask = cache.update(self.layer_idx, k, v)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                               is_causal=mask is None and T > 1,
                                                scale=hd ** -0.5, enable_gqa=True)  # [B, Hq, T, hd]
         return self.o_proj(o.transpose(1, 2).flatten(2))
 
@@ -605,7 +620,6 @@ class Cache:
                                    f"{c.max_position_embeddings}")
         self.batch_size, self.max_len, self.length = batch_size, max_len, 0
         self.position = torch.zeros((), dtype=torch.int64, device=device)
-        self.key_positions = torch.arange(max_len, device=device)  # for the decode mask
         self.interrupted = False  # set while a step is half-written (Ctrl-C): see begin()
         self.kinds, self.layers = c.layers_block_type, []
         zeros = functools.partial(torch.zeros, device=device, dtype=dtype)
@@ -621,18 +635,12 @@ class Cache:
                 self.layers.append(None)
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
-        """Write attention layer `layer`'s new keys and values [B, Hkv, T, hd]; return the keys and
-        values to attend over and the mask of what each new query sees (None: causal)."""
+        """Prefill: write attention layer `layer`'s new keys and values [B, Hkv, T, hd]; return
+        the keys and values to attend over and the mask of what each new query sees (None:
+        causal). A decoded token (T = 1) goes through decode_attention instead, at the device-side
+        position (no host sync) over window() positions of the cache."""
         k_cache, v_cache = self.layers[layer]
         T = k.shape[2]
-        if T == 1:
-            # Decode: write at the device-side position, attend over a masked window of the cache:
-            # no host sync, and a window that changes only at powers of two (a CUDA graph each).
-            k_cache.index_copy_(2, self.position.view(1), k)
-            v_cache.index_copy_(2, self.position.view(1), v)
-            window = self.window()
-            mask = (self.key_positions[:window] <= self.position)[None]  # [1, window]
-            return k_cache[:, :, :window], v_cache[:, :, :window], mask
         start = self.length
         k_cache[:, :, start:start + T] = k
         v_cache[:, :, start:start + T] = v

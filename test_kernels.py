@@ -148,7 +148,7 @@ def test_decode_matmuls_with_few_tiles_split_k():
     # after a split launch every ticket is back at zero, ready for the next one
     x, w = rand(2, 1100, dtype=torch.bfloat16), rand(40, 1100, dtype=torch.bfloat16)
     kernels.linear(x, w)
-    assert kernels._TICKETS[x.device].count_nonzero() == 0
+    assert kernels._TICKETS[x.device][-1].count_nonzero() == 0
 
 
 def test_linear_reads_any_strides():
@@ -400,6 +400,36 @@ def test_mamba_step(b, H, P, G, N, K, dtype, bias):
     assert y.shape == (b, H * P) and y.dtype == torch.float32
     assert rel_err(y, y_ref) < TOL[dtype] and rel_err(ssm_state, ref_ssm) < TOL[dtype]
     assert torch.equal(conv_state.float(), ref_conv)  # the shifted window holds the inputs exactly
+
+
+# --------------------------------------------------------------------------------------------------
+# Decode attention: the new K, V into the cache, attention split over spans of 256 positions
+
+# (batch, query heads, KV heads, head dim, cache length, window, position): the first position,
+# a span's edge, several spans, the window's last position, one query head per KV head
+ATTENTION_SHAPES = [(1, 4, 2, 20, 300, 256, 0), (1, 4, 2, 20, 300, 256, 130),
+                    (2, 8, 2, 16, 1030, 1024, 256), (2, 8, 2, 16, 1030, 1024, 700),
+                    (1, 2, 2, 32, 600, 512, 511), (2, 32, 2, 128, 520, 512, 300)]
+if CUDA:  # the real 30B's heads at a long context
+    ATTENTION_SHAPES += [(1, 32, 2, 128, 32768, 32768, 20000), (8, 32, 2, 128, 4096, 4096, 3000)]
+
+
+@pytest.mark.parametrize("B,Hq,Hkv,hd,L,window,position", ATTENTION_SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_attention(B, Hq, Hkv, hd, L, window, position, dtype):
+    gen = torch.Generator().manual_seed(position + hd)
+    q, k, v = (rand(B, H, 1, hd, dtype=dtype, gen=gen) for H in (Hq, Hkv, Hkv))
+    caches = [rand(B, Hkv, L, hd, dtype=dtype, gen=gen) for _ in range(2)]
+    position_t = torch.tensor(position, device=DEVICE)
+    ref_caches = [c.double() for c in caches]
+    ref = ne.decode_attention.reference(q.double(), k.double(), v.double(), *ref_caches,
+                                        position_t, window)
+    out = kernels.decode_attention(q, k, v, *caches, position_t, window)
+    assert out.shape == (B, Hq, 1, hd) and out.dtype == dtype
+    assert rel_err(out, ref) < TOL[dtype]
+    for cache, ref_cache in zip(caches, ref_caches):  # the new token written, nothing else
+        assert torch.equal(cache.double(), ref_cache)
+    assert kernels._TICKETS[q.device][-1].count_nonzero() == 0
 
 
 # --------------------------------------------------------------------------------------------------
