@@ -404,7 +404,7 @@ def profile_decode(model: ne.Model, size: str, ceil: dict, steps: int = 20) -> d
                if (e.device_type == torch.autograd.DeviceType.CUDA if CUDA
                    else e.cpu_parent is None))
     intervals = [(e.name, e.time_range.start, e.time_range.end) for e in kernels]
-    nbytes = {"_matmul_kernel": parts["linear"], "_ssm_step_kernel": parts["mamba states"]}
+    nbytes = {"_matmul_kernel": parts["linear"], "_mamba_step_kernel": parts["mamba states"]}
     timeline = kernel_timeline(intervals, steps, step_us, nbytes, ceil["copy_GBps"])
     what = "CUDA kernels of graph replays" if CUDA else "top-level torch ops of eager steps"
     return {"model": size, "timeline": what, **timeline}

@@ -521,55 +521,75 @@ def ssd_chunked(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk: i
 
 
 # --------------------------------------------------------------------------------------------------
-# 3. The Mamba-2 decode step: (a) conv over the cached K-1 inputs + the new one, shifting the conv
-#    state; (b) per head: dt, the state update S = exp(dt A) S + dt x B^T, the output
-#    y = S C + D x.
+# 3. The Mamba-2 decode step, one program per (sequence, head): (a) the depthwise conv over the
+#    cached K-1 inputs and the new one, for the head's x channels and its group's B and C channels;
+#    (b) dt, the state update S = exp(dt A) S + dt x B^T, the output y = S C + D x. Each program
+#    shifts its own x channels' conv state; the group's B and C channels, which its heads all read,
+#    are shifted by the group's last program (a ticket), after every head has read them.
 
 @triton.jit
-def _conv_step_kernel(xBC_ptr, conv_state_ptr, w_ptr, bias_ptr, out_ptr, CH,
-                      s_xb, s_sb, s_sc, s_sk, s_wc, s_wk, K: tl.constexpr, BLOCK: tl.constexpr):
-    """out = silu(conv over the K-1 cached inputs and the new one + bias) for BLOCK channels of one
-    sequence, shifting the new input into the conv state. Depthwise: channels are independent, so a
-    program is a slice of channels; bias_ptr None: no bias."""
-    b, blk = tl.program_id(0).to(tl.int64), tl.program_id(1)  # int64: batch x state may pass 2^31
-    ch = blk * BLOCK + tl.arange(0, BLOCK)
-    mask = ch < CH
-    new = tl.load(xBC_ptr + b * s_xb + ch, mask=mask, other=0.0).to(tl.float32)
-    acc = new * tl.load(w_ptr + ch * s_wc + (K - 1) * s_wk, mask=mask, other=0.0).to(tl.float32)
-    state = conv_state_ptr + b * s_sb + ch * s_sc
-    for k in tl.static_range(K - 1):  # oldest first; shift left as we go
+def _conv_silu(xBC_ptr, state_ptr, w_ptr, bias_ptr, ch, mask, s_sc, s_sk, s_wc, s_wk,
+               K: tl.constexpr, SHIFT: tl.constexpr):
+    """silu(conv over the K-1 cached inputs of channels `ch` and the new one + bias), fp32;
+    SHIFT: shift the new input into these channels' conv state as the window is read."""
+    new = tl.load(xBC_ptr + ch, mask=mask, other=0.0)
+    acc = new.to(tl.float32) * tl.load(w_ptr + ch * s_wc + (K - 1) * s_wk, mask=mask,
+                                       other=0.0).to(tl.float32)
+    state = state_ptr + ch * s_sc
+    for k in tl.static_range(K - 1):  # oldest first
         past = tl.load(state + k * s_sk, mask=mask, other=0.0)
         weight = tl.load(w_ptr + ch * s_wc + k * s_wk, mask=mask, other=0.0)
         acc += past.to(tl.float32) * weight.to(tl.float32)
-        if k > 0:
+        if SHIFT and k > 0:
             tl.store(state + (k - 1) * s_sk, past, mask=mask)
-    tl.store(state + (K - 2) * s_sk, new.to(conv_state_ptr.dtype.element_ty), mask=mask)
+    if SHIFT:
+        tl.store(state + (K - 2) * s_sk, new.to(state_ptr.dtype.element_ty), mask=mask)
     if bias_ptr is not None:
         acc += tl.load(bias_ptr + ch, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + b * CH + ch, acc * tl.sigmoid(acc), mask=mask)  # silu
+    return acc * tl.sigmoid(acc)
 
 
 @triton.jit
-def _ssm_step_kernel(xBC_ptr, dt_ptr, dt_bias_ptr, A_log_ptr, D_ptr, state_ptr, y_ptr,
-                     CH, H, P, N, HEADS_PER_GROUP, GN, dt_min, dt_max,
-                     s_dtb, s_sb, s_sh, s_sp,
-                     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
-    """One head of one sequence: dt = softplus(dt + dt_bias) clamped to the limits, the state update
-    S = exp(dt A) S + dt x B^T in place, y = S C + D x. A program holds its head's whole [P, N]
-    state, read and written once: the step is bound by reading the states, so nothing else is
-    tiled."""
+def _shift_conv_state(xBC_ptr, state_ptr, ch, mask, s_sc, s_sk, K: tl.constexpr):
+    state = state_ptr + ch * s_sc
+    for k in tl.static_range(1, K - 1):
+        tl.store(state + (k - 1) * s_sk, tl.load(state + k * s_sk, mask=mask, other=0.0),
+                 mask=mask)
+    new = tl.load(xBC_ptr + ch, mask=mask, other=0.0)
+    tl.store(state + (K - 2) * s_sk, new.to(state_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _mamba_step_kernel(xBC_ptr, dt_ptr, conv_state_ptr, conv_w_ptr, conv_bias_ptr, dt_bias_ptr,
+                       A_log_ptr, D_ptr, state_ptr, y_ptr, ticket_ptr,
+                       H, P, N, G, HEADS_PER_GROUP, dt_min, dt_max,
+                       s_xb, s_dtb, s_cb, s_cc, s_ck, s_wc, s_wk, s_sb, s_sh, s_sp,
+                       K: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One head of one sequence. A program holds its head's whole [P, N] state, read and written
+    once: the step is bound by reading the states, so nothing else is tiled."""
     b, h = tl.program_id(0).to(tl.int64), tl.program_id(1)  # int64: batch x state may pass 2^31
     g = h // HEADS_PER_GROUP
     ps, ns = tl.arange(0, BLOCK_P), tl.arange(0, BLOCK_N)
     pm, nm = ps < P, ns < N
+    row, conv = xBC_ptr + b * s_xb, conv_state_ptr + b * s_cb
+    B_ch, C_ch = H * P + g * N + ns, H * P + G * N + g * N + ns
+    x = _conv_silu(row, conv, conv_w_ptr, conv_bias_ptr, h * P + ps, pm, s_cc, s_ck, s_wc, s_wk,
+                   K=K, SHIFT=True)
+    Bv = _conv_silu(row, conv, conv_w_ptr, conv_bias_ptr, B_ch, nm, s_cc, s_ck, s_wc, s_wk,
+                    K=K, SHIFT=False)
+    Cv = _conv_silu(row, conv, conv_w_ptr, conv_bias_ptr, C_ch, nm, s_cc, s_ck, s_wc, s_wk,
+                    K=K, SHIFT=False)
+    tl.debug_barrier()  # every thread has read the group's B, C window before the ticket is taken
+    ticket = ticket_ptr + b * G + g
+    if tl.atomic_add(ticket, 1, sem="acq_rel", scope="gpu") == HEADS_PER_GROUP - 1:
+        _shift_conv_state(row, conv, B_ch, nm, s_cc, s_ck, K=K)
+        _shift_conv_state(row, conv, C_ch, nm, s_cc, s_ck, K=K)
+        tl.atomic_xchg(ticket, 0, sem="relaxed", scope="gpu")
+
     raw = tl.load(dt_ptr + b * s_dtb + h).to(tl.float32) + tl.load(dt_bias_ptr + h).to(tl.float32)
     dt = tl.where(raw > 20.0, raw, tl.log(1.0 + tl.exp(raw)))  # softplus, as torch's threshold 20
     dt = tl.minimum(tl.maximum(dt, dt_min), dt_max)
     A = -tl.exp(tl.load(A_log_ptr + h).to(tl.float32))
-    row = xBC_ptr + b * CH
-    x = tl.load(row + h * P + ps, mask=pm, other=0.0)
-    Bv = tl.load(row + H * P + g * N + ns, mask=nm, other=0.0)
-    Cv = tl.load(row + H * P + GN + g * N + ns, mask=nm, other=0.0)
     sp = state_ptr + b * s_sb + h * s_sh + ps[:, None] * s_sp + ns[None, :]
     state = tl.load(sp, mask=pm[:, None] & nm[None, :], other=0.0)
     state = state * tl.exp(dt * A) + (dt * x)[:, None] * Bv[None, :]
@@ -582,20 +602,18 @@ def mamba_step(xBC: Tensor, dt: Tensor, conv_state: Tensor, ssm_state: Tensor, c
                conv_bias: Tensor | None, dt_bias: Tensor, A_log: Tensor, D: Tensor, n_groups: int,
                dt_limit: tuple[float, float]) -> Tensor:
     """xBC [b, C] and raw dt [b, H] of one token -> y [b, H*P] fp32; conv_state [b, C, K-1] and
-    ssm_state [b, H, P, N] (fp32) are updated in place."""
+    ssm_state [b, H, P, N] (fp32) are updated in place. One launch."""
     b, CH = xBC.shape
     H, P, N = ssm_state.shape[1:]
     K = conv_state.shape[-1] + 1
     xBC = _rows_last(xBC)  # a row of in_proj's output: read through its stride, not copied
-    conv_out = torch.empty(b, CH, device=xBC.device, dtype=torch.float32)
     w = conv_weight.view(CH, K)
-    _conv_step_kernel[(b, triton.cdiv(CH, 256))](
-        xBC, conv_state, w, conv_bias, conv_out, CH, xBC.stride(0), *conv_state.stride(),
-        *w.stride(), K=K, BLOCK=256)
     y = torch.empty(b, H * P, device=xBC.device, dtype=torch.float32)
-    _ssm_step_kernel[(b, H)](
-        conv_out, dt, dt_bias, A_log, D, ssm_state, y, CH, H, P, N, H // n_groups, n_groups * N,
-        float(dt_limit[0]), float(min(dt_limit[1], 3.0e38)), dt.stride(0), *ssm_state.stride()[:3],
+    _mamba_step_kernel[(b, H)](
+        xBC, dt, conv_state, w, conv_bias, dt_bias, A_log, D, ssm_state, y,
+        _tickets(xBC.device, b * n_groups), H, P, N, n_groups, H // n_groups,
+        float(dt_limit[0]), float(min(dt_limit[1], 3.0e38)), xBC.stride(0), dt.stride(0),
+        *conv_state.stride(), *w.stride(), *ssm_state.stride()[:3], K=K,
         BLOCK_P=_pow2(P, 1), BLOCK_N=_pow2(N, 1))
     return y
 

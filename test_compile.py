@@ -208,8 +208,8 @@ def test_every_launch_compiles_for_hopper_without_spills():
     rows = run_in_subprocess()
     assert {r["kernel"] for r in rows} == {
         "_matmul_kernel", "_select_experts_kernel", "_ssd_chunk_state_kernel",
-        "_ssd_state_passing_kernel", "_ssd_chunk_scan_kernel", "_conv_step_kernel",
-        "_ssm_step_kernel", "_rms_norm_kernel", "_decode_attention_kernel"}
+        "_ssd_state_passing_kernel", "_ssd_chunk_scan_kernel", "_mamba_step_kernel",
+        "_rms_norm_kernel", "_decode_attention_kernel"}
     cases = {c for r in rows for c in r["cases"]}
     assert len(cases) == len(MODES) * 3 * len(PHASES)  # every case launched kernels
     for r in rows:
