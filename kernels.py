@@ -201,10 +201,10 @@ _TICKETS: dict = {}
 
 
 def _tickets(device: torch.device, n: int) -> Tensor:
-    """n tickets for a launch whose programs merge their partial results (split-K matmuls,
-    decode attention): zero between launches, since each merging program resets its own. One
-    buffer per device that only grows (a CUDA graph keeps its address: old buffers stay alive), so
-    graphs and eager calls share it."""
+    """n tickets for a launch whose last program of a group merges or finishes the group's work
+    (split-K matmuls, decode attention, the Mamba step's shared conv window): zero between
+    launches, since that program resets its own. One buffer per device that only grows (a CUDA
+    graph keeps its address: old buffers stay alive), so graphs and eager calls share it."""
     if device not in _TICKETS or _TICKETS[device][-1].numel() < n:
         _TICKETS.setdefault(device, []).append(
             torch.zeros(max(1024, n), device=device, dtype=torch.int32))

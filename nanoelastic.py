@@ -346,7 +346,8 @@ class Mamba2Mixer(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------------
-# 4. Attention: GQA, no positional encoding; the cache returns what to attend over
+# 4. Attention: GQA, no positional encoding; a prefill attends over what the cache's update()
+#    returns, a decoded token goes through decode_attention (cache write and attention in one)
 
 @kernel
 def decode_attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor,
@@ -405,7 +406,7 @@ class MLP(nn.Module):
         self.down_proj = Linear(ffn, hidden)
 
     def forward(self, x: Tensor, cache: Cache | None = None,
-                plus: Tensor | None = None) -> Tensor:  # plus: linear's
+                plus: Tensor | None = None) -> Tensor:  # plus: added in down_proj (see linear)
         up = self.up_proj
         return self.down_proj(relu2_linear(x, up.weight, up.weight_scale), plus)
 
@@ -467,8 +468,8 @@ def moe_experts(x: Tensor, weights: Tensor, experts: Tensor, up_weight: Tensor,
     for e, group in enumerate(pairs.split(counts)):
         if len(group):
             h = F.relu(linear(x[group // k], up_weight[e], up_scale[e])).square()
-            h = linear(h, down_weight[e], down_scale[e])
-            out[group] = h.float() * pair_weights[group, None]
+            y = linear(h, down_weight[e], down_scale[e]).float()
+            out[group] = y * pair_weights[group, None]
     return out.view(n, k, -1)
 
 
