@@ -96,10 +96,15 @@ def kernel_seconds(fn, arg_sets: list[tuple], iters: int) -> tuple[float, str]:
     per input set, so that launch gaps do not swamp a kernel of a few microseconds (a decode step
     replays its kernels the same way); eager calls where fn synchronises with the host and cannot
     be captured (the MoE reference)."""
-    for args in arg_sets:  # warm-up: compilation, allocations
-        fn(*args)
     if not CUDA:
+        fn(*arg_sets[0])  # warm-up
         return timed(lambda: fn(*arg_sets[0]), iters, warmup=0), "eager"
+    stream = torch.cuda.Stream()  # warm-up (compilation, allocations) off the capturing stream,
+    stream.wait_stream(torch.cuda.current_stream())  # as DecodeGraph does
+    with torch.cuda.stream(stream):
+        for args in arg_sets:
+            fn(*args)
+    torch.cuda.current_stream().wait_stream(stream)
     torch.cuda.synchronize()
     try:
         torch.cuda.set_sync_debug_mode("error")
