@@ -45,6 +45,7 @@ from typing import Iterator, NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention.bias import causal_lower_right
 
 
 class NanoElasticError(ValueError):
@@ -606,6 +607,19 @@ class Model(nn.Module):
 # --------------------------------------------------------------------------------------------------
 # 7. Caches
 
+def prefix_causal(T: int, L: int, like: Tensor):
+    """What T new queries after L - T cached positions see: query i, keys 0..L - T + i. Where flash
+    attention runs (16 bits on an sm_80+ GPU), torch's lower-right causal bias, which flash takes
+    with no mask in memory (given a mask beside GQA, a backend without GQA support falls back to
+    the math path, T x L scores a head); elsewhere that mask as bools [T, L]."""
+    if (like.is_cuda and like.dtype in (torch.float16, torch.bfloat16)
+            and torch.cuda.get_device_capability(like.device) >= (8, 0)
+            and torch.backends.cuda.flash_sdp_enabled()):
+        return causal_lower_right(T, L)
+    positions = torch.arange(L, device=like.device)
+    return positions <= positions[L - T:, None]
+
+
 class Cache:
     """Preallocated decode state, the same shapes at every nested size: K and V [B, Hkv, max_len,
     hd] per attention layer, conv [B, C, K-1] and SSM [B, H, P, N] fp32 per Mamba layer. It holds
@@ -645,10 +659,7 @@ class Cache:
         start = self.length
         k_cache[:, :, start:start + T] = k
         v_cache[:, :, start:start + T] = v
-        mask = None
-        if start > 0:  # query i sits at position start + i and sees keys 0..start + i
-            positions = torch.arange(start + T, device=k.device)
-            mask = positions <= positions[start:, None]  # [T, start + T]
+        mask = None if start == 0 else prefix_causal(T, start + T, k)
         return k_cache[:, :, :start + T], v_cache[:, :, :start + T], mask
 
     def window(self) -> int:  # the KV positions a decoded token sees: > length, a power of two

@@ -260,6 +260,20 @@ def test_prefill_in_pieces_then_decode_equals_full_forward(models, key, size):
     assert last.shape == (2, 1, 97) and last.dtype == torch.float32
 
 
+def test_prefill_after_a_prefix_with_the_lower_right_causal_bias(models, monkeypatch):
+    """On a GPU in 16 bits a prefill after cached tokens passes torch's lower-right causal bias
+    (flash takes it with no mask): the same attention as the bool mask used elsewhere."""
+    model = models[("A", True)]
+    t = tokens(2, 29, seed=2)
+    bools = model.new_cache(2, 32)
+    expected = [model(t[:, :5], bools), model(t[:, 5:29], bools)]
+    monkeypatch.setattr(ne, "prefix_causal", lambda T, L, like: ne.causal_lower_right(T, L))
+    bias = model.new_cache(2, 32)
+    got = [model(t[:, :5], bias), model(t[:, 5:29], bias)]
+    torch.testing.assert_close(torch.cat(got, 1), torch.cat(expected, 1), rtol=1e-5, atol=1e-5)
+    assert isinstance(ne.prefix_causal(3, 8, torch.zeros(1)), torch.Tensor)  # CPU: the bools
+
+
 def test_one_cache_serves_every_size(models):
     model = models[("A", True)]
     caches = [model.new_cache(1, 8) for _ in SIZES]
