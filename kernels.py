@@ -671,8 +671,10 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, posi
         l = l * alpha + tl.sum(p, axis=1)
         m = m_new
 
-    # workspace [b * Hkv, n_splits, BLOCK_G, 2 + BLOCK_D]: max, sum, output
-    row = partial_ptr + ((bj * n_splits + split) * BLOCK_G + gs.to(tl.int64)) * (2 + BLOCK_D)
+    # workspace [b * Hkv, n_splits, BLOCK_G, 2 + BLOCK_D]: each split's max, sum, output
+    first = partial_ptr + (bj * n_splits * BLOCK_G + gs.to(tl.int64)) * (2 + BLOCK_D)  # split 0
+    per_split = BLOCK_G * (2 + BLOCK_D)
+    row = first + split * per_split
     tl.store(row, m)
     tl.store(row + 1, l)
     tl.store(row[:, None] + 2 + ds[None, :], acc)
@@ -682,12 +684,11 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, posi
     s_new = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], axis=1) * scale
     m_all = s_new
     for other in range(n_splits):
-        row = partial_ptr + ((bj * n_splits + other) * BLOCK_G + gs.to(tl.int64)) * (2 + BLOCK_D)
-        m_all = tl.maximum(m_all, tl.load(row, cache_modifier=".cg"))
+        m_all = tl.maximum(m_all, tl.load(first + other * per_split, cache_modifier=".cg"))
     l_all = tl.exp(s_new - m_all)
     acc = l_all[:, None] * v_new.to(tl.float32)[None, :]
     for other in range(n_splits):  # split order: the same sums whichever program merges
-        row = partial_ptr + ((bj * n_splits + other) * BLOCK_G + gs.to(tl.int64)) * (2 + BLOCK_D)
+        row = first + other * per_split
         factor = tl.exp(tl.load(row, cache_modifier=".cg") - m_all)  # 0 for an empty span
         l_all += tl.load(row + 1, cache_modifier=".cg") * factor
         acc += tl.load(row[:, None] + 2 + ds[None, :], cache_modifier=".cg") * factor[:, None]
