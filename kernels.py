@@ -70,7 +70,7 @@ def _dot_args(dtype: torch.dtype) -> dict:
 
 @triton.jit
 def _matmul_kernel(a_ptr, w_ptr, out_ptr, scale_ptr, pair_ptr, block_expert_ptr, pair_weight_ptr,
-                   plus_ptr, partial_ptr, ticket_ptr, M, N, K, TOP_K,
+                   plus_ptr, partial_ptr, ticket_ptr, M, N, K, K_SPAN, TOP_K,
                    stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_om, stride_on,
                    stride_pm, stride_pj, RELU2: tl.constexpr, DOT_DTYPE: tl.constexpr,
                    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -95,8 +95,9 @@ def _matmul_kernel(a_ptr, w_ptr, out_ptr, scale_ptr, pair_ptr, block_expert_ptr,
     prefix views need no copy; an FP8 W converts exactly to the dot dtype and its scale (one per
     expert) multiplies the accumulator once, so no dequantised weight exists anywhere.
 
-    Split K (linear; partial_ptr given): the grid's third axis splits the inner dimension, so that
-    a decode matmul with few column blocks still has a program on every SM. Each program stores
+    Split K (linear; partial_ptr given): the grid's third axis splits the inner dimension into
+    spans of K_SPAN (whole blocks), so that a decode matmul with few column blocks still has a
+    program on every SM. Each program stores
     its fp32 partial tile and takes a ticket; the tile's last program sums the partials in split
     order (deterministic: no float atomics), runs the epilogue and resets the ticket to 0.
     """
@@ -123,10 +124,9 @@ def _matmul_kernel(a_ptr, w_ptr, out_ptr, scale_ptr, pair_ptr, block_expert_ptr,
     a_rows = tl.where(valid, a_rows, 0)
 
     k_lo, k_hi = 0, K
-    if partial_ptr is not None:  # this program's share of K, whole blocks
-        k_span = tl.cdiv(tl.cdiv(K, tl.num_programs(2)), BLOCK_K) * BLOCK_K
-        k_lo = pid_k * k_span
-        k_hi = tl.minimum(K, k_lo + k_span)
+    if partial_ptr is not None:  # this program's span of K
+        k_lo = pid_k * K_SPAN
+        k_hi = tl.minimum(K, k_lo + K_SPAN)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
@@ -239,14 +239,16 @@ def _linear(x: Tensor, weight: Tensor, weight_scale: Tensor | None, relu2: bool,
     cfg = _blocks(M, dtype)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]))
     splits = _k_splits(grid[0] * grid[1], K, cfg["BLOCK_K"], x.device) if M <= 64 else 1
+    span = triton.cdiv(triton.cdiv(K, splits), cfg["BLOCK_K"]) * cfg["BLOCK_K"]  # whole blocks
+    splits = triton.cdiv(K, span)  # none empty
     partial, tickets = None, None
     if splits > 1:
         partial = torch.empty(splits, M, N, device=x.device, dtype=torch.float32)
         tickets = _tickets(x.device, grid[0] * grid[1])
     _matmul_kernel[grid + (splits,)](
-        a, weight, out, weight_scale, None, None, None, plus, partial, tickets, M, N, K, plus_rows,
-        a.stride(0), a.stride(1), 0, weight.stride(0), weight.stride(1), out.stride(0),
-        out.stride(1), *plus_strides, RELU2=relu2, **_dot_args(dtype), **cfg)
+        a, weight, out, weight_scale, None, None, None, plus, partial, tickets, M, N, K, span,
+        plus_rows, a.stride(0), a.stride(1), 0, weight.stride(0), weight.stride(1),
+        out.stride(0), out.stride(1), *plus_strides, RELU2=relu2, **_dot_args(dtype), **cfg)
     return out.view(*x.shape[:-1], N)
 
 
@@ -290,13 +292,13 @@ def moe_experts(x: Tensor, weights: Tensor, experts: Tensor, up_weight: Tensor,
     h = torch.empty(blocks * BM, f, device=x.device, dtype=x.dtype)  # rows in sorted, padded order
     _matmul_kernel[(blocks, triton.cdiv(f, cfg["BLOCK_N"]))](
         x, up_weight, h, up_scale, pair_of_row, block_expert, None, None, None, None,
-        pairs, f, d, top_k, x.stride(0), x.stride(1), *up_weight.stride(), h.stride(0), h.stride(1),
-        0, 0, RELU2=True, **dots, **cfg)
+        pairs, f, d, d, top_k, x.stride(0), x.stride(1), *up_weight.stride(), h.stride(0),
+        h.stride(1), 0, 0, RELU2=True, **dots, **cfg)
     # every pair's row is written once
     out = torch.empty(pairs, d, device=x.device, dtype=torch.float32)
     _matmul_kernel[(blocks, triton.cdiv(d, cfg["BLOCK_N"]))](
         h, down_weight, out, down_scale, pair_of_row, block_expert, weights.float().contiguous(),
-        None, None, None, pairs, d, f, top_k, h.stride(0), h.stride(1), *down_weight.stride(),
+        None, None, None, pairs, d, f, f, top_k, h.stride(0), h.stride(1), *down_weight.stride(),
         out.stride(0), out.stride(1), 0, 0, RELU2=False, **dots, **cfg)
     return out.view(n, top_k, d)
 

@@ -93,10 +93,10 @@ def test_linear(rows, k, n, fp8, dtype):
     assert torch.equal(out, kernels.linear(x, w.contiguous(), scale))
 
 
-@pytest.mark.parametrize("rows,k,n", [(1, 70, 33), (17, 129, 65), (70, 48, 97)])
+@pytest.mark.parametrize("rows,k,n", [(1, 70, 33), (17, 129, 65), (70, 48, 97), (2, 1100, 40)])
 @pytest.mark.parametrize("fp8", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_relu2_linear(rows, k, n, fp8, dtype):
+def test_relu2_linear(rows, k, n, fp8, dtype):  # (2, 1100, 40): relu^2 after the split-K merge
     gen = torch.Generator().manual_seed(rows + k)
     w, scale = weight(n + 5, k + 7, fp8, dtype, gen, nested=(n, k))
     x = rand(rows, k, dtype=dtype, gen=gen)
@@ -108,13 +108,14 @@ def test_relu2_linear(rows, k, n, fp8, dtype):
     assert rel_err(ref_fn, ref) < TOL[torch.float32]
 
 
-@pytest.mark.parametrize("rows,j", [(1, 6), (37, 3)])
+@pytest.mark.parametrize("rows,j,k", [(1, 6, 40), (37, 3, 40), (1, 6, 1100)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_linear_plus(rows, j, dtype):
-    """plus [rows, j, n] fp32 (the routed experts' outputs) summed into the result."""
+def test_linear_plus(rows, j, k, dtype):
+    """plus [rows, j, n] fp32 (the routed experts' outputs) summed into the result (k = 1100:
+    after the split-K merge)."""
     gen = torch.Generator().manual_seed(rows + j)
-    w, scale = weight(53, 40, True, dtype, gen)
-    x, plus = rand(rows, 40, dtype=dtype, gen=gen), rand(2, rows, j, 53, gen=gen)[1]
+    w, scale = weight(53, k, True, dtype, gen)
+    x, plus = rand(rows, k, dtype=dtype, gen=gen), rand(2, rows, j, 53, gen=gen)[1]
     out = kernels.linear(x, w, scale, plus)
     ref = x.float() @ dequant(w, scale).T + plus.sum(1)
     assert out.shape == (rows, 53) and out.dtype == dtype
