@@ -69,6 +69,16 @@ def _dot_args(dtype: torch.dtype) -> dict:
 # 1. One matmul kernel for linear() and for both halves of the MoE; the experts' choice
 
 @triton.jit
+def _last_to_arrive(ticket_ptr, count):
+    """Take this program's ticket of a group of `count` programs; True for the last one, which
+    then sees every write the others made before theirs (and must reset the ticket to 0). The
+    barrier first, so that all of this program's threads are done with memory, then one thread's
+    gpu-scope acquire-release atomic: the ordering cooperative groups' grid sync relies on."""
+    tl.debug_barrier()
+    return tl.atomic_add(ticket_ptr, 1, sem="acq_rel", scope="gpu") == count - 1
+
+
+@triton.jit
 def _matmul_kernel(a_ptr, w_ptr, out_ptr, scale_ptr, pair_ptr, block_expert_ptr, pair_weight_ptr,
                    plus_ptr, partial_ptr, ticket_ptr, M, N, K, K_SPAN, TOP_K,
                    stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_om, stride_on,
@@ -141,9 +151,8 @@ def _matmul_kernel(a_ptr, w_ptr, out_ptr, scale_ptr, pair_ptr, block_expert_ptr,
         tile_mask = (rows[:, None] < M) & (cols[None, :] < N)
         partial = partial_ptr + rows[:, None].to(tl.int64) * N + cols[None, :]
         tl.store(partial + pid_k.to(tl.int64) * M * N, acc, mask=tile_mask)
-        tl.debug_barrier()  # every thread's partial is stored before the ticket is taken
         ticket = ticket_ptr + pid_m * tl.num_programs(1) + pid_n
-        if tl.atomic_add(ticket, 1, sem="acq_rel", scope="gpu") < tl.num_programs(2) - 1:
+        if not _last_to_arrive(ticket, tl.num_programs(2)):
             return
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for split in range(tl.num_programs(2)):  # .cg: read from L2, where the others wrote
@@ -531,21 +540,14 @@ def ssd_chunked(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk: i
 
 @triton.jit
 def _conv_silu(xBC_ptr, state_ptr, w_ptr, bias_ptr, ch, mask, s_sc, s_sk, s_wc, s_wk,
-               K: tl.constexpr, SHIFT: tl.constexpr):
-    """silu(conv over the K-1 cached inputs of channels `ch` and the new one + bias), fp32;
-    SHIFT: shift the new input into these channels' conv state as the window is read."""
-    new = tl.load(xBC_ptr + ch, mask=mask, other=0.0)
-    acc = new.to(tl.float32) * tl.load(w_ptr + ch * s_wc + (K - 1) * s_wk, mask=mask,
-                                       other=0.0).to(tl.float32)
-    state = state_ptr + ch * s_sc
+               K: tl.constexpr):
+    """silu(conv over the K-1 cached inputs of channels `ch` and the new one + bias), fp32."""
+    acc = tl.load(xBC_ptr + ch, mask=mask, other=0.0).to(tl.float32) * tl.load(
+        w_ptr + ch * s_wc + (K - 1) * s_wk, mask=mask, other=0.0).to(tl.float32)
     for k in tl.static_range(K - 1):  # oldest first
-        past = tl.load(state + k * s_sk, mask=mask, other=0.0)
+        past = tl.load(state_ptr + ch * s_sc + k * s_sk, mask=mask, other=0.0)
         weight = tl.load(w_ptr + ch * s_wc + k * s_wk, mask=mask, other=0.0)
         acc += past.to(tl.float32) * weight.to(tl.float32)
-        if SHIFT and k > 0:
-            tl.store(state + (k - 1) * s_sk, past, mask=mask)
-    if SHIFT:
-        tl.store(state + (K - 2) * s_sk, new.to(state_ptr.dtype.element_ty), mask=mask)
     if bias_ptr is not None:
         acc += tl.load(bias_ptr + ch, mask=mask, other=0.0).to(tl.float32)
     return acc * tl.sigmoid(acc)
@@ -553,6 +555,7 @@ def _conv_silu(xBC_ptr, state_ptr, w_ptr, bias_ptr, ch, mask, s_sc, s_sk, s_wc, 
 
 @triton.jit
 def _shift_conv_state(xBC_ptr, state_ptr, ch, mask, s_sc, s_sk, K: tl.constexpr):
+    """The conv window of channels `ch` one step on: drop the oldest input, append the new one."""
     state = state_ptr + ch * s_sc
     for k in tl.static_range(1, K - 1):
         tl.store(state + (k - 1) * s_sk, tl.load(state + k * s_sk, mask=mask, other=0.0),
@@ -575,15 +578,13 @@ def _mamba_step_kernel(xBC_ptr, dt_ptr, conv_state_ptr, conv_w_ptr, conv_bias_pt
     pm, nm = ps < P, ns < N
     row, conv = xBC_ptr + b * s_xb, conv_state_ptr + b * s_cb
     B_ch, C_ch = H * P + g * N + ns, H * P + G * N + g * N + ns
-    x = _conv_silu(row, conv, conv_w_ptr, conv_bias_ptr, h * P + ps, pm, s_cc, s_ck, s_wc, s_wk,
-                   K=K, SHIFT=True)
-    Bv = _conv_silu(row, conv, conv_w_ptr, conv_bias_ptr, B_ch, nm, s_cc, s_ck, s_wc, s_wk,
-                    K=K, SHIFT=False)
-    Cv = _conv_silu(row, conv, conv_w_ptr, conv_bias_ptr, C_ch, nm, s_cc, s_ck, s_wc, s_wk,
-                    K=K, SHIFT=False)
-    tl.debug_barrier()  # every thread has read the group's B, C window before the ticket is taken
+    x_ch = h * P + ps
+    x = _conv_silu(row, conv, conv_w_ptr, conv_bias_ptr, x_ch, pm, s_cc, s_ck, s_wc, s_wk, K=K)
+    Bv = _conv_silu(row, conv, conv_w_ptr, conv_bias_ptr, B_ch, nm, s_cc, s_ck, s_wc, s_wk, K=K)
+    Cv = _conv_silu(row, conv, conv_w_ptr, conv_bias_ptr, C_ch, nm, s_cc, s_ck, s_wc, s_wk, K=K)
+    _shift_conv_state(row, conv, x_ch, pm, s_cc, s_ck, K=K)  # this head's own channels
     ticket = ticket_ptr + b * G + g
-    if tl.atomic_add(ticket, 1, sem="acq_rel", scope="gpu") == HEADS_PER_GROUP - 1:
+    if _last_to_arrive(ticket, HEADS_PER_GROUP):  # every head has read the B, C window
         _shift_conv_state(row, conv, B_ch, nm, s_cc, s_ck, K=K)
         _shift_conv_state(row, conv, C_ch, nm, s_cc, s_ck, K=K)
         tl.atomic_xchg(ticket, 0, sem="relaxed", scope="gpu")
@@ -680,8 +681,7 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, posi
     tl.store(row, m)
     tl.store(row + 1, l)
     tl.store(row[:, None] + 2 + ds[None, :], acc)
-    tl.debug_barrier()  # every thread's partial is stored before the ticket is taken
-    if tl.atomic_add(ticket_ptr + bj, 1, sem="acq_rel", scope="gpu") < n_splits - 1:
+    if not _last_to_arrive(ticket_ptr + bj, n_splits):
         return
     s_new = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], axis=1) * scale
     m_all = s_new
