@@ -11,12 +11,14 @@ bench.py: measured speed of nanoelastic on the device it runs on, as a table and
 
 Every number is measured here, beside what it is compared with: the device's ceilings (a
 device-to-device copy for bandwidth, a large matmul for FLOP/s) and, for kernels, the torch
-reference. Correctness is checked before anything is timed. Decode reads its bytes from the weights
-the step really touches (the chosen experts, not all 128), the KV cache (all of it: these caches are
+reference. Each kernel's error against its reference is measured before its time; one that differs
+fails the run at the end, after the rest was measured. Decode reads its bytes from the weights the
+step really touches (the chosen experts, not all 128), the KV cache (all of it: these caches are
 shorter than the smallest window a decode graph attends over) and the Mamba states; the achieved
-bandwidth is those bytes over the step time. A profile of the batch-1 step then says where its time
-goes: kernels against the gaps between them, and each kernel's share (and bandwidth, for the
-matmuls and the SSM step). Each result is also printed to stderr as it is measured.
+bandwidth is those bytes over the step time. A profile of the batch-1 step, last, says where its
+time goes: kernels against the gaps between them, and each kernel's share (and bandwidth, for the
+matmuls and the SSM step). Each result is also printed to stderr as it is measured, and --json is
+written however the run ends.
 """
 
 from __future__ import annotations
@@ -92,18 +94,20 @@ def input_copies(args: tuple, nbytes: int) -> list[tuple]:
 
 
 def kernel_seconds(fn, arg_sets: list[tuple], iters: int) -> tuple[float, str]:
-    """(median seconds per call, how it was timed). On a GPU: replays of a CUDA graph of one call
-    per input set, so that launch gaps do not swamp a kernel of a few microseconds (a decode step
-    replays its kernels the same way); eager calls where fn synchronises with the host and cannot
-    be captured (the MoE reference)."""
+    """(median seconds per call, how it was timed), a call on each input set in turn. On a GPU:
+    replays of a CUDA graph of those calls, so that launch gaps do not swamp a kernel of a few
+    microseconds (a decode step replays its kernels the same way); eager calls where fn
+    synchronises with the host and cannot be captured (the MoE reference)."""
+    def eager():
+        for args in arg_sets:
+            fn(*args)
     if not CUDA:
-        fn(*arg_sets[0])  # warm-up
-        return timed(lambda: fn(*arg_sets[0]), iters, warmup=0), "eager"
+        eager()  # warm-up
+        return timed(eager, iters, warmup=0) / len(arg_sets), "eager"
     stream = torch.cuda.Stream()  # warm-up (compilation, allocations) off the capturing stream,
     stream.wait_stream(torch.cuda.current_stream())  # as DecodeGraph does
     with torch.cuda.stream(stream):
-        for args in arg_sets:
-            fn(*args)
+        eager()
     torch.cuda.current_stream().wait_stream(stream)
     torch.cuda.synchronize()
     try:
@@ -114,18 +118,16 @@ def kernel_seconds(fn, arg_sets: list[tuple], iters: int) -> tuple[float, str]:
         syncs = True
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    if not syncs:
-        graph = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.graph(graph):
-                for args in arg_sets:
-                    fn(*args)
-        except RuntimeError as e:  # a sync the debug mode missed: time it eagerly
-            print(f"bench.py: {fn.__name__} not captured ({str(e).splitlines()[0]})",
-                  file=sys.stderr)
-        else:
-            return timed(graph.replay, iters) / len(arg_sets), "graph"
-    return timed(lambda: fn(*arg_sets[0]), iters), "eager"
+    if syncs:
+        return timed(eager, iters) / len(arg_sets), "eager"
+    # no fallback if this fails: a capture cut short can leave the stream unusable
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        eager()
+    return timed(graph.replay, iters) / len(arg_sets), "graph"
+
+
+TOLERANCE = 2e-2  # relative error of a kernel against its torch reference (bf16 on a GPU)
 
 
 def rel_err(out, ref) -> float:
@@ -244,25 +246,24 @@ def linear_unsplit(x: Tensor, weight: Tensor, weight_scale: Tensor | None = None
         kernels._k_splits = k_splits
 
 
-def bench_kernels(small: bool, ceil: dict) -> list[dict]:
+def bench_kernels(small: bool, ceil: dict):
+    """Yields a row per kernel case as it is measured. A kernel that differs from its reference
+    (relative error over TOLERANCE) is timed all the same: main() reports it, and fails, at the
+    end, so that one wrong kernel does not cost the rest of a run."""
     try:
         import kernels
     except ImportError as e:
         print(f"bench.py: no kernel table: Triton is not installed here ({e})", file=sys.stderr)
-        return []
+        return
     variants = {"linear_unsplit": (linear_unsplit, ne.linear.reference)}
-    rows = []
     for label, name, args, nbytes, flops in kernel_cases(small):
         triton_fn, reference = variants.get(name) or (getattr(kernels, name),
                                                       getattr(ne, name).reference)
-        # fresh copies of the arguments: some ops work in place
-        fresh = lambda: tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
+        # fresh copies of the arguments (some ops work in place), nested views kept as views
+        fresh = lambda: tuple(copy_like(a) if isinstance(a, Tensor) else a for a in args)
         out, ref = triton_fn(*fresh()), reference(*fresh())
         out, ref = (out[0], ref[0]) if isinstance(out, tuple) else (out, ref)
         err = rel_err(out, ref)
-        if err > 2e-2:
-            raise SystemExit(f"bench.py: error: {label}: Triton and the torch reference differ "
-                             f"(relative error {err:.2e})")
         iters = 1 if small else 20
         arg_sets = input_copies(args, nbytes)
         t_triton, _ = kernel_seconds(triton_fn, arg_sets, iters)
@@ -275,8 +276,7 @@ def bench_kernels(small: bool, ceil: dict) -> list[dict]:
         if flops:
             row["TFLOPs"] = flops / t_triton / 1e12
             row["pct_matmul"] = 100 * row["TFLOPs"] / ceil["matmul_TFLOPs"]
-        rows.append(row)
-    return rows
+        yield row
 
 
 # --------------------------------------------------------------------------------------------------
@@ -337,7 +337,7 @@ def warm_decoder(model: ne.Model, size: str | None, batch: int, prompt: int, ste
     cache = model.new_cache(batch, prompt + steps + 8)
     g = torch.Generator(device=DEVICE).manual_seed(batch)
     tokens = torch.randint(0, model.config.vocab_size, (batch, prompt), device=DEVICE, generator=g)
-    model(tokens, cache, size)
+    ne.prefill(model, tokens, cache, size)
     parts = decode_bytes(view, cache, batch, experts_touched(view, cache, tokens[:, -1:]))
     step, token = ne.DecodeGraph(model, cache), tokens[:, -1:]
     for _ in range(3):  # warm up (and capture the graph)
@@ -389,7 +389,7 @@ def kernel_timeline(intervals: list[tuple[str, float, float]], steps: int, step_
         row = {"kernel": name[:80], "per_step": launches[name] / steps, "us_per_step": us / steps,
                "pct_step": 100 * us / steps / step_us}
         for prefix, b in nbytes.items():
-            if name.startswith(prefix):
+            if name.startswith(prefix) and us > 0:
                 row["GBps"] = b / row["us_per_step"] / 1e3
                 row["pct_copy_bw"] = 100 * row["GBps"] / copy_GBps
         rows.append(row)
@@ -409,6 +409,8 @@ def profile_decode(model: ne.Model, size: str, ceil: dict, steps: int = 20) -> d
                if (e.device_type == torch.autograd.DeviceType.CUDA if CUDA
                    else e.cpu_parent is None))
     intervals = [(e.name, e.time_range.start, e.time_range.end) for e in kernels]
+    if not intervals:
+        raise RuntimeError("the profiler recorded no kernels")
     nbytes = {"_matmul_kernel": parts["linear"], "_mamba_step_kernel": parts["mamba states"]}
     timeline = kernel_timeline(intervals, steps, step_us, nbytes, ceil["copy_GBps"])
     what = "CUDA kernels of graph replays" if CUDA else "top-level torch ops of eager steps"
@@ -438,7 +440,7 @@ def bench_switch(model: ne.Model, think: str, answer: str, thought: int, chunk: 
 
     def step_after(before: str) -> float:  # seconds of a step at `answer` after one at `before`
         cache.reset()
-        model(tokens[:, :-1], cache, think)
+        ne.prefill(model, tokens[:, :-1], cache, think, chunk)
         step(token, before)
         if CUDA:
             torch.cuda.synchronize()
@@ -460,7 +462,8 @@ def bench_switch(model: ne.Model, think: str, answer: str, thought: int, chunk: 
             "reprefill_ms": t_reprefill * 1e3}
 
 
-def bench_model(small: bool, ceil: dict, batches: list[int]) -> dict:
+def bench_model(small: bool, ceil: dict, batches: list[int], out: dict) -> None:
+    """Fills `out` as it measures: what a failure stops short of is missing, the rest stays."""
     config = ne.DEMO_CONFIG if small else ne.Config()
     sizes = ["256x128", "224x112", "192x96"] if small else ["30B", "23B", "12B"]
     names = ["full", "mid", "small"] if small else sizes
@@ -470,8 +473,8 @@ def bench_model(small: bool, ceil: dict, batches: list[int]) -> dict:
     print(f"random FP8 model of {'the small demo config' if small else 'the 30B config'} "
           f"made on {DEVICE} in {time.perf_counter() - t:.1f} s", file=sys.stderr)
     steps, prompt = (4, 16) if small else (128, 256)
-    out = {"weights_GB": sum(t.numel() * t.element_size()
-                             for t in chain(model.parameters(), model.buffers())) / 1e9}
+    out["weights_GB"] = (sum(t.numel() * t.element_size()
+                              for t in chain(model.parameters(), model.buffers())) / 1e9)
     decode = out["decode"] = []
     if CUDA:
         torch.cuda.reset_peak_memory_stats()
@@ -481,10 +484,6 @@ def bench_model(small: bool, ceil: dict, batches: list[int]) -> dict:
                                                 f"{name} (view)")))
     if CUDA:
         out["peak_memory_GB"] = torch.cuda.max_memory_allocated() / 1e9
-    try:  # a diagnosis: the rest of the numbers stand without it
-        out["profile"] = progress(profile_decode(model, sizes[0], ceil, 20 if CUDA else 2))
-    except Exception as e:  # noqa: BLE001 (e.g. no CUPTI)
-        print(f"bench.py: no decode profile: {type(e).__name__}: {e}", file=sys.stderr)
     for size, name in zip(sizes[1:], names[1:]):
         sliced = contiguous_copy(model, size)
         for batch in batches:
@@ -501,10 +500,14 @@ def bench_model(small: bool, ceil: dict, batches: list[int]) -> dict:
             row["pct_of_sliced"] = 100 * row["tok_per_s"] / copy[0]["tok_per_s"]
     out["switch"] = progress(bench_switch(model, sizes[1], sizes[0], 256 if small else 4096,
                                           chunk))
-    # last: the longest prompt goes in chunks, whose attention needs a mask
-    out["prefill"] = [progress(bench_prefill(model, None, n, chunk))
-                      for n in ((128, 512) if small else (2048, 8192, 32768))]
-    return out
+    # the 32K prompt goes in 8K chunks: attention after a cached prefix
+    prefill = out["prefill"] = []
+    for n in (128, 512) if small else (2048, 8192, 32768):
+        prefill.append(progress(bench_prefill(model, None, n, chunk)))
+    try:  # a diagnosis, last: the numbers above stand without it
+        out["profile"] = progress(profile_decode(model, sizes[0], ceil, 20 if CUDA else 2))
+    except Exception as e:  # noqa: BLE001 (e.g. no CUPTI)
+        print(f"bench.py: no decode profile: {type(e).__name__}: {e}", file=sys.stderr)
 
 
 def progress(row: dict) -> dict:
@@ -558,14 +561,37 @@ def main(argv: list[str] | None = None) -> dict:
               "kernels": "triton" if ne.use_kernels(torch.empty(0, device=DEVICE)) else "torch",
               "command": " ".join(["python", "bench.py",
                                    *(argv if argv is not None else sys.argv[1:])])}
+    try:
+        measure(args, result)
+    finally:  # an error, Ctrl-C or a timeout's SIGTERM (run_cli) stops it: what was measured stays
+        if args.json:
+            write_atomic(Path(args.json),
+                         lambda tmp: tmp.write_text(json.dumps(result, indent=1)))
+    print("\n" + json.dumps(result))
+    wrong = [r["kernel"] for r in result.get("kernel_bench", []) if r["rel_err"] > TOLERANCE]
+    if wrong:
+        raise SystemExit(f"bench.py: error: Triton and the torch reference differ (relative "
+                         f"error over {TOLERANCE:g}): {', '.join(wrong)}")
+    return result
+
+
+def measure(args: argparse.Namespace, result: dict) -> None:
+    """The tables, each printed once measured; `result` filled as the numbers come."""
+    if CUDA:  # CUPTI started before any CUDA graph is captured: graphs captured before it may fault
+        # or go missing under the profile at the end (pytorch/pytorch#75504)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]):
+            pass
     ceil = result["ceilings"] = ceilings(args.small)
-    print(f"# {result['date']}  {device_name}  torch {torch.__version__}  "
+    print(f"# {result['date']}  {result['device']}  torch {torch.__version__}  "
           f"kernels: {result['kernels']}")
     print(f"# ceilings: copy {ceil['copy_GBps']:.0f} GB/s, "
           f"matmul {ceil['matmul_TFLOPs']:.3g} TFLOP/s ({ceil['matmul_dtype']})")
     if args.only in (None, "kernels"):
-        result["kernel_bench"] = bench_kernels(args.small, ceil)
-        print("\n" + table(result["kernel_bench"], [
+        rows = result["kernel_bench"] = []
+        for row in bench_kernels(args.small, ceil):
+            rows.append(row)
+            progress(row)  # once stored: a run stopped now keeps what it printed
+        print("\n" + table(rows, [
             ("kernel", "kernel", "s"), ("rel_err", "rel err", ".1e"),
             ("triton_us", "triton us", ".1f"), ("torch_us", "torch us", ".1f"),
             ("torch_timing", "torch timed", "s"), ("speedup", "x torch", ".1f"),
@@ -575,8 +601,8 @@ def main(argv: list[str] | None = None) -> dict:
             print("(Triton: CUDA-graph replays over input copies that overflow L2; torch the same,"
                   " or eager calls where its reference syncs with the host)")
     if args.only in (None, "model"):
-        m = result["model_bench"] = bench_model(
-            args.small, ceil, args.batch or ([1, 8] if args.small else [1, 8, 32]))
+        m = result["model_bench"] = {}
+        bench_model(args.small, ceil, args.batch or ([1, 8] if args.small else [1, 8, 32]), m)
         print("\n" + table(sorted(m["decode"], key=lambda r: r["batch"]), [
             ("model", "decode", "s"), ("batch", "batch", "d"), ("tok_per_s", "tok/s", ".1f"),
             ("step_ms", "ms/step", ".2f"), ("GB_per_step", "GB/step", ".3f"),
@@ -595,12 +621,6 @@ def main(argv: list[str] | None = None) -> dict:
                   f"{m['peak_memory_GB']:.1f} GB (weights {m['weights_GB']:.1f} GB)")
         if "profile" in m:
             print("\n" + profile_report(m["profile"]))
-    print("\n" + json.dumps(result))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
-    return result
-
 
 
 # --------------------------------------------------------------------------------------------------

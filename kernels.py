@@ -535,8 +535,9 @@ def ssd_chunked(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk: i
 # 3. The Mamba-2 decode step, one program per (sequence, head): (a) the depthwise conv over the
 #    cached K-1 inputs and the new one, for the head's x channels and its group's B and C channels;
 #    (b) dt, the state update S = exp(dt A) S + dt x B^T, the output y = S C + D x. Each program
-#    shifts its own x channels' conv state; the group's B and C channels, which its heads all read,
-#    are shifted by the group's last program (a ticket), after every head has read them.
+#    shifts its own x channels' conv state once all its threads have read it (a barrier); the
+#    group's B and C channels, which its heads all read, are shifted by the group's last program (a
+#    ticket), after every head has read them.
 
 @triton.jit
 def _conv_silu(xBC_ptr, state_ptr, w_ptr, bias_ptr, ch, mask, s_sc, s_sk, s_wc, s_wk,
@@ -582,9 +583,12 @@ def _mamba_step_kernel(xBC_ptr, dt_ptr, conv_state_ptr, conv_w_ptr, conv_bias_pt
     x = _conv_silu(row, conv, conv_w_ptr, conv_bias_ptr, x_ch, pm, s_cc, s_ck, s_wc, s_wk, K=K)
     Bv = _conv_silu(row, conv, conv_w_ptr, conv_bias_ptr, B_ch, nm, s_cc, s_ck, s_wc, s_wk, K=K)
     Cv = _conv_silu(row, conv, conv_w_ptr, conv_bias_ptr, C_ch, nm, s_cc, s_ck, s_wc, s_wk, K=K)
-    _shift_conv_state(row, conv, x_ch, pm, s_cc, s_ck, K=K)  # this head's own channels
     ticket = ticket_ptr + b * G + g
-    if _last_to_arrive(ticket, HEADS_PER_GROUP):  # every head has read the B, C window
+    last = _last_to_arrive(ticket, HEADS_PER_GROUP)
+    # after the ticket's barrier: the window's loads are spread over every warp (each holds a copy)
+    # and its stores over fewer, so a shift before it could move inputs a slower warp still reads
+    _shift_conv_state(row, conv, x_ch, pm, s_cc, s_ck, K=K)  # this head's own channels
+    if last:  # every head has read the group's B, C window
         _shift_conv_state(row, conv, B_ch, nm, s_cc, s_ck, K=K)
         _shift_conv_state(row, conv, C_ch, nm, s_cc, s_ck, K=K)
         tl.atomic_xchg(ticket, 0, sem="relaxed", scope="gpu")

@@ -667,6 +667,10 @@ class Cache:
 
     def begin(self, batch_size: int, new_tokens: int) -> None:
         """Check that a step of `new_tokens` per row fits; the cache is mid-step until end()."""
+        self.check_step(batch_size, new_tokens)
+        self.interrupted = True
+
+    def check_step(self, batch_size: int, new_tokens: int) -> None:
         if self.interrupted:
             raise NanoElasticError("this cache was interrupted in the middle of a step: "
                                    "reset it and prefill again")
@@ -675,7 +679,6 @@ class Cache:
         if self.length + new_tokens > self.max_len:
             raise NanoElasticError(f"cache overflow: {self.length} cached + {new_tokens} new "
                                    f"tokens > max_len {self.max_len}")
-        self.interrupted = True
 
     def end(self, new_tokens: int) -> None:  # the step begun by begin() is in the cache
         self.position += new_tokens  # on the device: a CUDA graph's replay advances it too
@@ -779,6 +782,7 @@ class DecodeGraph:
             return self.model(tokens, cache, size, last_only=True)[:, -1]
         sized = parse_size(size, self.model.config)
         key = (sized, cache.window())
+        cache.check_step(*tokens.shape)  # before a capture records anything on the cache
         if key not in self.graphs:
             self.graphs[key] = self.capture(size, sized, tokens.shape[0])
         graph, static_tokens, logits = self.graphs[key]
@@ -803,13 +807,13 @@ class DecodeGraph:
                 model(tokens, scratch, size, last_only=True)
         torch.cuda.current_stream().wait_stream(stream)
         del scratch
-        graph, length = torch.cuda.CUDAGraph(), cache.length
+        graph, length, interrupted = torch.cuda.CUDAGraph(), cache.length, cache.interrupted
         pool = self.pools.setdefault(sized, torch.cuda.graph_pool_handle())
         try:
             with torch.cuda.graph(graph, pool=pool):  # records the kernels on the cache's tensors
                 logits = model(tokens, cache, size, last_only=True)[:, -1]
         finally:
-            cache.length, cache.interrupted = length, False  # recorded, not run
+            cache.length, cache.interrupted = length, interrupted  # recorded, not run
         return graph, tokens, logits
 
 

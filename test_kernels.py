@@ -463,13 +463,16 @@ def test_rms_norm(rows, C, groups, gated, dtype):
 # Routing, and the whole model with kernels == with references
 
 def test_routing(monkeypatch):
-    x, w = torch.randn(2, 8), torch.randn(3, 8)
+    x, w = torch.randn(2, 8, device=DEVICE), torch.randn(3, 8, device=DEVICE)
 
     def boom(*_, **__):
         raise RuntimeError("kernel called")
     monkeypatch.setattr(kernels, "linear", boom)
     with pytest.raises(RuntimeError, match="kernel called"):
-        ne.linear(x, w)  # NANOELASTIC_KERNELS=triton: kernels even on CPU tensors
+        ne.linear(x, w)  # NANOELASTIC_KERNELS=triton: kernels (interpreted, on a CPU)
+    monkeypatch.setattr(ne, "INTERPRET", False)  # as on a GPU machine: CPU tensors cannot go there
+    with pytest.raises(ne.NanoElasticError, match="on the CPU needs TRITON_INTERPRET=1"):
+        ne.linear(x.cpu(), w.cpu())
     monkeypatch.setattr(ne, "KERNELS", "torch")
     ne.linear(x, w)
     monkeypatch.setattr(ne, "KERNELS", "")
@@ -531,6 +534,22 @@ def test_decode_step_has_no_host_sync(tmp_path, monkeypatch, batch):
     if kernels._INTERPRET:
         assert {"_matmul_kernel", "_select_experts_kernel", "_mamba_step_kernel",
                 "_rms_norm_kernel", "_decode_attention_kernel"} <= set(launches)
+
+
+def test_decode_graph_refuses_an_interrupted_cache(tmp_path):
+    """A step cut short (Ctrl-C) leaves its cache half-written: every later step says so, the first
+    one included, which on a GPU would capture a new graph before it runs (and did, once, clearing
+    the mark)."""
+    path = checkpoint.write_random_checkpoint(tmp_path / "ckpt", CONFIGS["A"], fp8=True, shards=1)
+    model = ne.Model.from_pretrained(path, device=DEVICE, dtype=torch.float32, verbose=False)
+    cache = model.new_cache(1, 16)
+    model(torch.randint(0, 97, (1, 5)).to(DEVICE), cache)
+    step = ne.DecodeGraph(model, cache)
+    cache.begin(1, 1)  # a step begun, then interrupted
+    for _ in range(2):
+        with pytest.raises(ne.NanoElasticError, match="interrupted"):
+            step(torch.tensor([[3]], device=DEVICE))
+    assert cache.interrupted and not step.graphs and cache.length == 5
 
 
 class CountOps(TorchDispatchMode):
