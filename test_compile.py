@@ -17,8 +17,8 @@ cubin uses. So this test
   2. compiles each distinct launch (kernel, argument types, Triton's specialisations, constexprs,
      warps, stages) for sm_90 and runs `ptxas -v --gpu-name sm_90a` on its PTX;
   3. asserts that every launch compiles, that nothing on the bf16 path (what a GPU runs) spills,
-     that every kernel's shared memory fits an H100 block (227 KiB), and that mamba_step stores
-     nothing before its barrier (below).
+     that every kernel's shared memory fits an H100 block (227 KiB), and that each ticket (the
+     atomic by which a group's last program finds itself) comes after a barrier (below).
 
     python -m pytest -q test_compile.py    # part of the test suite
     python test_compile.py                 # print the table of README.md's kernel section
@@ -172,10 +172,23 @@ def compile_for_hopper(launch: dict) -> dict:
         report = subprocess.run(command, capture_output=True, text=True, check=True).stderr
     regs = int(re.search(r"Used (\d+) registers", report).group(1))
     spills = sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", report))
-    before_ticket = compiled.asm["ptx"].split("atom.global", 1)  # the ticket's atomic, if any
-    stores = len(re.findall(r"\bst\.global", before_ticket[0])) if len(before_ticket) == 2 else None
     return dict(registers=regs, spill_bytes=spills, shared=compiled.metadata.shared,
-                stores_before_ticket=stores)
+                ticket=ticket_order(compiled.asm["ptx"]))
+
+
+def ticket_order(ptx: str) -> dict | None:
+    """Where a kernel's ticket (_last_to_arrive: its acq_rel atomic) sits in the PTX: the global
+    stores before it, and whether a CTA barrier comes between the last global memory access and
+    it (None: no ticket)."""
+    lines = [line.strip() for line in ptx.splitlines()]
+    atom = next((i for i, line in enumerate(lines) if re.search(r"atom\.global\S*acq_rel", line)),
+                None)
+    if atom is None:
+        return None
+    memory = re.compile(r"\b(ld|st|red|atom|cp\.async)\S*\.global")
+    last_access = max((i for i in range(atom) if memory.search(lines[i])), default=-1)
+    return dict(stores=sum(bool(re.search(r"\bst\S*\.global", line)) for line in lines[:atom]),
+                barrier=any(line.startswith("bar.sync") for line in lines[last_access + 1:atom]))
 
 
 def results() -> list[dict]:
@@ -216,13 +229,19 @@ def test_every_launch_compiles_for_hopper_without_spills():
         "_rms_norm_kernel", "_decode_attention_kernel"}
     cases = {c for r in rows for c in r["cases"]}
     assert len(cases) == len(MODES) * 3 * len(PHASES)  # every case launched kernels
+    assert any(r["kernel"] == "_matmul_kernel" and r["ticket"] for r in rows)  # split K
     for r in rows:
         assert r["shared"] <= H100_SHARED, r
         assert r["spill_bytes"] <= (SPILL_OK if path(r) == "bf16" else 1024), r
+        # the merging kernels' ticket: a barrier first, so that every thread's writes (and reads)
+        # are done before the program counts itself in
+        if r["kernel"] in ("_mamba_step_kernel", "_decode_attention_kernel"):
+            assert r["ticket"] is not None, r
+        assert r["ticket"] is None or r["ticket"]["barrier"], r
         # mamba_step shifts conv windows in place that all its warps read (each a copy): a store
         # before its ticket's barrier would race with a slower warp's loads of the same inputs
         if r["kernel"] == "_mamba_step_kernel":
-            assert r["stores_before_ticket"] == 0, r
+            assert r["ticket"]["stores"] == 0, r
 
 
 def table(rows: list[dict]) -> str:
