@@ -364,10 +364,12 @@ def bench_decode(model: ne.Model, size: str | None, batch: int, steps: int, prom
     nbytes = sum(parts.values())
     seconds = seconds_per_step(step, token, size, steps)
     gbps = nbytes / seconds / 1e9
+    cache_bytes = sum(t.nbytes for state in step.cache.layers for t in state or ())
     return {"model": label, "batch": batch, "tok_per_s": batch / seconds, "step_ms": seconds * 1e3,
             "GB_per_step": nbytes / 1e9, "GBps": gbps,
             "pct_copy_bw": 100 * gbps / ceil["copy_GBps"],
-            "ceiling_tok_per_s": batch * ceil["copy_GBps"] * 1e9 / nbytes}
+            "ceiling_tok_per_s": batch * ceil["copy_GBps"] * 1e9 / nbytes,
+            "cache_GB": cache_bytes / 1e9}
 
 
 def kernel_timeline(intervals: list[tuple[str, float, float]], steps: int, step_us: float,
@@ -482,6 +484,7 @@ def bench_model(small: bool, ceil: dict, batches: list[int], out: dict) -> None:
         for size, name in zip(sizes, names):
             decode.append(progress(bench_decode(model, size, batch, steps, prompt, ceil,
                                                 f"{name} (view)")))
+    out["largest_cache_GB"] = max(r["cache_GB"] for r in decode)
     if CUDA:
         out["peak_memory_GB"] = torch.cuda.max_memory_allocated() / 1e9
     for size, name in zip(sizes[1:], names[1:]):
@@ -618,7 +621,8 @@ def measure(args: argparse.Namespace, result: dict) -> None:
               f"{s['switch_overhead_ms']:+.2f} ms); re-prefill {s['reprefill_ms']:.1f} ms")
         if "peak_memory_GB" in m:
             print(f"peak GPU memory, the three sizes as views decoding with their caches: "
-                  f"{m['peak_memory_GB']:.1f} GB (weights {m['weights_GB']:.1f} GB)")
+                  f"{m['peak_memory_GB']:.1f} GB (weights {m['weights_GB']:.1f} GB, the largest "
+                  f"cache {m['largest_cache_GB']:.2f} GB)")
         if "profile" in m:
             print("\n" + profile_report(m["profile"]))
 

@@ -51,8 +51,11 @@ def test_bench_small_end_to_end(tmp_path):
         for m in ("mid", "small"):  # a view reads exactly the bytes of its contiguous copy
             view, copy = decode[(f"{m} (view)", b)], decode[(f"{m} (sliced copy)", b)]
             assert view["GB_per_step"] == copy["GB_per_step"]
+            assert view["cache_GB"] == copy["cache_GB"] > 0  # the same shapes of state
             assert view["pct_of_sliced"] == 100 * view["tok_per_s"] / copy["tok_per_s"]
     assert all(r["tok_per_s"] > 0 for r in decode.values())
+    assert result["model_bench"]["largest_cache_GB"] == max(
+        r["cache_GB"] for (m, _), r in decode.items() if "view" in m)
     assert [r["length"] for r in result["model_bench"]["prefill"]] == [128, 512]
     switch = result["model_bench"]["switch"]
     assert switch["reprefill_ms"] > 0 and switch["same_size_step_ms"] > 0
