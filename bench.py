@@ -485,6 +485,13 @@ def bench_model(small: bool, ceil: dict, batches: list[int], out: dict) -> None:
             decode.append(progress(bench_decode(model, size, batch, steps, prompt, ceil,
                                                 f"{name} (view)")))
     out["largest_cache_GB"] = max(r["cache_GB"] for r in decode)
+    if CUDA and ne.kernels is not None:  # what programmatic dependent launch hides of the gaps
+        ne.kernels.PDL = True  # between a step's kernels (off by default until measured)
+        try:
+            decode.append(progress(bench_decode(model, sizes[0], 1, steps, prompt, ceil,
+                                                f"{names[0]} (view, PDL)")))
+        finally:
+            ne.kernels.PDL = False
     if CUDA:
         out["peak_memory_GB"] = torch.cuda.max_memory_allocated() / 1e9
     for size, name in zip(sizes[1:], names[1:]):

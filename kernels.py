@@ -41,6 +41,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 
 def _pow2(n: int, least: int = 16) -> int:
@@ -54,6 +55,28 @@ def _rows_last(t: Tensor) -> Tensor:
 
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# Programmatic dependent launch (Hopper and later): a kernel may start while the one before it
+# finishes, and waits for it (griddepcontrol.wait: its writes visible) before it touches memory.
+# What it can hide is the gap between the ~320 kernels of a decode step. Off until a GPU has
+# measured it (bench.py decodes both ways); `kernels.PDL = True` turns it on for later launches.
+PDL = False
+
+
+def _launch() -> dict:
+    """The launch options of every kernel here: PDL as the kernel's constexpr and the launch's."""
+    on = PDL and not _INTERPRET
+    return dict(PDL=on, launch_pdl=on)
+
+
+@triton.jit
+def _pdl_start(PDL: tl.constexpr):
+    """First in every kernel: with PDL, wait for the kernel before (all of it, not just what this
+    one reads: a write here may race with its reads) and then let the next one launch."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
 
 
 def _dot_args(dtype: torch.dtype) -> dict:
@@ -84,7 +107,7 @@ def _matmul_kernel(a_ptr, w_ptr, out_ptr, scale_ptr, pair_ptr, block_expert_ptr,
                    stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_om, stride_on,
                    stride_pm, stride_pj, RELU2: tl.constexpr, DOT_DTYPE: tl.constexpr,
                    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_K: tl.constexpr):
+                   BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     """One [BLOCK_M, BLOCK_N] tile of out = epilogue(scale * A @ W^T), fp32 accumulation; RELU2:
     relu(.)^2 in the epilogue (the up-projections). Which optional pointers are given (None ones
     are compiled out) sets the mode:
@@ -111,6 +134,7 @@ def _matmul_kernel(a_ptr, w_ptr, out_ptr, scale_ptr, pair_ptr, block_expert_ptr,
     its fp32 partial tile and takes a ticket; the tile's last program sums the partials in split
     order (deterministic: no float atomics), runs the epilogue and resets the ticket to 0.
     """
+    _pdl_start(PDL)
     pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -257,7 +281,8 @@ def _linear(x: Tensor, weight: Tensor, weight_scale: Tensor | None, relu2: bool,
     _matmul_kernel[grid + (splits,)](
         a, weight, out, weight_scale, None, None, None, plus, partial, tickets, M, N, K, span,
         plus_rows, a.stride(0), a.stride(1), 0, weight.stride(0), weight.stride(1),
-        out.stride(0), out.stride(1), *plus_strides, RELU2=relu2, **_dot_args(dtype), **cfg)
+        out.stride(0), out.stride(1), *plus_strides, RELU2=relu2, **_dot_args(dtype), **cfg,
+        **_launch())
     return out.view(*x.shape[:-1], N)
 
 
@@ -302,22 +327,23 @@ def moe_experts(x: Tensor, weights: Tensor, experts: Tensor, up_weight: Tensor,
     _matmul_kernel[(blocks, triton.cdiv(f, cfg["BLOCK_N"]))](
         x, up_weight, h, up_scale, pair_of_row, block_expert, None, None, None, None,
         pairs, f, d, d, top_k, x.stride(0), x.stride(1), *up_weight.stride(), h.stride(0),
-        h.stride(1), 0, 0, RELU2=True, **dots, **cfg)
+        h.stride(1), 0, 0, RELU2=True, **dots, **cfg, **_launch())
     # every pair's row is written once
     out = torch.empty(pairs, d, device=x.device, dtype=torch.float32)
     _matmul_kernel[(blocks, triton.cdiv(d, cfg["BLOCK_N"]))](
         h, down_weight, out, down_scale, pair_of_row, block_expert, weights.float().contiguous(),
         None, None, None, pairs, d, f, f, top_k, h.stride(0), h.stride(1), *down_weight.stride(),
-        out.stride(0), out.stride(1), 0, 0, RELU2=False, **dots, **cfg)
+        out.stride(0), out.stride(1), 0, 0, RELU2=False, **dots, **cfg, **_launch())
     return out.view(n, top_k, d)
 
 
 @triton.jit
 def _select_experts_kernel(logits_ptr, bias_ptr, weights_ptr, experts_ptr, n, E, scaling,
                            TOP_K: tl.constexpr, NORMALIZE: tl.constexpr, BLOCK_T: tl.constexpr,
-                           BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
+                           BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     """BLOCK_T tokens' routing: sigmoid scores, the top-k of scores + bias by k rounds of argmax
     (each round masks its winner), their unbiased scores renormalised and scaled."""
+    _pdl_start(PDL)
     tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     es = tl.arange(0, BLOCK_E)
     valid = (tokens[:, None] < n) & (es[None, :] < E)
@@ -358,7 +384,8 @@ def select_experts(logits: Tensor, bias: Tensor, config) -> tuple[Tensor, Tensor
     BLOCK_T = 16
     _select_experts_kernel[(triton.cdiv(n, BLOCK_T),)](
         logits, bias, weights, experts, n, E, config.routed_scaling_factor, TOP_K=k,
-        NORMALIZE=config.norm_topk_prob, BLOCK_T=BLOCK_T, BLOCK_E=_pow2(E), BLOCK_K=_pow2(k, 1))
+        NORMALIZE=config.norm_topk_prob, BLOCK_T=BLOCK_T, BLOCK_E=_pow2(E), BLOCK_K=_pow2(k, 1),
+        **_launch())
     return weights, experts
 
 
@@ -381,9 +408,10 @@ def _ssd_chunk_state_kernel(x_ptr, B_ptr, dt_ptr, cum_ptr, states_ptr,
                             T, H, P, N, HEADS_PER_GROUP, CHUNK, n_chunks,
                             s_xb, s_xt, s_xh, s_Bb, s_Bt, s_Bg,
                             DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_P: tl.constexpr,
-                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     """states[bh, c, p, n] = sum_l x[l, p] * exp(cum_last - cum_l) * dt_l * B[l, n] over chunk c:
     what the chunk adds to the state by its end, one [BLOCK_P, BLOCK_N] tile per program."""
+    _pdl_start(PDL)
     bh, c, tile = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, h = bh // H, bh % H
     n_tiles_p = tl.cdiv(P, BLOCK_P)
@@ -413,9 +441,10 @@ def _ssd_chunk_state_kernel(x_ptr, B_ptr, dt_ptr, cum_ptr, states_ptr,
 
 @triton.jit
 def _ssd_state_passing_kernel(states_ptr, cum_ptr, init_ptr, final_ptr, n_chunks, PN, CHUNK,
-                              HAS_INIT: tl.constexpr, BLOCK: tl.constexpr):
+                              HAS_INIT: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
     """states[c] := the state entering chunk c (it held the state chunk c adds); final = after the
     last. Sequential over chunks, parallel over (batch x head, BLOCK of the P*N state entries)."""
+    _pdl_start(PDL)
     bh, blk = tl.program_id(0).to(tl.int64), tl.program_id(1)
     offs = blk * BLOCK + tl.arange(0, BLOCK)
     mask = offs < PN
@@ -436,11 +465,13 @@ def _ssd_chunk_scan_kernel(x_ptr, B_ptr, C_ptr, dt_ptr, cum_ptr, states_ptr, y_p
                            T, H, P, N, HEADS_PER_GROUP, CHUNK, n_chunks,
                            s_xb, s_xt, s_xh, s_Bb, s_Bt, s_Bg, s_yb, s_yt, s_yh,
                            DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                           BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+                           BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+                           PDL: tl.constexpr):
     """y for BLOCK_M rows i of chunk c and BLOCK_P channels: the entering state read out,
     exp(cum_i) S C_i, plus the causal within-chunk part,
     sum_{j <= i} (C_i . B_j) exp(cum_i - cum_j) dt_j x_j, over source blocks of BLOCK_K rows up to
     the diagonal; the products over N in blocks of BLOCK_N."""
+    _pdl_start(PDL)
     bh, c, tile = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, h = bh // H, bh % H
     n_tiles_p = tl.cdiv(P, BLOCK_P)
@@ -519,15 +550,17 @@ def ssd_chunked(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk: i
     BP, BL = min(tile, _pow2(P)), min(tile, _pow2(chunk))
     BN = min(tile, _pow2(N))
     _ssd_chunk_state_kernel[(b * H, n_chunks, triton.cdiv(P, BP) * triton.cdiv(N, BN))](
-        x, B, dt, cum, states, *dims, **dots, BLOCK_P=BP, BLOCK_N=BN, BLOCK_K=BL, num_warps=4)
+        x, B, dt, cum, states, *dims, **dots, BLOCK_P=BP, BLOCK_N=BN, BLOCK_K=BL, num_warps=4,
+        **_launch())
     init = initial_state.float().contiguous() if initial_state is not None else final
     _ssd_state_passing_kernel[(b * H, triton.cdiv(P * N, 1024))](
         states, cum, init, final, n_chunks, P * N, chunk, HAS_INIT=initial_state is not None,
-        BLOCK=1024)
+        BLOCK=1024, **_launch())
     BN = _pow2(N) if tile == 64 else BN
     _ssd_chunk_scan_kernel[(b * H, n_chunks, triton.cdiv(chunk, BL) * triton.cdiv(P, BP))](
         x, B, C, dt, cum, states, y, *dims, *y.stride()[:3], **dots, BLOCK_M=BL, BLOCK_K=BL,
-        BLOCK_P=BP, BLOCK_N=BN, num_warps=8 if tile == 64 else 4, num_stages=2)
+        BLOCK_P=BP, BLOCK_N=BN, num_warps=8 if tile == 64 else 4, num_stages=2,
+        **_launch())
     return y, final
 
 
@@ -570,9 +603,11 @@ def _mamba_step_kernel(xBC_ptr, dt_ptr, conv_state_ptr, conv_w_ptr, conv_bias_pt
                        A_log_ptr, D_ptr, state_ptr, y_ptr, ticket_ptr,
                        H, P, N, G, HEADS_PER_GROUP, dt_min, dt_max,
                        s_xb, s_dtb, s_cb, s_cc, s_ck, s_wc, s_wk, s_sb, s_sh, s_sp,
-                       K: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+                       K: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+                       PDL: tl.constexpr):
     """One head of one sequence. A program holds its head's whole [P, N] state, read and written
     once: the step is bound by reading the states, so nothing else is tiled."""
+    _pdl_start(PDL)
     b, h = tl.program_id(0).to(tl.int64), tl.program_id(1)  # int64: batch x state may pass 2^31
     g = h // HEADS_PER_GROUP
     ps, ns = tl.arange(0, BLOCK_P), tl.arange(0, BLOCK_N)
@@ -621,7 +656,7 @@ def mamba_step(xBC: Tensor, dt: Tensor, conv_state: Tensor, ssm_state: Tensor, c
         _tickets(xBC.device, b * n_groups), H, P, N, n_groups, H // n_groups,
         float(dt_limit[0]), float(min(dt_limit[1], 3.0e38)), xBC.stride(0), dt.stride(0),
         *conv_state.stride(), *w.stride(), *ssm_state.stride()[:3], K=K,
-        BLOCK_P=_pow2(P, 1), BLOCK_N=_pow2(N, 1))
+        BLOCK_P=_pow2(P, 1), BLOCK_N=_pow2(N, 1), **_launch())
     return y
 
 
@@ -635,12 +670,14 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, posi
                              partial_ptr, ticket_ptr, Hkv, G, HD, SPAN, scale,
                              s_qb, s_qh, s_kb, s_kh, s_cb, s_ch, s_cl, s_ob, s_oh,
                              DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-                             BLOCK_G: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
+                             BLOCK_G: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
+                             PDL: tl.constexpr):
     """Program (b * Hkv + j, split): cache positions [split * SPAN, min((split + 1) * SPAN,
     position)) of KV head j, whose G query heads are the rows of one [BLOCK_G, BLOCK_D] tile. Its
     (max, sum, unnormalised output) go to the workspace; the last program of the (b, j) ticket
     merges them in split order with the new token's own key and value (so nothing in this launch
     reads what split 0 writes: the new key and value into the caches at `position`)."""
+    _pdl_start(PDL)
     bj, split = tl.program_id(0), tl.program_id(1)
     b, j = bj // Hkv, bj % Hkv
     n_splits = tl.num_programs(1)
@@ -724,7 +761,8 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: 
         q, k, v, k_cache, v_cache, position, out, partial, _tickets(q.device, B * Hkv), Hkv,
         Hq // Hkv, hd, SPAN, hd ** -0.5, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
         *k_cache.stride()[:3], out.stride(0), out.stride(1), **dots, BLOCK_G=BLOCK_G,
-        BLOCK_L=32 if dots["DOT_DTYPE"] == tl.float32 else 64, BLOCK_D=BLOCK_D, num_warps=4)
+        BLOCK_L=32 if dots["DOT_DTYPE"] == tl.float32 else 64, BLOCK_D=BLOCK_D, num_warps=4,
+        **_launch())
     return out
 
 
@@ -735,12 +773,14 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: 
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, gate_ptr, update_ptr, sum_ptr, n_rows, width, eps,
-                     s_x, s_other, s_out, BLOCK_ROWS: tl.constexpr, BLOCK: tl.constexpr):
+                     s_x, s_other, s_out, BLOCK_ROWS: tl.constexpr, BLOCK: tl.constexpr,
+                     PDL: tl.constexpr):
     """BLOCK_ROWS rows of one group of `width` channels: out = w * g / sqrt(mean(g^2) + eps) with
     fp32 statistics, where g = x * silu(gate) (gate_ptr given: the Mamba output norm), or
     g = x + update, also stored at sum_ptr (update_ptr given: the residual add fused with the next
     layer's norm), or g = x. A program normalises whole rows (one reduction, no second pass); narrow
     rows go several per program."""
+    _pdl_start(PDL)
     rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     cols = tl.program_id(1) * width + tl.arange(0, BLOCK)
     mask = (rows[:, None] < n_rows) & (tl.arange(0, BLOCK)[None, :] < width)
@@ -778,7 +818,8 @@ def _norm(x: Tensor, weight: Tensor, eps: float, groups: int = 1, gate: Tensor |
     _rms_norm_kernel[grid](rows, weight, out, gate, update, total, rows.shape[0], width, eps,
                            rows.stride(0),
                            other.stride(0) if other is not None else 0, out.stride(0),
-                           BLOCK_ROWS=block_rows, BLOCK=block, num_warps=4 if width <= 4096 else 8)
+                           BLOCK_ROWS=block_rows, BLOCK=block, num_warps=4 if width <= 4096 else 8,
+                           **_launch())
     return out.view(x.shape), None if total is None else total.view(x.shape)
 
 

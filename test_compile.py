@@ -41,6 +41,7 @@ PHASES = {  # name -> (batch, new tokens): each block-size branch of kernels.py,
 MODES = {  # name -> (FP8 weights, activation dtype name)
     "fp8/bf16": (True, "bfloat16"), "bf16/bf16": (False, "bfloat16"),
     "fp8/fp32": (True, "float32"), "fp32/fp32": (False, "float32")}
+PDL_PHASES = ("decode", "decode x8", "prefill 1000")  # also with kernels.PDL, FP8 bf16 30B
 
 
 # --------------------------------------------------------------------------------------------------
@@ -115,25 +116,37 @@ def record_launches() -> list[dict]:
             bound["experts_ptr"].zero_()
 
     JITFunction.run = record
-    import kernels  # noqa: F401  (made without the interpreter: JITFunctions, GPU dot dtypes)
+    import kernels  # made without the interpreter: JITFunctions, GPU dot dtypes
     os.environ["TRITON_INTERPRET"] = "1"  # lets nanoelastic route CPU tensors to kernels.py
     os.environ["NANOELASTIC_KERNELS"] = "triton"
     import torch
+
     import nanoelastic as ne
 
     config = ne.Config(layers_block_type=["mamba", "moe", "attention"])
     case = ""
+
+    def run(model, size, phase):
+        batch, T = PHASES[phase]
+        cache = model.new_cache(batch, T + 1)
+        if T == 1:  # decode after one prefilled token
+            model(torch.zeros(batch, 1, dtype=torch.long), cache, size=size)
+        model(torch.zeros(batch, T, dtype=torch.long), cache, size=size)
+
     for mode, (fp8, dtype_name) in MODES.items():
         model = ne.Model(config).to(getattr(torch, dtype_name))
         if fp8:
             fp8_model(ne, model)
         for size in ("30B", "23B", "12B"):
-            for phase, (batch, T) in PHASES.items():
+            for phase in PHASES:
                 case = f"{mode} {size} {phase}"
-                cache = model.new_cache(batch, T + 1)
-                if T == 1:  # decode after one prefilled token
-                    model(torch.zeros(batch, 1, dtype=torch.long), cache, size=size)
-                model(torch.zeros(batch, T, dtype=torch.long), cache, size=size)
+                run(model, size, phase)
+        if mode == "fp8/bf16":
+            kernels.PDL = True
+            for phase in PDL_PHASES:
+                case = f"{mode} 30B {phase} PDL"
+                run(model, "30B", phase)
+            kernels.PDL = False
         del model
     return list(seen.values())
 
@@ -173,7 +186,22 @@ def compile_for_hopper(launch: dict) -> dict:
     regs = int(re.search(r"Used (\d+) registers", report).group(1))
     spills = sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", report))
     return dict(registers=regs, spill_bytes=spills, shared=compiled.metadata.shared,
-                ticket=ticket_order(compiled.asm["ptx"]))
+                ticket=ticket_order(compiled.asm["ptx"]), pdl=pdl_order(compiled.asm["ptx"]))
+
+
+def pdl_order(ptx: str) -> dict:
+    """Where the griddepcontrol instructions of programmatic dependent launch sit in the PTX: the
+    global memory accesses before the wait (None: no wait), and whether the next kernel's launch
+    comes after it."""
+    lines = [line.strip() for line in ptx.splitlines()]
+    wait = next((i for i, line in enumerate(lines) if line.startswith("griddepcontrol.wait")),
+                None)
+    launch = next((i for i, line in enumerate(lines)
+                   if line.startswith("griddepcontrol.launch_dependents")), None)
+    memory = re.compile(r"\b(ld|st|red|atom|cp\.async)\S*\.global")
+    return dict(before_wait=None if wait is None else sum(bool(memory.search(line))
+                                                           for line in lines[:wait]),
+                launch_after_wait=launch is not None and wait is not None and launch > wait)
 
 
 def ticket_order(ptx: str) -> dict | None:
@@ -228,7 +256,15 @@ def test_every_launch_compiles_for_hopper_without_spills():
         "_ssd_state_passing_kernel", "_ssd_chunk_scan_kernel", "_mamba_step_kernel",
         "_rms_norm_kernel", "_decode_attention_kernel"}
     cases = {c for r in rows for c in r["cases"]}
-    assert len(cases) == len(MODES) * 3 * len(PHASES)  # every case launched kernels
+    # every case launched kernels
+    assert len(cases) == len(MODES) * 3 * len(PHASES) + len(PDL_PHASES)
+    pdl = [r for r in rows if r["constexprs"].get("PDL") == "True"]
+    assert {r["kernel"] for r in pdl} == {r["kernel"] for r in rows}  # every kernel takes it
+    for r in rows:  # with PDL: the wait before any global memory access, then the next launch
+        on = r in pdl
+        assert r["options"].get("launch_pdl") == on, r
+        assert (r["pdl"] == dict(before_wait=0, launch_after_wait=True) if on
+                else r["pdl"] == dict(before_wait=None, launch_after_wait=False)), r
     assert any(r["kernel"] == "_matmul_kernel" and r["ticket"] for r in rows)  # split K
     for r in rows:
         assert r["shared"] <= H100_SHARED, r

@@ -591,10 +591,13 @@ def test_decode_step_launches_few_kernels(monkeypatch):
 
 
 if CUDA:  # programs that run at once exist only there
-    def test_merging_kernels_repeat_bit_for_bit():
+    @pytest.mark.parametrize("pdl", [False, True])
+    def test_merging_kernels_repeat_bit_for_bit(monkeypatch, pdl):
         """The kernels whose last program of a group merges the group's work (split-K linear,
         decode_attention, mamba_step's shared conv window) give the same bits every time: a
-        missing barrier or a ticket taken too early shows as a result that moves between runs."""
+        missing barrier or a ticket taken too early shows as a result that moves between runs.
+        With PDL each launch overlaps the one before: a wait placed too late shows the same way."""
+        monkeypatch.setattr(kernels, "PDL", pdl)
         gen = torch.Generator().manual_seed(0)
         bf16 = torch.bfloat16
         w, scale = weight(2688, 4096, True, bf16, gen)  # out_proj: 84 tiles, K split
@@ -621,7 +624,8 @@ if CUDA:  # programs that run at once exist only there
         assert kernels._TICKETS[x.device][-1].count_nonzero() == 0
 
     @pytest.mark.parametrize("batch", [1, 2])  # one token's MoE path, and the grouped one
-    def test_decode_graph_matches_eager(tmp_path, batch):
+    @pytest.mark.parametrize("pdl", [False, True])  # the graph's launches overlapping, or not
+    def test_decode_graph_matches_eager(tmp_path, monkeypatch, batch, pdl):
         path = checkpoint.write_random_checkpoint(tmp_path / "ckpt", CONFIGS["A"],
                                                   fp8=True, shards=1)
         model = ne.Model.from_pretrained(path, device="cuda", dtype=torch.float32, verbose=False)
@@ -634,7 +638,9 @@ if CUDA:  # programs that run at once exist only there
         for i in range(5, 9):
             size = "40x16" if i < 7 else None  # a size switch between graph steps
             expected = model(tokens[:, i:i + 1], eager, size=size)[:, -1]
+            monkeypatch.setattr(kernels, "PDL", pdl)  # the graph's kernels only
             got = graph(tokens[:, i:i + 1], size)
+            monkeypatch.setattr(kernels, "PDL", False)
             assert rel_err(got, expected) < 1e-5
         assert graphed.length == eager.length == 9 and int(graphed.position) == 9
 
