@@ -485,13 +485,6 @@ def bench_model(small: bool, ceil: dict, batches: list[int], out: dict) -> None:
             decode.append(progress(bench_decode(model, size, batch, steps, prompt, ceil,
                                                 f"{name} (view)")))
     out["largest_cache_GB"] = max(r["cache_GB"] for r in decode)
-    if CUDA and ne.kernels is not None:  # what programmatic dependent launch hides of the gaps
-        ne.kernels.PDL = True  # between a step's kernels (off by default until measured)
-        try:
-            decode.append(progress(bench_decode(model, sizes[0], 1, steps, prompt, ceil,
-                                                f"{names[0]} (view, PDL)")))
-        finally:
-            ne.kernels.PDL = False
     if CUDA:
         out["peak_memory_GB"] = torch.cuda.max_memory_allocated() / 1e9
     for size, name in zip(sizes[1:], names[1:]):
@@ -514,7 +507,18 @@ def bench_model(small: bool, ceil: dict, batches: list[int], out: dict) -> None:
     prefill = out["prefill"] = []
     for n in (128, 512) if small else (2048, 8192, 32768):
         prefill.append(progress(bench_prefill(model, None, n, chunk)))
-    try:  # a diagnosis, last: the numbers above stand without it
+    # Experiments last, so that the numbers above stand without them: what programmatic dependent
+    # launch (off by default until measured) hides of the gaps between a step's kernels ...
+    if CUDA and ne.kernels is not None:
+        ne.kernels.PDL = True
+        try:
+            decode.append(progress(bench_decode(model, sizes[0], 1, steps, prompt, ceil,
+                                                f"{names[0]} (view, PDL)")))
+        except Exception as e:  # noqa: BLE001
+            print(f"bench.py: no PDL row: {type(e).__name__}: {e}", file=sys.stderr)
+        finally:
+            ne.kernels.PDL = False
+    try:  # ... and where the time of a step goes
         out["profile"] = progress(profile_decode(model, sizes[0], ceil, 20 if CUDA else 2))
     except Exception as e:  # noqa: BLE001 (e.g. no CUPTI)
         print(f"bench.py: no decode profile: {type(e).__name__}: {e}", file=sys.stderr)
