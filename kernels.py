@@ -29,7 +29,8 @@ weight) multiply in full fp32.
 Block sizes are fixed heuristics (no autotuning, so the interpreter stays fast), chosen so that
 nothing spills registers on an H100: test_compile.py compiles every launch the model makes for sm_90
 and checks ptxas' report. Optional inputs are passed as None, which Triton compiles out: no dummy
-pointers, no mode flags.
+pointers, no mode flags. Every launch can overlap the one before it (programmatic dependent launch:
+PDL below, off by default).
 """
 
 from __future__ import annotations
@@ -72,8 +73,8 @@ def _launch() -> dict:
 
 @triton.jit
 def _pdl_start(PDL: tl.constexpr):
-    """First in every kernel: with PDL, wait for the kernel before (all of it, not just what this
-    one reads: a write here may race with its reads) and then let the next one launch."""
+    """First in every kernel: with PDL, wait for the kernel before (all of it, not only what this
+    one reads: this one's writes may land where that one still reads), then let the next launch."""
     if PDL:
         gdc_wait()
         gdc_launch_dependents()

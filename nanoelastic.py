@@ -671,6 +671,7 @@ class Cache:
         self.interrupted = True
 
     def check_step(self, batch_size: int, new_tokens: int) -> None:
+        """Raise if the cache is mid-step or a step of `new_tokens` per row would not fit."""
         if self.interrupted:
             raise NanoElasticError("this cache was interrupted in the middle of a step: "
                                    "reset it and prefill again")

@@ -538,8 +538,8 @@ def test_decode_step_has_no_host_sync(tmp_path, monkeypatch, batch):
 
 def test_decode_graph_refuses_an_interrupted_cache(tmp_path):
     """A step cut short (Ctrl-C) leaves its cache half-written: every later step says so, the first
-    one included, which on a GPU would capture a new graph before it runs (and did, once, clearing
-    the mark)."""
+    one included, which on a GPU would capture a new graph first (a capture that fails must not
+    clear the mark)."""
     path = checkpoint.write_random_checkpoint(tmp_path / "ckpt", CONFIGS["A"], fp8=True, shards=1)
     model = ne.Model.from_pretrained(path, device=DEVICE, dtype=torch.float32, verbose=False)
     cache = model.new_cache(1, 16)
