@@ -507,8 +507,13 @@ def bench_model(small: bool, ceil: dict, batches: list[int], out: dict) -> None:
     prefill = out["prefill"] = []
     for n in (128, 512) if small else (2048, 8192, 32768):
         prefill.append(progress(bench_prefill(model, None, n, chunk)))
-    # Experiments last, so that the numbers above stand without them: what programmatic dependent
-    # launch (off by default until measured) hides of the gaps between a step's kernels ...
+    # Last, so that the numbers above stand without them: where the time of a step goes ...
+    try:
+        out["profile"] = progress(profile_decode(model, sizes[0], ceil, 20 if CUDA else 2))
+    except Exception as e:  # noqa: BLE001 (e.g. no CUPTI)
+        print(f"bench.py: no decode profile: {type(e).__name__}: {e}", file=sys.stderr)
+    # ... and what programmatic dependent launch (off by default until measured) hides of the
+    # gaps between its kernels
     if CUDA and ne.kernels is not None:
         ne.kernels.PDL = True
         try:
@@ -518,10 +523,6 @@ def bench_model(small: bool, ceil: dict, batches: list[int], out: dict) -> None:
             print(f"bench.py: no PDL row: {type(e).__name__}: {e}", file=sys.stderr)
         finally:
             ne.kernels.PDL = False
-    try:  # ... and where the time of a step goes
-        out["profile"] = progress(profile_decode(model, sizes[0], ceil, 20 if CUDA else 2))
-    except Exception as e:  # noqa: BLE001 (e.g. no CUPTI)
-        print(f"bench.py: no decode profile: {type(e).__name__}: {e}", file=sys.stderr)
 
 
 def progress(row: dict) -> dict:
