@@ -15,10 +15,10 @@ reference. Each kernel's error against its reference is measured before its time
 fails the run at the end, after the rest was measured. Decode reads its bytes from the weights the
 step really touches (the chosen experts, not all 128), the KV cache (all of it: these caches are
 shorter than the smallest window a decode graph attends over) and the Mamba states; the achieved
-bandwidth is those bytes over the step time. A profile of the batch-1 step, last, says where its
-time goes: kernels against the gaps between them, and each kernel's share (and bandwidth, for the
-matmuls and the SSM step). Each result is also printed to stderr as it is measured, and --json is
-written however the run ends.
+bandwidth is those bytes over the step time. A profile of the batch-1 step, at the end, says
+where its time goes: kernels against the gaps between them, and each kernel's share (and bandwidth,
+for the matmuls and the SSM step). Each result is also printed to stderr as it is measured, and
+--json is written however the run ends.
 """
 
 from __future__ import annotations
@@ -482,16 +482,16 @@ def bench_model(small: bool, ceil: dict, batches: list[int], out: dict) -> None:
         torch.cuda.reset_peak_memory_stats()
     for batch in batches:  # every size as views of the one model, each with its cache
         for size, name in zip(sizes, names):
-            decode.append(progress(bench_decode(model, size, batch, steps, prompt, ceil,
-                                                f"{name} (view)")))
+            progress(decode, bench_decode(model, size, batch, steps, prompt, ceil,
+                                          f"{name} (view)"))
     out["largest_cache_GB"] = max(r["cache_GB"] for r in decode)
     if CUDA:
         out["peak_memory_GB"] = torch.cuda.max_memory_allocated() / 1e9
     for size, name in zip(sizes[1:], names[1:]):
         sliced = contiguous_copy(model, size)
         for batch in batches:
-            decode.append(progress(bench_decode(sliced, None, batch, steps, prompt, ceil,
-                                                f"{name} (sliced copy)")))
+            progress(decode, bench_decode(sliced, None, batch, steps, prompt, ceil,
+                                          f"{name} (sliced copy)"))
         del sliced  # freed here: nothing refers back to it
         if CUDA:
             torch.cuda.empty_cache()
@@ -501,15 +501,15 @@ def bench_model(small: bool, ceil: dict, batches: list[int], out: dict) -> None:
                 and r["batch"] == row["batch"]]
         if copy and row is not copy[0]:
             row["pct_of_sliced"] = 100 * row["tok_per_s"] / copy[0]["tok_per_s"]
-    out["switch"] = progress(bench_switch(model, sizes[1], sizes[0], 256 if small else 4096,
-                                          chunk))
+    progress(out, bench_switch(model, sizes[1], sizes[0], 256 if small else 4096, chunk),
+             "switch")
     # the 32K prompt goes in 8K chunks: attention after a cached prefix
     prefill = out["prefill"] = []
     for n in (128, 512) if small else (2048, 8192, 32768):
-        prefill.append(progress(bench_prefill(model, None, n, chunk)))
+        progress(prefill, bench_prefill(model, None, n, chunk))
     # Last, so that the numbers above stand without them: where the time of a step goes ...
     try:
-        out["profile"] = progress(profile_decode(model, sizes[0], ceil, 20 if CUDA else 2))
+        progress(out, profile_decode(model, sizes[0], ceil, 20 if CUDA else 2), "profile")
     except Exception as e:  # noqa: BLE001 (e.g. no CUPTI)
         print(f"bench.py: no decode profile: {type(e).__name__}: {e}", file=sys.stderr)
     # ... and what programmatic dependent launch (off by default until measured) hides of the
@@ -517,18 +517,22 @@ def bench_model(small: bool, ceil: dict, batches: list[int], out: dict) -> None:
     if CUDA and ne.kernels is not None:
         ne.kernels.PDL = True
         try:
-            decode.append(progress(bench_decode(model, sizes[0], 1, steps, prompt, ceil,
-                                                f"{names[0]} (view, PDL)")))
+            progress(decode, bench_decode(model, sizes[0], 1, steps, prompt, ceil,
+                                          f"{names[0]} (view, PDL)"))
         except Exception as e:  # noqa: BLE001
             print(f"bench.py: no PDL row: {type(e).__name__}: {e}", file=sys.stderr)
         finally:
             ne.kernels.PDL = False
 
 
-def progress(row: dict) -> dict:
-    """Each result on stderr as it comes: a run cut short still shows what it measured."""
+def progress(into: list | dict, row: dict, key: str | None = None) -> None:
+    """Keep a result (appended to a list, or at `key` of a dict), then show it on stderr: a run cut
+    short still shows what it measured, and its JSON holds all it showed."""
+    if key is None:
+        into.append(row)
+    else:
+        into[key] = row
     print(f"bench.py: {json.dumps(row)}", file=sys.stderr, flush=True)
-    return row
 
 
 # --------------------------------------------------------------------------------------------------
@@ -604,8 +608,7 @@ def measure(args: argparse.Namespace, result: dict) -> None:
     if args.only in (None, "kernels"):
         rows = result["kernel_bench"] = []
         for row in bench_kernels(args.small, ceil):
-            rows.append(row)
-            progress(row)  # once stored: a run stopped now keeps what it printed
+            progress(rows, row)
         print("\n" + table(rows, [
             ("kernel", "kernel", "s"), ("rel_err", "rel err", ".1e"),
             ("triton_us", "triton us", ".1f"), ("torch_us", "torch us", ".1f"),

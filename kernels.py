@@ -131,9 +131,9 @@ def _matmul_kernel(a_ptr, w_ptr, out_ptr, scale_ptr, pair_ptr, block_expert_ptr,
 
     Split K (linear; partial_ptr given): the grid's third axis splits the inner dimension into
     spans of K_SPAN (whole blocks), so that a decode matmul with few column blocks still has a
-    program on every SM. Each program stores
-    its fp32 partial tile and takes a ticket; the tile's last program sums the partials in split
-    order (deterministic: no float atomics), runs the epilogue and resets the ticket to 0.
+    program on every SM. Each program stores its fp32 partial tile and takes a ticket; the tile's
+    last program sums the partials in split order (deterministic: no float atomics), runs the
+    epilogue and resets the ticket to 0.
     """
     _pdl_start(PDL)
     pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)

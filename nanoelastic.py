@@ -783,8 +783,8 @@ class DecodeGraph:
             return self.model(tokens, cache, size, last_only=True)[:, -1]
         sized = parse_size(size, self.model.config)
         key = (sized, cache.window())
-        cache.check_step(*tokens.shape)  # before a capture records anything on the cache
         if key not in self.graphs:
+            cache.check_step(*tokens.shape)  # before a capture records anything on the cache
             self.graphs[key] = self.capture(size, sized, tokens.shape[0])
         graph, static_tokens, logits = self.graphs[key]
         cache.begin(*tokens.shape)

@@ -185,36 +185,38 @@ def compile_for_hopper(launch: dict) -> dict:
         report = subprocess.run(command, capture_output=True, text=True, check=True).stderr
     regs = int(re.search(r"Used (\d+) registers", report).group(1))
     spills = sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", report))
+    lines = [line.strip() for line in compiled.asm["ptx"].splitlines()]
     return dict(registers=regs, spill_bytes=spills, shared=compiled.metadata.shared,
-                ticket=ticket_order(compiled.asm["ptx"]), pdl=pdl_order(compiled.asm["ptx"]))
+                ticket=ticket_order(lines), pdl=pdl_order(lines))
 
 
-def pdl_order(ptx: str) -> dict:
-    """Where the griddepcontrol instructions of programmatic dependent launch sit in the PTX: the
-    global memory accesses before the wait (None: no wait), and whether the next kernel's launch
-    comes after it."""
-    lines = [line.strip() for line in ptx.splitlines()]
-    wait = next((i for i, line in enumerate(lines) if line.startswith("griddepcontrol.wait")),
-                None)
-    launch = next((i for i, line in enumerate(lines)
-                   if line.startswith("griddepcontrol.launch_dependents")), None)
-    memory = re.compile(r"\b(ld|st|red|atom|cp\.async)\S*\.global")
-    return dict(before_wait=None if wait is None else sum(bool(memory.search(line))
+GLOBAL_ACCESS = re.compile(r"\b(ld|st|red|atom|cp\.async)\S*\.global")  # in a line of PTX
+
+
+def first(lines: list[str], pattern: str) -> int | None:
+    """The index of the first line that matches `pattern` (None: none does)."""
+    return next((i for i, line in enumerate(lines) if re.search(pattern, line)), None)
+
+
+def pdl_order(lines: list[str]) -> dict:
+    """Where the griddepcontrol instructions of programmatic dependent launch sit in a kernel's
+    PTX lines: the global memory accesses before the wait (None: no wait), and whether the next
+    kernel's launch comes after it."""
+    wait = first(lines, r"^griddepcontrol\.wait")
+    launch = first(lines, r"^griddepcontrol\.launch_dependents")
+    return dict(before_wait=None if wait is None else sum(bool(GLOBAL_ACCESS.search(line))
                                                            for line in lines[:wait]),
                 launch_after_wait=launch is not None and wait is not None and launch > wait)
 
 
-def ticket_order(ptx: str) -> dict | None:
-    """Where a kernel's ticket (_last_to_arrive: its acq_rel atomic) sits in the PTX: the global
-    stores before it, and whether a CTA barrier comes between the last global memory access and
-    it (None: no ticket)."""
-    lines = [line.strip() for line in ptx.splitlines()]
-    atom = next((i for i, line in enumerate(lines) if re.search(r"atom\.global\S*acq_rel", line)),
-                None)
+def ticket_order(lines: list[str]) -> dict | None:
+    """Where a kernel's ticket (_last_to_arrive: its acq_rel atomic) sits in its PTX lines: the
+    global stores before it, and whether a CTA barrier comes between the last global memory access
+    and it (None: no ticket)."""
+    atom = first(lines, r"atom\.global\S*acq_rel")
     if atom is None:
         return None
-    memory = re.compile(r"\b(ld|st|red|atom|cp\.async)\S*\.global")
-    last_access = max((i for i in range(atom) if memory.search(lines[i])), default=-1)
+    last_access = max((i for i in range(atom) if GLOBAL_ACCESS.search(lines[i])), default=-1)
     return dict(stores=sum(bool(re.search(r"\bst\S*\.global", line)) for line in lines[:atom]),
                 barrier=any(line.startswith("bar.sync") for line in lines[last_access + 1:atom]))
 
