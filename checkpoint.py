@@ -457,6 +457,9 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 def load_model(path: Path, device, dtype: torch.dtype | None, verbose: bool) -> Model:
     """Model.from_pretrained: the config, a model on the meta device, the checkpoint checked and
     then loaded into it on `device`."""
+    if dtype not in (None, torch.bfloat16, torch.float16, torch.float32):
+        raise NanoElasticError(f"dtype {dtype!r}: the compute dtype is torch.bfloat16 (the "
+                               f"default), torch.float16 or torch.float32")
     if not path.is_dir():
         raise NanoElasticError(f"checkpoint folder not found: {path}")
     config = read_config(path / "config.json")

@@ -115,6 +115,12 @@ class Config:
     def in_proj_dim(self) -> int:  # z | xBC | dt
         return self.mamba_inner + self.conv_dim + self.mamba_num_heads
 
+    @property
+    def cache_layout(self) -> tuple:  # what a Cache's shapes depend on: no nested size changes it
+        return (tuple(self.layers_block_type), self.num_key_value_heads, self.head_dim,
+                self.mamba_num_heads, self.mamba_head_dim, self.ssm_state_size, self.conv_dim,
+                self.conv_kernel)
+
     @classmethod
     def from_file(cls, path: str | Path) -> Config:  # config.json, checked (checkpoint.py)
         import checkpoint
@@ -547,6 +553,7 @@ class Model(nn.Module):
         self.backbone = Backbone(config)
         self.lm_head = Linear(config.hidden_size, config.vocab_size)
         self._nested = {}  # (d, f) -> this module tree with prefix views of every tensor
+        self.is_nested = False  # True for such a tree (model.nested(size)): its tensors are views
 
     @torch.no_grad()
     def forward(self, tokens: Tensor, cache: Cache | None = None, size: str | None = None,
@@ -556,7 +563,7 @@ class Model(nn.Module):
         model = self.nested(size)
         tokens = checked_tokens(tokens, self.config.vocab_size).to(self.lm_head.weight.device)
         if cache is not None:
-            cache.begin(*tokens.shape)
+            check_cache(cache, self).begin(*tokens.shape)
         if use_kernels(tokens):  # the same sums, each residual add fused with the next norm
             h = fused_backbone(model.backbone, tokens, cache)
         else:
@@ -575,9 +582,22 @@ class Model(nn.Module):
         """This model at a nested size: the same modules, its tensors prefix views (section 9)."""
         return nested_model(self, size)
 
-    def _apply(self, fn, recurse=True):  # .to() / .cuda() make new tensors: forget the old views
-        self._nested = {}
+    def _apply(self, fn, recurse=True):  # .to(), .float(), .cuda(): new tensors, new views
+        self._forget_views("move or convert")
         return super()._apply(fn, recurse)
+
+    def load_state_dict(self, *args, **kwargs):  # assign=True puts new tensors in: new views
+        self._forget_views("load a state dict into")
+        return super().load_state_dict(*args, **kwargs)
+
+    def _forget_views(self, action: str) -> None:
+        if self.is_nested:  # its new tensors would be copies, which the full model then runs on
+            raise NanoElasticError(f"cannot {action} model.nested(size): its tensors are views of "
+                                   f"the full model's; do it to the full model")
+        self._nested = {}
+
+    def __getstate__(self) -> dict:  # a copy (deepcopy, pickle) makes views of its own tensors
+        return {**super().__getstate__(), "_nested": {}}
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None,
@@ -627,13 +647,13 @@ class Cache:
 
     def __init__(self, config: Config, batch_size: int, max_len: int, device, dtype):
         c = config
-        if batch_size < 1 or max_len < 1:
-            raise NanoElasticError(f"new_cache needs batch_size >= 1 and max_len >= 1, "
-                                   f"got {batch_size}, {max_len}")
+        check_int("new_cache's batch_size", batch_size, 1)
+        check_int("new_cache's max_len", max_len, 1)
         if max_len > c.max_position_embeddings:
             raise NanoElasticError(f"max_len {max_len} > max_position_embeddings "
                                    f"{c.max_position_embeddings}")
         self.batch_size, self.max_len, self.length = batch_size, max_len, 0
+        self.layout, self.dtype = c.cache_layout, dtype  # which models it fits: check_cache()
         self.position = torch.zeros((), dtype=torch.int64, device=device)
         self.interrupted = False  # set while a step is half-written (Ctrl-C): see begin()
         self.kinds, self.layers = c.layers_block_type, []
@@ -693,24 +713,42 @@ class Cache:
         self.position.zero_()
         self.length, self.interrupted = 0, False
 
+    def held(self, n: int) -> list[tuple[Tensor, ...]]:  # per layer, the state of n tokens
+        return [tuple(t[:, :, :n] if kind == "attention" else t for t in state or ())
+                for kind, state in zip(self.kinds, self.layers)]
+
     def snapshot(self) -> tuple[int, list]:
         """A copy of the state after the first `length` tokens (KV up to there, conv and SSM
         states). Mamba states cannot be rewound: this is how to go back to a prefix (chat.py)."""
-        n, saved = self.length, []
-        for kind, state in zip(self.kinds, self.layers):
-            if kind == "attention":
-                state = tuple(t[:, :, :n] for t in state)
-            saved.append(None if state is None else tuple(t.clone() for t in state))
-        return n, saved
+        self.check_step(self.batch_size, 0)  # not a cache interrupted mid-step
+        return self.length, [tuple(t.clone() for t in state) for state in self.held(self.length)]
 
     def restore(self, snapshot: tuple[int, list]) -> None:
         """Go back to a snapshot(): the cache holds its prefix again, nothing after it."""
-        n, states = snapshot
-        for kind, saved, state in zip(self.kinds, states, self.layers):
-            for copy_, t in zip(saved or (), state or ()):
-                (t[:, :, :n] if kind == "attention" else t).copy_(copy_)
+        n, saved = snapshot
+        held = self.held(n)
+        like = lambda states: [[(t.shape, t.dtype) for t in state] for state in states]
+        if not 0 <= n <= self.max_len or like(saved) != like(held):
+            raise NanoElasticError("this snapshot is not of this cache: restore it into the cache "
+                                   "it came from, or one that new_cache() made alike")
+        for state, copies in zip(held, saved):
+            for t, copy_ in zip(state, copies):
+                t.copy_(copy_)
         self.position.fill_(n)
         self.length, self.interrupted = n, False
+
+
+def check_cache(cache: Cache, model: Model) -> Cache:
+    """`cache` if `model` (at any size) can run on it: a Cache of its layers, dtype and device."""
+    if not isinstance(cache, Cache):
+        raise NanoElasticError(f"cache must be a Cache (model.new_cache()), got a "
+                               f"{type(cache).__name__}; a size goes as size=...")
+    weight = model.backbone.embeddings.weight
+    if (cache.layout, cache.dtype, cache.position.device) != (model.config.cache_layout,
+                                                              weight.dtype, weight.device):
+        raise NanoElasticError(f"this cache is not of this model (its layers, {cache.dtype} on "
+                               f"{cache.position.device}): make one with model.new_cache()")
+    return cache
 
 
 # --------------------------------------------------------------------------------------------------
@@ -766,19 +804,24 @@ class DecodeGraph:
     token longer. On a GPU with the kernels, CUDA graphs: one launch per token instead of hundreds
     (the logits are then a static buffer that the next step overwrites), one per size and KV window
     (section 7), each captured when first needed. Elsewhere (the torch MoE reference syncs with the
-    host), model() itself. It holds the cache, which knows nothing of it: dropping it frees both."""
+    host), model() itself. It holds the cache, which knows nothing of it: dropping it frees both.
+    A replay does not range-check the token ids (reading them would be a host sync): model() does,
+    as does generate(), whose ids are sampled or checked."""
 
     def __init__(self, model: Model, cache: Cache):
-        self.model, self.cache = model, cache
+        self.model, self.cache = model, check_cache(cache, model)
         self.graphs = {}  # (size, window) -> (graph, static tokens, static logits)
         self.pools = {}  # size -> the memory pool that its graphs share
         self.capture_graphs = cache.position.is_cuda and use_kernels(cache.position)
 
     def __call__(self, tokens: Tensor, size: str | None = None) -> Tensor:
         cache = self.cache
-        if not isinstance(tokens, Tensor) or tokens.dim() != 2 or tokens.shape[1] != 1:
-            shape = list(tokens.shape) if isinstance(tokens, Tensor) else type(tokens).__name__
-            raise NanoElasticError(f"a decode step takes tokens of shape [batch, 1], got {shape}")
+        if (not isinstance(tokens, Tensor) or tokens.dim() != 2 or tokens.shape[1] != 1
+                or tokens.dtype not in (torch.int64, torch.int32)):
+            got = (f"{tokens.dtype} of shape {list(tokens.shape)}" if isinstance(tokens, Tensor)
+                   else type(tokens).__name__)
+            raise NanoElasticError(f"a decode step takes token ids (int64 or int32) of shape "
+                                   f"[batch, 1], got {got}")
         if not self.capture_graphs:
             return self.model(tokens, cache, size, last_only=True)[:, -1]
         sized = parse_size(size, self.model.config)
@@ -856,12 +899,13 @@ def nested_model(model: Model, size: str | None) -> Model:
         return model
     if (d, f) not in model._nested:
         # deepcopy's memo: the objects in it are replaced by these, not copied
-        memo = {id(model.config): model.config.sliced(d, f), id(model._nested): {}}
+        memo = {id(model.config): model.config.sliced(d, f)}
         for name, p in model.named_parameters():
             memo[id(p)] = nn.Parameter(nested_view(name, p, d, f), requires_grad=False)
         for b in model.buffers():
             memo[id(b)] = b
         nested = model._nested[(d, f)] = copy.deepcopy(model, memo)
+        nested.is_nested = True
         nested.backbone.embeddings.embedding_dim = d  # its repr reads this attribute
     return model._nested[(d, f)]
 
@@ -917,11 +961,11 @@ class Switch:
                                    f"reprefill")
         if self.on_token is None and self.after is None:
             raise NanoElasticError("a Switch needs on_token, after, or both")
-        if self.after is not None and self.after < 0:
-            raise NanoElasticError(f"Switch after must be >= 0 new tokens, got {self.after}")
-        if self.on_token is not None and self.on_token < 0:
-            raise NanoElasticError(f"Switch on_token must be a token id (>= 0), got "
-                                   f"{self.on_token}")
+        if self.on_token is not None:
+            check_int("Switch on_token (a token id)", self.on_token, 0)
+        if self.after is not None:  # 0: on_token forced first; without one, size= says it
+            check_int("Switch after (new tokens)", self.after,
+                      0 if self.on_token is not None else 1)
 
     def forced(self, n: int) -> int | None:
         """The token written instead of a sampled one as new token n: on_token, once over budget."""
@@ -932,19 +976,22 @@ class Switch:
         return token == self.on_token if self.on_token is not None else n >= self.after
 
 
+def check_int(name: str, value, least: int) -> None:
+    """One clear error unless value is an integer (not a bool) >= least."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
+        raise NanoElasticError(f"{name} must be an integer >= {least}, got {value!r}")
+
+
 def check_sampling(temperature: float, top_p: float, top_k: int) -> None:
     """One clear error for each sampling setting of the wrong type or out of range."""
     for name, value in [("temperature", temperature), ("top_p", top_p)]:
         if not isinstance(value, numbers.Real) or not math.isfinite(value):
             raise NanoElasticError(f"{name} must be a finite number, got {value!r}")
-    if not isinstance(top_k, numbers.Integral):
-        raise NanoElasticError(f"top_k must be an integer (0 = no limit), got {top_k!r}")
+    check_int("top_k (0 = no limit)", top_k, 0)
     if not temperature >= 0:
         raise NanoElasticError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
     if not 0 < top_p <= 1:
         raise NanoElasticError(f"top_p must be in (0, 1], got {top_p}")
-    if not top_k >= 0:
-        raise NanoElasticError(f"top_k must be >= 0 (0 = no limit), got {top_k}")
 
 
 def sample(logits: Tensor, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
@@ -953,9 +1000,11 @@ def sample(logits: Tensor, temperature: float = 0.0, top_p: float = 1.0, top_k: 
     temperature) kept to the top_k most likely tokens (0 = all) and to the smallest set whose
     probability reaches top_p (1 = all). No host sync."""
     check_sampling(temperature, top_p, top_k)
+    if logits.dim() != 1:
+        raise NanoElasticError(f"sample takes one position's logits [V], got {list(logits.shape)}")
     if temperature == 0:
         return logits.argmax()
-    logits = logits / temperature
+    logits = (logits - logits.max()) / temperature  # <= 0: a tiny temperature cannot overflow
     if 0 < top_k < logits.numel():
         logits = logits.masked_fill(logits < logits.topk(top_k).values[-1], -math.inf)
     if top_p < 1.0:  # drop the tokens after the set; the first is always kept
@@ -978,13 +1027,16 @@ def checked_tokens(tokens: Tensor, vocab_size: int) -> Tensor:
                                f"row")
     if tokens.is_cuda and torch.cuda.is_current_stream_capturing():
         return tokens
-    low, high = int(tokens.min()), int(tokens.max())
-    if low < 0 or high >= vocab_size:
-        raise NanoElasticError(f"token id out of range: {low}..{high} not in 0..{vocab_size - 1}")
+    check_range(int(tokens.min()), int(tokens.max()), vocab_size)
     return tokens
 
 
-def prompt_ids(prompt: list[int] | Tensor) -> list[int]:
+def check_range(low: int, high: int, vocab_size: int) -> None:  # the lowest and highest token id
+    if low < 0 or high >= vocab_size:
+        raise NanoElasticError(f"token id out of range: {low}..{high} not in 0..{vocab_size - 1}")
+
+
+def prompt_ids(prompt: list[int] | Tensor, vocab_size: int) -> list[int]:
     """A prompt as a list of ints: from a list, a 1-D tensor or a [1, T] tensor (one sequence)."""
     what = f"a {type(prompt).__name__}"
     if isinstance(prompt, Tensor):
@@ -1000,6 +1052,7 @@ def prompt_ids(prompt: list[int] | Tensor) -> list[int]:
                                f"tensor, got {what}")
     if not ids:
         raise NanoElasticError("empty prompt")
+    check_range(min(ids), max(ids), vocab_size)
     return ids
 
 
@@ -1007,10 +1060,8 @@ def prefill(model: Model, tokens: Tensor, cache: Cache, size: str | None = None,
             chunk: int = 8192) -> Tensor:
     """Feed tokens [B, T] into `cache` in pieces of `chunk` tokens (bounded activation memory)
     -> fp32 logits [B, V] of the last token."""
-    if tokens.shape[-1] == 0:
-        raise NanoElasticError("nothing to prefill: no new tokens")
-    if chunk < 1:
-        raise NanoElasticError(f"prefill chunk must be >= 1, got {chunk}")
+    checked_tokens(tokens, model.config.vocab_size)
+    check_int("prefill's chunk", chunk, 1)
     for i in range(0, tokens.shape[1], chunk):
         logits = model(tokens[:, i:i + chunk], cache, size, last_only=True)
     return logits[:, -1]
@@ -1019,14 +1070,16 @@ def prefill(model: Model, tokens: Tensor, cache: Cache, size: str | None = None,
 def generation_cache(model: Model, prompt: list[int], max_new_tokens: int,
                      cache: Cache | DecodeGraph | None) -> DecodeGraph:
     """The decode step for a generation, on the given cache (or a new one that fits it), checked."""
-    if max_new_tokens < 0:
-        raise NanoElasticError("max_new_tokens must be >= 0")
+    check_int("max_new_tokens", max_new_tokens, 0)
     max_len = model.config.max_position_embeddings
     if cache is None:
         if len(prompt) >= max_len:
             raise NanoElasticError(f"prompt too long: {len(prompt)} tokens, the model takes "
                                    f"{max_len - 1}")
         cache = model.new_cache(1, min(len(prompt) + max_new_tokens, max_len))
+    if isinstance(cache, DecodeGraph) and cache.model is not model:
+        raise NanoElasticError("cache is a DecodeGraph of another model (or size): make it with "
+                               "DecodeGraph(model, cache) and pass the size as size=")
     step = cache if isinstance(cache, DecodeGraph) else DecodeGraph(model, cache)
     cache = step.cache
     if cache.interrupted or cache.length >= len(prompt):
@@ -1045,7 +1098,9 @@ def generate(model: Model, prompt: list[int] | Tensor, max_new_tokens: int, *,
              prefill_chunk: int = 8192) -> Iterator[Token]:
     """Stream the continuation of `prompt` one Token at a time, stopping after a stop token or
     max_new_tokens. A `cache` already holding a prefix of `prompt` (an earlier turn) is continued;
-    its first cache.length tokens must be prompt's. Ctrl-C ends the stream (the program goes on).
+    its first cache.length tokens must be prompt's, and it serves this one generation until it
+    ends. Ctrl-C ends the stream (the program goes on). The arguments are checked by this call,
+    before the first token is asked for.
 
     prompt: token ids as a list, a 1-D tensor or a [1, T] tensor (one sequence). size: the nested
     size ('30B', '23B', '12B', 'HIDDENxFFN'; None = the checkpoint's own). switch: a Switch to
@@ -1053,27 +1108,50 @@ def generate(model: Model, prompt: list[int] | Tensor, max_new_tokens: int, *,
     top_p, top_k: see sample(); seed makes sampling repeatable. prefill_chunk: prompt tokens per
     forward pass (bounds memory). cache: a Cache, or a DecodeGraph of one, whose CUDA graphs are
     then kept from one call to the next."""
-    prompt = prompt_ids(prompt)
+    vocab = model.config.vocab_size
+    prompt = prompt_ids(prompt, vocab)
     check_sampling(temperature, top_p, top_k)
-    if prefill_chunk < 1:
-        raise NanoElasticError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+    check_int("prefill_chunk", prefill_chunk, 1)
+    try:
+        stops = {operator.index(t) for t in stop_tokens}
+    except TypeError:
+        raise NanoElasticError(f"stop_tokens must be token ids, got {stop_tokens!r}") from None
+    if switch is not None and not isinstance(switch, Switch):
+        raise NanoElasticError(f"switch must be a Switch, got a {type(switch).__name__}")
+    if switch is not None and switch.on_token is not None and switch.on_token >= vocab:
+        raise NanoElasticError(f"Switch on_token {switch.on_token} is not a token id: the "
+                               f"vocabulary is 0..{vocab - 1}")
     for s in (size, switch.size if switch else None):
         parse_size(s, model.config)  # unknown or too large sizes fail before any work
+    generator = None
+    if seed is not None:
+        check_int("seed", seed, 0)
+        generator = torch.Generator(model.lm_head.weight.device).manual_seed(seed)
     step = generation_cache(model, prompt, max_new_tokens, cache)
+    pick = functools.partial(sample, temperature=temperature, top_p=top_p, top_k=top_k,
+                             generator=generator)
+    return stream(model, step, prompt, max_new_tokens, size, switch, stops, pick, prefill_chunk)
+
+
+def stream(model: Model, step: DecodeGraph, prompt: list[int], max_new_tokens: int,
+           size: str | None, switch: Switch | None, stops: set[int], pick, chunk: int):
+    """generate()'s tokens, from its checked arguments; pick(logits) samples one."""
     cache, device, tokens = step.cache, model.lm_head.weight.device, list(prompt)
-    generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
     run = lambda ids: prefill(model, torch.tensor([ids], device=device), cache, size,  # noqa: E731
-                              prefill_chunk)[0]
+                              chunk)[0]
     try:
         logits = run(tokens[cache.length:])
         for n in range(1, max_new_tokens + 1):
             token = switch.forced(n) if switch is not None else None
             if token is None:
-                token = int(sample(logits, temperature, top_p, top_k, generator))
+                token = int(pick(logits))
             tokens.append(token)
             yield Token(token, size)
-            if token in stop_tokens or n == max_new_tokens:
+            if token in stops or n == max_new_tokens:
                 return
+            if cache.length != len(tokens) - 1:  # something else ran on it while we yielded
+                raise NanoElasticError("the cache changed during this generation: a cache serves "
+                                       "one generate() at a time")
             if switch is not None and switch.due(n, token):
                 size, mode, switch = switch.size, switch.mode, None  # one switch per generation
                 if mode == "reprefill":

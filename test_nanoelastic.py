@@ -537,9 +537,112 @@ def test_ctrl_c_stops_the_generation(models, monkeypatch):
     monkeypatch.setattr(ne.Attention, "forward", real_forward)
     with pytest.raises(NanoElasticError, match="interrupted"):
         model(torch.tensor([[1]]), cache)
+    with pytest.raises(NanoElasticError, match="interrupted"):  # a copy would pass it on unmarked
+        cache.snapshot()
     # generate() itself rebuilds an interrupted cache from the prompt
     again = [t.id for t in generate(model, prompt, 5, cache=cache, stop_tokens=())]
     assert again == [t.id for t in generate(model, prompt, 5, stop_tokens=())]
+
+
+def test_a_cache_serves_one_generation_at_a_time(models):
+    model = models[("A", True)]
+    prompt = tokens(1, 12, seed=12)[0].tolist()
+    cache = model.new_cache(1, 40)
+    first = generate(model, prompt, 8, cache=cache, stop_tokens=())
+    alone = [t.id for t in generate(model, prompt, 8, stop_tokens=())]
+    assert [next(first).id, next(first).id] == alone[:2]
+    list(generate(model, prompt[:5], 3, cache=cache, stop_tokens=()))  # the cache, taken over
+    with pytest.raises(NanoElasticError, match="a cache serves one generate"):
+        next(first)  # instead of going on from another generation's state
+
+
+def test_snapshot_restore_checks_before_it_writes(models):
+    model = models[("A", True)]
+    full = model.new_cache(1, 20)
+    model(tokens(1, 12), full)
+    saved = full.snapshot()
+    for cache in (model.new_cache(1, 10), model.new_cache(2, 20),  # too short; a batch of 2
+                  models[("B", True)].new_cache(1, 20)):  # another model's layers
+        with pytest.raises(NanoElasticError, match="this snapshot is not of this cache"):
+            cache.restore(saved)
+        assert cache.length == 0 and not any(t.any() for s in cache.held(20) for t in s)
+    again = model.new_cache(1, 20)
+    again.restore(saved)
+    assert again.length == 12 and all(
+        torch.equal(a, b) for s, t in zip(again.held(12), full.held(12)) for a, b in zip(s, t))
+
+
+def test_a_cache_runs_only_with_a_model_it_fits(models):
+    model = models[("A", True)]
+    bf16 = checkpoint.random_model(CONFIGS["A"], device="cpu", dtype=torch.bfloat16)
+    for cache in (bf16.new_cache(1, 8), models[("B", True)].new_cache(1, 8)):
+        with pytest.raises(NanoElasticError, match="this cache is not of this model"):
+            model(tokens(1, 4), cache)
+    with pytest.raises(NanoElasticError, match="cache must be a Cache .* a size goes as size="):
+        model(tokens(1, 4), "40x16")  # the size given where the cache goes
+    cache = model.new_cache(1, 8)
+    model.nested("40x16")(tokens(1, 4), cache)  # every size fits the cache of its full model
+    assert cache.length == 4
+    other = models[("A", False)]
+    step = ne.DecodeGraph(other, other.new_cache(1, 30))
+    with pytest.raises(NanoElasticError, match="a DecodeGraph of another model"):
+        generate(model, [1, 2, 3], 2, cache=step)
+
+
+def test_generate_checks_its_arguments_when_called(models):
+    """Each bad argument is one NanoElasticError from generate() itself, not from the first next()
+    (or from deep inside torch)."""
+    model = models[("A", True)]
+    cases = [(dict(stop_tokens=2), "stop_tokens must be token ids, got 2"),
+             (dict(stop_tokens=None), "stop_tokens must be token ids, got None"),
+             (dict(max_new_tokens=2.5), "max_new_tokens must be an integer >= 0, got 2.5"),
+             (dict(max_new_tokens=None), "max_new_tokens must be an integer >= 0, got None"),
+             (dict(seed=1.5), "seed must be an integer >= 0, got 1.5"),
+             (dict(prompt=[1, 2**70]), "token id out of range"),
+             (dict(prompt=[1, 97]), r"token id out of range: 1..97 not in 0..96"),
+             (dict(switch="40x16"), "switch must be a Switch, got a str"),
+             (dict(switch=Switch(None, on_token=500, after=1)),
+              r"Switch on_token 500 is not a token id: the vocabulary is 0..96"),
+             (dict(cache=5), "cache must be a Cache"), (dict(prompt=[]), "empty prompt")]
+    for kwargs, message in cases:
+        args = dict(prompt=[1, 2, 3], max_new_tokens=3) | kwargs
+        with pytest.raises(NanoElasticError, match=message):
+            generate(model, args.pop("prompt"), args.pop("max_new_tokens"), **args)
+    for bad in ([[1, 2]], torch.tensor([1, 2])):
+        with pytest.raises(NanoElasticError, match=r"integer tensor of shape \[batch, seq_len\]"):
+            ne.prefill(model, bad, model.new_cache(1, 8))
+
+
+def test_a_tiny_temperature_samples_like_greedy():
+    logits = torch.tensor([0.0, 10.0, 20.0, 30.0])  # / 1e-38 would overflow: inf, then NaN
+    for temperature in (1e-38, 1e-39, 1e-45):
+        assert int(ne.sample(logits, temperature, generator=torch.Generator().manual_seed(0))) == 3
+    with pytest.raises(NanoElasticError, match=r"one position's logits \[V\], got \[1, 4\]"):
+        ne.sample(logits[None])
+
+
+def test_nested_sizes_follow_the_full_models_tensors(models):
+    """A nested size is views of the tensors the full model holds now: after load_state_dict with
+    assign=True (new tensors) and in a deepcopy; converting a nested tree itself is refused (its
+    copies would be what the full model runs at that size)."""
+    model = checkpoint.random_model(CONFIGS["A"], device="cpu", dtype=torch.float32, seed=0)
+    other = checkpoint.random_model(CONFIGS["A"], device="cpu", dtype=torch.float32, seed=1)
+    x = tokens(1, 6)
+    model.nested("40x16")
+    model.load_state_dict(other.state_dict(), assign=True)
+    assert torch.equal(model(x, size="40x16"), other(x, size="40x16"))
+    twin = copy.deepcopy(model)
+    full = dict(twin.named_parameters())
+    assert all(p.untyped_storage().data_ptr() == full[name].untyped_storage().data_ptr()
+               for name, p in twin.nested("40x16").named_parameters())
+    with pytest.raises(NanoElasticError, match=r"cannot move or convert model.nested\(size\)"):
+        model.nested("40x16").double()
+    with pytest.raises(NanoElasticError, match="cannot load a state dict into model.nested"):
+        model.nested("40x16").load_state_dict(other.nested("40x16").state_dict())
+    model.bfloat16()  # the full model converts, and its sizes are views of the new tensors
+    assert (model.nested("40x16").lm_head.weight.untyped_storage().data_ptr()
+            == model.lm_head.weight.untyped_storage().data_ptr())
+    assert model(x, size="40x16").isfinite().all()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -560,6 +663,10 @@ def test_bad_input_errors(models, checkpoints, tmp_path):
         (lambda: list(generate(model, [1, 2], 4, switch=Switch("12B", after=1))), "does not fit"),
         (lambda: Switch(None, after=1, mode="swap"), "unknown switch mode"),
         (lambda: Model.from_pretrained(tmp_path / "nowhere"), "checkpoint folder not found"),
+        (lambda: Model.from_pretrained(checkpoints[("A", True)], dtype=torch.float64),
+         "dtype torch.float64: the compute dtype is torch.bfloat16"),
+        (lambda: Model.from_pretrained(checkpoints[("A", True)], dtype="bfloat16"),
+         "dtype 'bfloat16': the compute dtype is torch.bfloat16"),
     ]
     for call, message in cases:
         with pytest.raises(NanoElasticError, match=message):
@@ -736,25 +843,33 @@ def test_python_api_validates_like_the_cli():
     run = lambda **kw: list(ne.generate(model, kw.pop("prompt", prompt), 3, **kw))
     bad = [(dict(temperature=-1), "temperature must be >= 0"),
            (dict(temperature=1, top_p=0), "top_p must be in (0, 1]"),
-           (dict(top_p=2), "top_p must be in (0, 1]"), (dict(top_k=-1), "top_k must be >= 0"),
-           (dict(prefill_chunk=0), "prefill_chunk must be >= 1"),
+           (dict(top_p=2), "top_p must be in (0, 1]"),
+           (dict(top_k=-1), "top_k (0 = no limit) must be an integer >= 0, got -1"),
+           (dict(prefill_chunk=0), "prefill_chunk must be an integer >= 1, got 0"),
            (dict(prompt=torch.zeros(2, 3, dtype=torch.long)), "a [1, T] tensor"),
            (dict(prompt=[]), "empty prompt")]
     for kwargs, message in bad:
         with pytest.raises(ne.NanoElasticError, match=re.escape(message)):
             run(**kwargs)
-    for kwargs, message in [(dict(after=-1), "after must be >= 0"),
-                            (dict(on_token=-2), "on_token must be a token id")]:
+    for kwargs, message in [(dict(after=-1), r"after \(new tokens\) must be an integer >= 1"),
+                            (dict(after=0), r"after \(new tokens\) must be an integer >= 1"),
+                            (dict(after=1.5), r"after \(new tokens\) must be an integer"),
+                            (dict(after="3"), r"after \(new tokens\) must be an integer"),
+                            (dict(on_token=-2, after=0), r"on_token \(a token id\) must be an "
+                                                         r"integer >= 0, got -2"),
+                            (dict(on_token="x"), r"on_token \(a token id\) must be an integer")]:
         with pytest.raises(ne.NanoElasticError, match=message):
             ne.Switch("256x128", **kwargs)
-    for args in [(0, 10), (1, 0)]:
-        with pytest.raises(ne.NanoElasticError,
-                           match="new_cache needs batch_size >= 1 and max_len >= 1"):
+    assert ne.Switch("256x128", on_token=0, after=0).after == 0  # on_token 0 forced at once
+    for args, name in [((0, 10), "batch_size"), ((1, 0), "max_len"), ((1, 8.5), "max_len"),
+                       (("1", 8), "batch_size")]:
+        with pytest.raises(ne.NanoElasticError, match=f"new_cache's {name} must be an integer"):
             model.new_cache(*args)
     with pytest.raises(ne.NanoElasticError, match="need at least one token per row"):
         model(torch.zeros(1, 0, dtype=torch.long))
-    with pytest.raises(ne.NanoElasticError, match="prefill chunk must be >= 1"):
-        ne.prefill(model, torch.tensor([prompt]), model.new_cache(1, 8), chunk=0)
+    for chunk in (0, 1.5):
+        with pytest.raises(ne.NanoElasticError, match="prefill's chunk must be an integer >= 1"):
+            ne.prefill(model, torch.tensor([prompt]), model.new_cache(1, 8), chunk=chunk)
     if not torch.cuda.is_available():
         with pytest.raises(ne.NanoElasticError, match="no CUDA GPU here"):
             checkpoint.random_model(ne.DEMO_CONFIG, device="cuda")
@@ -839,7 +954,7 @@ def test_cli_ctrl_c_exits_130_and_sigterm_143():
 
 def test_generate_refuses_bad_argument_types_and_non_finite_values(models):
     model = models[("A", True)]
-    bad = [(dict(top_k=2.5), "top_k must be an integer"),
+    bad = [(dict(top_k=2.5), r"top_k \(0 = no limit\) must be an integer"),
            (dict(temperature="1"), "temperature must be a finite number"),
            (dict(prompt="abc"), "prompt must be token ids"),
            (dict(prompt=[1.5, 2]), "prompt must be token ids"),
@@ -849,7 +964,7 @@ def test_generate_refuses_bad_argument_types_and_non_finite_values(models):
     for kwargs, message in bad:
         with pytest.raises(NanoElasticError, match=message):
             list(generate(model, kwargs.pop("prompt", [1, 2, 3]), 3, **kwargs))
-    with pytest.raises(NanoElasticError, match="top_k must be an integer"):
+    with pytest.raises(NanoElasticError, match=r"top_k \(0 = no limit\) must be an integer"):
         ne.sample(torch.zeros(8), 1.0, 1.0, 2.5)
 
 
@@ -886,8 +1001,9 @@ def test_decode_step_takes_one_token_per_row(models):
     model = models[("A", True)]
     step = ne.DecodeGraph(model, model.new_cache(1, 16))
     ne.prefill(model, torch.tensor([[1, 2, 3]]), step.cache)
-    for bad in (torch.tensor([[1, 2]]), torch.tensor([1]), [[1]]):
-        with pytest.raises(NanoElasticError, match=r"tokens of shape \[batch, 1\]"):
+    for bad in (torch.tensor([[1, 2]]), torch.tensor([1]), [[1]], torch.tensor([[1.0]])):
+        with pytest.raises(NanoElasticError, match=r"token ids \(int64 or int32\) of shape "
+                                                   r"\[batch, 1\]"):
             step(bad)
     assert step.cache.length == 3
     assert (step(torch.tensor([[4]])).shape == (1, model.config.vocab_size)
