@@ -568,8 +568,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--json", metavar="FILE", help="also write the JSON here")
     add_budget_args(p)
     args = p.parse_args(argv)
+    if args.json and Path(args.json).is_dir():
+        p.error(f"--json {args.json}: is a folder; give a file name")
     if args.json and not os.access(Path(args.json).resolve().parent, os.W_OK):
         p.error(f"--json {args.json}: its folder does not exist or is not writable")
+    if args.batch and min(args.batch) < 1:
+        p.error(f"--batch {' '.join(map(str, args.batch))}: each batch size must be >= 1")
     if args.budget:
         return run_budget(args, argv)
     if not CUDA and not args.small:

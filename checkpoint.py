@@ -46,6 +46,8 @@ REQUIRED_FIELDS = ("vocab_size", "hidden_size", "num_attention_heads", "num_key_
                    "n_routed_experts", "num_experts_per_tok", "moe_intermediate_size",
                    "moe_shared_expert_intermediate_size")
 MAX_CHUNK = 4096  # Mamba-2 checkpoints use 128 or 256
+MAX_INT = 2**31 - 1  # no config.json integer is larger (the real ones are at most 262144)
+MAX_TENSOR = 2**40  # elements; the real model's largest tensor (its experts) has 6.4e8
 CONFIG_FIELDS = {  # config.json field -> (type, smallest value)
     **dict.fromkeys(REQUIRED_FIELDS + ("conv_kernel", "chunk_size", "intermediate_size", "n_group",
                                        "topk_group", "max_position_embeddings"), (int, 1)),
@@ -103,6 +105,9 @@ def check_config_field(name: str, value, kind, low) -> None:
         bound = ">" if kind is float else ">="
         raise NanoElasticError(f"config: {name} = {value!r} is out of range (must be {bound} "
                                f"{low})")
+    if kind in (int, "int or list of int") and any(v > MAX_INT for v in values):
+        raise NanoElasticError(f"config: {name} = {value!r} is out of range (must be at most "
+                               f"{MAX_INT})")
 
 
 def config_fields(d: dict, known: set[str]) -> dict:
@@ -151,6 +156,16 @@ def check_config(c: Config) -> None:
     if c.num_experts_per_tok > c.topk_group * per_group:
         raise NanoElasticError(f"config: num_experts_per_tok ({c.num_experts_per_tok}) > the "
                                f"{c.topk_group * per_group} experts of the topk_group best groups")
+    elements = {"embeddings": c.vocab_size * c.hidden_size, "in_proj": c.in_proj_dim * c.hidden_size,
+                "q_proj": c.num_attention_heads * c.head_dim * c.hidden_size,
+                "experts": c.n_routed_experts * c.moe_intermediate_size * c.hidden_size,
+                "shared expert": c.moe_shared_expert_intermediate_size * c.hidden_size,
+                "dense MLP": c.intermediate_size * c.hidden_size,
+                "conv1d": c.conv_dim * c.conv_kernel}
+    largest = max(elements, key=elements.get)
+    if elements[largest] > MAX_TENSOR:
+        raise NanoElasticError(f"config: its {largest} tensor would have {elements[largest]:.3g} "
+                               f"elements (more than {MAX_TENSOR:.3g}): a broken config")
     if c.chunk_size > MAX_CHUNK:
         raise NanoElasticError(f"config: chunk_size {c.chunk_size} > {MAX_CHUNK} (the scan holds "
                                f"chunk x chunk decays)")
@@ -181,18 +196,23 @@ def config_json(config: Config) -> dict:
             "num_hidden_layers": len(config.layers_block_type), **d}
 
 
-def read_config(path: Path) -> Config:
-    """Config.from_file: config.json read and checked, every field that sets a shape required."""
-    if not path.is_file():
-        raise NanoElasticError(f"missing config: {path}")
+def read_json(path: Path):
+    """The JSON in file `path`; one line if it cannot be read or is not JSON."""
     try:
-        d = json.loads(path.read_bytes().decode())
+        return json.loads(path.read_bytes().decode())
     except OSError as e:
         raise NanoElasticError(f"cannot read {path}: {e.strerror}") from None
     except UnicodeDecodeError:
         raise NanoElasticError(f"{path} is not UTF-8 text") from None
     except json.JSONDecodeError as e:
         raise NanoElasticError(f"{path} is not valid JSON: {e}") from None
+
+
+def read_config(path: Path) -> Config:
+    """Config.from_file: config.json read and checked, every field that sets a shape required."""
+    if not path.is_file():
+        raise NanoElasticError(f"missing config: {path}")
+    d = read_json(path)
     missing = [name for name in REQUIRED_FIELDS if isinstance(d, dict) and d.get(name) is None]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
@@ -470,6 +490,22 @@ def load_model(path: Path, device, dtype: torch.dtype | None, verbose: bool) -> 
     return model
 
 
+def stop_tokens(folder: Path, config: Config) -> tuple[int, ...]:
+    """The ids that end a generation: generation_config.json's eos_token_id (the release's are
+    </s> and <|im_end|>), else config.json's."""
+    file = folder / "generation_config.json"
+    d = read_json(file) if file.is_file() else {}
+    eos = d.get("eos_token_id") if isinstance(d, dict) else None
+    if eos is None:
+        eos = config.eos_token_id
+    check_config_field(f"{file.name}: eos_token_id", eos, "int or list of int", 0)
+    ids = tuple(eos if isinstance(eos, list) else [eos])
+    if not ids or max(ids) >= config.vocab_size:
+        raise NanoElasticError(f"{file}: eos_token_id {list(ids)} is not below vocab_size "
+                               f"{config.vocab_size}")
+    return ids
+
+
 def load_tokenizer(folder: Path):
     """The checkpoint's tokenizer.json (a tokenizers.Tokenizer)."""
     from tokenizers import Tokenizer
@@ -673,19 +709,27 @@ def random_checkpoint_tensors(config: Config, fp8: bool = True, seed: int = 0,
                 yield full, t.to(torch.bfloat16)
 
 
+def dead_run(pid: int) -> bool:
+    """Whether the run of PID (named in its temporary folder's name) is gone, killed (kill -9, a
+    power cut): not this process, and no process PID is alive."""
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, OverflowError):  # alive, another user's; too large for a PID
+        pass
+    return False
+
+
 def remove_dead_runs_folders(path: Path) -> None:
     """The temporary folders beside `path` of runs that were killed (kill -9, a power cut): named
     `.NAME.tmp-PID-*`, removed when no process PID is alive."""
     for tmp in path.parent.glob(f".{glob.escape(path.name)}.tmp-*-*"):
         pid = tmp.name[len(path.name) + 6:].split("-")[0]
-        if not pid.isdigit() or int(pid) == os.getpid():
-            continue
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
+        if pid.isdigit() and dead_run(int(pid)):
             shutil.rmtree(tmp, ignore_errors=True)
-        except PermissionError:  # alive, another user's
-            pass
 
 
 def write_random_checkpoint(path: str | Path, config: Config, fp8: bool = True, shards: int = 2,

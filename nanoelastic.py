@@ -976,10 +976,12 @@ class Switch:
         return token == self.on_token if self.on_token is not None else n >= self.after
 
 
-def check_int(name: str, value, least: int) -> None:
-    """One clear error unless value is an integer (not a bool) >= least."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
-        raise NanoElasticError(f"{name} must be an integer >= {least}, got {value!r}")
+def check_int(name: str, value, least: int, most: int | None = None) -> None:
+    """One clear error unless value is an integer (not a bool) in least..most."""
+    if (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least
+            or (most is not None and value > most)):
+        bound = f">= {least}" if most is None else f"in {least}..{most}"
+        raise NanoElasticError(f"{name} must be an integer {bound}, got {value!r}")
 
 
 def check_sampling(temperature: float, top_p: float, top_k: int) -> None:
@@ -1125,7 +1127,7 @@ def generate(model: Model, prompt: list[int] | Tensor, max_new_tokens: int, *,
         parse_size(s, model.config)  # unknown or too large sizes fail before any work
     generator = None
     if seed is not None:
-        check_int("seed", seed, 0)
+        check_int("seed", seed, 0, 2**63 - 1)
         generator = torch.Generator(model.lm_head.weight.device).manual_seed(seed)
     step = generation_cache(model, prompt, max_new_tokens, cache)
     pick = functools.partial(sample, temperature=temperature, top_p=top_p, top_k=top_k,
@@ -1202,7 +1204,8 @@ def parse_args(argv: list[str] | None):
     ap.add_argument("--switch-to", help="change to this size after --switch-after tokens")
     ap.add_argument("--switch-after", type=int, default=16)
     ap.add_argument("--switch-mode", default="transplant", choices=["transplant", "reprefill"])
-    ap.add_argument("--prompt", default="The three nested models of Nemotron Elastic are")
+    ap.add_argument("--prompt", default="The three nested models of Nemotron Elastic are",
+                    help="with --ckpt (the demo has no tokenizer: its prompt is ids 1..32)")
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--seed", type=int, default=0)
@@ -1213,7 +1216,8 @@ def parse_args(argv: list[str] | None):
 
 
 def load(args):
-    """The model, the prompt's ids and how to show a token: from --ckpt, or the demo's."""
+    """The model, the prompt's ids, the stop ids and how to show a token: from --ckpt, or the
+    demo's."""
     import tempfile
 
     import checkpoint
@@ -1222,25 +1226,30 @@ def load(args):
         tokenizer = checkpoint.load_tokenizer(Path(args.ckpt))
         model = Model.from_pretrained(args.ckpt, device=device)
         prompt = tokenizer.encode(args.prompt, add_special_tokens=False).ids
-        return model, prompt, lambda t: tokenizer.decode([t])
+        stops = checkpoint.stop_tokens(Path(args.ckpt), model.config)
+        return model, prompt, stops, lambda t: tokenizer.decode([t])
     print("demo: random weights, so the tokens are noise; sizes, caches and the switch are real")
     with tempfile.TemporaryDirectory() as tmp:  # the demo's checkpoint, removed on the way out
         path = checkpoint.write_random_checkpoint(Path(tmp) / "random-fp8", DEMO_CONFIG)
         model = Model.from_pretrained(path, device=device, dtype=torch.float32)
-    args.size = args.size or DEMO_SIZES["23B"]
-    args.switch_to = args.switch_to or DEMO_SIZES["30B"]
-    return model, list(range(1, 33)), lambda t: f"[{t}]"
+        stops = checkpoint.stop_tokens(path, model.config)
+
+    def stand_in(size: str | None, default: str) -> str:  # 30B, 23B, 12B: the demo's stand-ins
+        return DEMO_SIZES.get(size.strip().upper(), size) if size else default
+    args.size = stand_in(args.size, DEMO_SIZES["23B"])
+    args.switch_to = stand_in(args.switch_to, DEMO_SIZES["30B"])
+    return model, list(range(1, 33)), stops, lambda t: f"[{t}]"
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    model, prompt, show = load(args)
+    model, prompt, stops, show = load(args)
     switch = None
     if args.switch_to:
         switch = Switch(args.switch_to, after=args.switch_after, mode=args.switch_mode)
     phases, t, ids = {}, time.time(), [None]  # size -> [tokens, seconds]
     for token in generate(model, prompt, args.max_new_tokens, size=args.size, switch=switch,
-                          temperature=args.temperature, seed=args.seed):
+                          stop_tokens=stops, temperature=args.temperature, seed=args.seed):
         now = time.time()
         phase = phases.setdefault(token.size or "full", [0, 0.0])
         phase[0] += 1
@@ -1249,7 +1258,7 @@ def main(argv: list[str] | None = None) -> None:
         ids.append(token.id)
         print(show(token.id), end="", flush=True)
     print()
-    if len(ids) <= args.max_new_tokens and ids[-1] not in STOP_TOKENS:
+    if len(ids) <= args.max_new_tokens and ids[-1] not in stops:
         raise KeyboardInterrupt  # generate() ends a stream early only on Ctrl-C: exit 130
     for i, (size, (n, s)) in enumerate(phases.items()):
         prefill_note = " (includes the prefill)" if i == 0 else ""
@@ -1267,6 +1276,8 @@ def run_cli(prog: str, main, *args) -> None:
         code = main(*args)
     except (NanoElasticError, OSError, SafetensorError) as e:
         sys.exit(f"{prog}: error: {e}")
+    except torch.cuda.OutOfMemoryError as e:  # a model or a cache too large for this GPU
+        sys.exit(f"{prog}: error: {str(e).splitlines()[0]}")
     except (KeyboardInterrupt, Terminated) as e:
         sys.exit(interrupted_exit_code(e))
     if isinstance(code, int):

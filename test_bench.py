@@ -463,6 +463,8 @@ def test_budget_sizes_in_any_case():
 @pytest.mark.parametrize("args, env, message", [
     (["--small", "--json", "no-such-folder/out.json"], {},
      "--json no-such-folder/out.json: its folder"),
+    (["--small", "--json", "."], {}, "--json .: is a folder"),
+    (["--small", "--batch", "1", "0"], {}, "--batch 1 0: each batch size must be >= 1"),
     (["--small"], {"NANOELASTIC_KERNELS": "bogus"}, "NANOELASTIC_KERNELS='bogus'"),
     (["--budget", "problems.jsonl", "--demo", "--out", "file"], {}, "--out file is a file"),
 ])

@@ -597,7 +597,8 @@ def test_generate_checks_its_arguments_when_called(models):
              (dict(stop_tokens=None), "stop_tokens must be token ids, got None"),
              (dict(max_new_tokens=2.5), "max_new_tokens must be an integer >= 0, got 2.5"),
              (dict(max_new_tokens=None), "max_new_tokens must be an integer >= 0, got None"),
-             (dict(seed=1.5), "seed must be an integer >= 0, got 1.5"),
+             (dict(seed=1.5), r"seed must be an integer in 0..9223372036854775807, got 1.5"),
+             (dict(seed=2**63), r"seed must be an integer in 0..9223372036854775807, got 9"),
              (dict(prompt=[1, 2**70]), "token id out of range"),
              (dict(prompt=[1, 97]), r"token id out of range: 1..97 not in 0..96"),
              (dict(switch="40x16"), "switch must be a Switch, got a str"),
@@ -972,6 +973,8 @@ def test_generate_refuses_bad_argument_types_and_non_finite_values(models):
     (NanoElasticError("bad size"), "demo.py: error: bad size"),
     (OSError(28, "No space left on device"), "demo.py: error: [Errno 28] No space left on device"),
     ("safetensors", "demo.py: error: corrupt shard"),
+    (torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.\nMore."),
+     "demo.py: error: CUDA out of memory. Tried to allocate 2.00 GiB."),
     (KeyboardInterrupt(), 130), (ne.Terminated(), 143), (None, 3)])
 def test_run_cli_ends_every_way_with_one_line_or_a_code(monkeypatch, error, code):
     """Every command line ends through run_cli: bad input, an OS error or a shard corrupt beyond its
@@ -995,6 +998,36 @@ def test_no_cuda_error_fits_the_api_and_the_cli():
     with pytest.raises(NanoElasticError) as error:
         checkpoint.resolve_device("cuda")
     assert "--device" not in str(error.value) and "use the cpu device" in str(error.value)
+
+
+def test_cli_stops_at_the_checkpoints_eos_and_takes_the_demos_stand_in_sizes(
+        checkpoints, tmp_path, monkeypatch, capsys):
+    """The stop ids are generation_config.json's eos_token_id, else config.json's (checked); the
+    demo takes 30B / 23B / 12B for its own three sizes."""
+    import shutil
+    folder = shutil.copytree(checkpoints[("A", True)], tmp_path / "ckpt")
+    config = ne.Config.from_file(folder / "config.json")
+    (folder / "generation_config.json").write_text('{"eos_token_id": [5, 7]}')
+    assert checkpoint.stop_tokens(folder, config) == (5, 7)
+    (folder / "generation_config.json").unlink()
+    assert checkpoint.stop_tokens(folder, config) == (config.eos_token_id,)
+    for bad, message in [('{"eos_token_id": [5, 97]}', r"eos_token_id \[5, 97\] is not below"),
+                         ('{"eos_token_id": "2"}', "eos_token_id must be int or list of int")]:
+        (folder / "generation_config.json").write_text(bad)
+        with pytest.raises(NanoElasticError, match=message):
+            checkpoint.stop_tokens(folder, config)
+    seen = {}
+    real = ne.generate
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(ne, "generate", spy)
+    ne.main(["--size", "12b", "--switch-to", " 30B", "--switch-after", "2",
+             "--max-new-tokens", "4"])
+    out = capsys.readouterr().out
+    assert seen["stop_tokens"] == (ne.DEMO_CONFIG.eos_token_id,)
+    assert "128x64: 2 tokens" in out and "256x128: 2 tokens" in out
 
 
 def test_decode_step_takes_one_token_per_row(models):
