@@ -559,15 +559,22 @@ def profile_report(p: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[1],
+    p = ne.ArgumentParser(prog="bench.py", description=__doc__.split("\n")[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", choices=["kernels", "model"], help="run one part")
     p.add_argument("--small", action="store_true", help="small config and shapes (CPU)")
     p.add_argument("--batch", type=int, nargs="+", default=None,
                    help="decode batch sizes (default 1 8 32)")
     p.add_argument("--json", metavar="FILE", help="also write the JSON here")
+    plain = set(vars(p.parse_args([])))
     add_budget_args(p)
     args = p.parse_args(argv)
+    if not args.budget:
+        given = sorted(d for d in set(vars(args)) - plain if getattr(args, d) != p.get_default(d))
+        if given:
+            p.error(f"--{given[0].replace('_', '-')} is an option of --budget PROBLEMS.jsonl")
+    elif args.only or args.small or args.batch or args.json:
+        p.error("--only, --small, --batch and --json are not options of --budget")
     if args.json and Path(args.json).is_dir():
         p.error(f"--json {args.json}: is a folder; give a file name")
     if args.json and not os.access(Path(args.json).resolve().parent, os.W_OK):
@@ -957,7 +964,9 @@ def budget_plan(args: argparse.Namespace) -> tuple[list, list, list, dict, Path 
     the demo's size names, the checkpoint folder or None for the demo). Sets --max-new-tokens."""
     import chat
     configs = parse_configs(args.configs)
-    budgets = parse_budgets(args.think_budgets or (DEMO_THINK if args.demo else BUDGET_THINK))
+    if args.think_budgets is None:
+        args.think_budgets = DEMO_THINK if args.demo else BUDGET_THINK
+    budgets = parse_budgets(args.think_budgets)
     if args.max_new_tokens is None:
         args.max_new_tokens = DEMO_MAX_NEW if args.demo else max(budgets) + ANSWER_ROOM
     if args.max_new_tokens < 1:
@@ -970,6 +979,9 @@ def budget_plan(args: argparse.Namespace) -> tuple[list, list, list, dict, Path 
         fail(f"--max-new-tokens {args.max_new_tokens} leaves no room to answer "
              f"after a budget of {max(budgets)}")
     problems = load_problems(args.budget, args.limit)
+    if not 0 <= args.seed <= 2**63 - len(problems):  # problem i samples with seed + i
+        fail(f"--seed must be in 0..{2**63 - len(problems)} ({len(problems)} problems), got "
+             f"{args.seed}")
     try:
         size_names = chat.DEMO_SIZES if args.demo else {}
         ckpt = None if args.demo else chat.find_checkpoint(args.ckpt)

@@ -156,7 +156,8 @@ def check_config(c: Config) -> None:
     if c.num_experts_per_tok > c.topk_group * per_group:
         raise NanoElasticError(f"config: num_experts_per_tok ({c.num_experts_per_tok}) > the "
                                f"{c.topk_group * per_group} experts of the topk_group best groups")
-    elements = {"embeddings": c.vocab_size * c.hidden_size, "in_proj": c.in_proj_dim * c.hidden_size,
+    elements = {"embeddings": c.vocab_size * c.hidden_size,
+                "in_proj": c.in_proj_dim * c.hidden_size,
                 "q_proj": c.num_attention_heads * c.head_dim * c.hidden_size,
                 "experts": c.n_routed_experts * c.moe_intermediate_size * c.hidden_size,
                 "shared expert": c.moe_shared_expert_intermediate_size * c.hidden_size,

@@ -28,6 +28,7 @@ the model works) gives the equations; tensor names are the HF checkpoint's.
 
 from __future__ import annotations
 
+import argparse
 import copy
 import functools
 import math
@@ -1194,11 +1195,16 @@ def interrupted_exit_code(e: BaseException) -> int:
     return 143 if isinstance(e, Terminated) else 130
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's, but a usage error is one line (exit 1), like every other error here."""
+    def error(self, message):
+        sys.exit(f"{self.prog}: error: {message} (see --help)")
+
+
 def parse_args(argv: list[str] | None):
-    import argparse
-    ap = argparse.ArgumentParser(description="Run Nemotron 3 Nano Elastic. Without --ckpt: a demo "
-                                 "on a small random checkpoint (random weights: the tokens are "
-                                 "noise, the mechanics are real).")
+    ap = ArgumentParser(prog="nanoelastic.py", description="Run Nemotron 3 Nano Elastic. Without "
+                        "--ckpt: a demo on a small random checkpoint (random weights: the tokens "
+                        "are noise, the mechanics are real).")
     ap.add_argument("--ckpt", help="checkpoint folder (HF format, FP8 or BF16)")
     ap.add_argument("--size", help="30B, 23B, 12B or HIDDENxFFN (default: the checkpoint's own)")
     ap.add_argument("--switch-to", help="change to this size after --switch-after tokens")

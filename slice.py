@@ -29,19 +29,21 @@ and the target are checked before anything is written. One run per target (an fl
 unless a target appeared meanwhile (then it is left as it is). --force moves the old target to
 `.NAME.old-PID`, renames the new one in, then removes the old: an interruption puts the old one
 back; a kill leaves it aside, and the next run on that target puts it back (or removes it, if the
-new one was in place) and removes killed runs' temporary folders. A symlinked target is refused up
-front. Streams: every output tensor's shape and dtype are planned from the source headers, so each
-output shard is written header first and then one tensor at a time (read, sliced, appended, freed).
+new one was in place) and removes killed runs' temporary folders: only those names, and only when
+no process PID is alive. A folder that cannot be removed once the new target is in place is left,
+named in one line on stderr, and the slice succeeds. A symlinked target is refused up front.
+Streams: every output tensor's shape and dtype are planned from the source headers, so each output
+shard is written header first and then one tensor at a time (read, sliced, appended, freed).
 Memory holds one tensor, plus the pages of the memory-mapped source shard being read (page cache,
 which the kernel can reclaim): about one shard.
 """
 
-import argparse
 import fcntl
 import glob
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -93,7 +95,8 @@ def human(n: float, unit: str, prefixes=("", "k", "M", "G")) -> str:
 def plan_slice(source: Path, target: Path, size: str, precision: str | None) -> Slice:
     target = Path(os.path.abspath(target))  # "." and "dir/" have a name to put beside
     if not source.is_dir():
-        raise NanoElasticError(f"source checkpoint folder not found: {source}")
+        problem = "is not a folder" if source.exists() else "folder not found"
+        raise NanoElasticError(f"source checkpoint {problem}: {source}")
     config = Config.from_file(source / "config.json")
     d, f = parse_size(size, config)
     with torch.device("meta"):
@@ -113,6 +116,9 @@ def plan_slice(source: Path, target: Path, size: str, precision: str | None) -> 
     if target.is_symlink():
         raise NanoElasticError(f"target {target} is a symbolic link: give the path of the folder "
                                f"itself")
+    parent = next(p for p in target.parents if p.exists())
+    if not parent.is_dir():
+        raise NanoElasticError(f"target {target}: {parent} is not a folder")
     outputs, dropped = plan_outputs(weight_map, d, f, dequantize)
     max_shard_bytes = max(shard.stat().st_size for shard in set(weight_map.values()))
     scales = read_scales(weight_map, outputs) if dequantize else {}
@@ -174,11 +180,10 @@ def sliced_config_json(source: Path, d: int, f: int, weight_map: dict, dequantiz
 # --------------------------------------------------------------------------------------------------
 # 2. Write: the sliced tensors, streamed shard by shard, and the other files, into a folder
 
-def sliced_tensors(job: Slice, counts: dict) -> Iterator[torch.Tensor]:
+def sliced_tensors(job: Slice, counts: dict, progress: Progress) -> Iterator[torch.Tensor]:
     """The output tensors in plan order, read one at a time, each source shard opened once."""
     outputs = [out.name for shard in job.shards for out in shard]
     total = sum(nbytes(out.meta) for shard in job.shards for out in shard)
-    progress = Progress()
     for shard, names in by_shard(outputs, job.weight_map).items():
         with safe_open(shard, "pt") as sf:
             for name in names:
@@ -189,9 +194,10 @@ def sliced_tensors(job: Slice, counts: dict) -> Iterator[torch.Tensor]:
                 t = nested_view(name, t, job.d, job.f)
                 if name in job.scales:
                     t = (t.float() * job.scales[name]).to(torch.bfloat16)
-                yield t
+                # before the yield: the writer takes the last tensor and does not come back
                 counts["written"] += nbytes(t)
                 progress(f"slicing: {human(counts['written'], 'B')} of {human(total, 'B')} written")
+                yield t
 
 
 def write_slice(job: Slice, folder: Path, counts: dict) -> Model:
@@ -203,9 +209,13 @@ def write_slice(job: Slice, folder: Path, counts: dict) -> Model:
     index_path = job.source / "model.safetensors.index.json"
     metadata = json.loads(index_path.read_text()).get("metadata",
                                                       {}) if index_path.is_file() else {}
-    checkpoint.write_shards(folder, job.shards, sliced_tensors(job, counts), metadata, on_shard)
-    if sys.stderr.isatty():
-        print(file=sys.stderr)
+    progress = Progress()
+    try:
+        checkpoint.write_shards(folder, job.shards, sliced_tensors(job, counts, progress), metadata,
+                                on_shard)
+    finally:
+        if progress.last:  # a progress line is open: end it, before an error message too
+            print(file=sys.stderr)
     checkpoint.write_json(folder / "config.json", job.config_json)
     for item in sorted(job.source.iterdir()):
         if item.name.startswith(".") or item.name in REWRITTEN or item.suffix == ".safetensors":
@@ -242,32 +252,50 @@ def lock_target(target: Path) -> int:
 
 
 def unlock_target(target: Path, fd: int) -> None:
-    target.with_name(f".{target.name}.slice-lock").unlink(missing_ok=True)
-    os.close(fd)
+    try:
+        target.with_name(f".{target.name}.slice-lock").unlink(missing_ok=True)
+    finally:
+        os.close(fd)
 
 
-def remove(path: Path) -> None:
-    """A folder or a file, if there."""
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    elif os.path.lexists(path):
-        path.unlink()
+def dead_runs_folders(target: Path, kind: str) -> list[Path]:
+    """`.NAME.KIND-PID` beside the target (tmp: a run's output, old: the target it replaced) of runs
+    that are gone (no process PID alive): exactly those names, not a user's `.NAME.old-keep`."""
+    prefix, folders = f".{target.name}.{kind}-", []
+    for path in sorted(target.parent.glob(f"{glob.escape(prefix)}*")):
+        pid = path.name[len(prefix):]
+        if re.fullmatch("[0-9]+", pid) and checkpoint.dead_run(int(pid)):
+            folders.append(path)
+    return folders
+
+
+def remove(path: Path) -> bool:
+    """A folder or a file, if there; if it cannot be removed, one line on stderr and False."""
+    try:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif os.path.lexists(path):
+            path.unlink()
+    except OSError as e:
+        print(f"slice.py: warning: could not remove {path} ({e.strerror or e}): remove it by hand",
+              file=sys.stderr)
+        return False
+    return True
 
 
 def clean_leftovers(target: Path, log) -> None:
     """What killed runs left beside the target (under the lock, no live run owns any of it): a
     backup of an interrupted --force swap goes back in place if the target is missing, else is
     removed; temporary folders are removed."""
-    for old in sorted(target.parent.glob(f".{glob.escape(target.name)}.old-*")):
-        if os.path.lexists(target):
-            remove(old)  # the swap had finished: the new target is in place
-            log(f"removed {old}, the old target that an interrupted slice.py --force had replaced")
-        else:
+    for old in dead_runs_folders(target, "old"):
+        if not os.path.lexists(target):
             checkpoint.rename_no_replace(old, target)
             log(f"restored {target}, which an interrupted slice.py --force had moved to {old.name}")
-    for tmp in sorted(target.parent.glob(f".{glob.escape(target.name)}.tmp-*")):
-        remove(tmp)
-        log(f"removed {tmp}, the unfinished output of an interrupted slice.py")
+        elif remove(old):  # the swap had finished: the new target is in place
+            log(f"removed {old}, the old target that an interrupted slice.py --force had replaced")
+    for tmp in dead_runs_folders(target, "tmp"):
+        if remove(tmp):
+            log(f"removed {tmp}, the unfinished output of an interrupted slice.py")
 
 
 def swap_into_place(target: Path, force: bool, log, write):
@@ -294,11 +322,13 @@ def swap_into_place(target: Path, force: bool, log, write):
         if not checkpoint.move_into_place(tmp, target):
             raise NanoElasticError(f"target {target} appeared while slicing: left as it is")
     finally:
-        if old.exists() and not os.path.lexists(target):
-            checkpoint.move_into_place(old, target)  # interrupted inside the swap: the old one back
-        remove(old)
-        remove(tmp)
-        unlock_target(target, lock)
+        try:
+            if old.exists() and not os.path.lexists(target):
+                checkpoint.move_into_place(old, target)  # interrupted in the swap: the old one back
+            remove(old)  # the new target is in place: a failure here is a warning, not the slice's
+            remove(tmp)
+        finally:
+            unlock_target(target, lock)
     return written
 
 
@@ -307,6 +337,9 @@ def slice_checkpoint(source: str | Path, target: str | Path, size: str,
                      force: bool = False, log=print) -> dict:
     """Write the nested model `size` of checkpoint `source` to folder `target`; the summary."""
     t0 = time.time()
+    for what, path in (("source", source), ("target", target)):
+        if str(path) == "":  # Path("") is the current folder
+            raise NanoElasticError(f"the {what} checkpoint path is empty: give a folder")
     job = plan_slice(Path(source), Path(target), size, precision)
     counts = {"read": 0, "written": 0}
     sliced_model = swap_into_place(job.target, force, log,
@@ -330,9 +363,9 @@ def slice_checkpoint(source: str | Path, target: str | Path, size: str,
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="slice.py", description="Write one nested model (23B, 12B or "
-                                 "HIDDENxFFN) of a Nemotron Elastic checkpoint as a standalone "
-                                 "HF-format checkpoint.")
+    ap = ne.ArgumentParser(prog="slice.py", description="Write one nested model (23B, 12B or "
+                           "HIDDENxFFN) of a Nemotron Elastic checkpoint as a standalone "
+                           "HF-format checkpoint.")
     ap.add_argument("--source-checkpoint", required=True, help="the Elastic checkpoint folder (FP8 "
                     "or BF16)")
     ap.add_argument("--target-checkpoint", required=True, help="the folder to write (must not "

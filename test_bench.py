@@ -465,6 +465,13 @@ def test_budget_sizes_in_any_case():
      "--json no-such-folder/out.json: its folder"),
     (["--small", "--json", "."], {}, "--json .: is a folder"),
     (["--small", "--batch", "1", "0"], {}, "--batch 1 0: each batch size must be >= 1"),
+    (["--small", "--configs", "12B:12B"], {}, "--configs is an option of --budget"),
+    (["--budget", "problems.jsonl", "--demo", "--small"], {},
+     "--only, --small, --batch and --json are not options of --budget"),
+    (["--budget", "problems.jsonl", "--demo", "--think-budgets", ""], {},
+     "--think-budgets '': expected token counts"),
+    (["--budget", "problems.jsonl", "--demo", "--seed", str(2**63)], {},
+     "--seed must be in 0..9223372036854775807 (1 problems)"),
     (["--small"], {"NANOELASTIC_KERNELS": "bogus"}, "NANOELASTIC_KERNELS='bogus'"),
     (["--budget", "problems.jsonl", "--demo", "--out", "file"], {}, "--out file is a file"),
 ])

@@ -897,14 +897,15 @@ def test_docstrings_and_nested_repr():
 # --------------------------------------------------------------------------------------------------
 # audit fixes: each a test that failed before
 
-def test_cli_bad_device_is_one_line():
-    for device, message in [("foo", "unknown device 'foo'"),
-                            ("meta", "cannot run on the meta device")]:
-        run = subprocess.run([sys.executable, str(ROOT / "nanoelastic.py"), "--device", device],
+def test_cli_bad_device_or_usage_is_one_line():
+    for args, message in [(["--device", "foo"], "unknown device 'foo': use cpu or cuda"),
+                          (["--device", "meta"], "cannot run on the meta device: use cpu or cuda"),
+                          (["--max-new-tokens", "abc"], "argument --max-new-tokens: invalid int "
+                                                        "value: 'abc' (see --help)")]:
+        run = subprocess.run([sys.executable, str(ROOT / "nanoelastic.py"), *args],
                              capture_output=True, text=True, timeout=300)
         assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr
-        assert run.stderr.strip().splitlines() == [
-            f"nanoelastic.py: error: {message}: use cpu or cuda"]
+        assert run.stderr.strip().splitlines() == [f"nanoelastic.py: error: {message}"]
         assert "demo:" not in run.stdout  # refused before the demo writes its checkpoint
 
 

@@ -4,8 +4,11 @@ The reference for every sliced checkpoint is the source checkpoint run at the sa
 nanoelastic's views; transformers' NemotronHForCausalLM loads the BF16 outputs from disk.
 """
 
+import errno
 import json
+import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -85,6 +88,35 @@ def leftovers(folder: Path) -> list[str]:
     return [p.name for p in folder.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
 
 
+def dead_pid() -> int:
+    """The PID of a process that has exited: what a killed run's leftover folders are named by."""
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+def cannot_remove(monkeypatch, *parts: str) -> None:
+    """shutil.rmtree fails, as on a read-only folder, on every folder with one of parts in its
+    name."""
+    rmtree = shutil.rmtree
+
+    def rmtree_or_fail(path, *args, **kwargs):
+        if any(part in Path(path).name for part in parts):
+            raise PermissionError(errno.EACCES, "Permission denied", "tokenizer.json")
+        rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", rmtree_or_fail)
+
+
+def warning(path: Path) -> str:
+    return f"slice.py: warning: could not remove {path} (Permission denied): remove it by hand"
+
+
+def messages(err: str) -> list[str]:
+    """stderr's lines but the progress ones."""
+    return [line for line in err.splitlines() if not line.startswith("slicing: ")]
+
+
 # --------------------------------------------------------------------------------------------------
 # same precision: tensors, config, index, files, and logits equal to the source's views
 
@@ -125,6 +157,7 @@ def test_slice_equals_views(sources, models, tmp_path, key, size):
     assert after.keys() == before.keys()
     assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size()
                                                   for t in after.values())
+    assert summary["bytes_written"] == index["metadata"]["total_size"]  # the last tensor too
 
     # Each tensor is the prefix of the table (shape and values), in its own dtype; scales unchanged.
     for name, t in after.items():
@@ -298,6 +331,95 @@ def test_interrupted_run_leaves_nothing(sources, tmp_path, monkeypatch, capsys):
             and (dst / "old.txt").read_text() == "old")
 
 
+def test_interrupted_on_a_terminal(sources, tmp_path, monkeypatch, capsys):
+    """The error starts a line of its own, not glued to the progress line it interrupts."""
+    write = checkpoint.write_safetensors
+
+    def interrupted(path, outputs, tensors):
+        write(path, outputs, tensors)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint, "write_safetensors", interrupted)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    dst = tmp_path / "out"
+    with pytest.raises(SystemExit):
+        slicer.cli(list(map(str, ["--source-checkpoint", sources[("A", True)],
+                                   "--target-checkpoint", dst, "--size", "32x8"])))
+    err = capsys.readouterr().err
+    assert err.startswith("\rslicing: ") and err.endswith(
+        f" written\nslice.py: error: interrupted; nothing half-written is left at {dst}\n")
+
+
+def test_leftovers_not_its_own_are_kept(sources, tmp_path, capsys):
+    """Beside the target, slice.py cleans only what it writes, `.NAME.tmp-PID` and `.NAME.old-PID`,
+    and only of runs that are gone: a user's `.out.old-keep` or a live process's folders stay, even
+    with the target missing, and a lock file a killed run left does not block."""
+    src, dst, dead = sources[("A", True)], tmp_path / "out", dead_pid()
+    others = [".out.old-keep", ".out.tmp-notes", f".out.old-{dead}-keep",
+              f".out.old-{os.getppid()}", f".out.tmp-{os.getppid()}"]
+    for name in others:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "w.bin").write_text(name)
+    (tmp_path / ".out.slice-lock").write_text("")  # a killed run's: the kernel dropped its flock
+    args = list(map(str, ["--source-checkpoint", src, "--target-checkpoint", dst,
+                          "--size", "32x8"]))
+    slicer.cli(args)
+    assert (dst / "config.json").is_file() and not (dst / "w.bin").exists()
+    assert error_of(args) == f"slice.py: error: target exists: {dst} (use --force to replace it)"
+    assert all((tmp_path / name / "w.bin").read_text() == name for name in others)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(others + ["out"])
+    # A killed run's: its backup goes back in place if the target is missing, its output goes.
+    dst.rename(tmp_path / f".out.old-{dead}")
+    (tmp_path / f".out.tmp-{dead}").mkdir()
+    capsys.readouterr()
+    assert error_of(args).startswith("slice.py: error: target exists")
+    tmp = tmp_path / f".out.tmp-{dead}"
+    assert capsys.readouterr().out.splitlines() == [
+        f"restored {dst}, which an interrupted slice.py --force had moved to .out.old-{dead}",
+        f"removed {tmp}, the unfinished output of an interrupted slice.py"]
+    # ... and is removed if the new target is in place.
+    shutil.copytree(dst, tmp_path / f".out.old-{dead}")
+    assert error_of(args).startswith("slice.py: error: target exists")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(others + ["out"])
+    assert all((tmp_path / name / "w.bin").read_text() == name for name in others)
+
+
+def test_force_over_a_target_it_cannot_remove(sources, tmp_path, monkeypatch, capsys):
+    """Once the new target is in place, an old one that cannot be removed (read-only) is left and
+    named in one line on stderr: the slice succeeds, the lock goes, later runs are not blocked."""
+    src, dst = sources[("A", True)], tmp_path / "out"
+    args = list(map(str, ["--source-checkpoint", src, "--target-checkpoint", dst, "--force"]))
+    slicer.cli(args + ["--size", "32x8"])
+    cannot_remove(monkeypatch, ".old-")
+    capsys.readouterr()
+    slicer.cli(args + ["--size", "40x16"])  # no SystemExit: exit status 0
+    old = tmp_path / f".out.old-{os.getpid()}"
+    out = capsys.readouterr()
+    assert messages(out.err) == [warning(old)] and out.out.startswith(f"wrote {dst}: 40x16")
+    assert json.loads((dst / "config.json").read_text())["hidden_size"] == 40
+    assert sorted(p.name for p in tmp_path.iterdir()) == [old.name, "out"]  # no lock file
+    # Its run gone, the next run tries again, says so, and slices.
+    dead = old.rename(tmp_path / f".out.old-{dead_pid()}")
+    slicer.cli(args + ["--size", "32x8"])
+    assert messages(capsys.readouterr().err) == [warning(dead), warning(old)]
+    assert json.loads((dst / "config.json").read_text())["hidden_size"] == 32
+    # An error with a folder it cannot remove: that error is the one reported; the lock still goes.
+    monkeypatch.undo()
+    for folder in dead, old:
+        shutil.rmtree(folder)  # by hand, as the warnings say
+    cannot_remove(monkeypatch, ".tmp-")
+
+    def disk_full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "write_safetensors", disk_full)
+    assert (error_of(args + ["--size", "40x16"])
+            == "slice.py: error: [Errno 28] No space left on device")
+    assert messages(capsys.readouterr().err) == [warning(tmp_path / f".out.tmp-{os.getpid()}")]
+    assert not (tmp_path / ".out.slice-lock").exists()
+    assert json.loads((dst / "config.json").read_text())["hidden_size"] == 32
+
+
 def test_bad_input_errors(sources, tmp_path):
     src = sources[("A", True)]
     expert = "backbone.layers.1.mixer.experts.3.up_proj.weight"
@@ -325,6 +447,8 @@ def test_bad_input_errors(sources, tmp_path):
         (src, "XL", "unknown size 'XL'"),
         (src, "23B", "does not fit"),
         (src, "49x8", "does not fit"),
+        (src / "config.json", "40x16", "source checkpoint is not a folder"),
+        ("", "40x16", "the source checkpoint path is empty"),
     ]
     out = tmp_path / "out"
     for source, size, message in cases:
@@ -333,9 +457,18 @@ def test_bad_input_errors(sources, tmp_path):
         assert error.startswith("slice.py: error: ")
         assert re.search(message, error), (error, message)
         assert not out.exists() and leftovers(tmp_path) == []
+    file = tmp_path / "file"
+    file.write_text("")
+    for target, message in [(file / "out", f"target {file / 'out'}: {file} is not a folder"),
+                            ("", "the target checkpoint path is empty: give a folder")]:
+        assert error_of(["--source-checkpoint", src, "--target-checkpoint", target,
+                         "--size", "40x16"]) == f"slice.py: error: {message}"
     # As a user sees it: one line on stderr, exit status 1, no traceback.
     proc = run("--source-checkpoint", src, "--target-checkpoint", out, "--size", "99B")
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 1 and len(lines) == 1 and re.fullmatch(
         r"slice\.py: error: unknown size '99B': use HIDDENxFFN up to \d+x\d+ "
         r"\(this checkpoint's widths\)", lines[0])
+    usage = run("--source-checkpoint", src, "--size")  # argparse's usage errors: one line too
+    assert usage.returncode == 1 and usage.stderr.strip().splitlines() == [
+        "slice.py: error: argument --size: expected one argument (see --help)"]
