@@ -36,6 +36,7 @@ HF_REPOS = ("nvidia/NVIDIA-Nemotron-Labs-3-Elastic-30B-A3B-FP8",
 # tokens the chat's one cache holds (KV is about 6 KB a token on the real model)
 MAX_CONTEXT = 65536
 PREFILL_CHUNK = 8192
+SEEDS = 2**63  # a seed is in [0, SEEDS), as ne.generate() takes it
 
 HELP = """commands:
   /think SIZE     think with SIZE (30B, 23B, 12B or HIDDENxFFN)
@@ -47,6 +48,7 @@ HELP = """commands:
   /help           this list
   /exit           leave (or Ctrl-D); Ctrl-C stops a reply and keeps the conversation, and at the
                   prompt clears the line
+commands in any case; a prompt that starts with / is sent by typing // instead (one / is dropped).
 a prompt of several lines: end a line with \\ to go on on the next one, or put the lines between two
 lines of \"\"\"; a paste of several lines is one prompt."""
 
@@ -269,6 +271,7 @@ class Turn:  # one reply as it streams
     first_token: float | None = None  # seconds to the first token
     stopped: bool = False  # the model wrote a stop token
     interrupted: bool = False  # Ctrl-C (set at the end)
+    switched: str | None = None  # the switch's mode, once a token came from the answer size
 
 
 @dataclass
@@ -310,14 +313,17 @@ def model_size(size: str, config: ne.Config, size_names: dict[str, str]) -> str:
 
 class Chat:
     """One conversation on one model and cache: each reply thinks at settings.think and answers
-    at settings.answer, streamed to `out`; the cache is kept per turn and reused when the history
-    allows."""
+    at settings.answer, the answer's text streamed to `out` and the rest (the labels, the thinking,
+    the status line) to `log` (default: `out`); the cache is kept per turn and reused when the
+    history allows."""
     def __init__(self, model: ne.Model, tokenizer: ChatTokenizer, settings: Settings,
-                 size_names: dict[str, str] | None = None, color: bool = False, out=sys.stdout):
+                 size_names: dict[str, str] | None = None, color: bool = False, out=sys.stdout,
+                 log=None):
         self.model, self.tokenizer, self.settings, self.out = model, tokenizer, settings, out
+        self.log = out if log is None else log
         # what the user calls a size -> what the model calls it (the demo)
         self.size_names = size_names or {}
-        self.color = color  # dim the thinking (a terminal)
+        self.color = color  # dim the thinking (`log` is a terminal)
         self.at_line_start = True
         self.messages: list[dict] = []
         self.cache = model.new_cache(1, min(model.config.max_position_embeddings, MAX_CONTEXT))
@@ -328,10 +334,12 @@ class Chat:
     def model_size(self, size: str) -> str:
         return model_size(size, self.model.config, self.size_names)
 
-    def write(self, text: str, dim: bool = False) -> None:
+    def write(self, text: str, dim: bool = False, answer: bool = False) -> None:
+        """Write to `log`, or the answer's text to `out`."""
         if text:
-            self.out.write(f"\x1b[2m{text}\x1b[0m" if dim and self.color else text)
-            self.out.flush()
+            out = self.out if answer else self.log
+            out.write(f"\x1b[2m{text}\x1b[0m" if dim and self.color else text)
+            out.flush()
 
     # -- multi-turn cache reuse -------------------------------------------------------------------
     # The template cuts earlier turns' thinking out of the history, so the next prompt is NOT the
@@ -364,7 +372,7 @@ class Chat:
     def reply(self, text: str) -> bool:
         """Stream the reply to `text`, then its status line; False when Ctrl-C stopped it. A stopped
         reply stays in the conversation as far as it got (the next turn can say "go on"; /clear
-        forgets it)."""
+        forgets it); one that fails (an error, raised) leaves the conversation as it was."""
         st, tok = self.settings, self.tokenizer
         start_size = self.model_size(st.think if st.thinking else st.answer)
         end_size = self.model_size(st.answer)
@@ -378,10 +386,14 @@ class Chat:
         history = tok.encode(render_chat(system + messages))
         prompt = tok.encode(render_chat(system + messages, add_generation_prompt=True,
                                         enable_thinking=st.thinking))
-        max_new = min(st.max_new_tokens, self.cache.max_len - len(prompt))
+        context = self.cache.max_len
+        max_new = min(st.max_new_tokens, context - len(prompt))
+        if max_new <= 0 and self.messages:
+            raise NanoElasticError(f"the conversation fills the context ({tokens(context)}): "
+                                   f"/clear starts a new one")
         if max_new <= 0:
-            raise NanoElasticError(f"the conversation fills the context ({self.cache.max_len} "
-                                   f"tokens): /clear starts a new one")
+            raise NanoElasticError(f"the prompt ({tokens(len(prompt))}) leaves no room for a reply "
+                                   f"in the context ({tokens(context)}): shorten it")
         turn = Turn(Phase("think", st.think, TextStream(tok)),
                     Phase("answer", st.answer, TextStream(tok)))
         turn.phase = turn.think if st.thinking else turn.answer
@@ -389,21 +401,29 @@ class Chat:
             # (history is a prefix of prompt: the generation prompt starts with a special token)
             self.prefill_history(history if prompt[:len(history)] == history else [], start_size)
             self.stream(turn, prompt, max_new, start_size, switch)
-        finally:  # Ctrl-C inside generate() ends its stream; one outside it goes on up, after this
-            switched = switch.mode if switch is not None and start_size != end_size else None
-            self.finish(turn, messages, max_new, switched)
+        except KeyboardInterrupt:  # outside generate() (which ends its stream on one): stopped too
+            self.finish(turn, messages, max_new)
+            raise
+        except BaseException:  # an error: no status line, and the turn is not kept
+            self.end_line(turn)
+            raise
+        self.finish(turn, messages, max_new)
         return not turn.interrupted
 
     def stream(self, turn: Turn, prompt: list[int], max_new: int, size: str, switch) -> None:
         st, tok = self.settings, self.tokenizer
+        seed = None if st.seed is None else (st.seed + self.turn) % SEEDS
+        # generate() checks its arguments when called: a bad one fails here, before any output
+        reply = ne.generate(self.model, prompt, max_new, size=size, switch=switch,
+                            stop_tokens=tok.stop, temperature=st.temperature, top_p=st.top_p,
+                            seed=seed, cache=self.decoder, prefill_chunk=PREFILL_CHUNK)
         self.start_phase(turn.phase)
-        seed = None if st.seed is None else st.seed + self.turn
         t0 = last = time.perf_counter()
-        for token in ne.generate(self.model, prompt, max_new, size=size, switch=switch,
-                                 stop_tokens=tok.stop, temperature=st.temperature, top_p=st.top_p,
-                                 seed=seed, cache=self.decoder, prefill_chunk=PREFILL_CHUNK):
+        for token in reply:
             now, phase = time.perf_counter(), turn.phase
             turn.count += 1
+            if token.size != size:  # the answer size wrote it: the switch happened
+                turn.switched = switch.mode
             if turn.first_token is None:
                 turn.first_token = now - t0
             else:
@@ -421,28 +441,37 @@ class Chat:
             phase.tokens += 1
             self.show(phase, phase.stream.push(token.id))
 
-    def finish(self, turn: Turn, messages: list[dict], max_new: int, switched: str | None) -> None:
-        """The end of a reply, however it ended: the rest of its text, why it ended, its status."""
+    def finish(self, turn: Turn, messages: list[dict], max_new: int) -> None:
+        """The end of a reply, stopped or not: the rest of its text, why it ended, its status."""
         turn.interrupted = not turn.stopped and turn.count < max_new
         self.show(turn.phase, turn.phase.stream.flush())
-        self.write("" if self.at_line_start else "\n")
+        self.end_line(turn)
         if turn.interrupted:
             self.write("[stopped]\n")
         elif not turn.stopped:
-            self.write(f"[cut at {tokens(max_new)}: --max-new-tokens]\n")
+            limit = ("--max-new-tokens" if max_new == self.settings.max_new_tokens
+                     else f"the context ({tokens(self.cache.max_len)}) is full")
+            self.write(f"[cut at {tokens(max_new)}: {limit}]\n")
         think = turn.think if self.settings.thinking else None
-        self.write(self.status(think, turn.answer, turn.first_token, switched) + "\n")
-        self.at_line_start = True
+        self.write(self.status(think, turn.answer, turn.first_token, turn.switched) + "\n")
         thought = self.tokenizer.decode(turn.think.stream.ids)
         said = self.tokenizer.decode(turn.answer.stream.ids)
         answer = {"role": "assistant", "content": said, "reasoning_content": thought}
         self.messages = messages + [answer]
         self.turn += 1
 
+    def end_line(self, turn: Turn) -> None:
+        """End the line the reply's text left open (the answer's on `out`)."""
+        self.write("" if self.at_line_start else "\n", answer=turn.answer.started)
+        self.at_line_start = True
+
     def start_phase(self, phase: Phase) -> None:
-        self.write(("" if self.at_line_start else "\n") + f"[{phase.label} {phase.size}] ",
-                   dim=phase.label == "think")
-        self.at_line_start = False
+        # an answer written to another stream than its label starts on a line of its own there, so
+        # that each stream's lines are whole (and the two together, on one terminal, read right)
+        own_line = phase.label == "answer" and self.out is not self.log
+        self.write(("" if self.at_line_start else "\n") + f"[{phase.label} {phase.size}]"
+                   + ("\n" if own_line else " "), dim=phase.label == "think")
+        self.at_line_start = own_line
 
     def show(self, phase: Phase, text: str) -> None:
         text = printable(text)
@@ -450,7 +479,7 @@ class Chat:
             text = text.lstrip()
             phase.started = bool(text)
         if text:
-            self.write(text, dim=phase.label == "think")
+            self.write(text, dim=phase.label == "think", answer=phase.label == "answer")
             self.at_line_start = text.endswith("\n")
 
     def status(self, think: Phase | None, answer: Phase, first_token: float | None,
@@ -481,14 +510,16 @@ USAGE = {"/think": "/think SIZE   (30B, 23B, 12B or HIDDENxFFN)",
 
 
 def command(chat: Chat, line: str) -> bool:
-    """Run one /command; False means leave. A misused command gets its usage line."""
-    name, _, arg = line.partition(" ")
-    arg, st = arg.strip(), chat.settings
+    """Run one /command (in any case); False means leave. A misused command gets its usage
+    line."""
+    typed, arg = (line.split(maxsplit=1) + [""])[:2]
+    name, arg, st = typed.lower(), arg.strip(), chat.settings
     if name not in USAGE:
-        raise NanoElasticError(f"unknown command {name}: /help lists them")
+        raise NanoElasticError(f"unknown command {typed}: /help lists them (// sends a prompt "
+                               f"that starts with /)")
     takes_arg = name in ("/think", "/answer", "/switch")
     if bool(arg) != takes_arg or len(arg.split()) > 1 or (
-            name == "/switch" and arg not in ("transplant", "reprefill")):
+            name == "/switch" and arg.lower() not in ("transplant", "reprefill")):
         raise NanoElasticError(f"usage: {USAGE[name]}")
     if name in ("/exit", "/quit"):
         return False
@@ -499,8 +530,8 @@ def command(chat: Chat, line: str) -> bool:
         setattr(st, name[1:], size_name(arg))
         print(f"think {st.think}, answer {st.answer}")
     elif name == "/switch":
-        st.switch = arg
-        print(f"switch {arg}")
+        st.switch = arg.lower()
+        print(f"switch {st.switch}")
     elif name == "/nothink":
         st.thinking = not st.thinking
         print("thinking " + ("on" if st.thinking else "off"))
@@ -524,10 +555,16 @@ def pending_input(seconds: float = 0.03) -> bool:
 def read_prompt(echo: bool) -> str:
     """One prompt: a line; lines ending in \\ go on; lines between two \"\"\" lines are one prompt;
     on a terminal, lines that arrive together (a paste) are one prompt. EOFError at the end of
-    input."""
+    input (a prompt that the end cuts short is returned first)."""
     lines, block = [], False
     while True:
-        line = input("> " if not lines else ". ")
+        try:
+            line = input("> " if not lines else ". ")
+        except EOFError:  # the input ends inside a prompt (after a \ or in a """ block): send it
+            if not lines:
+                raise
+            print()
+            return "\n".join(lines)
         if echo:  # input from a pipe: show it, so the transcript reads like a conversation
             print(line)
         if line.strip() == '"""':
@@ -554,10 +591,11 @@ def repl(chat: Chat, echo: bool) -> None:
     while True:
         try:
             line = read_prompt(echo).strip()
-            if line.startswith("/") and not command(chat, line):
-                return
-            if line and not line.startswith("/"):
-                chat.reply(line)
+            if line.startswith("/") and not line.startswith("//"):
+                if not command(chat, line):
+                    return
+            elif line:
+                chat.reply(line[1:] if line.startswith("//") else line)
         except EOFError:
             print()
             return
@@ -569,16 +607,11 @@ def repl(chat: Chat, echo: bool) -> None:
             print(f"error: {e}")
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, like every other error here
-        sys.exit(f"{self.prog}: error: {message} (see --help)")
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = Parser(prog="chat.py", description="Chat with Nemotron 3 Nano Elastic: think with one "
-                "nested size, answer with another, switching when the model writes </think>.",
-                epilog=HELP,
-                formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ne.ArgumentParser(prog="chat.py", description="Chat with Nemotron 3 Nano Elastic: think "
+                           "with one nested size, answer with another, switching when the model "
+                           "writes </think>.", epilog=HELP,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ckpt", metavar="DIR", help="checkpoint folder (default: $NANOELASTIC_CKPT, "
                     "else the Hugging Face cache of "
                     "nvidia/NVIDIA-Nemotron-Labs-3-Elastic-30B-A3B-FP8 or -BF16)")
@@ -607,9 +640,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--interactive", action="store_true", help="chat line by line even when stdin "
                     "is not a terminal")
     args = ap.parse_args(argv)
-    for name, low in (("max_think", 0), ("max_new_tokens", 1)):
-        if getattr(args, name) is not None and getattr(args, name) < low:
-            ap.error(f"--{name.replace('_', '-')} must be >= {low}")
+    for name, low, high in (("max_think", 0, math.inf), ("max_new_tokens", 1, math.inf),
+                            ("seed", 0, SEEDS - 1)):
+        value = getattr(args, name)
+        if value is not None and not low <= value <= high:
+            bounds = f">= {low}" if high == math.inf else f"in [{low}, {high}]"
+            ap.error(f"--{name.replace('_', '-')} must be {bounds}")
     bad_top_p = args.top_p is not None and not 0 < args.top_p <= 1
     bad_temperature = (args.temperature is not None
                        and not 0 <= args.temperature < math.inf)  # NaN too
@@ -691,17 +727,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.demo and args.ckpt and os.path.isfile(args.ckpt):
         raise NanoElasticError(f"{args.ckpt} is a file: --demo --ckpt takes a folder (written if "
                                f"missing)")
-    # on stderr when the output is an answer (one-shot, piped), so stdout is only the reply
+    # one-shot (--prompt, piped): stdout is only the answer; the rest goes to stderr
+    log = sys.stderr if prompt is not None else sys.stdout
     if args.demo:
         print(f"DEMO: random weights, so the text is noise; the sizes, caches and switch are "
               f"real.\n30B/23B/12B stand for the nested sizes {'/'.join(DEMO_SIZES.values())} of a "
               f"small random checkpoint.\nRandom weights rarely write </think>: thinking stops "
               f"after {tokens(settings.max_think)} (--max-think).",
-              file=sys.stderr if prompt is not None else sys.stdout, flush=True)
+              file=log, flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         model, tokenizer = load(args, tmp)
-        color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
-        chat = Chat(model, tokenizer, settings, size_names, color)
+        color = log.isatty() and not os.environ.get("NO_COLOR")
+        chat = Chat(model, tokenizer, settings, size_names, color, log=log)
         if prompt is not None:
             return 0 if chat.reply(prompt.strip()) else 130
         sizes = f"think {settings.think}, answer {settings.answer}, switch {settings.switch}"

@@ -214,14 +214,16 @@ def test_checkpoint_from_flag_then_environment_then_hf_cache(monkeypatch, tmp_pa
 # --------------------------------------------------------------------------------------------------
 # chat.py as a user runs it
 
-def run(*args, input="", env=None, timeout=120):
-    """python chat.py ARGS with stdin from a pipe; no real checkpoint can be found by accident."""
+def run(*args, input="", env=None, timeout=120, merge=False):
+    """python chat.py ARGS with stdin from a pipe; no real checkpoint can be found by accident.
+    merge: stderr into stdout, as a terminal shows the two."""
     environ = {k: v for k, v in os.environ.items() if k != "NANOELASTIC_CKPT"}
     environ.update(PYTHONUNBUFFERED="1", HF_HOME=str(ROOT / ".no-hf-home"),
                    HF_HUB_CACHE=str(ROOT / ".no-hf-home"))
     return subprocess.run([sys.executable, str(ROOT / "chat.py"), *args], input=input,
-                          capture_output=True, text=True, env={**environ, **(env or {})},
-                          timeout=timeout, cwd=ROOT)
+                          stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT if merge else subprocess.PIPE, text=True,
+                          env={**environ, **(env or {})}, timeout=timeout, cwd=ROOT)
 
 
 def quiet_seed(model, tok, text, size, n, system=None):
@@ -240,18 +242,25 @@ def quiet_seed(model, tok, text, size, n, system=None):
 
 def test_one_shot_thinks_small_then_answers_large_after_the_budget(demo_ckpt, demo_model):
     seed = quiet_seed(demo_model, chat.ChatTokenizer.load(demo_ckpt), "What is 17 * 23?", "12B", 5)
-    r = run("--demo", "--ckpt", str(demo_ckpt), "--prompt", "What is 17 * 23?",
+    args = ("--demo", "--ckpt", str(demo_ckpt), "--prompt", "What is 17 * 23?",
             "--think", "12B", "--answer", "30B", "--max-think", "5", "--max-new-tokens", "10",
             "--seed", str(seed))
-    # one-shot: the demo's banner goes to stderr, stdout is the reply only
+    r = run(*args)
+    # one-shot: stdout is the answer only; the demo's banner, the labels, the thinking and the
+    # status line go to stderr
     assert (r.returncode == 0
             and r.stderr.startswith("DEMO: random weights, so the text is noise")), r.stderr
-    assert "DEMO" not in r.stdout and r.stdout.startswith("[think 12B] ")
-    think, answer = r.stdout.index("[think 12B] "), r.stdout.index("\n[answer 30B] ")
+    assert r.stdout.strip() and not re.search(r"DEMO|\[(think|answer|cut)", r.stdout), r.stdout
+    think, answer = r.stderr.index("\n[think 12B] "), r.stderr.index("\n[answer 30B]\n")
     assert think < answer
-    assert re.search(r"^\[think 12B: 5 tok \(budget\), [\d.]+ tok/s \| "
-                     r"answer 30B: \d+ tok, [\d.]+ tok/s \| "
-                     r"first token [\d.]+ s \| switch transplant\]$", r.stdout, re.M), r.stdout
+    status = re.search(r"^\[think 12B: 5 tok \(budget\), [\d.]+ tok/s \| "
+                       r"answer 30B: \d+ tok, [\d.]+ tok/s \| "
+                       r"first token [\d.]+ s \| switch transplant\]$", r.stderr, re.M)
+    assert status and r.stderr.endswith(status[0] + "\n"), r.stderr
+    # stdout and stderr together (on one terminal, or 2>&1) read as one transcript, the answer
+    # in its place: on the lines after its label, before the reason it ended or the status line
+    both = run(*args, merge=True).stdout
+    assert r.stdout.endswith("\n") and f"\n[answer 30B]\n{r.stdout}[" in both, both
 
 
 def test_piped_prompt_switches_where_the_model_writes_think_end(demo_ckpt, demo_model, tmp_path):
@@ -279,8 +288,8 @@ def test_piped_prompt_switches_where_the_model_writes_think_end(demo_ckpt, demo_
             "--switch", "reprefill", "--seed", str(seed), input=text + "\n")
     assert r.returncode == 0 and r.stderr.startswith("DEMO: ") and "DEMO" not in r.stdout, r.stderr
     assert re.search(r"^\[think 23B: 3 tok, [\d.]+ tok/s \| "
-                     r"answer 30B: \d+ tok, .*\| switch reprefill\]$", r.stdout, re.M), r.stdout
-    assert r.stdout.index("[think 23B] ") < r.stdout.index("\n[answer 30B] ")
+                     r"answer 30B: \d+ tok, .*\| switch reprefill\]$", r.stderr, re.M), r.stderr
+    assert r.stderr.index("[think 23B] ") < r.stderr.index("\n[answer 30B]\n")
 
 
 def test_repl_commands(demo_ckpt):
@@ -302,7 +311,8 @@ def test_repl_commands(demo_ckpt):
                      "> /think\nerror: usage: /think SIZE",
                      "> /think 12B 23B\nerror: usage: /think SIZE",
                      "> /clear now\nerror: usage: /clear\n", "error: unknown command /frobnicate",
-                     "conversation cleared", "a paste of several lines is one prompt"]:
+                     "conversation cleared", "a paste of several lines is one prompt",
+                     "a prompt that starts with / is sent by typing // instead"]:
         assert expected in out, expected
     statuses = STATUS.findall(out)
     # two replies (each of several lines), nothing after /exit
@@ -312,6 +322,122 @@ def test_repl_commands(demo_ckpt):
             and first.endswith("| switch reprefill]"))
     assert (second.startswith("[answer 23B: ") and second.endswith("| no switch]")
             and "[think" not in out.split("> again")[1])
+
+
+class Prompts:
+    """Stands in for a Chat in chat.repl: keeps the prompts that the REPL sends."""
+
+    def __init__(self):
+        self.settings, self.sent = chat.Settings(), []
+
+    def model_size(self, size):
+        return size
+
+    def reply(self, text):
+        self.sent.append(text)
+
+
+def repl_on(lines, monkeypatch):
+    """chat.repl reading these lines from a pipe; the stand-in chat it drove."""
+    prompts = Prompts()
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(lines) + "\n"))
+    chat.repl(prompts, echo=True)
+    return prompts
+
+
+def test_repl_commands_in_any_case_and_prompts_that_start_with_a_slash(monkeypatch, capsys):
+    prompts = repl_on(["/THINK 12b", "/Switch REPREFILL", "/NoThink", "/usr/bin/x is broken",
+                       "//usr/bin/x is broken", "/EXIT", "not read"], monkeypatch)
+    st = prompts.settings
+    assert (st.think, st.switch, st.thinking) == ("12B", "reprefill", False)
+    assert prompts.sent == ["/usr/bin/x is broken"]  # // sends it, one / dropped
+    out = capsys.readouterr().out
+    assert ("> /usr/bin/x is broken\nerror: unknown command /usr/bin/x: /help lists them (// sends "
+            "a prompt that starts with /)\n") in out
+
+
+@pytest.mark.parametrize("lines, sent", [(["first", "hello \\"], ["first", "hello"]),
+                                         (['"""', "in a", "block"], ["in a\nblock"])])
+def test_input_that_ends_inside_a_prompt_sends_it(monkeypatch, capsys, lines, sent):
+    """Piped input that ends after a trailing \\ or in an open \"\"\" block: what it gathered is
+    sent."""
+    assert repl_on(lines, monkeypatch).sent == sent
+    # the prompt's last line ended (at ". "), then the input's end leaves the REPL (at "> ")
+    assert capsys.readouterr().out.endswith(f"{lines[-1]}\n. \n> \n")
+
+
+def test_an_error_in_a_reply_is_one_line_and_the_chat_goes_on_as_before(demo_ckpt, tmp_path):
+    """A prompt the model cannot read (a token id beyond its vocabulary: this tokenizer has two
+    more tokens than the model) fails in one line, with no status line; the conversation goes on
+    as if it had not been sent."""
+    from tokenizers import Tokenizer
+
+    ckpt = Path(shutil.copytree(demo_ckpt, tmp_path / "more-tokens"))
+    tokenizer = Tokenizer.from_file(str(ckpt / "tokenizer.json"))
+    tokenizer.add_special_tokens(["<extra_0>", "<extra_1>"])
+    tokenizer.save(str(ckpt / "tokenizer.json"))
+    args = ("--ckpt", str(ckpt), "--interactive", "--max-new-tokens", "3", "--seed", "1")
+    r = run(*args, input="hi <extra_1>\nhello\nagain\n/exit\n")
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    vocab = chat.demo_config().vocab_size
+    assert re.search(rf"^> hi <extra_1>\nerror: token id out of range: \d+\.\.{vocab + 1} not in "
+                     rf"0\.\.{vocab - 1}\n> hello\n\[think ", r.stdout, re.M), r.stdout
+    assert "[stopped]" not in r.stdout and r.stdout.count("error:") == 1, r.stdout
+    assert STATUS.findall(r.stdout) == ["think", "think"], r.stdout
+    # the reply to "hello" is the first turn's, as if "hi <extra_1>" had never been sent
+    fresh = run(*args, input="hello\n/exit\n")
+    reply = re.search(r"^> hello\n(\[think .*)\n\[cut at", r.stdout, re.M)
+    assert reply and f"> hello\n{reply[1]}\n[cut at" in fresh.stdout, (r.stdout, fresh.stdout)
+
+
+def test_a_setting_that_generate_refuses_fails_before_any_output(demo_model, demo_ckpt):
+    out = io.StringIO()
+    talk = chat.Chat(demo_model, chat.ChatTokenizer.load(demo_ckpt),
+                     chat.Settings(think="12B", answer="30B", temperature=-1.0), chat.DEMO_SIZES,
+                     out=out)
+    with pytest.raises(ne.NanoElasticError, match="temperature must be >= 0"):
+        talk.reply("hi")
+    assert out.getvalue() == "" and talk.messages == [] and talk.turn == 0  # as if never sent
+
+
+def test_the_seed_of_each_turn_stays_in_the_range_generate_takes(demo_model, demo_ckpt,
+                                                                 monkeypatch):
+    """The chat adds the turn number to --seed; past 2**63 - 1 it wraps to 0."""
+    seeds = []
+    real_generate = ne.generate
+
+    def recording(*args, seed=None, **kwargs):
+        seeds.append(seed)
+        return real_generate(*args, seed=seed, **kwargs)
+
+    monkeypatch.setattr(ne, "generate", recording)
+    settings = chat.Settings(think="12B", answer="12B", max_new_tokens=2, seed=2**63 - 1)
+    talk = chat.Chat(demo_model, chat.ChatTokenizer.load(demo_ckpt), settings, chat.DEMO_SIZES,
+                     out=io.StringIO())
+    talk.reply("one")
+    talk.reply("two")
+    assert seeds == [2**63 - 1, 0]
+
+
+def test_one_shot_at_the_end_of_the_context(demo_ckpt, demo_model):
+    """A piped prompt that leaves 4 tokens of the demo's 4096-token context: the reply is cut there,
+    still thinking (so the answer size never ran, and stdout, the answer, is empty). A longer one
+    is refused in terms of one-shot mode (no /clear)."""
+    tok, room = chat.ChatTokenizer.load(demo_ckpt), 4
+    empty = tok.encode(chat.render_chat([{"role": "user", "content": ""}],
+                                        add_generation_prompt=True))
+    text = "a" * (demo_model.config.max_position_embeddings - len(empty) - room)  # a token a byte
+    seed = quiet_seed(demo_model, tok, text, "23B", room)
+    r = run("--demo", "--ckpt", str(demo_ckpt), "--max-new-tokens", "200", "--seed", str(seed),
+            input=text + "\n")
+    assert r.returncode == 0 and r.stdout == "", r.stderr
+    assert "\n[cut at 4 tokens: the context (4096 tokens) is full]\n" in r.stderr, r.stderr
+    assert re.search(r"^\[think 23B: 4 tok, .*\| no switch\]$", r.stderr, re.M), r.stderr
+    r = run("--demo", "--ckpt", str(demo_ckpt), input="a" * 5000)
+    assert r.returncode == 1 and r.stdout == "" and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.splitlines()[-1] == (f"chat.py: error: the prompt ({len(empty) + 5000} tokens) "
+                                         f"leaves no room for a reply in the context (4096 "
+                                         f"tokens): shorten it")
 
 
 class Reader:
@@ -346,7 +472,8 @@ def test_ctrl_c_stops_a_reply_and_the_chat_goes_on(demo_ckpt, demo_model):
         proc.stdin.flush()
         out.wait_for(r"\[think 23B\] \S{3}")  # streaming
         proc.send_signal(signal.SIGINT)
-        out.wait_for(r"^\[stopped\]\n\[think 23B: \d+ tok, .*\]$")
+        # stopped while thinking: the answer size never ran
+        out.wait_for(r"^\[stopped\]\n\[think 23B: \d+ tok, .*\| no switch\]$")
         # the chat still answers: commands, and a reply that streams
         proc.stdin.write(b"/help\nGo on\n")
         proc.stdin.flush()
@@ -398,6 +525,8 @@ def test_bad_input_is_one_line_error(demo_ckpt, tmp_path):
          "--temperature"),
         (["--demo", "--ckpt", str(demo_ckpt), "--temperature", "inf", "--prompt", "hi"], "",
          "--temperature"),
+        (["--demo", "--ckpt", str(demo_ckpt), "--seed", str(2**63), "--prompt", "hi"], "",
+         r"--seed must be in \[0, 9223372036854775807\]"),
         (["--ckpt", str(sliced_23b), "--think", "30B", "--prompt", "hi"], "",
          "size 30B .* does not fit .*: use 23B, 12B, or HIDDENxFFN up to 2304x1600"),
         # no size given: the default 30B does not fit, so the checkpoint's own size is used (then
