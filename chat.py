@@ -121,12 +121,12 @@ def find_checkpoint(ckpt: str | None) -> Path:
     if path is None:
         raise NanoElasticError(
             f"no checkpoint found (--ckpt DIR, $NANOELASTIC_CKPT, or the Hugging Face cache): "
-            f"download one with `hf download {HF_REPOS[0]}` (about 32 GB), or try `python chat.py "
-            f"--demo` (no GPU, no download)")
+            f"download one with `hf download {HF_REPOS[0]}` (about 32 GB), or try --demo (no "
+            f"GPU, no download)")
     path = Path(path)
     if not (path / "config.json").is_file():
-        raise NanoElasticError(f"{path} is not a checkpoint folder (no config.json); try `python "
-                               f"chat.py --demo`")
+        raise NanoElasticError(f"{path} is not a checkpoint folder (no config.json); or try "
+                               f"--demo")
     return path
 
 

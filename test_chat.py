@@ -508,7 +508,7 @@ def test_bad_input_is_one_line_error(demo_ckpt, tmp_path):
     cases = [  # (arguments, stdin, what the one line says)
         (["--demo", "--ckpt", str(demo_ckpt), "--think", "40B", "--prompt", "hi"], "",
          "unknown size '40B'"),
-        (["--prompt", "hi"], "", "no checkpoint found.*hf download nvidia/.*python chat.py --demo"),
+        (["--prompt", "hi"], "", "no checkpoint found.*hf download nvidia/.*or try --demo"),
         (["--demo", "--ckpt", str(config_only / "config.json"), "--prompt", "hi"], "",
          "config.json is a file: --demo --ckpt takes a folder"),
         (["--ckpt", str(tmp_path / "nowhere"), "--prompt", "hi"], "", "is not a checkpoint folder"),
