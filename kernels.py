@@ -266,6 +266,8 @@ def _linear(x: Tensor, weight: Tensor, weight_scale: Tensor | None, relu2: bool,
     # an fp32 weight (the router's) with bf16 x multiplies in fp32: no fp32 copy of x
     dtype = x.dtype if weight_scale is not None else torch.promote_types(x.dtype, weight.dtype)
     out = torch.empty(M, N, device=x.device, dtype=dtype)
+    if out.numel() == 0:
+        return out.view(*x.shape[:-1], N)
     plus_rows, plus_strides = 1, (0, 0)
     if plus is not None:
         plus = _rows_last(plus.reshape(M, -1, N))
@@ -316,6 +318,7 @@ def moe_experts(x: Tensor, weights: Tensor, experts: Tensor, up_weight: Tensor,
     n, top_k = experts.shape
     E, f, d = up_weight.shape
     pairs = n * top_k
+    up_scale, down_scale = (None if s is None else s.contiguous() for s in (up_scale, down_scale))
     cfg = _blocks(pairs // min(E, pairs) + 1, x.dtype)  # rows per expert on average
     BM = cfg["BLOCK_M"]
 
@@ -379,7 +382,7 @@ def select_experts(logits: Tensor, bias: Tensor, config) -> tuple[Tensor, Tensor
         return nanoelastic.select_experts.reference(logits, bias, config)
     n, E = logits.shape
     k = config.num_experts_per_tok
-    logits = logits.contiguous()
+    logits, bias = logits.contiguous(), bias.contiguous()
     weights = torch.empty(n, k, device=logits.device, dtype=torch.float32)
     experts = torch.empty(n, k, device=logits.device, dtype=torch.int64)
     BLOCK_T = 16
@@ -630,7 +633,12 @@ def _mamba_step_kernel(xBC_ptr, dt_ptr, conv_state_ptr, conv_w_ptr, conv_bias_pt
         tl.atomic_xchg(ticket, 0, sem="relaxed", scope="gpu")
 
     raw = tl.load(dt_ptr + b * s_dtb + h).to(tl.float32) + tl.load(dt_bias_ptr + h).to(tl.float32)
-    dt = tl.where(raw > 20.0, raw, tl.log(1.0 + tl.exp(raw)))  # softplus, as torch's threshold 20
+    # softplus, as torch's (threshold 20); log(1 + e) as log(u) e / (u - 1), u = 1 + e rounded: it
+    # keeps the digits that 1 + e loses for small e (dt_bias often puts raw near -5)
+    e = tl.exp(raw)
+    u = 1.0 + e
+    log1p = tl.where(u == 1.0, e, tl.log(u) * e / tl.where(u == 1.0, 1.0, u - 1.0))
+    dt = tl.where(raw > 20.0, raw, log1p)
     dt = tl.minimum(tl.maximum(dt, dt_min), dt_max)
     A = -tl.exp(tl.load(A_log_ptr + h).to(tl.float32))
     sp = state_ptr + b * s_sb + h * s_sh + ps[:, None] * s_sp + ns[None, :]
@@ -649,7 +657,11 @@ def mamba_step(xBC: Tensor, dt: Tensor, conv_state: Tensor, ssm_state: Tensor, c
     b, CH = xBC.shape
     H, P, N = ssm_state.shape[1:]
     K = conv_state.shape[-1] + 1
-    xBC = _rows_last(xBC)  # a row of in_proj's output: read through its stride, not copied
+    xBC, dt = _rows_last(xBC), _rows_last(dt)  # rows of in_proj's output: strided, not copied
+    conv_bias, dt_bias, A_log, D = (None if t is None else t.contiguous()
+                                    for t in (conv_bias, dt_bias, A_log, D))
+    if ssm_state.stride(-1) != 1:  # updated in place: a copy would not do
+        raise ValueError("mamba_step needs an ssm_state with unit stride in its last axis")
     w = conv_weight.view(CH, K)
     y = torch.empty(b, H * P, device=xBC.device, dtype=torch.float32)
     _mamba_step_kernel[(b, H)](
@@ -669,7 +681,8 @@ def mamba_step(xBC: Tensor, dt: Tensor, conv_state: Tensor, ssm_state: Tensor, c
 @triton.jit
 def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, position_ptr, out_ptr,
                              partial_ptr, ticket_ptr, Hkv, G, HD, SPAN, scale,
-                             s_qb, s_qh, s_kb, s_kh, s_cb, s_ch, s_cl, s_ob, s_oh,
+                             s_qb, s_qh, s_kb, s_kh, s_vb, s_vh, s_cb, s_ch, s_cl, s_ob,
+                             s_oh,
                              DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
                              BLOCK_G: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
                              PDL: tl.constexpr):
@@ -688,7 +701,7 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, posi
     q = tl.load(q_ptr + b * s_qb + (j * G + gs)[:, None] * s_qh + ds[None, :],
                 mask=gmask[:, None] & dmask[None, :], other=0.0)  # [BLOCK_G, BLOCK_D]
     k_new = tl.load(k_ptr + b * s_kb + j * s_kh + ds, mask=dmask, other=0.0)
-    v_new = tl.load(v_ptr + b * s_kb + j * s_kh + ds, mask=dmask, other=0.0)
+    v_new = tl.load(v_ptr + b * s_vb + j * s_vh + ds, mask=dmask, other=0.0)
     cache = b.to(tl.int64) * s_cb + j * s_ch
     if split == 0:
         tl.store(k_cache_ptr + cache + pos * s_cl + ds, k_new, mask=dmask)
@@ -761,7 +774,7 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: 
     _decode_attention_kernel[(B * Hkv, n_splits)](
         q, k, v, k_cache, v_cache, position, out, partial, _tickets(q.device, B * Hkv), Hkv,
         Hq // Hkv, hd, SPAN, hd ** -0.5, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-        *k_cache.stride()[:3], out.stride(0), out.stride(1), **dots, BLOCK_G=BLOCK_G,
+        v.stride(0), v.stride(1), *k_cache.stride()[:3], out.stride(0), out.stride(1), **dots, BLOCK_G=BLOCK_G,
         BLOCK_L=32 if dots["DOT_DTYPE"] == tl.float32 else 64, BLOCK_D=BLOCK_D, num_warps=4,
         **_launch())
     return out
@@ -807,6 +820,9 @@ def _norm(x: Tensor, weight: Tensor, eps: float, groups: int = 1, gate: Tensor |
     """(the norm, x + update or None): rows with unit channel stride; gate and update are
     exclusive."""
     C = x.shape[-1]
+    if C % groups:
+        raise ValueError(f"rms_norm: {C} channels do not split into {groups} groups")
+    weight = weight.contiguous()
     rows_of = lambda t: None if t is None else _rows_last(t.reshape(-1, C))
     rows, gate, update = rows_of(x), rows_of(gate), rows_of(update)
     other = gate if gate is not None else update

@@ -459,6 +459,68 @@ def test_rms_norm(rows, C, groups, gated, dtype):
     assert rel_err(out, ref) < TOL[dtype]
 
 
+def test_kernels_read_inputs_through_their_strides():
+    """Each kernel reads a strided view as its reference does (or copies a small one first): the
+    new v of another layout than k, a transposed dt, every-other-element views of the 1-D
+    parameters, the routing bias, the norm weight and the experts' FP8 scales; empty outputs."""
+    gen = torch.Generator().manual_seed(7)
+    every_other = lambda t: torch.stack([t, torch.zeros_like(t)], -1)[..., 0]  # stride 2
+    q, v = rand(2, 4, 1, 16, gen=gen), rand(2, 2, 1, 16, gen=gen)
+    k = rand(2, 2, 1, 19, gen=gen)[..., :16]  # strides unlike v's
+    caches = [rand(2, 2, 64, 16, gen=gen) for _ in range(2)]
+    ref_caches = [c.clone() for c in caches]
+    position = torch.tensor(40, device=DEVICE)
+    out = kernels.decode_attention(q, k, v, *caches, position, 64)
+    ref = ne.decode_attention.reference(q, k, v, *ref_caches, position, 64)
+    assert rel_err(out, ref) < TOL[torch.float32] and torch.equal(caches[1], ref_caches[1])
+
+    H, P, G, N, K = 2, 4, 1, 8, 4
+    ch = H * P + 2 * G * N
+    xBC, dt = rand(1, ch, gen=gen), rand(H, 1, gen=gen).T
+    conv, ssm = rand(1, ch, K - 1, gen=gen), rand(1, H, P, N, gen=gen)
+    args = (rand(ch, 1, K, gen=gen), *(every_other(rand(n, gen=gen)) for n in (ch, H, H, H)),
+            G, (0.0, float("inf")))
+    ref_conv, ref_ssm = conv.clone(), ssm.clone()
+    y = kernels.mamba_step(xBC, dt, conv, ssm, *args)
+    y_ref = ne.mamba_step.reference(xBC, dt, ref_conv, ref_ssm, *args)
+    assert rel_err(y, y_ref) < TOL[torch.float32] and rel_err(ssm, ref_ssm) < TOL[torch.float32]
+
+    logits, bias = rand(3, 8, gen=gen), every_other(rand(8, gen=gen) * 3)
+    config = dataclasses.replace(CONFIGS["A"], n_routed_experts=8, num_experts_per_tok=3)
+    assert torch.equal(kernels.select_experts(logits, bias, config)[1].sort(1).values,
+                       ne.select_experts.reference(logits, bias, config)[1].sort(1).values)
+
+    x, w = rand(3, 40, gen=gen), every_other(rand(40, gen=gen))
+    assert rel_err(kernels.rms_norm(x, w, 1e-5), ne.rms_norm.reference(x, w, 1e-5)) < 2e-5
+    with pytest.raises(ValueError, match="40 channels do not split into 3 groups"):
+        kernels.rms_norm(x, w, 1e-5, groups=3)
+
+    x, weights, experts, up_w, up_s, down_w, down_s = moe_inputs(5, 3, True, torch.float32)
+    up_s, down_s = every_other(up_s), every_other(down_s)
+    assert rel_err(kernels.moe_experts(x, weights, experts, up_w, up_s, down_w, down_s),
+                   ne.moe_experts.reference(x, weights, experts, up_w, up_s, down_w,
+                                            down_s)) < TOL[torch.float32]
+    empty = kernels.linear(rand(0, 40, gen=gen), rand(24, 40, gen=gen))
+    assert empty.shape == (0, 24)
+
+
+@pytest.mark.parametrize("raw", [-7.0, -9.0, -12.0, -20.0])
+def test_mamba_step_softplus_keeps_small_dt(raw):
+    """dt = softplus(dt + dt_bias) as accurate as torch's where 1 + exp(raw) rounds: from a zero
+    state without the D skip, the state and output are dt x B^T and its read-out."""
+    gen = torch.Generator().manual_seed(1)
+    H, P, G, N, K = 2, 4, 1, 8, 4
+    ch = H * P + 2 * G * N
+    xBC, dt = rand(1, ch, gen=gen), torch.zeros(1, H, device=DEVICE)
+    conv, ssm = rand(1, ch, K - 1, gen=gen), torch.zeros(1, H, P, N, device=DEVICE)
+    args = (rand(ch, 1, K, gen=gen), rand(ch, gen=gen), torch.full((H,), raw, device=DEVICE),
+            rand(H, gen=gen), torch.zeros(H, device=DEVICE), G, (0.0, float("inf")))
+    ref_conv, ref_ssm = conv.clone(), ssm.clone()
+    y = kernels.mamba_step(xBC, dt, conv, ssm, *args)
+    y_ref = ne.mamba_step.reference(xBC, dt, ref_conv, ref_ssm, *args)
+    assert rel_err(y, y_ref) < TOL[torch.float32] and rel_err(ssm, ref_ssm) < TOL[torch.float32]
+
+
 # --------------------------------------------------------------------------------------------------
 # Routing, and the whole model with kernels == with references
 
