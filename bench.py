@@ -511,6 +511,8 @@ def bench_model(small: bool, ceil: dict, batches: list[int], out: dict) -> None:
     try:
         progress(out, profile_decode(model, sizes[0], ceil, 20 if CUDA else 2), "profile")
     except Exception as e:  # noqa: BLE001 (e.g. no CUPTI)
+        if ne.Terminated.received:  # SIGTERM's, in another guise (ne.run_cli): stop
+            raise
         print(f"bench.py: no decode profile: {type(e).__name__}: {e}", file=sys.stderr)
     # ... and what programmatic dependent launch (off by default until measured) hides of the
     # gaps between its kernels
@@ -520,6 +522,8 @@ def bench_model(small: bool, ceil: dict, batches: list[int], out: dict) -> None:
             progress(decode, bench_decode(model, sizes[0], 1, steps, prompt, ceil,
                                           f"{names[0]} (view, PDL)"))
         except Exception as e:  # noqa: BLE001
+            if ne.Terminated.received:
+                raise
             print(f"bench.py: no PDL row: {type(e).__name__}: {e}", file=sys.stderr)
         finally:
             ne.kernels.PDL = False

@@ -1181,11 +1181,13 @@ DEMO_SIZES = {"30B": "256x128", "23B": "192x96", "12B": "128x64"}  # stand-ins i
 class Terminated(BaseException):
     """SIGTERM: unwinds like Ctrl-C, so that the same cleanup runs (finally, with), but is not a
     KeyboardInterrupt, which only stops a generation: the CLIs exit with 143."""
+    received = False  # set by the signal: C code it cuts short may raise another exception
 
 
 def sigterm_as_interrupt() -> None:
     """From now on SIGTERM (kill, a job scheduler) raises Terminated: temporary files go."""
     def raise_terminated(signum, frame):
+        Terminated.received = True
         raise Terminated()
     signal.signal(signal.SIGTERM, raise_terminated)
 
@@ -1280,12 +1282,16 @@ def run_cli(prog: str, main, *args) -> None:
     sigterm_as_interrupt()
     try:
         code = main(*args)
-    except (NanoElasticError, OSError, SafetensorError) as e:
-        sys.exit(f"{prog}: error: {e}")
-    except torch.cuda.OutOfMemoryError as e:  # a model or a cache too large for this GPU
-        sys.exit(f"{prog}: error: {str(e).splitlines()[0]}")
     except (KeyboardInterrupt, Terminated) as e:
         sys.exit(interrupted_exit_code(e))
+    except Exception as e:
+        if Terminated.received:  # e.g. a TypeError from torch's argument parsing, cut short
+            sys.exit(143)
+        if isinstance(e, (NanoElasticError, OSError, SafetensorError)):
+            sys.exit(f"{prog}: error: {e}")
+        if isinstance(e, torch.cuda.OutOfMemoryError):  # a model or cache too big for the GPU
+            sys.exit(f"{prog}: error: {str(e).splitlines()[0]}")
+        raise
     if isinstance(code, int):
         sys.exit(code)
 

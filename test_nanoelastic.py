@@ -993,6 +993,19 @@ def test_run_cli_ends_every_way_with_one_line_or_a_code(monkeypatch, error, code
     assert exit_.value.code == code
 
 
+def test_run_cli_after_sigterm_exits_143_whatever_the_exception(monkeypatch):
+    """SIGTERM's exception, raised inside C code (torch parsing a shape that Triton's interpreter
+    gives as objects with __index__), can come out as another: it is still the signal's 143."""
+    monkeypatch.setattr(ne, "sigterm_as_interrupt", lambda: None)
+    monkeypatch.setattr(ne.Terminated, "received", True)
+
+    def main():
+        raise TypeError("expected a sequence of integers or a single integer, got '(64, 64)'")
+    with pytest.raises(SystemExit) as exit_:
+        ne.run_cli("demo.py", main)
+    assert exit_.value.code == 143
+
+
 def test_no_cuda_error_fits_the_api_and_the_cli():
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
