@@ -774,9 +774,9 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: 
     _decode_attention_kernel[(B * Hkv, n_splits)](
         q, k, v, k_cache, v_cache, position, out, partial, _tickets(q.device, B * Hkv), Hkv,
         Hq // Hkv, hd, SPAN, hd ** -0.5, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-        v.stride(0), v.stride(1), *k_cache.stride()[:3], out.stride(0), out.stride(1), **dots, BLOCK_G=BLOCK_G,
-        BLOCK_L=32 if dots["DOT_DTYPE"] == tl.float32 else 64, BLOCK_D=BLOCK_D, num_warps=4,
-        **_launch())
+        v.stride(0), v.stride(1), *k_cache.stride()[:3], out.stride(0), out.stride(1), **dots,
+        BLOCK_G=BLOCK_G, BLOCK_L=32 if dots["DOT_DTYPE"] == tl.float32 else 64, BLOCK_D=BLOCK_D,
+        num_warps=4, **_launch())
     return out
 
 
