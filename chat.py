@@ -36,7 +36,6 @@ HF_REPOS = ("nvidia/NVIDIA-Nemotron-Labs-3-Elastic-30B-A3B-FP8",
 # tokens the chat's one cache holds (KV is about 6 KB a token on the real model)
 MAX_CONTEXT = 65536
 PREFILL_CHUNK = 8192
-SEEDS = 2**63  # a seed is in [0, SEEDS), as ne.generate() takes it
 
 HELP = """commands:
   /think SIZE     think with SIZE (30B, 23B, 12B or HIDDENxFFN)
@@ -412,7 +411,7 @@ class Chat:
 
     def stream(self, turn: Turn, prompt: list[int], max_new: int, size: str, switch) -> None:
         st, tok = self.settings, self.tokenizer
-        seed = None if st.seed is None else (st.seed + self.turn) % SEEDS
+        seed = None if st.seed is None else (st.seed + self.turn) % (ne.MAX_SEED + 1)
         # generate() checks its arguments when called: a bad one fails here, before any output
         reply = ne.generate(self.model, prompt, max_new, size=size, switch=switch,
                             stop_tokens=tok.stop, temperature=st.temperature, top_p=st.top_p,
@@ -641,7 +640,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     "is not a terminal")
     args = ap.parse_args(argv)
     for name, low, high in (("max_think", 0, math.inf), ("max_new_tokens", 1, math.inf),
-                            ("seed", 0, SEEDS - 1)):
+                            ("seed", 0, ne.MAX_SEED)):
         value = getattr(args, name)
         if value is not None and not low <= value <= high:
             bounds = f">= {low}" if high == math.inf else f"in [{low}, {high}]"

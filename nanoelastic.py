@@ -818,7 +818,7 @@ class DecodeGraph:
     def __call__(self, tokens: Tensor, size: str | None = None) -> Tensor:
         cache = self.cache
         if (not isinstance(tokens, Tensor) or tokens.dim() != 2 or tokens.shape[1] != 1
-                or tokens.dtype not in (torch.int64, torch.int32)):
+                or tokens.dtype not in TOKEN_DTYPES):
             got = (f"{tokens.dtype} of shape {list(tokens.shape)}" if isinstance(tokens, Tensor)
                    else type(tokens).__name__)
             raise NanoElasticError(f"a decode step takes token ids (int64 or int32) of shape "
@@ -935,6 +935,8 @@ def parse_size(size: str | None, config: Config) -> tuple[int, int]:
 # --------------------------------------------------------------------------------------------------
 # 10. Sampling and generation: prefill, decode, sample, and change size mid-stream
 
+MAX_SEED = 2**63 - 1  # the largest seed generate() takes: int64's largest
+TOKEN_DTYPES = (torch.int64, torch.int32)  # the dtypes of token ids that model() takes
 STOP_TOKENS = (2, 11)  # </s> and <|im_end|> of the release's tokenizer (its generation_config.json)
 
 
@@ -1022,7 +1024,7 @@ def sample(logits: Tensor, temperature: float = 0.0, top_p: float = 1.0, top_k: 
 def checked_tokens(tokens: Tensor, vocab_size: int) -> Tensor:
     """Token ids [B, T], at least one per row, every id < vocab_size. The range check reads the ids
     on the host: free on the CPU, a sync on a GPU, skipped while DecodeGraph captures."""
-    integer = isinstance(tokens, Tensor) and tokens.dtype in (torch.int64, torch.int32)
+    integer = isinstance(tokens, Tensor) and tokens.dtype in TOKEN_DTYPES
     if not integer or tokens.dim() != 2:
         raise NanoElasticError("tokens must be an integer tensor of shape [batch, seq_len]")
     if tokens.numel() == 0:
@@ -1128,7 +1130,7 @@ def generate(model: Model, prompt: list[int] | Tensor, max_new_tokens: int, *,
         parse_size(s, model.config)  # unknown or too large sizes fail before any work
     generator = None
     if seed is not None:
-        check_int("seed", seed, 0, 2**63 - 1)
+        check_int("seed", seed, 0, MAX_SEED)
         generator = torch.Generator(model.lm_head.weight.device).manual_seed(seed)
     step = generation_cache(model, prompt, max_new_tokens, cache)
     pick = functools.partial(sample, temperature=temperature, top_p=top_p, top_k=top_k,
