@@ -508,25 +508,28 @@ def bench_model(small: bool, ceil: dict, batches: list[int], out: dict) -> None:
     for n in (128, 512) if small else (2048, 8192, 32768):
         progress(prefill, bench_prefill(model, None, n, chunk))
     # Last, so that the numbers above stand without them: where the time of a step goes ...
-    try:
-        progress(out, profile_decode(model, sizes[0], ceil, 20 if CUDA else 2), "profile")
-    except Exception as e:  # noqa: BLE001 (e.g. no CUPTI)
-        if ne.Terminated.received:  # SIGTERM's, in another guise (ne.run_cli): stop
-            raise
-        print(f"bench.py: no decode profile: {type(e).__name__}: {e}", file=sys.stderr)
+    optional("decode profile", lambda: progress(  # (e.g. no CUPTI)
+        out, profile_decode(model, sizes[0], ceil, 20 if CUDA else 2), "profile"))
     # ... and what programmatic dependent launch (off by default until measured) hides of the
     # gaps between its kernels
     if CUDA and ne.kernels is not None:
         ne.kernels.PDL = True
         try:
-            progress(decode, bench_decode(model, sizes[0], 1, steps, prompt, ceil,
-                                          f"{names[0]} (view, PDL)"))
-        except Exception as e:  # noqa: BLE001
-            if ne.Terminated.received:
-                raise
-            print(f"bench.py: no PDL row: {type(e).__name__}: {e}", file=sys.stderr)
+            optional("PDL row", lambda: progress(decode, bench_decode(
+                model, sizes[0], 1, steps, prompt, ceil, f"{names[0]} (view, PDL)")))
         finally:
             ne.kernels.PDL = False
+
+
+def optional(what: str, measure) -> None:
+    """One of the closing measurements: a failure is reported and skipped, the run goes on (but
+    not SIGTERM's, which C code may have turned into another exception: see ne.run_cli)."""
+    try:
+        measure()
+    except Exception as e:  # noqa: BLE001
+        if ne.Terminated.received:
+            raise
+        print(f"bench.py: no {what}: {type(e).__name__}: {e}", file=sys.stderr)
 
 
 def progress(into: list | dict, row: dict, key: str | None = None) -> None:
@@ -983,8 +986,9 @@ def budget_plan(args: argparse.Namespace) -> tuple[list, list, list, dict, Path 
         fail(f"--max-new-tokens {args.max_new_tokens} leaves no room to answer "
              f"after a budget of {max(budgets)}")
     problems = load_problems(args.budget, args.limit)
-    if not 0 <= args.seed <= 2**63 - len(problems):  # problem i samples with seed + i
-        fail(f"--seed must be in 0..{2**63 - len(problems)} ({len(problems)} problems), got "
+    most = ne.MAX_SEED + 1 - len(problems)  # problem i samples with seed + i
+    if not 0 <= args.seed <= most:
+        fail(f"--seed must be in 0..{most} ({len(problems)} problems), got "
              f"{args.seed}")
     try:
         size_names = chat.DEMO_SIZES if args.demo else {}
