@@ -81,12 +81,25 @@ def _pdl_start(PDL: tl.constexpr):
 
 
 def _dot_args(dtype: torch.dtype) -> dict:
-    """tl.dot operands in the compute dtype; fp32 ones without TF32 rounding. The interpreter's
-    tl.dot mis-reads bfloat16 operands (Triton 3.9), so under it they are upcast to fp32 first."""
-    if dtype == torch.float32 or _INTERPRET:
+    """How _dot multiplies in compute dtype `dtype`: operands rounded to DOT_DTYPE, then products
+    by PRECISION: "tf32" (which 16-bit operands ignore) on tensor cores, "ieee" in full fp32 (fp32
+    operands: no TF32 rounding). Under the interpreter, whose tl.dot mis-reads 16-bit operands
+    (Triton 3.9), 16-bit operands are rounded to 16 bits and then multiply in fp32, which is exact
+    for them: the CPU tests see the GPU's operand rounding. (The interpreter's fp32 -> bf16
+    truncates where a GPU rounds to nearest: about twice the GPU's error, so a bound on it.)"""
+    if dtype == torch.float32:
         return dict(DOT_DTYPE=tl.float32, PRECISION="ieee")
     dot_dtype = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype]
-    return dict(DOT_DTYPE=dot_dtype, PRECISION="tf32")
+    return dict(DOT_DTYPE=dot_dtype, PRECISION="ieee" if _INTERPRET else "tf32")
+
+
+@triton.jit
+def _dot(a, b, acc, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    """acc + a @ b (acc None: zeros) in fp32, with a and b rounded to DOT_DTYPE (_dot_args)."""
+    a, b = a.to(DOT_DTYPE), b.to(DOT_DTYPE)
+    if PRECISION == "ieee":  # fp32 products (16-bit operands: the interpreter's emulation)
+        a, b = a.to(tl.float32), b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=PRECISION)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -170,7 +183,7 @@ def _matmul_kernel(a_ptr, w_ptr, out_ptr, scale_ptr, pair_ptr, block_expert_ptr,
         # W^T [BLOCK_K, BLOCK_N]
         w = tl.load(w_base + cols[None, :] * stride_wn + ks[:, None] * stride_wk,
                     mask=(cols[None, :] < N) & (ks[:, None] < K), other=0.0)
-        acc = tl.dot(a.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=PRECISION)
+        acc = _dot(a, w, acc, DOT_DTYPE, PRECISION)
 
     if partial_ptr is not None:
         tile_mask = (rows[:, None] < M) & (cols[None, :] < N)
@@ -438,7 +451,7 @@ def _ssd_chunk_state_kernel(x_ptr, B_ptr, dt_ptr, cum_ptr, states_ptr,
         Bm = tl.load(B_base + ls[:, None] * s_Bt + ns[None, :],
                      mask=valid[:, None] & (ns[None, :] < N), other=0.0)
         Bm = (Bm.to(tl.float32) * coef[:, None]).to(DOT_DTYPE)
-        acc = tl.dot(x.to(DOT_DTYPE), Bm, acc, input_precision=PRECISION)
+        acc = _dot(x, Bm, acc, DOT_DTYPE, PRECISION)
     out = states_ptr + (bh.to(tl.int64) * n_chunks + c) * P * N + ps[:, None] * N + ns[None, :]
     tl.store(out, acc, mask=(ps[:, None] < P) & (ns[None, :] < N))
 
@@ -498,7 +511,7 @@ def _ssd_chunk_scan_kernel(x_ptr, B_ptr, C_ptr, dt_ptr, cum_ptr, states_ptr, y_p
         # S^T [BLOCK_N, BLOCK_P]
         S_t = tl.load(states_ptr + state_offset + ps[None, :] * N + ns[:, None],
                       mask=(ps[None, :] < P) & (ns[:, None] < N), other=0.0)
-        y = tl.dot(Cm.to(DOT_DTYPE), S_t.to(DOT_DTYPE), y, input_precision=PRECISION)
+        y = _dot(Cm, S_t, y, DOT_DTYPE, PRECISION)
     y = y * tl.exp(cum_i)[:, None]
 
     # Within the chunk, source rows j up to the last row of this tile
@@ -514,7 +527,7 @@ def _ssd_chunk_scan_kernel(x_ptr, B_ptr, C_ptr, dt_ptr, cum_ptr, states_ptr, y_p
             # B^T [BLOCK_N, BLOCK_K]
             Bm = tl.load(B_ptr + bc_offset + js[None, :] * s_Bt + ns[:, None],
                          mask=cols_valid[None, :] & (ns[:, None] < N), other=0.0)
-            scores = tl.dot(Cm.to(DOT_DTYPE), Bm.to(DOT_DTYPE), scores, input_precision=PRECISION)
+            scores = _dot(Cm, Bm, scores, DOT_DTYPE, PRECISION)
         cum_j = tl.load(cum_ptr + row + js, mask=cols_valid, other=0.0)
         dt_j = tl.load(dt_ptr + row + js, mask=cols_valid, other=0.0)
         causal = (ms[:, None] >= js[None, :]) & cols_valid[None, :]
@@ -522,7 +535,7 @@ def _ssd_chunk_scan_kernel(x_ptr, B_ptr, C_ptr, dt_ptr, cum_ptr, states_ptr, y_p
         scores = scores * decay * dt_j[None, :]
         x = tl.load(x_base + js[:, None] * s_xt + ps[None, :],
                     mask=cols_valid[:, None] & (ps[None, :] < P), other=0.0)  # [BLOCK_K, BLOCK_P]
-        y = tl.dot(scores.to(DOT_DTYPE), x.to(DOT_DTYPE), y, input_precision=PRECISION)
+        y = _dot(scores, x, y, DOT_DTYPE, PRECISION)
     out = (y_ptr + b.to(tl.int64) * s_yb + (t0 + ms[:, None]).to(tl.int64) * s_yt + h * s_yh
            + ps[None, :])
     tl.store(out, y, mask=rows_valid[:, None] & (ps[None, :] < P))
@@ -717,15 +730,14 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, posi
         lmask = ls < hi
         kt = tl.load(k_cache_ptr + cache + ls[None, :] * s_cl + ds[:, None],
                      mask=lmask[None, :] & dmask[:, None], other=0.0)  # K^T [BLOCK_D, BLOCK_L]
-        scores = tl.dot(q.to(DOT_DTYPE), kt.to(DOT_DTYPE), input_precision=PRECISION) * scale
+        scores = _dot(q, kt, None, DOT_DTYPE, PRECISION) * scale
         scores = tl.where(lmask[None, :], scores, float("-inf"))
         m_new = tl.maximum(m, tl.max(scores, axis=1))
         p = tl.exp(scores - m_new[:, None])
         alpha = tl.exp(m - m_new)
         vt = tl.load(v_cache_ptr + cache + ls[:, None] * s_cl + ds[None, :],
                      mask=lmask[:, None] & dmask[None, :], other=0.0)  # [BLOCK_L, BLOCK_D]
-        acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), vt.to(DOT_DTYPE),
-                                            input_precision=PRECISION)
+        acc = _dot(p, vt, acc * alpha[:, None], DOT_DTYPE, PRECISION)
         l = l * alpha + tl.sum(p, axis=1)
         m = m_new
 
