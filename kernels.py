@@ -5,13 +5,15 @@ Each public function here has the signature and the result of the plain-torch fu
 name in nanoelastic.py, which is the reference (the spec); nanoelastic routes calls here on CUDA
 tensors:
 
-    NANOELASTIC_KERNELS unset    Triton on CUDA tensors, torch references elsewhere
+    NANOELASTIC_KERNELS unset    Triton on CUDA tensors of sm_80+ GPUs, torch references elsewhere
     NANOELASTIC_KERNELS=torch    torch references everywhere
     NANOELASTIC_KERNELS=triton   Triton everywhere; on CPU tensors under TRITON_INTERPRET=1 (CI)
 
     linear          x @ W^T, W FP8 (x per-tensor scale), BF16 or FP32 (the router's), read through
                     nested prefix views with their strides: no copy, no dequantised weight in
-                    memory; `plus` adds the routed experts' outputs before the one rounding
+                    memory; `plus` adds the routed experts' outputs before the one rounding. On
+                    GPUs before sm_89 (A100), whose Triton has no float8_e4m3fn, FP8 weights are
+                    read as bytes and converted by bit moves (_weight_operand)
     relu2_linear    relu(x @ W^T)^2, the same kernel with the activation in its epilogue
     select_experts  the router's choice: sigmoid, top-k of scores + bias, weights renormalised
     moe_experts     top-k routed experts, up -> relu^2 -> down x routing weight, over stacked
@@ -43,6 +45,20 @@ import triton
 import triton.language as tl
 from torch import Tensor
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+
+@functools.cache
+def supported(device: torch.device) -> bool:
+    """Whether these kernels run on CUDA device `device`: they multiply bf16 on tensor cores, which
+    GPUs have from sm_80 (A100) on. nanoelastic runs the torch references on older ones."""
+    return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+@functools.cache
+def _e4m3_native(device: torch.device) -> bool:
+    """Whether Triton has float8_e4m3fn on this device: from sm_89 (Ada, Hopper) on; the
+    interpreter has it too."""
+    return device.type != "cuda" or torch.cuda.get_device_capability(device) >= (8, 9)
 
 
 def _pow2(n: int, least: int = 16) -> int:
@@ -183,6 +199,9 @@ def _matmul_kernel(a_ptr, w_ptr, out_ptr, scale_ptr, pair_ptr, block_expert_ptr,
         # W^T [BLOCK_K, BLOCK_N]
         w = tl.load(w_base + cols[None, :] * stride_wn + ks[:, None] * stride_wk,
                     mask=(cols[None, :] < N) & (ks[:, None] < K), other=0.0)
+        if w_ptr.dtype.element_ty == tl.uint8:  # FP8 bytes (_weight_operand): 2^-8 x, as fp16
+            w = w.to(tl.uint16)
+            w = (((w & 0x80) << 8) | ((w & 0x7F) << 7)).to(tl.float16, bitcast=True)
         acc = _dot(a, w, acc, DOT_DTYPE, PRECISION)
 
     if partial_ptr is not None:
@@ -198,7 +217,10 @@ def _matmul_kernel(a_ptr, w_ptr, out_ptr, scale_ptr, pair_ptr, block_expert_ptr,
         tl.atomic_xchg(ticket, 0, sem="relaxed", scope="gpu")
 
     if scale_ptr is not None:
-        acc = acc * tl.load(scale_ptr + expert)
+        scale = tl.load(scale_ptr + expert)
+        if w_ptr.dtype.element_ty == tl.uint8:  # FP8 bytes were read 2^8 smaller
+            scale = scale * 256.0
+        acc = acc * scale
     if RELU2:
         acc = tl.maximum(acc, 0.0)
         acc = acc * acc
@@ -258,6 +280,18 @@ def _tickets(device: torch.device, n: int) -> Tensor:
     return _TICKETS[device][-1]
 
 
+
+
+def _weight_operand(weight: Tensor) -> Tensor:
+    """The weight as _matmul_kernel reads it. Before sm_89 (A100, A10, RTX 30xx) Triton has no
+    float8_e4m3fn: there an FP8 weight goes in as its bytes (a view, no copy), and the kernel
+    moves each byte's sign, exponent and mantissa bits into an fp16's (exponent bias 15 instead
+    of 7): exactly 2^-8 of the FP8 value, subnormals included, made up for in the scale."""
+    if weight.dtype == torch.float8_e4m3fn and not _e4m3_native(weight.device):
+        return weight.view(torch.uint8)
+    return weight
+
+
 def linear(x: Tensor, weight: Tensor, weight_scale: Tensor | None = None,
            plus: Tensor | None = None) -> Tensor:
     """x [..., K] @ weight[N, K]^T (* weight_scale for FP8) (+ plus [..., j, N] summed over j)
@@ -295,7 +329,8 @@ def _linear(x: Tensor, weight: Tensor, weight_scale: Tensor | None, relu2: bool,
         partial = torch.empty(splits, M, N, device=x.device, dtype=torch.float32)
         tickets = _tickets(x.device, grid[0] * grid[1])
     _matmul_kernel[grid + (splits,)](
-        a, weight, out, weight_scale, None, None, None, plus, partial, tickets, M, N, K, span,
+        a, _weight_operand(weight), out, weight_scale, None, None, None, plus, partial, tickets, M,
+        N, K, span,
         plus_rows, a.stride(0), a.stride(1), 0, weight.stride(0), weight.stride(1),
         out.stride(0), out.stride(1), *plus_strides, RELU2=relu2, **_dot_args(dtype), **cfg,
         **_launch())
@@ -342,13 +377,15 @@ def moe_experts(x: Tensor, weights: Tensor, experts: Tensor, up_weight: Tensor,
     dots = _dot_args(x.dtype)
     h = torch.empty(blocks * BM, f, device=x.device, dtype=x.dtype)  # rows in sorted, padded order
     _matmul_kernel[(blocks, triton.cdiv(f, cfg["BLOCK_N"]))](
-        x, up_weight, h, up_scale, pair_of_row, block_expert, None, None, None, None,
+        x, _weight_operand(up_weight), h, up_scale, pair_of_row, block_expert, None, None, None,
+        None,
         pairs, f, d, d, top_k, x.stride(0), x.stride(1), *up_weight.stride(), h.stride(0),
         h.stride(1), 0, 0, RELU2=True, **dots, **cfg, **_launch())
     # every pair's row is written once
     out = torch.empty(pairs, d, device=x.device, dtype=torch.float32)
     _matmul_kernel[(blocks, triton.cdiv(d, cfg["BLOCK_N"]))](
-        h, down_weight, out, down_scale, pair_of_row, block_expert, weights.float().contiguous(),
+        h, _weight_operand(down_weight), out, down_scale, pair_of_row, block_expert,
+        weights.float().contiguous(),
         None, None, None, pairs, d, f, f, top_k, h.stride(0), h.stride(1), *down_weight.stride(),
         out.stride(0), out.stride(1), 0, 0, RELU2=False, **dots, **cfg, **_launch())
     return out.view(n, top_k, d)

@@ -756,8 +756,9 @@ def check_cache(cache: Cache, model: Model) -> Cache:
 # 8. Fast paths at the seams: the kernels, the fused residual add, CUDA-graph decoding. Each is
 #    checked against the plain path by a test (test_nanoelastic.py, test_kernels.py).
 #
-# KERNELS, from NANOELASTIC_KERNELS at import: "" (unset) = Triton on CUDA tensors; "torch" = the
-# torch references everywhere; "triton" = Triton everywhere (CPU tensors need TRITON_INTERPRET=1).
+# KERNELS, from NANOELASTIC_KERNELS at import: "" (unset) = Triton on CUDA tensors of an sm_80+ GPU;
+# "torch" = the torch references everywhere; "triton" = Triton everywhere (CPU tensors need
+# TRITON_INTERPRET=1).
 
 try:
     import kernels
@@ -778,7 +779,8 @@ def use_kernels(t: Tensor) -> bool:
         raise NanoElasticError("NANOELASTIC_KERNELS=triton on the CPU needs TRITON_INTERPRET=1 "
                                "(Triton's interpreter); or leave NANOELASTIC_KERNELS unset to use "
                                "the torch references")
-    return KERNELS == "triton" or (KERNELS == "" and t.is_cuda and kernels is not None)
+    return KERNELS == "triton" or (KERNELS == "" and t.is_cuda and kernels is not None
+                                   and kernels.supported(t.device))
 
 
 @kernel

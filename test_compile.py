@@ -1,24 +1,26 @@
 """
-The compile test: every Triton kernel launch the model makes, compiled for an H100 on a machine
-without a GPU.
+The compile test: every Triton kernel launch the model makes, compiled for an H100 (and, on the
+path that GPUs before sm_89 take, for an A100) on a machine without a GPU.
 
 Most machines that run this suite (CI among them) have no GPU, and Triton's interpreter, which runs
 the kernels there, is no compiler: it never shows a kernel that fails to compile for a GPU, spills
-registers to local memory, or asks for more shared memory than a Hopper block has. Triton can
-compile for a GPU that is not there (`triton.compile(ASTSource(...),
-target=GPUTarget("cuda", 90, 32))`), and the ptxas that ships in Triton's wheel reports what the
-cubin uses. So this test
+registers to local memory, or asks for more shared memory than a block has. Triton can compile for
+a GPU that is not there (`triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))`), and
+the ptxas that ships in Triton's wheel reports what the cubin uses. So this test
 
   1. records the launches a real-width model makes: Config()'s widths (the 30B's) with one layer of
      each kind (Mamba-2, MoE, attention), at the 30B, 23B and 12B sizes, FP8 and BF16 weights, bf16
-     and fp32 activations, prefill and decode at the row counts that choose each block-size branch.
-     Launch arguments depend on shapes and dtypes, never on values, so the weights are left
-     uninitialised and no kernel runs: `JITFunction.run` is replaced by a recorder;
+     and fp32 activations, prefill and decode at the row counts that choose each block-size branch;
+     and the 30B's FP8 bf16 launches once more as a GPU without float8_e4m3fn makes them (FP8
+     weights as bytes: kernels._weight_operand). Launch arguments depend on shapes and dtypes, never
+     on values, so the weights are left uninitialised and no kernel runs: `JITFunction.run` is
+     replaced by a recorder;
   2. compiles each distinct launch (kernel, argument types, Triton's specialisations, constexprs,
-     warps, stages) for sm_90 and runs `ptxas -v --gpu-name sm_90a` on its PTX;
-  3. asserts that every launch compiles, that nothing on the bf16 path (what a GPU runs) spills,
-     that every kernel's shared memory fits an H100 block (227 KiB), and that each ticket (the
-     atomic by which a group's last program finds itself) comes after a barrier (below).
+     warps, stages) for sm_90 (the bytes path for sm_80) and runs `ptxas -v` on its PTX;
+  3. asserts that every launch compiles, that nothing on the bf16 path (what a GPU runs) spills
+     more than a few bytes, that every kernel's shared memory fits a block (227 KiB on sm_90, 99
+     KiB on sm_86), and that each ticket (the atomic by which a group's last program finds itself)
+     comes after a barrier (below).
 
     python -m pytest -q test_compile.py    # part of the test suite
     python test_compile.py                 # print the table of README.md's kernel section
@@ -33,8 +35,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
-H100_SHARED = 227 * 1024  # the most dynamic shared memory one block may use on sm_90
-SPILL_OK = 8  # bytes: "a few bytes at most"
+SPILL_OK = 16  # bytes: "a few bytes at most" (sm_80: 12 in the router's prefill matmul)
 PHASES = {  # name -> (batch, new tokens): each block-size branch of kernels.py, bench.py's batches
     "decode": (1, 1), "decode x8": (8, 1), "decode x32": (32, 1), "prefill 40": (1, 40),
     "prefill 1000": (1, 1000), "prefill 2048": (1, 2048)}
@@ -42,6 +43,9 @@ MODES = {  # name -> (FP8 weights, activation dtype name)
     "fp8/bf16": (True, "bfloat16"), "bf16/bf16": (False, "bfloat16"),
     "fp8/fp32": (True, "float32"), "fp32/fp32": (False, "float32")}
 PDL_PHASES = ("decode", "decode x8", "prefill 1000")  # also with kernels.PDL, FP8 bf16 30B
+# Shared memory a block may use: sm_90's; and before sm_89, where FP8 weights go in as bytes
+# (kernels._weight_operand), the least of sm_80's (A100) and sm_86's (A10, RTX 30xx): sm_86's.
+SHARED = {90: 227 * 1024, 80: 99 * 1024}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -65,7 +69,8 @@ def specialise(value):
         return "fp32", None
     if isinstance(value, torch.Tensor):
         names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
-                 torch.float8_e4m3fn: "fp8e4nv", torch.int64: "i64", torch.int32: "i32"}
+                 torch.float8_e4m3fn: "fp8e4nv", torch.uint8: "u8", torch.int64: "i64",
+                 torch.int32: "i32"}
         return "*" + names[value.dtype], "D" if value.data_ptr() % 16 == 0 else None
     raise TypeError(f"unexpected kernel argument {value!r}")
 
@@ -107,10 +112,10 @@ def record_launches() -> list[dict]:
                 constexprs[p.name] = value
             elif attr:
                 attrs[i] = attr
-        key = (fn.__name__, repr(signature), repr(constexprs), repr(attrs),
+        key = (arch, fn.__name__, repr(signature), repr(constexprs), repr(attrs),
                repr(sorted(options.items())))
         launch = seen.setdefault(key, dict(fn=fn, signature=signature, constexprs=constexprs,
-                                           attrs=attrs, options=options, cases=[]))
+                                           attrs=attrs, options=options, arch=arch, cases=[]))
         launch["cases"].append(case)
         if fn.__name__ == "_select_experts_kernel":  # what no kernel wrote indexes torch ops next
             bound["experts_ptr"].zero_()
@@ -124,7 +129,7 @@ def record_launches() -> list[dict]:
     import nanoelastic as ne
 
     config = ne.Config(layers_block_type=["mamba", "moe", "attention"])
-    case = ""
+    case, arch = "", 90
 
     def run(model, size, phase):
         batch, T = PHASES[phase]
@@ -147,12 +152,19 @@ def record_launches() -> list[dict]:
                 case = f"{mode} 30B {phase} PDL"
                 run(model, "30B", phase)
             kernels.PDL = False
+            # the A100 path: every phase of the 30B with FP8 weights as bytes, for sm_80
+            arch, native = 80, kernels._e4m3_native
+            kernels._e4m3_native = lambda device: False
+            for phase in PHASES:
+                case = f"{mode} 30B {phase} sm_80"
+                run(model, "30B", phase)
+            arch, kernels._e4m3_native = 90, native
         del model
     return list(seen.values())
 
 
 # --------------------------------------------------------------------------------------------------
-# 2. Compiling for sm_90 and reading ptxas' report
+# 2. Compiling for a GPU (sm_90, or sm_80) and reading ptxas' report
 
 def ptxas() -> str:
     """The ptxas Triton itself uses for sm_90 (its wheel carries more than one)."""
@@ -163,15 +175,15 @@ def ptxas() -> str:
         return compiler.get_ptxas().path
 
 
-def compile_for_hopper(launch: dict) -> dict:
-    """Registers, spill bytes (stores + loads) and shared memory of one launch compiled for
-    sm_90."""
+def compile_for_gpu(launch: dict) -> dict:
+    """Registers, spill bytes (stores + loads) and shared memory of one launch compiled for its
+    GPU (sm_90, or sm_80)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from triton.compiler.compiler import make_backend
 
-    target = GPUTarget("cuda", 90, 32)
+    target = GPUTarget("cuda", launch["arch"], 32)
     backend = make_backend(target)
     attrs = {(i,): backend.parse_attr(a) for i, a in launch["attrs"].items()}
     src = ASTSource(launch["fn"], launch["signature"], launch["constexprs"], attrs)
@@ -180,7 +192,8 @@ def compile_for_hopper(launch: dict) -> dict:
         ptx = Path(tmp) / "kernel.ptx"
         ptx.write_text(compiled.asm["ptx"])
         # the flags Triton compiles with (its ptxas 13 needs --regAllocOptLevel=2), plus -v
-        command = [ptxas(), "-v", "--regAllocOptLevel=2", "--gpu-name=sm_90a", str(ptx),
+        gpu = "sm_90a" if launch["arch"] == 90 else f"sm_{launch['arch']}"
+        command = [ptxas(), "-v", "--regAllocOptLevel=2", f"--gpu-name={gpu}", str(ptx),
                    "-o", f"{ptx}.o"]
         report = subprocess.run(command, capture_output=True, text=True, check=True).stderr
     regs = int(re.search(r"Used (\d+) registers", report).group(1))
@@ -226,10 +239,11 @@ def results() -> list[dict]:
     uses."""
     rows = []
     for launch in record_launches():
-        usage = compile_for_hopper(launch)
+        usage = compile_for_gpu(launch)
         consts = {k: str(v) for k, v in launch["constexprs"].items() if v is not None}
         rows.append(dict(kernel=launch["fn"].__name__, constexprs=consts, options=launch["options"],
-                         cases=launch["cases"], **usage))
+                         cases=launch["cases"], arch=launch["arch"],
+                         weight=launch["signature"].get("w_ptr"), **usage))
     return rows
 
 
@@ -251,15 +265,19 @@ def path(row: dict) -> str:
 # --------------------------------------------------------------------------------------------------
 # 3. The test, and the table
 
-def test_every_launch_compiles_for_hopper_without_spills():
+def test_every_launch_compiles_for_hopper_and_ampere_without_spills():
     rows = run_in_subprocess()
-    assert {r["kernel"] for r in rows} == {
-        "_matmul_kernel", "_select_experts_kernel", "_ssd_chunk_state_kernel",
-        "_ssd_state_passing_kernel", "_ssd_chunk_scan_kernel", "_mamba_step_kernel",
-        "_rms_norm_kernel", "_decode_attention_kernel"}
+    kernels = {"_matmul_kernel", "_select_experts_kernel", "_ssd_chunk_state_kernel",
+               "_ssd_state_passing_kernel", "_ssd_chunk_scan_kernel", "_mamba_step_kernel",
+               "_rms_norm_kernel", "_decode_attention_kernel"}
+    for arch in SHARED:
+        assert {r["kernel"] for r in rows if r["arch"] == arch} == kernels
     cases = {c for r in rows for c in r["cases"]}
     # every case launched kernels
-    assert len(cases) == len(MODES) * 3 * len(PHASES) + len(PDL_PHASES)
+    assert len(cases) == len(MODES) * 3 * len(PHASES) + len(PDL_PHASES) + len(PHASES)
+    # sm_80 has no float8_e4m3fn: its FP8 weights are bytes
+    weights = {r["weight"] for r in rows if r["kernel"] == "_matmul_kernel" and r["arch"] == 80}
+    assert "*u8" in weights and "*fp8e4nv" not in weights
     pdl = [r for r in rows if r["constexprs"].get("PDL") == "True"]
     assert {r["kernel"] for r in pdl} == {r["kernel"] for r in rows}  # every kernel takes it
     for r in rows:  # with PDL: the wait before any global memory access, then the next launch
@@ -269,7 +287,7 @@ def test_every_launch_compiles_for_hopper_without_spills():
                 else r["pdl"] == dict(before_wait=None, launch_after_wait=False)), r
     assert any(r["kernel"] == "_matmul_kernel" and r["ticket"] for r in rows)  # split K
     for r in rows:
-        assert r["shared"] <= H100_SHARED, r
+        assert r["shared"] <= SHARED[r["arch"]], r
         assert r["spill_bytes"] <= (SPILL_OK if path(r) == "bf16" else 1024), r
         # the merging kernels' ticket: a barrier first, so that every thread's writes (and reads)
         # are done before the program counts itself in
@@ -283,20 +301,23 @@ def test_every_launch_compiles_for_hopper_without_spills():
 
 
 def table(rows: list[dict]) -> str:
-    """One line per kernel, path and block shape; the worst of its variants (argument alignments,
-    sizes)."""
+    """One line per kernel, GPU, path and block shape; the worst of its variants (argument
+    alignments, sizes)."""
     groups = {}
     for r in rows:
         blocks = ", ".join(f"{k}={v}" for k, v in r["constexprs"].items() if k.startswith("BLOCK"))
         warps = r["options"].get("num_warps", 4)
-        groups.setdefault((r["kernel"].strip("_"), path(r), blocks, warps), []).append(r)
-    lines = [("| kernel | activations | blocks | warps | variants | registers | spills (B) | "
+        key = (r["kernel"].strip("_"), f"sm_{r['arch']}", path(r), blocks, warps)
+        groups.setdefault(key, []).append(r)
+    lines = [("| kernel | GPU | activations | blocks | warps | variants | registers | spills (B) | "
               "shared (KiB) |"),
-             "|---|---|---|---:|---:|---:|---:|---:|"]
-    for (kernel, act, blocks, warps), g in sorted(groups.items()):
+             "|---|---|---|---|---:|---:|---:|---:|---:|"]
+    for (kernel, gpu, act, blocks, warps), g in sorted(groups.items(), key=lambda kv: (
+            kv[0][0], kv[0][1] != "sm_90", kv[0][2:])):
         worst = lambda key: max(r[key] for r in g)
-        lines.append(f"| {kernel} | {act} | {blocks} | {warps} | {len(g)} | {worst('registers')} | "
-                     f"{worst('spill_bytes')} | {worst('shared') / 1024:.0f} |")
+        lines.append(f"| {kernel} | {gpu} | {act} | {blocks} | {warps} | {len(g)} | "
+                     f"{worst('registers')} | {worst('spill_bytes')} | "
+                     f"{worst('shared') / 1024:.0f} |")
     return "\n".join(lines)
 
 

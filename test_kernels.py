@@ -123,6 +123,45 @@ def test_linear_plus(rows, j, k, dtype):
     assert rel_err(ne.linear.reference(x.float(), w, scale, plus), ref) < TOL[torch.float32]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fp8_weights_as_bytes_before_sm89(monkeypatch, dtype):
+    """Where Triton has no float8_e4m3fn (GPUs before sm_89, such as the A100), FP8 weights go in
+    as bytes that the kernel turns into fp16s of 2^-8 the value, made up for in the scale: the very
+    same results as the native path, for every FP8 value (each of the 254 that are not NaN), split
+    K, nested views, the relu^2 epilogue and both MoE layouts."""
+    gen = torch.Generator().manual_seed(5)
+    every = torch.tensor([b for b in range(256) if b & 0x7F != 0x7F], dtype=torch.uint8)
+    w = every[torch.randint(0, len(every), (60, 1100), generator=gen)]
+    w = w.view(torch.float8_e4m3fn).to(DEVICE)[:53, :1050]  # a nested view of every value
+    scale = torch.tensor(0.003, device=DEVICE)
+    x = rand(37, 1050, dtype=dtype, gen=gen)
+    moe = moe_inputs(37, 6, True, dtype, seed=6), moe_inputs(1, 6, True, dtype, seed=7)
+
+    def outputs():
+        out = [kernels.linear(x[:rows], w, scale) for rows in (1, 2, 37)]  # split K: 1 and 2 rows
+        out.append(kernels.relu2_linear(x, w, scale))
+        out += [kernels.moe_experts(*inputs) for inputs in moe]
+        return out
+
+    native = outputs()
+    monkeypatch.setattr(kernels, "_e4m3_native", lambda device: False)
+    assert kernels._weight_operand(w).dtype == torch.uint8
+    for got, expected in zip(outputs(), native, strict=True):
+        assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("capability,runs,native", [((7, 5), False, False), ((8, 0), True, False),
+                                                    ((8, 6), True, False), ((8, 9), True, True),
+                                                    ((9, 0), True, True)])
+def test_which_gpus_run_the_kernels(monkeypatch, capability, runs, native):
+    """The kernels from sm_80 on (bf16 tensor cores; older GPUs run the references), with FP8
+    weights as bytes before sm_89 (T4, A100, A10, RTX 30xx have no float8_e4m3fn in Triton)."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: capability)
+    gpu = torch.device("cuda", 0)
+    assert kernels.supported.__wrapped__(gpu) == runs  # uncached: the patched capability
+    assert kernels._e4m3_native.__wrapped__(gpu) == native
+
+
 @pytest.mark.parametrize("rows", [1, 70])
 def test_linear_fp32_weight_bf16_x(rows):
     """The router: bf16 x times its fp32 weight gives fp32 logits, multiplied in full fp32 (no
