@@ -330,8 +330,7 @@ def _linear(x: Tensor, weight: Tensor, weight_scale: Tensor | None, relu2: bool,
         tickets = _tickets(x.device, grid[0] * grid[1])
     _matmul_kernel[grid + (splits,)](
         a, _weight_operand(weight), out, weight_scale, None, None, None, plus, partial, tickets, M,
-        N, K, span,
-        plus_rows, a.stride(0), a.stride(1), 0, weight.stride(0), weight.stride(1),
+        N, K, span, plus_rows, a.stride(0), a.stride(1), 0, weight.stride(0), weight.stride(1),
         out.stride(0), out.stride(1), *plus_strides, RELU2=relu2, **_dot_args(dtype), **cfg,
         **_launch())
     return out.view(*x.shape[:-1], N)
@@ -378,16 +377,15 @@ def moe_experts(x: Tensor, weights: Tensor, experts: Tensor, up_weight: Tensor,
     h = torch.empty(blocks * BM, f, device=x.device, dtype=x.dtype)  # rows in sorted, padded order
     _matmul_kernel[(blocks, triton.cdiv(f, cfg["BLOCK_N"]))](
         x, _weight_operand(up_weight), h, up_scale, pair_of_row, block_expert, None, None, None,
-        None,
-        pairs, f, d, d, top_k, x.stride(0), x.stride(1), *up_weight.stride(), h.stride(0),
+        None, pairs, f, d, d, top_k, x.stride(0), x.stride(1), *up_weight.stride(), h.stride(0),
         h.stride(1), 0, 0, RELU2=True, **dots, **cfg, **_launch())
     # every pair's row is written once
     out = torch.empty(pairs, d, device=x.device, dtype=torch.float32)
     _matmul_kernel[(blocks, triton.cdiv(d, cfg["BLOCK_N"]))](
         h, _weight_operand(down_weight), out, down_scale, pair_of_row, block_expert,
-        weights.float().contiguous(),
-        None, None, None, pairs, d, f, f, top_k, h.stride(0), h.stride(1), *down_weight.stride(),
-        out.stride(0), out.stride(1), 0, 0, RELU2=False, **dots, **cfg, **_launch())
+        weights.float().contiguous(), None, None, None, pairs, d, f, f, top_k, h.stride(0),
+        h.stride(1), *down_weight.stride(), out.stride(0), out.stride(1), 0, 0, RELU2=False,
+        **dots, **cfg, **_launch())
     return out.view(n, top_k, d)
 
 
