@@ -16,7 +16,8 @@ the ptxas that ships in Triton's wheel reports what the cubin uses. So this test
      on values, so the weights are left uninitialised and no kernel runs: `JITFunction.run` is
      replaced by a recorder;
   2. compiles each distinct launch (kernel, argument types, Triton's specialisations, constexprs,
-     warps, stages) for sm_90 (the bytes path for sm_80) and runs `ptxas -v` on its PTX;
+     warps, stages) for sm_90 (the bytes path for sm_80) and runs `ptxas -v` on its PTX, in a
+     process per core;
   3. asserts that every launch compiles, that nothing on the bf16 path (what a GPU runs) spills
      more than a few bytes, that every kernel's shared memory fits a block (227 KiB on sm_90, 99
      KiB on sm_86), and that each ticket (the atomic by which a group's last program finds itself)
@@ -27,11 +28,13 @@ the ptxas that ships in Triton's wheel reports what the cubin uses. So this test
 """
 
 import json
+import multiprocessing
 import os
 import re
 import subprocess
 import sys
 import tempfile
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
@@ -116,8 +119,9 @@ def record_launches() -> list[dict]:
                 attrs[i] = attr
         key = (arch, fn.__name__, repr(signature), repr(constexprs), repr(attrs),
                repr(sorted(options.items())))
-        launch = seen.setdefault(key, dict(fn=fn, signature=signature, constexprs=constexprs,
-                                           attrs=attrs, options=options, arch=arch, cases=[]))
+        launch = seen.setdefault(key, dict(kernel=fn.__name__, signature=signature,
+                                           constexprs=constexprs, attrs=attrs, options=options,
+                                           arch=arch, cases=[]))
         launch["cases"].append(case)
         if fn.__name__ == "_select_experts_kernel":  # what no kernel wrote indexes torch ops next
             bound["experts_ptr"].zero_()
@@ -162,6 +166,8 @@ def record_launches() -> list[dict]:
                 run(model, "30B", phase)
             arch, kernels._e4m3_native = 90, native
         del model
+    for name in ("TRITON_INTERPRET", "NANOELASTIC_KERNELS"):  # for the compiling processes
+        os.environ.pop(name)
     return list(seen.values())
 
 
@@ -185,10 +191,12 @@ def compile_for_gpu(launch: dict) -> dict:
     from triton.compiler import ASTSource
     from triton.compiler.compiler import make_backend
 
+    import kernels  # this process has no interpreter: JITFunctions
     target = GPUTarget("cuda", launch["arch"], 32)
     backend = make_backend(target)
     attrs = {(i,): backend.parse_attr(a) for i, a in launch["attrs"].items()}
-    src = ASTSource(launch["fn"], launch["signature"], launch["constexprs"], attrs)
+    src = ASTSource(getattr(kernels, launch["kernel"]), launch["signature"], launch["constexprs"],
+                    attrs)
     compiled = triton.compile(src, target=target, options=launch["options"])
     with tempfile.TemporaryDirectory() as tmp:
         ptx = Path(tmp) / "kernel.ptx"
@@ -239,11 +247,16 @@ def ticket_order(lines: list[str]) -> dict | None:
 def results() -> list[dict]:
     """One row per distinct launch: kernel, its constexprs, the cases that make it, and what it
     uses."""
+    launches = record_launches()
+    # compiling is CPU work, one launch at a time: a process per core (spawned, not forked from
+    # this process's threads)
+    spawn = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(os.cpu_count(), mp_context=spawn) as pool:
+        usages = list(pool.map(compile_for_gpu, launches))
     rows = []
-    for launch in record_launches():
-        usage = compile_for_gpu(launch)
+    for launch, usage in zip(launches, usages):
         consts = {k: str(v) for k, v in launch["constexprs"].items() if v is not None}
-        rows.append(dict(kernel=launch["fn"].__name__, constexprs=consts, options=launch["options"],
+        rows.append(dict(kernel=launch["kernel"], constexprs=consts, options=launch["options"],
                          cases=launch["cases"], arch=launch["arch"],
                          weight=launch["signature"].get("w_ptr"), **usage))
     return rows
