@@ -199,7 +199,7 @@ def _matmul_kernel(a_ptr, w_ptr, out_ptr, scale_ptr, pair_ptr, block_expert_ptr,
         # W^T [BLOCK_K, BLOCK_N]
         w = tl.load(w_base + cols[None, :] * stride_wn + ks[:, None] * stride_wk,
                     mask=(cols[None, :] < N) & (ks[:, None] < K), other=0.0)
-        if w_ptr.dtype.element_ty == tl.uint8:  # FP8 bytes (_weight_operand): 2^-8 x, as fp16
+        if w_ptr.dtype.element_ty == tl.uint8:  # FP8 bytes (_weight_operand) -> fp16, 2^-8 as big
             w = w.to(tl.uint16)
             w = (((w & 0x80) << 8) | ((w & 0x7F) << 7)).to(tl.float16, bitcast=True)
         acc = _dot(a, w, acc, DOT_DTYPE, PRECISION)
@@ -278,8 +278,6 @@ def _tickets(device: torch.device, n: int) -> Tensor:
         _TICKETS.setdefault(device, []).append(
             torch.zeros(max(1024, n), device=device, dtype=torch.int32))
     return _TICKETS[device][-1]
-
-
 
 
 def _weight_operand(weight: Tensor) -> Tensor:
