@@ -12,8 +12,8 @@ tensors:
     linear          x @ W^T, W FP8 (x per-tensor scale), BF16 or FP32 (the router's), read through
                     nested prefix views with their strides: no copy, no dequantised weight in
                     memory; `plus` adds the routed experts' outputs before the one rounding. On
-                    GPUs before sm_89 (A100), whose Triton has no float8_e4m3fn, FP8 weights are
-                    read as bytes and converted by bit moves (_weight_operand)
+                    GPUs before Hopper (A100, L40S), FP8 weights are read as bytes and converted
+                    by bit moves (_weight_operand)
     relu2_linear    relu(x @ W^T)^2, the same kernel with the activation in its epilogue
     select_experts  the router's choice: sigmoid, top-k of scores + bias, weights renormalised
     moe_experts     top-k routed experts, up -> relu^2 -> down x routing weight, over stacked
@@ -56,9 +56,10 @@ def supported(device: torch.device) -> bool:
 
 @functools.cache
 def _e4m3_native(device: torch.device) -> bool:
-    """Whether Triton has float8_e4m3fn on this device: from sm_89 (Ada, Hopper) on; the
-    interpreter has it too."""
-    return device.type != "cuda" or torch.cuda.get_device_capability(device) >= (8, 9)
+    """Whether the kernels read float8_e4m3fn weights as such: on Hopper and later, and in the
+    interpreter. Before sm_89 Triton has no such type; on sm_89 (Ada) Triton 3.6 converts it to
+    bf16 with an instruction that needs sm_90 (cvt.bf16.f16), so Ada takes the bytes path too."""
+    return device.type != "cuda" or torch.cuda.get_device_capability(device) >= (9, 0)
 
 
 def _pow2(n: int, least: int = 16) -> int:
@@ -202,6 +203,7 @@ def _matmul_kernel(a_ptr, w_ptr, out_ptr, scale_ptr, pair_ptr, block_expert_ptr,
         if w_ptr.dtype.element_ty == tl.uint8:  # FP8 bytes (_weight_operand) -> fp16, 2^-8 as big
             w = w.to(tl.uint16)
             w = (((w & 0x80) << 8) | ((w & 0x7F) << 7)).to(tl.float16, bitcast=True)
+            w = w.to(tl.float32)
         acc = _dot(a, w, acc, DOT_DTYPE, PRECISION)
 
     if partial_ptr is not None:
@@ -281,10 +283,11 @@ def _tickets(device: torch.device, n: int) -> Tensor:
 
 
 def _weight_operand(weight: Tensor) -> Tensor:
-    """The weight as _matmul_kernel reads it. Before sm_89 (A100, A10, RTX 30xx) Triton has no
-    float8_e4m3fn: there an FP8 weight goes in as its bytes (a view, no copy), and the kernel
-    moves each byte's sign, exponent and mantissa bits into an fp16's (exponent bias 15 instead
-    of 7): exactly 2^-8 of the FP8 value, subnormals included, made up for in the scale."""
+    """The weight as _matmul_kernel reads it. Before Hopper (A100, L40S, RTX 30xx and 40xx; see
+    _e4m3_native) an FP8 weight goes in as its bytes (a view, no copy), and the kernel moves each
+    byte's sign, exponent and mantissa bits into an fp16's (exponent bias 15 instead of 7):
+    exactly 2^-8 of the FP8 value, subnormals included, made up for in the scale; then to fp32,
+    which every GPU converts to bf16."""
     if weight.dtype == torch.float8_e4m3fn and not _e4m3_native(weight.device):
         return weight.view(torch.uint8)
     return weight

@@ -1,6 +1,6 @@
 """
-The compile test: every Triton kernel launch the model makes, compiled for an H100 (and, on the
-path that GPUs before sm_89 take, for an A100) on a machine without a GPU.
+The compile test: every Triton kernel launch the model makes, compiled for an H100 (and the FP8
+30B's for an L40S and an A100) on a machine without a GPU.
 
 Most machines that run this suite (CI among them) have no GPU, and Triton's interpreter, which runs
 the kernels there, is no compiler: it never shows a kernel that fails to compile for a GPU, spills
@@ -11,17 +11,15 @@ the ptxas that ships in Triton's wheel reports what the cubin uses. So this test
   1. records the launches a real-width model makes: Config()'s widths (the 30B's) with one layer of
      each kind (Mamba-2, MoE, attention), at the 30B, 23B and 12B sizes, FP8 and BF16 weights, bf16
      and fp32 activations, prefill and decode at the row counts that choose each block-size branch;
-     and the 30B's FP8 bf16 launches once more as a GPU without float8_e4m3fn makes them (FP8
-     weights as bytes: kernels._weight_operand). Launch arguments depend on shapes and dtypes, never
-     on values, so the weights are left uninitialised and no kernel runs: `JITFunction.run` is
-     replaced by a recorder;
+     and the FP8 bf16 30B's launches once more for sm_89 and for sm_80, as GPUs before Hopper
+     make them (FP8 weights as bytes: kernels._weight_operand). Launch arguments
+     depend on shapes and dtypes, never on values, so the weights are left uninitialised and no
+     kernel runs: `JITFunction.run` is replaced by a recorder;
   2. compiles each distinct launch (kernel, argument types, Triton's specialisations, constexprs,
-     warps, stages) for sm_90 (the bytes path for sm_80) and runs `ptxas -v` on its PTX, in a
-     process per core;
+     warps, stages) for its GPU and runs `ptxas -v` on its PTX, in a process per core;
   3. asserts that every launch compiles, that nothing on the bf16 path (what a GPU runs) spills
-     more than a few bytes, that every kernel's shared memory fits a block (227 KiB on sm_90, 99
-     KiB on sm_86), and that each ticket (the atomic by which a group's last program finds itself)
-     comes after a barrier (below).
+     more than a few bytes, that every kernel's shared memory fits a block (SHARED), and that each
+     ticket (the atomic by which a group's last program finds itself) comes after a barrier.
 
     python -m pytest -q test_compile.py    # part of the test suite
     python test_compile.py                 # print the table of README.md's kernel section
@@ -38,9 +36,14 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
-# Spills allowed on the bf16 path, in bytes: a few at most on sm_90; more on sm_80, which the block
-# sizes are not tuned for (Triton 3.9: 12 in the router's prefill matmul; 3.6: 32 in a 64-row one)
-SPILL_OK = {90: 8, 80: 64}
+# The GPUs compiled for: sm_90 (Hopper, what the block sizes are tuned for), and for the 30B's FP8
+# bf16 launches, sm_89 (Ada: L40S, RTX 40xx) and sm_80 (A100), where FP8 weights go in as bytes
+# (kernels._weight_operand). Per GPU, the spills allowed on the
+# bf16 path, in bytes: a few at most on sm_90, more on the others (sm_80: Triton 3.9 spills 12 in
+# the router's prefill matmul, 3.6 32 in a 64-row FP8 one); and the shared memory a block may use
+# (sm_89's and sm_86's (A10, RTX 30xx, which take sm_80's path) 99 KiB, not the A100's 163).
+SPILL_OK = {90: 8, 89: 64, 80: 64}
+SHARED = {90: 227 * 1024, 89: 99 * 1024, 80: 99 * 1024}
 PHASES = {  # name -> (batch, new tokens): each block-size branch of kernels.py, bench.py's batches
     "decode": (1, 1), "decode x8": (8, 1), "decode x32": (32, 1), "prefill 40": (1, 40),
     "prefill 1000": (1, 1000), "prefill 2048": (1, 2048)}
@@ -48,9 +51,6 @@ MODES = {  # name -> (FP8 weights, activation dtype name)
     "fp8/bf16": (True, "bfloat16"), "bf16/bf16": (False, "bfloat16"),
     "fp8/fp32": (True, "float32"), "fp32/fp32": (False, "float32")}
 PDL_PHASES = ("decode", "decode x8", "prefill 1000")  # also with kernels.PDL, FP8 bf16 30B
-# Shared memory a block may use: sm_90's; and before sm_89, where FP8 weights go in as bytes
-# (kernels._weight_operand), the least of sm_80's (A100) and sm_86's (A10, RTX 30xx): sm_86's.
-SHARED = {90: 227 * 1024, 80: 99 * 1024}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -158,12 +158,12 @@ def record_launches() -> list[dict]:
                 case = f"{mode} 30B {phase} PDL"
                 run(model, "30B", phase)
             kernels.PDL = False
-            # the A100 path: every phase of the 30B with FP8 weights as bytes, for sm_80
-            arch, native = 80, kernels._e4m3_native
-            kernels._e4m3_native = lambda device: False
-            for phase in PHASES:
-                case = f"{mode} 30B {phase} sm_80"
-                run(model, "30B", phase)
+            # every phase of the 30B for Ada and for the A100, with FP8 weights as bytes
+            native, kernels._e4m3_native = kernels._e4m3_native, lambda device: False
+            for arch in (89, 80):
+                for phase in PHASES:
+                    case = f"{mode} 30B {phase} sm_{arch}"
+                    run(model, "30B", phase)
             arch, kernels._e4m3_native = 90, native
         del model
     for name in ("TRITON_INTERPRET", "NANOELASTIC_KERNELS"):  # for the compiling processes
@@ -172,7 +172,7 @@ def record_launches() -> list[dict]:
 
 
 # --------------------------------------------------------------------------------------------------
-# 2. Compiling for a GPU (sm_90, or sm_80) and reading ptxas' report
+# 2. Compiling for a GPU (sm_90, sm_89 or sm_80) and reading ptxas' report
 
 def ptxas() -> str:
     """The ptxas Triton itself uses for sm_90 (its wheel carries more than one)."""
@@ -185,7 +185,7 @@ def ptxas() -> str:
 
 def compile_for_gpu(launch: dict) -> dict:
     """Registers, spill bytes (stores + loads) and shared memory of one launch compiled for its
-    GPU (sm_90, or sm_80)."""
+    GPU (sm_90, sm_89 or sm_80)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -289,10 +289,12 @@ def test_every_launch_compiles_for_hopper_and_ampere_without_spills():
         assert {r["kernel"] for r in rows if r["arch"] == arch} == kernels
     cases = {c for r in rows for c in r["cases"]}
     # every case launched kernels
-    assert len(cases) == len(MODES) * 3 * len(PHASES) + len(PDL_PHASES) + len(PHASES)
-    # sm_80 has no float8_e4m3fn: its FP8 weights are bytes
-    weights = {r["weight"] for r in rows if r["kernel"] == "_matmul_kernel" and r["arch"] == 80}
-    assert "*u8" in weights and "*fp8e4nv" not in weights
+    assert len(cases) == len(MODES) * 3 * len(PHASES) + len(PDL_PHASES) + 2 * len(PHASES)
+    # before Hopper, FP8 weights are bytes
+    for arch in (89, 80):
+        weights = {r["weight"] for r in rows
+                   if r["kernel"] == "_matmul_kernel" and r["arch"] == arch}
+        assert "*u8" in weights and "*fp8e4nv" not in weights
     pdl = [r for r in rows if r["constexprs"].get("PDL") == "True"]
     assert {r["kernel"] for r in pdl} == {r["kernel"] for r in rows}  # every kernel takes it
     for r in rows:  # with PDL: the wait before any global memory access, then the next launch
@@ -328,7 +330,7 @@ def table(rows: list[dict]) -> str:
               "shared (KiB) |"),
              "|---|---|---|---|---:|---:|---:|---:|---:|"]
     for (kernel, gpu, act, blocks, warps), g in sorted(groups.items(), key=lambda kv: (
-            kv[0][0], kv[0][1] != "sm_90", kv[0][2:])):
+            kv[0][0], -int(kv[0][1][3:]), kv[0][2:])):  # by kernel, the newest GPU first
         worst = lambda key: max(r[key] for r in g)
         lines.append(f"| {kernel} | {gpu} | {act} | {blocks} | {warps} | {len(g)} | "
                      f"{worst('registers')} | {worst('spill_bytes')} | "

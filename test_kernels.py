@@ -125,7 +125,7 @@ def test_linear_plus(rows, j, k, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fp8_weights_as_bytes_before_sm89(monkeypatch, dtype):
-    """Where Triton has no float8_e4m3fn (GPUs before sm_89, such as the A100), FP8 weights go in
+    """On GPUs before Hopper (kernels._e4m3_native: the A100, the L40S), FP8 weights go in
     as bytes that the kernel turns into fp16s of 2^-8 the value, made up for in the scale: the very
     same results as the native path, for every FP8 value (each of the 254 that are not NaN), split
     K, nested views, the relu^2 epilogue and both MoE layouts."""
@@ -151,11 +151,11 @@ def test_fp8_weights_as_bytes_before_sm89(monkeypatch, dtype):
 
 
 @pytest.mark.parametrize("capability,runs,native", [((7, 5), False, False), ((8, 0), True, False),
-                                                    ((8, 6), True, False), ((8, 9), True, True),
+                                                    ((8, 6), True, False), ((8, 9), True, False),
                                                     ((9, 0), True, True)])
 def test_which_gpus_run_the_kernels(monkeypatch, capability, runs, native):
     """The kernels from sm_80 on (bf16 tensor cores; older GPUs run the references), with FP8
-    weights as bytes before sm_89 (T4, A100, A10, RTX 30xx have no float8_e4m3fn in Triton)."""
+    weights as bytes before Hopper (kernels._e4m3_native)."""
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: capability)
     gpu = torch.device("cuda", 0)
     assert kernels.supported.__wrapped__(gpu) == runs  # uncached: the patched capability
