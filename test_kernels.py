@@ -124,7 +124,7 @@ def test_linear_plus(rows, j, k, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fp8_weights_as_bytes_before_sm89(monkeypatch, dtype):
+def test_fp8_weights_as_bytes_before_hopper(monkeypatch, dtype):
     """On GPUs before Hopper (kernels._e4m3_native: the A100, the L40S), FP8 weights go in
     as bytes that the kernel turns into fp16s of 2^-8 the value, made up for in the scale: the very
     same results as the native path, for every FP8 value (each of the 254 that are not NaN), split
