@@ -730,8 +730,7 @@ def mamba_step(xBC: Tensor, dt: Tensor, conv_state: Tensor, ssm_state: Tensor, c
 @triton.jit
 def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, position_ptr, out_ptr,
                              partial_ptr, ticket_ptr, Hkv, G, HD, SPAN, scale,
-                             s_qb, s_qh, s_kb, s_kh, s_vb, s_vh, s_cb, s_ch, s_cl, s_ob,
-                             s_oh,
+                             s_qb, s_qh, s_kb, s_kh, s_vb, s_vh, s_cb, s_ch, s_cl, s_ob, s_oh,
                              DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
                              BLOCK_G: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
                              PDL: tl.constexpr):

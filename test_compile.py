@@ -12,9 +12,9 @@ the ptxas that ships in Triton's wheel reports what the cubin uses. So this test
      each kind (Mamba-2, MoE, attention), at the 30B, 23B and 12B sizes, FP8 and BF16 weights, bf16
      and fp32 activations, prefill and decode at the row counts that choose each block-size branch;
      and the FP8 bf16 30B's launches once more for sm_89 and for sm_80, as GPUs before Hopper
-     make them (FP8 weights as bytes: kernels._weight_operand). Launch arguments
-     depend on shapes and dtypes, never on values, so the weights are left uninitialised and no
-     kernel runs: `JITFunction.run` is replaced by a recorder;
+     make them (FP8 weights as bytes: kernels._weight_operand). Launch arguments depend on shapes
+     and dtypes, never on values, so the weights are left uninitialised and no kernel runs:
+     `JITFunction.run` is replaced by a recorder;
   2. compiles each distinct launch (kernel, argument types, Triton's specialisations, constexprs,
      warps, stages) for its GPU and runs `ptxas -v` on its PTX, in a process per core;
   3. asserts that every launch compiles, that nothing on the bf16 path (what a GPU runs) spills
@@ -37,11 +37,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 # The GPUs compiled for: sm_90 (Hopper, what the block sizes are tuned for), and for the 30B's FP8
-# bf16 launches, sm_89 (Ada: L40S, RTX 40xx) and sm_80 (A100), where FP8 weights go in as bytes
-# (kernels._weight_operand). Per GPU, the spills allowed on the
-# bf16 path, in bytes: a few at most on sm_90, more on the others (sm_80: Triton 3.9 spills 12 in
-# the router's prefill matmul, 3.6 32 in a 64-row FP8 one); and the shared memory a block may use
-# (sm_89's and sm_86's (A10, RTX 30xx, which take sm_80's path) 99 KiB, not the A100's 163).
+# bf16 launches the GPUs before Hopper, where FP8 weights go in as bytes (kernels._weight_operand):
+# sm_89 (Ada: L40S, RTX 40xx) and sm_80 (A100). Per GPU, the spills allowed on the bf16 path, in
+# bytes: a few at most on sm_90, more on the others (sm_80: Triton 3.9 spills 12 in the router's
+# prefill matmul, 3.6 32 in a 64-row FP8 one); and the shared memory a block may use: 99 KiB
+# before Hopper, the limit of sm_89 and of sm_86 (A10, RTX 30xx), not the A100's 163.
+BEFORE_HOPPER = (89, 80)
 SPILL_OK = {90: 8, 89: 64, 80: 64}
 SHARED = {90: 227 * 1024, 89: 99 * 1024, 80: 99 * 1024}
 PHASES = {  # name -> (batch, new tokens): each block-size branch of kernels.py, bench.py's batches
@@ -160,7 +161,7 @@ def record_launches() -> list[dict]:
             kernels.PDL = False
             # every phase of the 30B for Ada and for the A100, with FP8 weights as bytes
             native, kernels._e4m3_native = kernels._e4m3_native, lambda device: False
-            for arch in (89, 80):
+            for arch in BEFORE_HOPPER:
                 for phase in PHASES:
                     case = f"{mode} 30B {phase} sm_{arch}"
                     run(model, "30B", phase)
@@ -175,7 +176,8 @@ def record_launches() -> list[dict]:
 # 2. Compiling for a GPU (sm_90, sm_89 or sm_80) and reading ptxas' report
 
 def ptxas() -> str:
-    """The ptxas Triton itself uses for sm_90 (its wheel carries more than one)."""
+    """The ptxas Triton itself uses for sm_90 (its wheel carries more than one); it compiles for
+    sm_89 and sm_80 too."""
     from triton.backends.nvidia import compiler
     try:
         return compiler.get_ptxas(90).path
@@ -280,7 +282,7 @@ def path(row: dict) -> str:
 # --------------------------------------------------------------------------------------------------
 # 3. The test, and the table
 
-def test_every_launch_compiles_for_hopper_and_ampere_without_spills():
+def test_every_launch_compiles_for_each_gpu_without_spills():
     rows = run_in_subprocess()
     kernels = {"_matmul_kernel", "_select_experts_kernel", "_ssd_chunk_state_kernel",
                "_ssd_state_passing_kernel", "_ssd_chunk_scan_kernel", "_mamba_step_kernel",
@@ -289,9 +291,10 @@ def test_every_launch_compiles_for_hopper_and_ampere_without_spills():
         assert {r["kernel"] for r in rows if r["arch"] == arch} == kernels
     cases = {c for r in rows for c in r["cases"]}
     # every case launched kernels
-    assert len(cases) == len(MODES) * 3 * len(PHASES) + len(PDL_PHASES) + 2 * len(PHASES)
+    assert len(cases) == (len(MODES) * 3 * len(PHASES) + len(PDL_PHASES)
+                          + len(BEFORE_HOPPER) * len(PHASES))
     # before Hopper, FP8 weights are bytes
-    for arch in (89, 80):
+    for arch in BEFORE_HOPPER:
         weights = {r["weight"] for r in rows
                    if r["kernel"] == "_matmul_kernel" and r["arch"] == arch}
         assert "*u8" in weights and "*fp8e4nv" not in weights
@@ -324,15 +327,14 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         blocks = ", ".join(f"{k}={v}" for k, v in r["constexprs"].items() if k.startswith("BLOCK"))
         warps = r["options"].get("num_warps", 4)
-        key = (r["kernel"].strip("_"), f"sm_{r['arch']}", path(r), blocks, warps)
+        key = (r["kernel"].strip("_"), -r["arch"], path(r), blocks, warps)  # the newest GPU first
         groups.setdefault(key, []).append(r)
     lines = [("| kernel | GPU | activations | blocks | warps | variants | registers | spills (B) | "
               "shared (KiB) |"),
              "|---|---|---|---|---:|---:|---:|---:|---:|"]
-    for (kernel, gpu, act, blocks, warps), g in sorted(groups.items(), key=lambda kv: (
-            kv[0][0], -int(kv[0][1][3:]), kv[0][2:])):  # by kernel, the newest GPU first
+    for (kernel, minus_arch, act, blocks, warps), g in sorted(groups.items()):
         worst = lambda key: max(r[key] for r in g)
-        lines.append(f"| {kernel} | {gpu} | {act} | {blocks} | {warps} | {len(g)} | "
+        lines.append(f"| {kernel} | sm_{-minus_arch} | {act} | {blocks} | {warps} | {len(g)} | "
                      f"{worst('registers')} | {worst('spill_bytes')} | "
                      f"{worst('shared') / 1024:.0f} |")
     return "\n".join(lines)
