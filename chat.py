@@ -292,7 +292,7 @@ def size_name(size: str) -> str:
 def model_size(size: str, config: ne.Config, size_names: dict[str, str]) -> str:
     """The size the model knows (any case; the demo's stand-in for 30B/23B/12B); a size that does
     not fit `config` fails here, with a hint naming sizes that do."""
-    size = size_names.get(size.strip().upper(), size)
+    given, size = size, size_names.get(size.strip().upper(), size)
     try:
         ne.parse_size(size, config)
     except NanoElasticError as e:
@@ -303,7 +303,8 @@ def model_size(size: str, config: ne.Config, size_names: dict[str, str]) -> str:
                 fits.append(name if name == real else f"{name} (= {real})")
             except NanoElasticError:
                 pass
-        problem = str(e).split(": use ")[0]  # the hint below replaces parse_size's
+        # the hint below replaces parse_size's; the size as it was given (the demo's 30B)
+        problem = str(e).split(": use ")[0].replace(f"size {size} ", f"size {size_name(given)} ", 1)
         named = ", ".join(fits) + ", or " if fits else ""
         raise NanoElasticError(f"{problem}: use {named}HIDDENxFFN up to "
                                f"{config.hidden_size}x{config.moe_intermediate_size}") from e
@@ -622,6 +623,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--think", metavar="SIZE", help=f"size that thinks: 30B, 23B, 12B or "
                     f"HIDDENxFFN (default {d.think}; demo {demo['think']})")
     ap.add_argument("--answer", metavar="SIZE", help="size that answers")
+    ap.add_argument("--load", metavar="SIZE", help="read only this size's weights: less memory "
+                    "(12B: about 13 GB in FP8), and no larger size to think or answer with")
     ap.add_argument("--switch", choices=["transplant", "reprefill"], help="at </think>: keep the "
                     "caches (transplant) or rebuild them with the answer size")
     ap.add_argument("--no-think", action="store_true", help="answer without thinking")
@@ -665,27 +668,35 @@ def settings_of(args: argparse.Namespace) -> Settings:
     return settings
 
 
-def check_sizes(args: argparse.Namespace, settings: Settings) -> dict[str, str]:
-    """Refuse a size that does not fit the checkpoint before anything is loaded (its config.json is
-    enough); the size names that differ from the model's (the demo's stand-ins)."""
+def check_sizes(args: argparse.Namespace, settings: Settings) -> tuple[dict[str, str], str | None]:
+    """Refuse a size that does not fit the checkpoint (or the --load size) before anything is
+    loaded (its config.json is enough). -> the size names that differ from the model's (the demo's
+    stand-ins), and the model's name of the --load size."""
     size_names = DEMO_SIZES if args.demo else {}
     if args.demo:
         config = demo_config()
     else:
         config = ne.Config.from_file(find_checkpoint(args.ckpt) / "config.json")
+    whole = f"{config.hidden_size}x{config.moe_intermediate_size}"
+    load = None
+    if args.load:
+        whole = args.load = size_name(args.load)
+        load = model_size(args.load, config, size_names)
+        config = config.sliced(*ne.parse_size(load, config))
     for name in ("think", "answer"):
         try:
             model_size(getattr(settings, name), config, size_names)
         except NanoElasticError:
             if getattr(args, name) is not None:
                 raise
-            # the default (30B) does not fit a sliced checkpoint: use its own, whole size
-            setattr(settings, name, f"{config.hidden_size}x{config.moe_intermediate_size}")
-    return size_names
+            # the default (30B) does not fit a sliced checkpoint or --load: use the whole model
+            setattr(settings, name, whole)
+    return size_names, load
 
 
-def load(args: argparse.Namespace, tmp: str) -> tuple[ne.Model, ChatTokenizer]:
-    """The checkpoint's model and tokenizer."""
+def load(args: argparse.Namespace, tmp: str,
+         size: str | None = None) -> tuple[ne.Model, ChatTokenizer]:
+    """The checkpoint's model (of the nested `size` only, if given) and tokenizer."""
     if args.demo:
         path = Path(args.ckpt) if args.ckpt else Path(tmp) / "demo"
         if not path.exists():
@@ -703,7 +714,7 @@ def load(args: argparse.Namespace, tmp: str) -> tuple[ne.Model, ChatTokenizer]:
     if args.demo and not torch.cuda.is_available():
         torch.set_num_threads(1)  # tiny matrices: more threads only add overhead
     model = ne.Model.from_pretrained(path, dtype=torch.float32 if args.demo else None,
-                                     verbose=not args.demo)
+                                     verbose=not args.demo, size=size)
     return model, tokenizer
 
 
@@ -722,7 +733,7 @@ def main(argv: list[str] | None = None) -> int:
     if prompt is not None and not prompt.strip():
         raise NanoElasticError("empty prompt")
     settings = settings_of(args)
-    size_names = check_sizes(args, settings)
+    size_names, load_size = check_sizes(args, settings)
     if args.demo and args.ckpt and os.path.isfile(args.ckpt):
         raise NanoElasticError(f"{args.ckpt} is a file: --demo --ckpt takes a folder (written if "
                                f"missing)")
@@ -735,7 +746,7 @@ def main(argv: list[str] | None = None) -> int:
               f"after {tokens(settings.max_think)} (--max-think).",
               file=log, flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        model, tokenizer = load(args, tmp)
+        model, tokenizer = load(args, tmp, load_size)
         color = log.isatty() and not os.environ.get("NO_COLOR")
         chat = Chat(model, tokenizer, settings, size_names, color, log=log)
         if prompt is not None:
@@ -743,6 +754,8 @@ def main(argv: list[str] | None = None) -> int:
         sizes = f"think {settings.think}, answer {settings.answer}, switch {settings.switch}"
         if not settings.thinking:
             sizes = f"answer {settings.answer}, thinking off"
+        if args.load:
+            sizes += f" (only {args.load} loaded)"
         print(f"nanoelastic chat: {sizes}. /help for commands, Ctrl-D to leave.")
         repl(chat, echo=not sys.stdin.isatty())
     return 0

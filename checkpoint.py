@@ -438,26 +438,35 @@ class Progress:
 
 
 def load_checkpoint(model: Model, path: Path, device: torch.device, dtype: torch.dtype,
-                    verbose: bool) -> None:
+                    verbose: bool, config: Config | None = None) -> None:
     """Fill a meta-device model from the checkpoint, one shard and one tensor at a time, straight to
     `device`. Every name, shape and FP8 pairing is checked from the shard headers before anything
-    loads."""
+    loads. `config`: the checkpoint's, when `model` is one of its nested sizes (model.config): then
+    only each tensor's nested prefix is read."""
     from safetensors import safe_open
 
-    weight_map, plan, total_bytes = check_checkpoint(model, path)
+    with torch.device("meta"):  # what the checkpoint is checked against
+        whole = Model(config) if config else model
+    weight_map, plan, total_bytes = check_checkpoint(whole, path)
+    d, f = model.config.hidden_size, model.config.moe_intermediate_size
     progress, stacks = Progress(verbose), {}  # stacks: the stacked expert tensors being filled
-    done_tensors, done_bytes, t0 = 0, 0, time.time()
+    done_tensors, read_bytes, kept_bytes, t0 = 0, 0, 0, time.time()
     for shard, names in by_shard(plan, weight_map).items():
-        with safe_open(shard, "pt", device=str(device)) as f:
+        with safe_open(shard, "pt", device=str(device)) as sf:
             for name in names:
-                t = f.get_tensor(name)
+                tensor = sf.get_slice(name)
+                shape = tensor.get_shape()
+                # a prefix can be a strided view of the whole tensor: kept as a compact copy
+                t = tensor[ne.nested_index(name, len(shape), d, f)].to(device).contiguous()
                 place_tensor(model, stacks, name, t, dtype)
                 done_tensors += 1
-                done_bytes += t.numel() * t.element_size()
+                read_bytes += math.prod(shape) * t.element_size()
+                kept_bytes += t.numel() * t.element_size()
                 progress(f"loading {path.name}: {done_tensors}/{len(plan)} tensors, "
-                         f"{done_bytes / 1e9:.2f}/{total_bytes / 1e9:.2f} GB")
+                         f"{read_bytes / 1e9:.2f}/{total_bytes / 1e9:.2f} GB")
     if verbose:
-        print(f"\rloaded {path.name}: {done_tensors} tensors, {done_bytes / 1e9:.2f} GB "
+        nested = f" at {d}x{f}" if whole is not model else ""
+        print(f"\rloaded {path.name}{nested}: {done_tensors} tensors, {kept_bytes / 1e9:.2f} GB "
               f"in {time.time() - t0:.1f} s", file=sys.stderr)
 
 
@@ -475,19 +484,23 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return device
 
 
-def load_model(path: Path, device, dtype: torch.dtype | None, verbose: bool) -> Model:
-    """Model.from_pretrained: the config, a model on the meta device, the checkpoint checked and
-    then loaded into it on `device`."""
+def load_model(path: Path, device, dtype: torch.dtype | None, verbose: bool,
+               size: str | None = None) -> Model:
+    """Model.from_pretrained: the config, a model on the meta device (of the nested `size`, if
+    given), the checkpoint checked and then loaded into it on `device`."""
     if dtype not in (None, torch.bfloat16, torch.float16, torch.float32):
         raise NanoElasticError(f"dtype {dtype!r}: the compute dtype is torch.bfloat16 (the "
                                f"default), torch.float16 or torch.float32")
     if not path.is_dir():
         raise NanoElasticError(f"checkpoint folder not found: {path}")
     config = read_config(path / "config.json")
+    d, f = ne.parse_size(size, config)
+    nested = (d, f) != (config.hidden_size, config.moe_intermediate_size)
     device = resolve_device(device)
     with torch.device("meta"):
-        model = Model(config)
-    load_checkpoint(model, path, device, dtype or torch.bfloat16, verbose)
+        model = Model(config.sliced(d, f) if nested else config)
+    load_checkpoint(model, path, device, dtype or torch.bfloat16, verbose,
+                    config if nested else None)
     return model
 
 

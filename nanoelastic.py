@@ -602,11 +602,15 @@ class Model(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None,
-                        dtype: torch.dtype | None = None, verbose: bool = True) -> Model:
+                        dtype: torch.dtype | None = None, verbose: bool = True,
+                        size: str | None = None) -> Model:
         """Load an HF-format checkpoint folder, FP8 or BF16, sharded or not (checkpoint.py). dtype
-        is the compute dtype (bfloat16 by default; float32 for exact tests); FP8 stays FP8."""
+        is the compute dtype (bfloat16 by default; float32 for exact tests); FP8 stays FP8. With
+        `size`, only that nested size's prefixes are read: the model is the standalone model of
+        that size (the one slice.py writes), in that much memory, and its own sizes are the ones
+        nested in it."""
         import checkpoint
-        return checkpoint.load_model(Path(path), device, dtype, verbose)
+        return checkpoint.load_model(Path(path), device, dtype, verbose, size)
 
     def num_params(self, size: str | None = None) -> tuple[int, int]:
         """(total, active per token) parameters at `size`; active counts k of the E experts."""
@@ -887,10 +891,16 @@ def nested_axes(name: str) -> str:  # the NESTED_AXES entry of a tensor name (''
     return next((a for pattern, a in NESTED_AXES if re.search(rf"(^|\.)({pattern})$", name)), "")
 
 
+def nested_index(name: str, ndim: int, d: int, f: int) -> tuple[slice, ...]:
+    """Tensor `name`'s prefix at nested size (d, f) as one slice per axis: [:, :f, :d] etc."""
+    prefix = {"d": slice(0, d), "f": slice(0, f), ".": slice(None)}
+    axes = nested_axes(name)
+    return (slice(None),) * (ndim - len(axes)) + tuple(prefix[a] for a in axes)
+
+
 def nested_view(name: str, t: Tensor, d: int, f: int) -> Tensor:
     """The prefix view of tensor `name` at nested size (d, f): t[..., :f, :d] etc. Never a copy."""
-    prefix = {"d": slice(0, d), "f": slice(0, f), ".": slice(None)}
-    return t[(..., *(prefix[a] for a in nested_axes(name)))]
+    return t[nested_index(name, t.dim(), d, f)]
 
 
 def nested_model(model: Model, size: str | None) -> Model:
@@ -930,7 +940,7 @@ def parse_size(size: str | None, config: Config) -> tuple[int, int]:
                                f"(this checkpoint's widths)")
     if not (0 < d <= D and 0 < f <= Fe):
         raise NanoElasticError(f"size {size} = hidden {d} x expert FFN {f} does not fit in this "
-                               f"checkpoint ({D}x{Fe})")
+                               f"model ({D}x{Fe})")
     return d, f
 
 
@@ -1213,6 +1223,8 @@ def parse_args(argv: list[str] | None):
                         "are noise, the mechanics are real).")
     ap.add_argument("--ckpt", help="checkpoint folder (HF format, FP8 or BF16)")
     ap.add_argument("--size", help="30B, 23B, 12B or HIDDENxFFN (default: the checkpoint's own)")
+    ap.add_argument("--load", metavar="SIZE", help="read only this size's weights (less memory; "
+                    "no larger size can run)")
     ap.add_argument("--switch-to", help="change to this size after --switch-after tokens")
     ap.add_argument("--switch-after", type=int, default=16)
     ap.add_argument("--switch-mode", default="transplant", choices=["transplant", "reprefill"])
@@ -1236,20 +1248,23 @@ def load(args):
     device = checkpoint.resolve_device(args.device)  # a bad device fails before anything loads
     if args.ckpt:
         tokenizer = checkpoint.load_tokenizer(Path(args.ckpt))
-        model = Model.from_pretrained(args.ckpt, device=device)
+        model = Model.from_pretrained(args.ckpt, device=device, size=args.load)
         prompt = tokenizer.encode(args.prompt, add_special_tokens=False).ids
         stops = checkpoint.stop_tokens(Path(args.ckpt), model.config)
         return model, prompt, stops, lambda t: tokenizer.decode([t])
+
+    def stand_in(size: str | None, default: str | None) -> str | None:  # the demo's 30B, 23B, 12B
+        return DEMO_SIZES.get(size.strip().upper(), size) if size else default
+
     print("demo: random weights, so the tokens are noise; sizes, caches and the switch are real")
     with tempfile.TemporaryDirectory() as tmp:  # the demo's checkpoint, removed on the way out
         path = checkpoint.write_random_checkpoint(Path(tmp) / "random-fp8", DEMO_CONFIG)
-        model = Model.from_pretrained(path, device=device, dtype=torch.float32)
+        model = Model.from_pretrained(path, device=device, dtype=torch.float32,
+                                      size=stand_in(args.load, None))
         stops = checkpoint.stop_tokens(path, model.config)
-
-    def stand_in(size: str | None, default: str) -> str:  # 30B, 23B, 12B: the demo's stand-ins
-        return DEMO_SIZES.get(size.strip().upper(), size) if size else default
-    args.size = stand_in(args.size, DEMO_SIZES["23B"])
-    args.switch_to = stand_in(args.switch_to, DEMO_SIZES["30B"])
+    demo_switch = (None, None) if args.load else (DEMO_SIZES["23B"], DEMO_SIZES["30B"])
+    args.size = stand_in(args.size, demo_switch[0])
+    args.switch_to = stand_in(args.switch_to, demo_switch[1])
     return model, list(range(1, 33)), stops, lambda t: f"[{t}]"
 
 

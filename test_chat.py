@@ -263,6 +263,26 @@ def test_one_shot_thinks_small_then_answers_large_after_the_budget(demo_ckpt, de
     assert r.stdout.endswith("\n") and f"\n[answer 30B]\n{r.stdout}[" in both, both
 
 
+def test_load_reads_one_size_and_answers_as_its_view_does(demo_ckpt, demo_model):
+    """--load 23B: the model holds the 23B's prefixes only; the sizes default to it, what it writes
+    is what the 23B view of the whole model writes, and a larger size is refused."""
+    seed = quiet_seed(demo_model, chat.ChatTokenizer.load(demo_ckpt), "Hi", "12B", 5)
+    args = ("--demo", "--ckpt", str(demo_ckpt), "--prompt", "Hi", "--think", "12B",
+            "--max-think", "5", "--max-new-tokens", "12", "--seed", str(seed))
+    loaded, viewed = run(*args, "--load", "23b"), run(*args, "--answer", "23B")
+    assert loaded.returncode == 0 and viewed.returncode == 0, loaded.stderr + viewed.stderr
+    assert "[answer 23B]" in loaded.stderr and loaded.stdout.strip(), loaded.stderr
+    assert loaded.stdout == viewed.stdout
+    r = run("--demo", "--ckpt", str(demo_ckpt), "--interactive", "--load", "23B",
+            input="/answer 30b\n/think 12B\n/exit\n")
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert re.search(r"^nanoelastic chat: think 23B, answer 23B, switch transplant \(only 23B "
+                     r"loaded\)\.", r.stdout, re.M), r.stdout
+    assert ("error: size 30B = hidden 256 x expert FFN 128 does not fit in this model (192x96): "
+            "use 23B (= 192x96), 12B (= 128x64), or HIDDENxFFN up to 192x96\n") in r.stdout
+    assert "think 12B, answer 23B\n" in r.stdout
+
+
 def test_piped_prompt_switches_where_the_model_writes_think_end(demo_ckpt, demo_model, tmp_path):
     """Random weights rarely write </think>, so this checkpoint's tokenizer calls </think> the token
     the model writes 4th (the model and the prompt's ids are unchanged): the switch must come right
@@ -529,6 +549,10 @@ def test_bad_input_is_one_line_error(demo_ckpt, tmp_path):
          r"--seed must be in \[0, 9223372036854775807\]"),
         (["--ckpt", str(sliced_23b), "--think", "30B", "--prompt", "hi"], "",
          "size 30B .* does not fit .*: use 23B, 12B, or HIDDENxFFN up to 2304x1600"),
+        (["--ckpt", str(config_only), "--load", "12B", "--prompt", "hi"], "",
+         r"size 12B = hidden 1920 .* does not fit in this model \(256x128\)"),
+        (["--demo", "--ckpt", str(demo_ckpt), "--load", "12B", "--answer", "23b", "--prompt",
+          "hi"], "", r"size 23B = hidden 192 x .* does not fit in this model \(128x64\)"),
         # no size given: the default 30B does not fit, so the checkpoint's own size is used (then
         # the missing tokenizer is the first problem)
         (["--ckpt", str(sliced_23b), "--prompt", "hi"], "", "missing tokenizer"),

@@ -2,8 +2,8 @@
 (CPU, fp32).
 
 The references: the sequential recurrence for the chunked scan, transformers' NemotronHForCausalLM
-for the whole model (fed the same dequantised, sliced weights), materialised copies for the nested
-views.
+for the whole model (fed the same dequantised, sliced weights), the same size loaded alone (its prefixes,
+contiguous) for the nested views.
 """
 
 import copy
@@ -378,9 +378,10 @@ def test_matches_transformers(models, key, size):
 # --------------------------------------------------------------------------------------------------
 # nested sizes are views
 
+@pytest.mark.parametrize("fp8", [True, False], ids=["fp8", "bf16"])
 @pytest.mark.parametrize("size", SIZES[1:])
-def test_views_equal_materialized_copies(models, size):
-    model = models[("A", True)]
+def test_views_equal_the_size_loaded_alone(models, checkpoints, size, fp8):
+    model = models[("A", fp8)]
     d, f = ne.parse_size(size, model.config)
     views = model.nested(size)
     assert model.nested(size) is views  # built once per size
@@ -391,20 +392,20 @@ def test_views_equal_materialized_copies(models, size):
     assert sum(p.numel() for p in view_params) < sum(p.numel() for p in model.parameters())
     assert views.backbone.layers[1].mixer.experts.up_proj.weight.shape == (8, f, d)
 
-    # The same size, materialised: a model of the sliced config holding contiguous copies.
-    with torch.device("meta"):
-        copied = Model(model.config.sliced(d, f))
-    modules = dict(copied.named_modules())
-    for name, p in views.named_parameters():
-        owner, _, leaf = name.rpartition(".")
-        modules[owner]._parameters[leaf] = torch.nn.Parameter(p.contiguous().clone(),
-                                                              requires_grad=False)
-    for name, b in views.named_buffers():
-        owner, _, leaf = name.rpartition(".")
-        modules[owner]._buffers[leaf] = b.clone()
-    assert all(p.is_contiguous() for p in copied.parameters())
+    # The same size loaded alone: only its prefixes are read, into contiguous tensors of its own.
+    alone = Model.from_pretrained(checkpoints[("A", fp8)], device="cpu", dtype=torch.float32,
+                                  verbose=False, size=size)
+    assert alone.config == model.config.sliced(d, f)
+    view_state, alone_state = views.state_dict(), alone.state_dict()
+    assert view_state.keys() == alone_state.keys()
+    for name, t in alone_state.items():
+        assert t.is_contiguous() and t.dtype == view_state[name].dtype, name
+        assert torch.equal(t.float(), view_state[name].float()), name
     t = tokens(2, 19, seed=4)
-    torch.testing.assert_close(model(t, size=size), copied(t), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model(t, size=size), alone(t), rtol=1e-5, atol=1e-5)
+    # the sizes nested in it are the full model's again
+    torch.testing.assert_close(model(t, size=SIZES[2]), alone(t, size=SIZES[2]), rtol=1e-5,
+                               atol=1e-5)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -668,6 +669,10 @@ def test_bad_input_errors(models, checkpoints, tmp_path):
          "dtype torch.float64: the compute dtype is torch.bfloat16"),
         (lambda: Model.from_pretrained(checkpoints[("A", True)], dtype="bfloat16"),
          "dtype 'bfloat16': the compute dtype is torch.bfloat16"),
+        (lambda: Model.from_pretrained(checkpoints[("A", True)], size="12B"),
+         r"size 12B = hidden 1920 x expert FFN 960 does not fit in this model \(48x24\)"),
+        (lambda: Model.from_pretrained(checkpoints[("A", True)], size="40x16")(
+            tokens(1, 4), size="48x24"), r"does not fit in this model \(40x16\)"),
     ]
     for call, message in cases:
         with pytest.raises(NanoElasticError, match=message):
