@@ -265,6 +265,7 @@ class CheckedCheckpoint(NamedTuple):
     # every other name -> (model tensor, expert index or None)
     plan: dict[str, tuple[str, int | None]]
     total_bytes: int  # of the planned tensors
+    fp8: set[str]  # the FP8 Linears (those with a weight_scale)
 
 
 def check_checkpoint(model: Model, path: Path) -> CheckedCheckpoint:
@@ -279,7 +280,7 @@ def check_checkpoint(model: Model, path: Path) -> CheckedCheckpoint:
     params = dict(model.named_parameters())
     total_bytes = sum(check_headers(shard, names, plan, params, fp8)
                       for shard, names in by_shard(plan, weight_map).items())
-    return CheckedCheckpoint(weight_map, plan, total_bytes)
+    return CheckedCheckpoint(weight_map, plan, total_bytes, fp8)
 
 
 def plan_tensors(model: Model, weight_map: dict[str, Path]) -> dict[str, tuple[str, int | None]]:
@@ -425,6 +426,37 @@ def place_tensor(model: Model, stacks: dict, name: str, t: Tensor, dtype: torch.
     assign_tensor(model, target, t)
 
 
+def placed_bytes(model: Model, fp8: set[str], dtype: torch.dtype) -> int:
+    """The bytes the weights of (meta-device) `model` take once placed (place_tensor): an FP8
+    weight 1 a value, FP32_TENSORS 4, the rest `dtype`, and each FP8 scale 4 (per expert)."""
+    total = 0
+    for name, p in model.named_parameters():
+        owner, _, leaf = name.rpartition(".")
+        if owner in fp8 and leaf == "weight":  # FP8 values, and one fp32 scale a weight matrix
+            total += p.numel() + 4 * (p[..., 0, 0].numel())
+        else:
+            total += p.numel() * (4 if name.endswith(FP32_TENSORS) else dtype.itemsize)
+    return total
+
+
+def check_memory(whole: Model, model: Model, fp8: set[str], dtype: torch.dtype,
+                 device: torch.device) -> None:
+    """Refuse, before anything loads, weights that cannot fit in the GPU's free memory, naming the
+    nested sizes that can (caches and activations come on top)."""
+    free, _ = torch.cuda.mem_get_info(device)
+    need = placed_bytes(model, fp8, dtype)
+    if need <= free:
+        return
+    D, Fe = model.config.hidden_size, model.config.moe_intermediate_size
+    smaller = [f"{name}: {placed_bytes(whole.nested(name), fp8, dtype) / 1e9:.1f} GB"
+               for name, (d, f) in ne.SIZE_PRESETS.items()
+               if d <= D and f <= Fe and (d, f) != (D, Fe)]
+    hint = (f": load a nested size alone (chat.py --load SIZE, from_pretrained(..., size=)): "
+            f"{', '.join(smaller)}") if smaller else ""
+    raise NanoElasticError(f"the weights need {need / 1e9:.1f} GB on {device}, which has "
+                           f"{free / 1e9:.1f} GB free{hint}")
+
+
 class Progress:
     """A status line on stderr, redrawn at most four times a second, on a terminal only."""
 
@@ -447,23 +479,30 @@ def load_checkpoint(model: Model, path: Path, device: torch.device, dtype: torch
 
     with torch.device("meta"):  # what the checkpoint is checked against
         whole = Model(config) if config else model
-    weight_map, plan, total_bytes = check_checkpoint(whole, path)
+    weight_map, plan, total_bytes, fp8 = check_checkpoint(whole, path)
+    if device.type == "cuda":
+        check_memory(whole, model, fp8, dtype, device)
     d, f = model.config.hidden_size, model.config.moe_intermediate_size
     progress, stacks = Progress(verbose), {}  # stacks: the stacked expert tensors being filled
     done_tensors, read_bytes, kept_bytes, t0 = 0, 0, 0, time.time()
-    for shard, names in by_shard(plan, weight_map).items():
-        with safe_open(shard, "pt", device=str(device)) as sf:
-            for name in names:
-                tensor = sf.get_slice(name)
-                shape = tensor.get_shape()
-                # a prefix can be a strided view of the whole tensor: kept as a compact copy
-                t = tensor[ne.nested_index(name, len(shape), d, f)].to(device).contiguous()
-                place_tensor(model, stacks, name, t, dtype)
-                done_tensors += 1
-                read_bytes += math.prod(shape) * t.element_size()
-                kept_bytes += t.numel() * t.element_size()
-                progress(f"loading {path.name}: {done_tensors}/{len(plan)} tensors, "
-                         f"{read_bytes / 1e9:.2f}/{total_bytes / 1e9:.2f} GB")
+    try:
+        for shard, names in by_shard(plan, weight_map).items():
+            with safe_open(shard, "pt", device=str(device)) as sf:
+                for name in names:
+                    tensor = sf.get_slice(name)
+                    shape = tensor.get_shape()
+                    # a prefix can be a strided view of the whole tensor: kept as a compact copy
+                    t = tensor[ne.nested_index(name, len(shape), d, f)].to(device).contiguous()
+                    place_tensor(model, stacks, name, t, dtype)
+                    done_tensors += 1
+                    read_bytes += math.prod(shape) * t.element_size()
+                    kept_bytes += t.numel() * t.element_size()
+                    progress(f"loading {path.name}: {done_tensors}/{len(plan)} tensors, "
+                             f"{read_bytes / 1e9:.2f}/{total_bytes / 1e9:.2f} GB")
+    except torch.cuda.OutOfMemoryError:  # free memory taken meanwhile (check_memory passed)
+        raise NanoElasticError(f"out of memory on {device} while loading {path.name} "
+                               f"({done_tensors} of {len(plan)} tensors loaded): is another "
+                               f"process using the GPU?") from None
     if verbose:
         nested = f" at {d}x{f}" if whole is not model else ""
         print(f"\rloaded {path.name}{nested}: {done_tensors} tensors, {kept_bytes / 1e9:.2f} GB "

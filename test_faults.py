@@ -1,12 +1,14 @@
 """Fault injection: broken configs and tensors (made by editing a small random checkpoint), a slice
 target that appears mid-run, two runs on one target, interruptions inside the --force swap, killed
-runs' leftovers, a full disk, SIGTERM, and input that is not UTF-8. Each case checks the exit code
+runs' leftovers, a full disk, a GPU without the memory for the weights, SIGTERM, and input that is
+not UTF-8. Each case checks the exit code
 or the error, its one line, and what is left on disk."""
 
 import errno
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -189,6 +191,54 @@ def test_bad_tensor_refused_at_load_and_by_slice(source, tmp_path, capsys, name,
                           "--size", "32x8"], capsys)
     assert message in code and "\n" not in code
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no target, no temporary folder
+
+
+@pytest.mark.parametrize("fp8", [True, False], ids=["fp8", "bf16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("size", [None, "40x16"])
+def test_placed_bytes_are_what_loading_takes(checkpoints, fp8, dtype, size):
+    path = checkpoints[("A", fp8)]
+    model = ne.Model.from_pretrained(path, device="cpu", dtype=dtype, verbose=False, size=size)
+    with torch.device("meta"):
+        whole = ne.Model(CONFIGS["A"])
+    fp8_linears = checkpoint.check_checkpoint(whole, path).fp8
+    assert bool(fp8_linears) == fp8
+    expected = checkpoint.placed_bytes(whole.nested(size), fp8_linears, dtype)
+    assert expected == sum(t.nbytes for t in model.state_dict().values())
+
+
+def test_weights_that_do_not_fit_the_gpu_are_refused_before_loading(source, monkeypatch):
+    """On a GPU, the weights' bytes are compared with its free memory before a tensor is read; the
+    error names the nested sizes that do fit (here the presets 23B/12B do not fit config A, so a
+    real-config meta model stands in for the hint)."""
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10_000, 80_000))
+    with torch.device("meta"):
+        model = ne.Model(CONFIGS["A"])
+    read = []
+    monkeypatch.setattr(checkpoint, "place_tensor", lambda *args: read.append(args))
+    message = one_line_error(checkpoint.load_checkpoint, model, source, torch.device("cuda"),
+                             torch.bfloat16, False)
+    assert re.fullmatch(r"the weights need 0\.0 GB on cuda, which has 0\.0 GB free", message)
+    assert read == []
+    with torch.device("meta"):
+        real = ne.Model(ne.Config())
+    fp8 = {name.rpartition(".")[0] for name, _ in real.named_parameters()
+           if ".experts." in name}  # the routed experts in FP8, as in the release
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (24e9, 25.8e9))
+    message = one_line_error(checkpoint.check_memory, real, real, fp8, torch.bfloat16,
+                             torch.device("cuda:0"))
+    assert re.fullmatch(r"the weights need 3\d\.\d GB on cuda:0, which has 24\.0 GB free: load a "
+                        r"nested size alone \(chat\.py --load SIZE, from_pretrained\(\.\.\., "
+                        r"size=\)\): 23B: 2\d\.\d GB, 12B: 1\d\.\d GB", message), message
+
+
+def test_out_of_memory_while_loading_is_one_line(source, monkeypatch):
+    def out_of_memory(*args):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 MiB")
+    monkeypatch.setattr(checkpoint, "place_tensor", out_of_memory)
+    message = one_line_error(ne.Model.from_pretrained, source, device="cpu")
+    assert re.fullmatch(r"out of memory on cpu while loading A-fp8 \(0 of \d+ tensors loaded\): "
+                        r"is another process using the GPU\?", message), message
 
 
 def test_index_naming_the_wrong_shard(source, tmp_path):

@@ -2,8 +2,8 @@
 (CPU, fp32).
 
 The references: the sequential recurrence for the chunked scan, transformers' NemotronHForCausalLM
-for the whole model (fed the same dequantised, sliced weights), the same size loaded alone (its prefixes,
-contiguous) for the nested views.
+for the whole model (fed the same dequantised, sliced weights), the same size loaded alone (its
+prefixes, contiguous) for the nested views.
 """
 
 import copy
