@@ -587,11 +587,17 @@ def test_routing(monkeypatch):
         ne.linear(x, w)
 
 
-@pytest.mark.parametrize("name,fp8,size", [("A", True, "40x16"), ("B", False, None)])
-def test_model_with_kernels_matches_references(tmp_path, monkeypatch, name, fp8, size):
+@pytest.mark.parametrize("name,fp8,size,load", [("A", True, "40x16", False),
+                                               ("A", True, "40x16", True),
+                                               ("B", False, None, False)])
+def test_model_with_kernels_matches_references(tmp_path, monkeypatch, name, fp8, size, load):
+    """load: the nested size loaded alone (size= in from_pretrained: its own, contiguous tensors,
+    read onto the device) and run at its full size."""
     path = checkpoint.write_random_checkpoint(tmp_path / "ckpt", CONFIGS[name],
                                               fp8=fp8, shards=2, seed=3)
-    model = ne.Model.from_pretrained(path, device=DEVICE, dtype=torch.float32, verbose=False)
+    model = ne.Model.from_pretrained(path, device=DEVICE, dtype=torch.float32, verbose=False,
+                                     size=size if load else None)
+    size = None if load else size  # what was loaded is the nested size: run it whole
     tokens = torch.randint(0, CONFIGS[name].vocab_size, (1, 12),
                            generator=torch.Generator().manual_seed(1))
 
