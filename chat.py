@@ -605,6 +605,8 @@ def repl(chat: Chat, echo: bool) -> None:
             print("^C" if echo else "")
         except NanoElasticError as e:
             print(f"error: {e}")
+        except torch.cuda.OutOfMemoryError as e:  # the reply is dropped, as after any error
+            print(f"error: {str(e).splitlines()[0]} (a shorter conversation needs less: /clear)")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

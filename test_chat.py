@@ -357,9 +357,9 @@ class Prompts:
         self.sent.append(text)
 
 
-def repl_on(lines, monkeypatch):
+def repl_on(lines, monkeypatch, prompts=None):
     """chat.repl reading these lines from a pipe; the stand-in chat it drove."""
-    prompts = Prompts()
+    prompts = prompts or Prompts()
     monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(lines) + "\n"))
     chat.repl(prompts, echo=True)
     return prompts
@@ -374,6 +374,19 @@ def test_repl_commands_in_any_case_and_prompts_that_start_with_a_slash(monkeypat
     out = capsys.readouterr().out
     assert ("> /usr/bin/x is broken\nerror: unknown command /usr/bin/x: /help lists them (// sends "
             "a prompt that starts with /)\n") in out
+
+
+def test_out_of_memory_in_a_reply_is_one_line_and_the_chat_goes_on(monkeypatch, capsys):
+    class OutOfMemory(Prompts):
+        def reply(self, text):
+            if text == "too long":
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB."
+                                                  "\nIf reserved but unallocated memory is large")
+            super().reply(text)
+
+    assert repl_on(["too long", "short"], monkeypatch, OutOfMemory()).sent == ["short"]
+    assert ("> too long\nerror: CUDA out of memory. Tried to allocate 9.00 GiB. (a shorter "
+            "conversation needs less: /clear)\n> short\n") in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("lines, sent", [(["first", "hello \\"], ["first", "hello"]),
