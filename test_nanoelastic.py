@@ -755,6 +755,14 @@ def test_demo_runs():
     assert "192x96: 8 tokens, " in one.stdout and "(includes the prefill)" in one.stdout
     assert (one.stdout.strip().splitlines()[-1].startswith("256x128: 1 token, ")
             and "prefill" not in one.stdout.splitlines()[-1])
+    # --load 23B: the demo's 192x96 alone, no switch; its tokens are those of the 192x96 view
+    alone = subprocess.run([sys.executable, str(ROOT / "nanoelastic.py"), "--max-new-tokens", "8",
+                            "--load", "23B"], capture_output=True, text=True, timeout=300)
+    assert alone.returncode == 0 and "loaded random-fp8 at 192x96: " in alone.stderr, alone.stderr
+    def token_line(out):  # the demo prints its token ids as [id][id]...
+        return next(line for line in out.splitlines() if line.startswith("["))
+    assert token_line(one.stdout).startswith(token_line(alone.stdout))
+    assert alone.stdout.strip().splitlines()[-1].startswith("full: 8 tokens, ")
 
 
 def test_readme_python_example_runs(tmp_path):
