@@ -366,7 +366,8 @@ def check_dtype(name: str, st_dtype: str, fp8: bool, leaf: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# 3. Loading: one shard and one tensor at a time, straight to the device, into a meta-device model
+# 3. Loading: one shard and one tensor at a time (or its nested prefix), straight to the device,
+#    into a meta-device model, once its bytes are known to fit
 
 EXPERT_TENSOR = re.compile(r"(.*\.experts)\.(\d+)\.(up_proj|down_proj)\."
                            r"(weight|weight_scale|input_scale)")
