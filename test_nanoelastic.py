@@ -108,6 +108,21 @@ def test_real_configs_param_counts(size, total, active):
     assert sliced.num_params() == (n_total, n_active)
 
 
+def test_readme_memory_table_is_what_loading_the_release_takes():
+    """The README's table of the weights' bytes per size loaded alone: placed_bytes on the real
+    config, with the FP8 release's recipe (the experts' names stacked as the model holds them)."""
+    with torch.device("meta"):
+        model = Model(Config())
+    fp8 = {re.sub(r"\.experts\.\d+\.", ".experts.", name)
+           for name in checkpoint.fp8_recipe(model.config)}
+    rows = re.findall(r"^\| (\d+B)(?: \(all\))? \| ([\d.]+) GB \(([\d.]+) GiB\) \|",
+                      (ROOT / "README.md").read_text(), re.M)
+    assert [size for size, _, _ in rows] == list(ne.SIZE_PRESETS)
+    for size, gb, gib in rows:
+        placed = checkpoint.placed_bytes(model.nested(size), fp8, torch.bfloat16)
+        assert (f"{placed / 1e9:.1f}", f"{placed / 2**30:.1f}") == (gb, gib), size
+
+
 def test_sizes_are_validated():
     cfg = CONFIGS["A"]
     assert ne.parse_size(None, cfg) == (48, 24)
