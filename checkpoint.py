@@ -449,11 +449,16 @@ def check_memory(whole: Model, model: Model, fp8: set[str], dtype: torch.dtype,
     if need <= free:
         return
     D, Fe = model.config.hidden_size, model.config.moe_intermediate_size
-    smaller = [f"{name}: {placed_bytes(whole.nested(name), fp8, dtype) / 1e9:.1f} GB"
+    smaller = {name: placed_bytes(whole.nested(name), fp8, dtype)
                for name, (d, f) in ne.SIZE_PRESETS.items()
-               if d <= D and f <= Fe and (d, f) != (D, Fe)]
-    hint = (f": load a nested size alone (chat.py --load SIZE, from_pretrained(..., size=)): "
-            f"{', '.join(smaller)}") if smaller else ""
+               if d <= D and f <= Fe and (d, f) != (D, Fe)}
+    fits = [f"{name} ({n / 1e9:.1f} GB)" for name, n in smaller.items() if n <= free]
+    hint = ""
+    if fits:
+        hint = (f": load a nested size alone (chat.py --load SIZE, from_pretrained(..., size=)): "
+                f"{' or '.join(fits)}")
+    elif smaller:
+        hint = f", too little for any nested size ({min(smaller.values()) / 1e9:.1f} GB at least)"
     raise NanoElasticError(f"the weights need {need / 1e9:.1f} GB on {device}, which has "
                            f"{free / 1e9:.1f} GB free{hint}")
 

@@ -209,8 +209,8 @@ def test_placed_bytes_are_what_loading_takes(checkpoints, fp8, dtype, size):
 
 def test_weights_that_do_not_fit_the_gpu_are_refused_before_loading(source, monkeypatch):
     """On a GPU, the weights' bytes are compared with its free memory before a tensor is read; the
-    error names the nested sizes that do fit (here the presets 23B/12B do not fit config A, so a
-    real-config meta model stands in for the hint)."""
+    error names the nested sizes that do fit (the presets do not fit config A: the real config's
+    meta model, with the release's FP8 recipe, shows the hints)."""
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10_000, 80_000))
     with torch.device("meta"):
         model = ne.Model(CONFIGS["A"])
@@ -222,14 +222,19 @@ def test_weights_that_do_not_fit_the_gpu_are_refused_before_loading(source, monk
     assert read == []
     with torch.device("meta"):
         real = ne.Model(ne.Config())
-    fp8 = {name.rpartition(".")[0] for name, _ in real.named_parameters()
-           if ".experts." in name}  # the routed experts in FP8, as in the release
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (24e9, 25.8e9))
-    message = one_line_error(checkpoint.check_memory, real, real, fp8, torch.bfloat16,
-                             torch.device("cuda:0"))
-    assert re.fullmatch(r"the weights need 3\d\.\d GB on cuda:0, which has 24\.0 GB free: load a "
-                        r"nested size alone \(chat\.py --load SIZE, from_pretrained\(\.\.\., "
-                        r"size=\)\): 23B: 2\d\.\d GB, 12B: 1\d\.\d GB", message), message
+    fp8 = {re.sub(r"\.experts\.\d+\.", ".experts.", name)  # as the model stacks the experts
+           for name in checkpoint.fp8_recipe(real.config)}
+    hints = {  # free bytes -> the hint: the nested sizes that fit in them
+        30e9: r": load a nested size alone \(chat\.py --load SIZE, from_pretrained\(\.\.\., "
+              r"size=\)\): 23B \(24\.5 GB\) or 12B \(13\.2 GB\)",
+        20e9: r": load .*: 12B \(13\.2 GB\)",
+        5e9: r", too little for any nested size \(13\.2 GB at least\)"}
+    for free, hint in hints.items():
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, 80e9))
+        message = one_line_error(checkpoint.check_memory, real, real, fp8, torch.bfloat16,
+                                 torch.device("cuda:0"))
+        assert re.fullmatch(rf"the weights need 32\.7 GB on cuda:0, which has {free / 1e9:.1f} "
+                            rf"GB free{hint}", message), message
 
 
 def test_out_of_memory_while_loading_is_one_line(source, monkeypatch):
