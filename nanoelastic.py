@@ -14,6 +14,7 @@ What differs from a vanilla decoder-only transformer:
      the one `linear()` seam; nothing else in the model knows about FP8.
   6. Nested sizes: the 23B and 12B models are prefixes of the 30B's hidden (D) and routed-FFN (F)
      axes: the same module tree whose tensors are prefix *views* (table NESTED_AXES), no copies.
+     One size can also be loaded alone, reading only its prefixes (from_pretrained(size=)).
   7. Caches: KV for attention layers, conv + SSM state for Mamba layers; all of them have the same
      shape at every size, so one cache serves every size and the size can change mid-generation.
 
