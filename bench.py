@@ -698,6 +698,8 @@ def add_budget_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0,
                    help="problem i samples with seed + i (default 0)")
     g.add_argument("--ckpt", metavar="DIR", help="checkpoint folder, found as chat.py finds it")
+    g.add_argument("--load", metavar="SIZE", help="read only this size's weights, as chat.py "
+                   "--load does: every configuration's sizes must fit in it")
     g.add_argument("--demo", action="store_true",
                    help="chat.py's small random checkpoint (accuracy: meaningless)")
     g.add_argument("--out", default="budget_results", metavar="DIR",
@@ -968,7 +970,8 @@ def locked(folder: Path):
 
 def budget_plan(args: argparse.Namespace) -> tuple[list, list, list, dict, Path | None]:
     """--budget's arguments, checked before anything loads: (configurations, budgets, problems,
-    the demo's size names, the checkpoint folder or None for the demo). Sets --max-new-tokens."""
+    the demo's size names, the checkpoint folder or None for the demo). Sets --max-new-tokens, and
+    --load to the model's name of that size."""
     import chat
     configs = parse_configs(args.configs)
     if args.think_budgets is None:
@@ -994,6 +997,9 @@ def budget_plan(args: argparse.Namespace) -> tuple[list, list, list, dict, Path 
         size_names = chat.DEMO_SIZES if args.demo else {}
         ckpt = None if args.demo else chat.find_checkpoint(args.ckpt)
         config = chat.demo_config() if args.demo else ne.Config.from_file(ckpt / "config.json")
+        if args.load:
+            args.load = size_names.get(args.load.strip().upper(), args.load)
+            config = config.sliced(*ne.parse_size(args.load, config))
         for size in {s for c in configs for s in c}:  # every size, before the (long) load
             ne.parse_size(size_names.get(size, size), config)
     except NanoElasticError as e:
@@ -1017,6 +1023,8 @@ def run_budget(args: argparse.Namespace, argv: list[str] | None) -> dict:
     settings = {"checkpoint": "demo" if args.demo else str(ckpt.resolve()), "switch": args.switch,
                 "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed,
                 "max_new_tokens": args.max_new_tokens}
+    if args.load:  # the same replies, but timed on another model: not the views' results
+        settings["load"] = args.load
     problem_ids = [hashlib.sha1(json.dumps([p["question"], p["answer"]]).encode()).hexdigest()[:12]
                    for p in problems]
     key = lambda think, answer, budget, i: (*settings.values(), think, answer, budget, i,
@@ -1080,7 +1088,7 @@ def solve_all(args, problems, wanted, key, size_names, results: Path, done: dict
         with tempfile.TemporaryDirectory() as tmp, open(results, "a", encoding="utf-8") as log:
             think, answer = todo[0][:2]
             sizes = Namespace(demo=args.demo, ckpt=args.ckpt, think=think, answer=answer)
-            model, tokenizer = chat.load(sizes, tmp)
+            model, tokenizer = chat.load(sizes, tmp, args.load)
             prompts = [
                 tokenizer.encode(chat.render_chat([{"role": "user", "content": p["question"]}],
                                                   add_generation_prompt=True))

@@ -5,6 +5,7 @@ plot)."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -453,6 +454,26 @@ def test_budget_sigterm_keeps_what_is_done(tmp_path):
     kept = read_jsonl(results)
     assert 1 <= len(kept) < 5 * 3 * 3  # every line whole; the run had far to go
     assert json.loads((out / "results.json").read_text())["complete"] is False
+
+
+def test_budget_load_solves_as_the_views_do(tmp_path):
+    """--load 23B: the sizes nested in it, one model of that size; the same replies as the views
+    of the whole model give, kept under keys of their own (timed on another model)."""
+    problems = write_problems(tmp_path / "problems.jsonl", n=2)
+    args = ["--budget", str(problems), "--demo", "--configs", "12B:23B,23B:23B",
+            "--think-budgets", "2", "--max-new-tokens", "8"]
+    views = bench.main([*args, "--out", str(tmp_path / "views")])
+    alone = bench.main([*args, "--out", str(tmp_path / "alone"), "--load", "23b"])
+    assert alone["settings"]["load"] == "192x96" and "load" not in views["settings"]
+    by_views = read_jsonl(tmp_path / "views" / "results.jsonl")
+    by_alone = read_jsonl(tmp_path / "alone" / "results.jsonl")
+    reply = lambda r: {k: v for k, v in without_timing(r).items() if k != "key"}
+    assert len(by_views) == 4 and list(map(reply, by_alone)) == list(map(reply, by_views))
+    assert not {tuple(r["key"]) for r in by_alone} & {tuple(r["key"]) for r in by_views}
+    with pytest.raises(SystemExit) as e:  # refused before anything loads
+        bench.main([*args, "--out", str(tmp_path / "small"), "--load", "12B"])
+    assert re.fullmatch(r"bench\.py: error: size 192x96 = hidden 192 x expert FFN 96 does not fit "
+                        r"in this model \(128x64\)", str(e.value.code)), e.value.code
 
 
 def test_budget_sizes_in_any_case():
