@@ -455,7 +455,7 @@ def check_memory(whole: Model, model: Model, fp8: set[str], dtype: torch.dtype,
     fits = [f"{name} ({n / 1e9:.1f} GB)" for name, n in smaller.items() if n <= free]
     hint = ""
     if fits:
-        hint = (f": load a nested size alone (chat.py --load SIZE, from_pretrained(..., size=)): "
+        hint = (f": load a nested size alone (--load SIZE, or size= in from_pretrained): "
                 f"{' or '.join(fits)}")
     elif smaller:
         hint = f", too little for any nested size ({min(smaller.values()) / 1e9:.1f} GB at least)"

@@ -225,8 +225,8 @@ def test_weights_that_do_not_fit_the_gpu_are_refused_before_loading(source, monk
     fp8 = {re.sub(r"\.experts\.\d+\.", ".experts.", name)  # as the model stacks the experts
            for name in checkpoint.fp8_recipe(real.config)}
     hints = {  # free bytes -> the hint: the nested sizes that fit in them
-        30e9: r": load a nested size alone \(chat\.py --load SIZE, from_pretrained\(\.\.\., "
-              r"size=\)\): 23B \(24\.5 GB\) or 12B \(13\.2 GB\)",
+        30e9: r": load a nested size alone \(--load SIZE, or size= in from_pretrained\): "
+              r"23B \(24\.5 GB\) or 12B \(13\.2 GB\)",
         20e9: r": load .*: 12B \(13\.2 GB\)",
         5e9: r", too little for any nested size \(13\.2 GB at least\)"}
     for free, hint in hints.items():
