@@ -998,7 +998,7 @@ def budget_plan(args: argparse.Namespace) -> tuple[list, list, list, dict, Path 
         ckpt = None if args.demo else chat.find_checkpoint(args.ckpt)
         config = chat.demo_config() if args.demo else ne.Config.from_file(ckpt / "config.json")
         if args.load:
-            args.load = size_names.get(args.load.strip().upper(), args.load)
+            args.load = size_names.get(args.load.strip().upper(), chat.size_name(args.load))
             config = config.sliced(*ne.parse_size(args.load, config))
         for size in {s for c in configs for s in c}:  # every size, before the (long) load
             ne.parse_size(size_names.get(size, size), config)

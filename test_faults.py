@@ -1,8 +1,7 @@
 """Fault injection: broken configs and tensors (made by editing a small random checkpoint), a slice
 target that appears mid-run, two runs on one target, interruptions inside the --force swap, killed
 runs' leftovers, a full disk, a GPU without the memory for the weights, SIGTERM, and input that is
-not UTF-8. Each case checks the exit code
-or the error, its one line, and what is left on disk."""
+not UTF-8. Each case checks the exit code or the error, its one line, and what is left on disk."""
 
 import errno
 import json
