@@ -1249,6 +1249,11 @@ def load(args):
     device = checkpoint.resolve_device(args.device)  # a bad device fails before anything loads
     if args.ckpt:
         tokenizer = checkpoint.load_tokenizer(Path(args.ckpt))
+        config = Config.from_file(Path(args.ckpt) / "config.json")
+        if args.load:  # every size checked before the (long) load
+            config = config.sliced(*parse_size(args.load, config))
+        for size in (args.size, args.switch_to):
+            parse_size(size, config)
         model = Model.from_pretrained(args.ckpt, device=device, size=args.load)
         prompt = tokenizer.encode(args.prompt, add_special_tokens=False).ids
         stops = checkpoint.stop_tokens(Path(args.ckpt), model.config)

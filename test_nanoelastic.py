@@ -937,7 +937,7 @@ def test_cli_bad_device_or_usage_is_one_line():
         assert "demo:" not in run.stdout  # refused before the demo writes its checkpoint
 
 
-def test_cli_bad_tokenizer_is_one_line_before_the_model_loads(checkpoints, tmp_path, monkeypatch):
+def test_cli_bad_tokenizer_or_size_is_one_line_before_the_model_loads(checkpoints, tmp_path, monkeypatch):
     import tokenizers
 
     ckpt = broken_copy(checkpoints[("A", True)], tmp_path / "ck")
@@ -949,6 +949,15 @@ def test_cli_bad_tokenizer_is_one_line_before_the_model_loads(checkpoints, tmp_p
         ne.cli(["--ckpt", str(ckpt), "--device", "cpu"])
     assert exit_.value.code.startswith(
         f"nanoelastic.py: error: {ckpt / 'tokenizer.json'}: expected")
+    # sizes that do not fit (the --load size, or the checkpoint) are refused before the load too
+    import chat
+    good = chat.write_demo_checkpoint(tmp_path / "demo")  # with a tokenizer
+    for args, message in [(["--load", "192x96", "--size", "256x128"], "size 256x128 = hidden "
+                           "256 x expert FFN 128 does not fit in this model (192x96)"),
+                          (["--switch-to", "99B"], "unknown size '99B'")]:
+        with pytest.raises(SystemExit) as exit_:
+            ne.cli(["--ckpt", str(good), "--device", "cpu", *args])
+        assert exit_.value.code.startswith(f"nanoelastic.py: error: {message}"), exit_.value.code
     # unreadable (as root, chmod cannot make it so): the tokenizers library's own error
     class Denied:
         @staticmethod
