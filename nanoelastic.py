@@ -1281,10 +1281,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.switch_to:
         switch = Switch(args.switch_to, after=args.switch_after, mode=args.switch_mode)
     phases, t, ids = {}, time.time(), [None]  # size -> [tokens, seconds]
+    widths = model.config.hidden_size, model.config.moe_intermediate_size
+    # a token of size None: the model's own size, by name when it has one
+    whole = next((n for n, w in SIZE_PRESETS.items() if w == widths), f"{widths[0]}x{widths[1]}")
     for token in generate(model, prompt, args.max_new_tokens, size=args.size, switch=switch,
                           stop_tokens=stops, temperature=args.temperature, seed=args.seed):
         now = time.time()
-        phase = phases.setdefault(token.size or "full", [0, 0.0])
+        phase = phases.setdefault(token.size or whole, [0, 0.0])
         phase[0] += 1
         phase[1] += now - t
         t = now

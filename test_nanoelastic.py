@@ -777,7 +777,7 @@ def test_demo_runs():
     def token_line(out):  # the demo prints its token ids as [id][id]...
         return next(line for line in out.splitlines() if line.startswith("["))
     assert token_line(one.stdout).startswith(token_line(alone.stdout))
-    assert alone.stdout.strip().splitlines()[-1].startswith("full: 8 tokens, ")
+    assert alone.stdout.strip().splitlines()[-1].startswith("192x96: 8 tokens, ")
 
 
 def test_readme_python_example_runs(tmp_path):
