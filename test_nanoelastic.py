@@ -937,7 +937,8 @@ def test_cli_bad_device_or_usage_is_one_line():
         assert "demo:" not in run.stdout  # refused before the demo writes its checkpoint
 
 
-def test_cli_bad_tokenizer_or_size_is_one_line_before_the_model_loads(checkpoints, tmp_path, monkeypatch):
+def test_cli_bad_tokenizer_or_size_is_one_line_before_the_model_loads(checkpoints, tmp_path,
+                                                                       monkeypatch):
     import tokenizers
 
     ckpt = broken_copy(checkpoints[("A", True)], tmp_path / "ck")
