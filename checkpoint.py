@@ -448,10 +448,9 @@ def check_memory(whole: Model, model: Model, fp8: set[str], dtype: torch.dtype,
     need = placed_bytes(model, fp8, dtype)
     if need <= free:
         return
-    D, Fe = model.config.hidden_size, model.config.moe_intermediate_size
+    own = (model.config.hidden_size, model.config.moe_intermediate_size)
     smaller = {name: placed_bytes(whole.nested(name), fp8, dtype)
-               for name, (d, f) in ne.SIZE_PRESETS.items()
-               if d <= D and f <= Fe and (d, f) != (D, Fe)}
+               for name in ne.preset_sizes(model.config) if ne.SIZE_PRESETS[name] != own}
     fits = [f"{name} ({n / 1e9:.1f} GB)" for name, n in smaller.items() if n <= free]
     hint = ""
     if fits:

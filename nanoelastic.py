@@ -924,6 +924,11 @@ def nested_model(model: Model, size: str | None) -> Model:
     return model._nested[(d, f)]
 
 
+def preset_sizes(config: Config) -> list[str]:  # the named sizes (30B, 23B, 12B) nested in config
+    return [n for n, (d, f) in SIZE_PRESETS.items()
+            if d <= config.hidden_size and f <= config.moe_intermediate_size]
+
+
 def parse_size(size: str | None, config: Config) -> tuple[int, int]:
     """'30B' | '23B' | '12B' | 'HIDDENxFFN' | None (the checkpoint's own) -> (d, f), checked."""
     D, Fe = config.hidden_size, config.moe_intermediate_size
@@ -935,7 +940,7 @@ def parse_size(size: str | None, config: Config) -> tuple[int, int]:
     elif re.fullmatch(r"\d+X\d+", name):
         d, f = map(int, name.split("X"))
     else:
-        fit = [n for n, (d, f) in SIZE_PRESETS.items() if d <= D and f <= Fe]
+        fit = preset_sizes(config)
         fit = ", ".join(fit) + " or " if fit else ""
         raise NanoElasticError(f"unknown size {size!r}: use {fit}HIDDENxFFN up to {D}x{Fe} "
                                f"(this checkpoint's widths)")
