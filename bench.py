@@ -29,6 +29,7 @@ import json
 import math
 import os
 import re
+import signal
 import sys
 import time
 from collections import Counter
@@ -36,6 +37,9 @@ from contextlib import contextmanager
 from decimal import Decimal
 from itertools import chain
 from pathlib import Path
+
+if __name__ == "__main__":  # Ctrl-C while torch imports (seconds): nothing to undo yet, exit
+    signal.signal(signal.SIGINT, lambda signum, frame: os._exit(130))  # (run_cli restores it)
 
 import numpy as np
 import torch

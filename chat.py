@@ -19,11 +19,15 @@ import argparse
 import math
 import os
 import re
+import signal
 import sys
 import time
 import unicodedata
 from dataclasses import dataclass, replace
 from pathlib import Path
+
+if __name__ == "__main__":  # Ctrl-C while torch imports (seconds): nothing to undo yet, exit
+    signal.signal(signal.SIGINT, lambda signum, frame: os._exit(130))  # (run_cli restores it)
 
 import torch
 

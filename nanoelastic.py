@@ -44,6 +44,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, NamedTuple
 
+if __name__ == "__main__":  # Ctrl-C while torch imports (seconds): nothing to undo yet, exit
+    signal.signal(signal.SIGINT, lambda signum, frame: os._exit(130))  # (run_cli restores it)
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -1204,12 +1207,14 @@ class Terminated(BaseException):
     received = False  # set by the signal: C code it cuts short may raise another exception
 
 
-def sigterm_as_interrupt() -> None:
-    """From now on SIGTERM (kill, a job scheduler) raises Terminated: temporary files go."""
+def signals_unwind() -> None:
+    """From now on SIGTERM (kill, a job scheduler) raises Terminated, and Ctrl-C KeyboardInterrupt
+    again (the scripts exit at once on one while torch imports): temporary files go."""
     def raise_terminated(signum, frame):
         Terminated.received = True
         raise Terminated()
     signal.signal(signal.SIGTERM, raise_terminated)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def interrupted_exit_code(e: BaseException) -> int:
@@ -1312,7 +1317,7 @@ def run_cli(prog: str, main, *args) -> None:
     with 130 or 143; an int that main returns is the exit code."""
     from safetensors import SafetensorError
 
-    sigterm_as_interrupt()
+    signals_unwind()
     try:
         code = main(*args)
     except (KeyboardInterrupt, Terminated) as e:

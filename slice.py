@@ -45,11 +45,15 @@ import math
 import os
 import re
 import shutil
+import signal
 import sys
 import time
 from collections import Counter
 from pathlib import Path
 from typing import Iterator, NamedTuple
+
+if __name__ == "__main__":  # Ctrl-C while torch imports (seconds): nothing to undo yet, exit
+    signal.signal(signal.SIGINT, lambda signum, frame: os._exit(130))  # (run_cli restores it)
 
 import torch
 from safetensors import safe_open

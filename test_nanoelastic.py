@@ -944,7 +944,7 @@ def test_cli_bad_tokenizer_or_size_is_one_line_before_the_model_loads(checkpoint
     ckpt = broken_copy(checkpoints[("A", True)], tmp_path / "ck")
     (ckpt / "tokenizer.json").write_text('{"version": "1.0" "model": {}}')
     loaded = []
-    monkeypatch.setattr(ne, "sigterm_as_interrupt", lambda: None)
+    monkeypatch.setattr(ne, "signals_unwind", lambda: None)
     monkeypatch.setattr(ne.Model, "from_pretrained", lambda *a, **k: loaded.append(a))
     with pytest.raises(SystemExit) as exit_:
         ne.cli(["--ckpt", str(ckpt), "--device", "cpu"])
@@ -992,6 +992,21 @@ def test_cli_ctrl_c_exits_130_and_sigterm_143():
         assert proc.returncode == code and b"Traceback" not in err, err
 
 
+@pytest.mark.parametrize("script", ["nanoelastic.py", "chat.py", "bench.py", "slice.py"])
+def test_ctrl_c_while_a_script_imports_torch_exits_130_quietly(script):
+    """The first seconds of every script go to importing torch: Ctrl-C there ends it, no traceback
+    (and --help shows that it never got further)."""
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, str(ROOT / script), "--help"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    time.sleep(0.3)  # the interpreter is up; torch takes a second or more
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert (proc.returncode, out, err) == (130, b"", b"")
+
+
 def test_generate_refuses_bad_argument_types_and_non_finite_values(models):
     model = models[("A", True)]
     bad = [(dict(top_k=2.5), r"top_k \(0 = no limit\) must be an integer"),
@@ -1020,7 +1035,7 @@ def test_run_cli_ends_every_way_with_one_line_or_a_code(monkeypatch, error, code
     header (SafetensorError) is one line; Ctrl-C and SIGTERM are 130 and 143; main's int is kept."""
     from safetensors import SafetensorError
 
-    monkeypatch.setattr(ne, "sigterm_as_interrupt", lambda: None)
+    monkeypatch.setattr(ne, "signals_unwind", lambda: None)
 
     def main():
         if error is None:
@@ -1034,7 +1049,7 @@ def test_run_cli_ends_every_way_with_one_line_or_a_code(monkeypatch, error, code
 def test_run_cli_after_sigterm_exits_143_whatever_the_exception(monkeypatch):
     """SIGTERM's exception, raised inside C code (torch parsing a shape that Triton's interpreter
     gives as objects with __index__), can come out as another: it is still the signal's 143."""
-    monkeypatch.setattr(ne, "sigterm_as_interrupt", lambda: None)
+    monkeypatch.setattr(ne, "signals_unwind", lambda: None)
     monkeypatch.setattr(ne.Terminated, "received", True)
 
     def main():
