@@ -380,10 +380,14 @@ def kernel_timeline(intervals: list[tuple[str, float, float]], steps: int, step_
                     nbytes: dict[str, int], copy_GBps: float) -> dict:
     """Where `steps` decode steps of step_us each went, from the kernels' (name, start us, end us):
     the time some kernel ran (the union of the intervals) against the step, the rest gaps between
-    kernels; per kernel name, its launches and microseconds per step, its share of the step and,
-    for the names that nbytes gives bytes per step for (by prefix), its bandwidth."""
-    busy, end = 0.0, -math.inf
-    for _, start, stop in sorted(intervals, key=lambda i: i[1]):
+    kernels; per kernel name, its launches and microseconds per step, its share of the step, the
+    idle time just before its launches (what a launch of it costs beyond its run: what fusing it
+    into the kernel before would save, at most) and, for the names that nbytes gives bytes per
+    step for (by prefix), its bandwidth."""
+    busy, end, idle_before = 0.0, -math.inf, Counter()
+    for name, start, stop in sorted(intervals, key=lambda i: i[1]):
+        if end > -math.inf:  # the first has none before it
+            idle_before[name] += max(0.0, start - end)
         busy += max(0.0, stop - max(start, end))
         end = max(end, stop)
     totals, launches = Counter(), Counter()
@@ -393,7 +397,7 @@ def kernel_timeline(intervals: list[tuple[str, float, float]], steps: int, step_
     rows = []
     for name, us in totals.most_common():
         row = {"kernel": name[:80], "per_step": launches[name] / steps, "us_per_step": us / steps,
-               "pct_step": 100 * us / steps / step_us}
+               "pct_step": 100 * us / steps / step_us, "idle_before_us": idle_before[name] / steps}
         for prefix, b in nbytes.items():
             if name.startswith(prefix) and us > 0:
                 row["GBps"] = b / row["us_per_step"] / 1e3
@@ -566,7 +570,8 @@ def profile_report(p: dict) -> str:
     return head + "\n" + table(p["kernels"][:15], [
         ("kernel", "kernel", "s"), ("per_step", "per step", ".3g"),
         ("us_per_step", "us/step", ".1f"), ("pct_step", "% step", ".1f"),
-        ("GBps", "GB/s", ".0f"), ("pct_copy_bw", "% copy", ".0f")])
+        ("idle_before_us", "us idle before", ".1f"), ("GBps", "GB/s", ".0f"),
+        ("pct_copy_bw", "% copy", ".0f")])
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -137,12 +137,16 @@ def test_kernel_timeline_splits_a_step_into_kernels_and_gaps():
     assert [r["kernel"] for r in p["kernels"]] == ["a", "b", "_matmul_kernel_x"]  # by time
     assert rows["a"]["per_step"] == 1 and rows["a"]["us_per_step"] == 10
     assert rows["a"]["pct_step"] == pytest.approx(100 / 3) and "GBps" not in rows["a"]
+    # idle before a launch: none before the first, none where "b" starts inside "a", 5 us before
+    # the second "a" (after "b" ends) and 10 us before the matmul; per step
+    assert [rows[k]["idle_before_us"] for k in ("a", "b", "_matmul_kernel_x")] == [2.5, 0, 5]
     # 1000 bytes a step in 5 us a step: 0.2 GB/s, 20 % of a 1 GB/s copy
     matmul = rows["_matmul_kernel_x"]
     assert matmul["GBps"] == pytest.approx(0.2) and matmul["pct_copy_bw"] == pytest.approx(20)
     report = bench.profile_report({"model": "30B", "timeline": "kernels", **p})
     assert "30 us a step, kernels busy 18 us, gaps 12 us, 2 launches" in report
-    assert report.splitlines()[-1].split() == ["_matmul_kernel_x", "0.5", "5.0", "16.7", "0", "20"]
+    assert report.splitlines()[-1].split() == ["_matmul_kernel_x", "0.5", "5.0", "16.7", "5.0", "0",
+                                             "20"]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the full benchmark runs")
