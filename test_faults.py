@@ -20,7 +20,8 @@ import chat
 import checkpoint
 import nanoelastic as ne
 import slice as slicer
-from test_nanoelastic import CONFIGS, broken_copy, checkpoints  # noqa: F401 (fixtures)
+from test_nanoelastic import (CONFIGS, broken_copy, checkpoints,  # noqa: F401 (fixtures)
+                              release_fp8_linears)
 
 ROOT = Path(__file__).parent
 SHARDS = "model-00001-of-00003.safetensors", "model-00002-of-00003.safetensors"
@@ -221,8 +222,7 @@ def test_weights_that_do_not_fit_the_gpu_are_refused_before_loading(source, monk
     assert read == []
     with torch.device("meta"):
         real = ne.Model(ne.Config())
-    fp8 = {re.sub(r"\.experts\.\d+\.", ".experts.", name)  # as the model stacks the experts
-           for name in checkpoint.fp8_recipe(real.config)}
+    fp8 = release_fp8_linears(real.config)
     hints = {  # free bytes -> the hint: the nested sizes that fit in them
         30e9: r": load a nested size alone \(--load SIZE, or size= in from_pretrained\): "
               r"23B \(24\.5 GB\) or 12B \(13\.2 GB\)",

@@ -108,13 +108,18 @@ def test_real_configs_param_counts(size, total, active):
     assert sliced.num_params() == (n_total, n_active)
 
 
+def release_fp8_linears(config: Config) -> set[str]:
+    """The Linears the FP8 release quantises, named as the model holds them (experts stacked)."""
+    return {re.sub(r"\.experts\.\d+\.", ".experts.", name)
+            for name in checkpoint.fp8_recipe(config)}
+
+
 def test_readme_memory_table_is_what_loading_the_release_takes():
     """The README's table of the weights' bytes per size loaded alone: placed_bytes on the real
-    config, with the FP8 release's recipe (the experts' names stacked as the model holds them)."""
+    config, with the FP8 release's recipe."""
     with torch.device("meta"):
         model = Model(Config())
-    fp8 = {re.sub(r"\.experts\.\d+\.", ".experts.", name)
-           for name in checkpoint.fp8_recipe(model.config)}
+    fp8 = release_fp8_linears(model.config)
     rows = re.findall(r"^\| (\d+B)(?: \(all\))? \| ([\d.]+) GB \(([\d.]+) GiB\) \|",
                       (ROOT / "README.md").read_text(), re.M)
     assert [size for size, _, _ in rows] == list(ne.SIZE_PRESETS)
