@@ -114,7 +114,10 @@ def demo_ckpt(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def demo_model(demo_ckpt):
-    return ne.Model.from_pretrained(demo_ckpt, device="cpu", dtype=torch.float32, verbose=False)
+    """The demo model as `chat.py --demo` loads it: fp32, on the GPU if there is one, so that a seed
+    picked here samples the same tokens in chat.py (CUDA's generator draws other numbers than the
+    CPU's)."""
+    return ne.Model.from_pretrained(demo_ckpt, dtype=torch.float32, verbose=False)
 
 
 def test_tokenizer_ids_come_from_tokenizer_json(demo_ckpt):
