@@ -229,16 +229,17 @@ def run(*args, input="", env=None, timeout=120, merge=False):
                           env={**environ, **(env or {})}, timeout=timeout, cwd=ROOT)
 
 
-def quiet_seed(model, tok, text, size, n, system=None):
-    """A seed whose first n sampled tokens neither stop the reply nor close the thought: random
-    weights write them now and then, which would cut short what a test wants to see."""
+def quiet_seed(model, tok, text, size, n, system=None, fits=lambda ids: True):
+    """A seed whose first n sampled tokens neither stop the reply nor close the thought (random
+    weights write them now and then, which would cut short what a test wants to see) and that
+    `fits` (a test's own condition on those tokens)."""
     messages = [{"role": "system", "content": system}] if system is not None else []
     prompt = tok.encode(chat.render_chat(messages + [{"role": "user", "content": text}],
                                          add_generation_prompt=True))
-    for seed in range(20):
+    for seed in range(100):
         ids = [t.id for t in ne.generate(model, prompt, n, size=chat.DEMO_SIZES[size],
                                          stop_tokens=tok.stop, temperature=1.0, seed=seed)]
-        if not set(ids) & {*tok.stop, tok.think_end}:
+        if not set(ids) & {*tok.stop, tok.think_end} and fits(ids):
             return seed
     raise AssertionError("no quiet seed")
 
@@ -291,14 +292,13 @@ def test_piped_prompt_switches_where_the_model_writes_think_end(demo_ckpt, demo_
     the model writes 4th (the model and the prompt's ids are unchanged): the switch must come right
     there, before the budget, in reprefill mode too."""
     tok, text = chat.ChatTokenizer.load(demo_ckpt), "Hello there"
-    seed = quiet_seed(demo_model, tok, text, "23B", 4)
     prompt = tok.encode(chat.render_chat([{"role": "user", "content": text}],
                                          add_generation_prompt=True))
-    ids = [t.id for t in ne.generate(demo_model, prompt, 4, size=chat.DEMO_SIZES["23B"],
-                                     temperature=1.0, seed=seed)]
-    fourth = ids[3]
-    assert (fourth >= len(chat.DEMO_SPECIAL)
-            and fourth not in prompt + ids[:3]), "pick another position"
+    # the 4th token can be renamed: not a special token, not written before
+    renamable = lambda ids: ids[3] >= len(chat.DEMO_SPECIAL) and ids[3] not in prompt + ids[:3]
+    seed = quiet_seed(demo_model, tok, text, "23B", 4, fits=renamable)
+    fourth = [t.id for t in ne.generate(demo_model, prompt, 4, size=chat.DEMO_SIZES["23B"],
+                                        temperature=1.0, seed=seed)][3]
     ckpt = Path(shutil.copytree(demo_ckpt, tmp_path / "early-thinker"))
     tokenizer = json.loads((ckpt / "tokenizer.json").read_text())
     vocab = tokenizer["model"]["vocab"]
@@ -422,8 +422,9 @@ def test_an_error_in_a_reply_is_one_line_and_the_chat_goes_on_as_before(demo_ckp
     assert STATUS.findall(r.stdout) == ["think", "think"], r.stdout
     # the reply to "hello" is the first turn's, as if "hi <extra_1>" had never been sent
     fresh = run(*args, input="hello\n/exit\n")
-    reply = re.search(r"^> hello\n(\[think .*)\n\[cut at", r.stdout, re.M)
-    assert reply and f"> hello\n{reply[1]}\n[cut at" in fresh.stdout, (r.stdout, fresh.stdout)
+    # the reply (any bytes, newlines too, and why it ended), up to the status line and its timings
+    reply = lambda out: re.search(r"^> hello\n(.*?)^\[think \S+: \d+ tok", out, re.M | re.S)[1]
+    assert reply(r.stdout) == reply(fresh.stdout), (r.stdout, fresh.stdout)
 
 
 def test_a_setting_that_generate_refuses_fails_before_any_output(demo_model, demo_ckpt):
@@ -491,12 +492,13 @@ class Reader:
         end = time.time() + timeout
         while len(re.findall(pattern, self.text, re.M)) < count:
             assert time.time() < end, f"no {pattern!r} in:\n{self.text}"
-            time.sleep(0.05)
+            time.sleep(0.005)  # a GPU writes a token a millisecond or two
 
 
 def test_ctrl_c_stops_a_reply_and_the_chat_goes_on(demo_ckpt, demo_model):
+    # quiet for longer than a Ctrl-C takes to land (a GPU writes tokens ten times faster)
     seed = quiet_seed(demo_model, chat.ChatTokenizer.load(demo_ckpt), "Tell me a long story",
-                      "23B", 12)
+                      "23B", 64)
     proc = subprocess.Popen([sys.executable, str(ROOT / "chat.py"), "--demo", "--ckpt",
                              str(demo_ckpt), "--interactive", "--max-think", "3000",
                              "--max-new-tokens", "3000", "--seed", str(seed)],
@@ -506,7 +508,7 @@ def test_ctrl_c_stops_a_reply_and_the_chat_goes_on(demo_ckpt, demo_model):
     try:
         proc.stdin.write(b"Tell me a long story\n")
         proc.stdin.flush()
-        out.wait_for(r"\[think 23B\] \S{3}")  # streaming
+        out.wait_for(r"\[think 23B\] \S")  # streaming
         proc.send_signal(signal.SIGINT)
         # stopped while thinking: the answer size never ran
         out.wait_for(r"^\[stopped\]\n\[think 23B: \d+ tok, .*\| no switch\]$")
