@@ -41,13 +41,11 @@ def rand(*shape, dtype=torch.float32, gen=None):
 
 def weight(rows, cols, fp8, dtype, gen, nested=None):
     """A weight as the model holds it (FP8 + fp32 scale, or `dtype`), optionally a nested prefix
-    view; drawn on the generator's device."""
-    w = torch.randn(rows, cols, generator=gen, device=gen.device) / cols ** 0.5
-    if fp8:
-        w, scale = checkpoint.fp8_quantize(w)
-        w, scale = w.to(DEVICE), scale.to(DEVICE)
-    else:
-        w, scale = w.to(DEVICE, dtype), None
+    view; drawn and quantised on the device (seconds a weight on a CPU at the real shapes)."""
+    seed = int(torch.randint(2**62, (1,), generator=gen))
+    draw = torch.Generator(DEVICE).manual_seed(seed)
+    w = torch.randn(rows, cols, generator=draw, device=DEVICE) / cols ** 0.5
+    w, scale = checkpoint.fp8_quantize(w) if fp8 else (w.to(dtype), None)
     if nested:
         w = w[:nested[0], :nested[1]]
     return w, scale
@@ -208,13 +206,12 @@ if CUDA:
 
 
 def moe_inputs(n, k, fp8, dtype, E=8, d_full=48, f_full=24, nested=(40, 16), seed=0):
-    gen = weight_gen = torch.Generator().manual_seed(seed)
-    if CUDA and n > 64:  # real expert shapes, the 256 weights drawn on the GPU (seconds on a CPU)
+    gen = torch.Generator().manual_seed(seed)
+    if CUDA and n > 64:  # real expert shapes
         E, d_full, f_full, nested = 128, 2688, 1856, (2048, 1280)
-        weight_gen = torch.Generator(DEVICE).manual_seed(seed)
     d, f = nested
-    up = [weight(f_full, d_full, fp8, dtype, weight_gen) for _ in range(E)]
-    down = [weight(d_full, f_full, fp8, dtype, weight_gen) for _ in range(E)]
+    up = [weight(f_full, d_full, fp8, dtype, gen) for _ in range(E)]
+    down = [weight(d_full, f_full, fp8, dtype, gen) for _ in range(E)]
     stack = lambda ws: (torch.stack([w for w, _ in ws]),
                         None if not fp8 else torch.stack([s for _, s in ws]))
     (up_w, up_s), (down_w, down_s) = stack(up), stack(down)
