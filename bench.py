@@ -134,18 +134,6 @@ def kernel_seconds(fn, arg_sets: list[tuple], iters: int) -> tuple[float, str]:
 TOLERANCE = 2e-2  # relative error of a kernel against its torch reference (bf16 on a GPU)
 
 
-def torch_only(reference):
-    """reference with the calls it makes of other routed functions on their references too: on a
-    GPU, the MoE's reference would otherwise run its per-expert linear() through the kernels."""
-    def call(*args):
-        routing, ne.KERNELS = ne.KERNELS, "torch"
-        try:
-            return reference(*args)
-        finally:
-            ne.KERNELS = routing
-    return call
-
-
 def rel_err(out, ref) -> float:
     out, ref = out.double(), ref.double()
     return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
@@ -275,7 +263,6 @@ def bench_kernels(small: bool, ceil: dict):
     for label, name, args, nbytes, flops in kernel_cases(small):
         triton_fn, reference = variants.get(name) or (getattr(kernels, name),
                                                       getattr(ne, name).reference)
-        reference = torch_only(reference)
         # fresh copies of the arguments (some ops work in place), nested views kept as views
         fresh = lambda: tuple(copy_like(a) if isinstance(a, Tensor) else a for a in args)
         out, ref = triton_fn(*fresh()), reference(*fresh())

@@ -141,12 +141,23 @@ class Config:
 #    the plain-torch reference of the Triton function of the same name in kernels.py (section 8).
 
 def kernel(reference):
-    """Route a call to kernels.<same name> if use_kernels(its first tensor); .reference: torch's."""
+    """Route a call to kernels.<same name> if use_kernels(its first tensor); .reference: torch's,
+    all through (the routed calls it makes run their references too: the MoE's per-expert
+    linear(), say, which would otherwise reach the kernels on a GPU)."""
     @functools.wraps(reference)
     def routed(*args, **kwargs):
         fn = getattr(kernels, reference.__name__) if use_kernels(args[0]) else reference
         return fn(*args, **kwargs)
-    routed.reference = reference
+
+    @functools.wraps(reference)
+    def torch_only(*args, **kwargs):
+        global KERNELS
+        routing, KERNELS = KERNELS, "torch"
+        try:
+            return reference(*args, **kwargs)
+        finally:
+            KERNELS = routing
+    routed.reference = torch_only
     return routed
 
 

@@ -87,20 +87,6 @@ def test_bench_times_a_wrong_kernel_and_fails_after_the_rest(tmp_path, monkeypat
             == [case[1] == "rms_norm" for case in cases])
 
 
-def test_the_torch_column_times_the_references_alone(monkeypatch):
-    """On a GPU every routed call on CUDA tensors goes to the kernels, the calls a reference makes
-    too: the MoE reference's per-expert linear() would time (and check) Triton against Triton."""
-    import kernels
-    monkeypatch.setattr(ne, "KERNELS", "triton")  # as a GPU routes its tensors
-    calls, real_linear = [], kernels.linear
-    monkeypatch.setattr(kernels, "linear", lambda *args: calls.append(1) or real_linear(*args))
-    args = next(case[2] for case in bench.kernel_cases(small=True) if case[1] == "moe_experts")
-    bench.torch_only(ne.moe_experts.reference)(*args)
-    assert not calls and ne.KERNELS == "triton"  # the routing as it was
-    ne.moe_experts.reference(*args)  # unwrapped, its linear() calls go to the kernels
-    assert calls
-
-
 def test_bench_cut_short_writes_what_it_measured(tmp_path):
     """.ci/gpu runs the bench under `timeout`: its SIGTERM ends the run with the numbers measured
     so far in --json, since a device call is too dear to lose to its last minute."""

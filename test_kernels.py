@@ -592,6 +592,18 @@ def test_routing(monkeypatch):
         ne.linear(x, w)
 
 
+def test_a_reference_is_torch_all_through(monkeypatch):
+    """.reference runs the routed calls it makes on their references too: the MoE reference's
+    per-expert linear() must not reach the kernels (bench.py would time Triton against Triton)."""
+    calls, real_linear = [], kernels.linear
+    monkeypatch.setattr(kernels, "linear", lambda *args: calls.append(1) or real_linear(*args))
+    x, weights, experts, up_w, up_s, down_w, down_s = moe_inputs(5, 3, True, torch.float32)
+    ne.moe_experts.reference(x, weights, experts, up_w, up_s, down_w, down_s)
+    assert not calls and ne.KERNELS == "triton"  # the routing as it was (triton_everywhere)
+    ne.linear(x, up_w[0], up_s[0])  # routed: the kernels
+    assert calls
+
+
 @pytest.mark.parametrize("name,fp8,size,load", [("A", True, "40x16", False),
                                                ("A", True, "40x16", True),
                                                ("B", False, None, False)])
