@@ -13,8 +13,9 @@ Every number is measured here, beside what it is compared with: the device's cei
 device-to-device copy for bandwidth, a large matmul for FLOP/s) and, for kernels, the torch
 reference. Each kernel's error against its reference is measured before its time; one that differs
 fails the run at the end, after the rest was measured. Decode reads its bytes from the weights the
-step really touches (the chosen experts, not all 128), the KV cache (all of it: these caches are
-shorter than the smallest window a decode graph attends over) and the Mamba states; the achieved
+step really touches (the chosen experts, not all 128), the KV cache (all of it: an upper bound,
+as a step reads the positions up to its own, and these caches hold little more than the prompt and
+the steps) and the Mamba states; the achieved
 bandwidth is those bytes over the step time. A profile of the batch-1 step, at the end, says
 where its time goes: kernels against the gaps between them, and each kernel's share (and bandwidth,
 for the matmuls and the SSM step). Each result is also printed to stderr as it is measured, and
@@ -159,7 +160,7 @@ def ceilings(small: bool) -> dict:
 # 2. Kernels: correctness first, then time against the torch reference and the ceilings
 
 def kernel_cases(small: bool):
-    """(name, function, args, bytes read, flops) at the real 30B shapes, or small ones."""
+    """(label, kernel name, args, bytes read, flops) at the real 30B shapes, or small ones."""
     c = ne.DEMO_CONFIG if small else ne.Config()
     D, E, Fe, k = c.hidden_size, c.n_routed_experts, c.moe_intermediate_size, c.num_experts_per_tok
     d, f = ne.parse_size("192x96" if small else "23B", c)
@@ -326,11 +327,13 @@ def decode_bytes(model: ne.Model, cache: ne.Cache, batch: int,
         elif ".experts." in name and "shared" not in name:
             nbytes = nbytes // t.shape[0] * touched[int(name.split(".")[2])]
         parts["linear" if name.rsplit(".", 1)[0] in linears else "other weights"] += nbytes
-    for state in cache.layers:
+    for kind, state in zip(cache.kinds, cache.layers):
         for t in state or ():
-            kv = t.dim() == 4 and t.shape[2] == cache.max_len  # else a Mamba state: read, written
             nbytes = t.numel() * t.element_size()
-            parts["kv cache" if kv else "mamba states"] += nbytes if kv else 2 * nbytes
+            if kind == "attention":
+                parts["kv cache"] += nbytes
+            else:  # a Mamba state: read and written
+                parts["mamba states"] += 2 * nbytes
     return dict(parts)
 
 
@@ -580,7 +583,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--only", choices=["kernels", "model"], help="run one part")
     p.add_argument("--small", action="store_true", help="small config and shapes (CPU)")
     p.add_argument("--batch", type=int, nargs="+", default=None,
-                   help="decode batch sizes (default 1 8 32)")
+                   help="decode batch sizes (default 1 8 32; with --small 1 8)")
     p.add_argument("--json", metavar="FILE", help="also write the JSON here")
     plain = set(vars(p.parse_args([])))
     add_budget_args(p)
@@ -832,10 +835,8 @@ def solve(model: ne.Model, tokenizer, step: ne.DecodeGraph, prompt: list[int], t
 # -- the run ---------------------------------------------------------------------------------------
 
 def parse_configs(text: str) -> list[tuple[str, str]]:
-    # any case, as chat.py
-    preset = lambda s: s.upper() if s.upper() in ("30B", "23B", "12B") else s
-    configs = [tuple(preset(s) for s in c.strip().split(":")) for c in text.split(",") if c.strip()]
-    if not configs or any(len(c) != 2 or not all(c) for c in configs):
+    configs = [tuple(ne.size_name(s) for s in c.split(":")) for c in text.split(",") if c.strip()]
+    if not configs or any(len(c) != 2 or not all(c) for c in configs):  # any case, as chat.py
         fail(f"--configs {text!r}: expected THINK:ANSWER pairs separated by commas, "
              "e.g. 23B:30B,12B:12B")
     return list(dict.fromkeys(configs))
@@ -992,8 +993,10 @@ def budget_plan(args: argparse.Namespace) -> tuple[list, list, list, dict, Path 
         fail(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.limit is not None and args.limit < 1:
         fail(f"--limit must be >= 1, got {args.limit}")
-    if not 0 <= args.temperature < math.inf or not 0 < args.top_p <= 1:  # NaN fails both
-        fail("--temperature must be >= 0 and --top-p in (0, 1]")
+    try:
+        ne.check_sampling(args.temperature, args.top_p, 0, chat.SAMPLING_FLAGS)
+    except ne.NanoElasticError as e:
+        fail(str(e))
     if max(budgets) + 1 >= args.max_new_tokens:
         fail(f"--max-new-tokens {args.max_new_tokens} leaves no room to answer "
              f"after a budget of {max(budgets)}")
@@ -1007,10 +1010,10 @@ def budget_plan(args: argparse.Namespace) -> tuple[list, list, list, dict, Path 
         ckpt = None if args.demo else chat.find_checkpoint(args.ckpt)
         config = chat.demo_config() if args.demo else ne.Config.from_file(ckpt / "config.json")
         if args.load:
-            args.load = size_names.get(args.load.strip().upper(), chat.size_name(args.load))
+            args.load = ne.model_size(args.load, config, size_names)
             config = config.sliced(*ne.parse_size(args.load, config))
         for size in {s for c in configs for s in c}:  # every size, before the (long) load
-            ne.parse_size(size_names.get(size, size), config)
+            ne.model_size(size, config, size_names)
     except NanoElasticError as e:
         fail(str(e))
     return configs, budgets, problems, size_names, ckpt
@@ -1095,9 +1098,7 @@ def solve_all(args, problems, wanted, key, size_names, results: Path, done: dict
 
     try:  # Ctrl-C or SIGTERM (ne.Terminated, from the command line): what is done stays done
         with tempfile.TemporaryDirectory() as tmp, open(results, "a", encoding="utf-8") as log:
-            think, answer = todo[0][:2]
-            sizes = Namespace(demo=args.demo, ckpt=args.ckpt, think=think, answer=answer)
-            model, tokenizer = chat.load(sizes, tmp, args.load)
+            model, tokenizer = chat.load(Namespace(demo=args.demo, ckpt=args.ckpt), tmp, args.load)
             prompts = [
                 tokenizer.encode(chat.render_chat([{"role": "user", "content": p["question"]}],
                                                   add_generation_prompt=True))

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import re
 import signal
 import sys
 import time
@@ -40,6 +39,7 @@ HF_REPOS = ("nvidia/NVIDIA-Nemotron-Labs-3-Elastic-30B-A3B-FP8",
 # tokens the chat's one cache holds (KV is about 6 KB a token on the real model)
 MAX_CONTEXT = 65536
 PREFILL_CHUNK = 8192
+SAMPLING_FLAGS = ("--temperature", "--top-p", "--top-k")  # the names in check_sampling's errors
 
 HELP = """commands:
   /think SIZE     think with SIZE (30B, 23B, 12B or HIDDENxFFN)
@@ -285,36 +285,6 @@ class Snapshot:
     states: tuple  # Cache.snapshot()
 
 
-def size_name(size: str) -> str:
-    """How a size is shown: 12b -> 12B, 192X96 -> 192x96."""
-    size = size.strip()
-    if size.upper() in ne.SIZE_PRESETS:
-        return size.upper()
-    return size.lower() if re.fullmatch(r"\d+[xX]\d+", size) else size
-
-
-def model_size(size: str, config: ne.Config, size_names: dict[str, str]) -> str:
-    """The size the model knows (any case; the demo's stand-in for 30B/23B/12B); a size that does
-    not fit `config` fails here, with a hint naming sizes that do."""
-    given, size = size, size_names.get(size.strip().upper(), size)
-    try:
-        ne.parse_size(size, config)
-    except NanoElasticError as e:
-        fits = []  # the named sizes that fit this checkpoint
-        for name, real in (size_names or {p: p for p in ne.SIZE_PRESETS}).items():
-            try:
-                ne.parse_size(real, config)
-                fits.append(name if name == real else f"{name} (= {real})")
-            except NanoElasticError:
-                pass
-        # the hint below replaces parse_size's; the size as it was given (the demo's 30B)
-        problem = str(e).split(": use ")[0].replace(f"size {size} ", f"size {size_name(given)} ", 1)
-        named = ", ".join(fits) + ", or " if fits else ""
-        raise NanoElasticError(f"{problem}: use {named}HIDDENxFFN up to "
-                               f"{config.hidden_size}x{config.moe_intermediate_size}") from e
-    return size
-
-
 class Chat:
     """One conversation on one model and cache: each reply thinks at settings.think and answers
     at settings.answer, the answer's text streamed to `out` and the rest (the labels, the thinking,
@@ -336,7 +306,7 @@ class Chat:
         self.turn = 0
 
     def model_size(self, size: str) -> str:
-        return model_size(size, self.model.config, self.size_names)
+        return ne.model_size(size, self.model.config, self.size_names)
 
     def write(self, text: str, dim: bool = False, answer: bool = False) -> None:
         """Write to `log`, or the answer's text to `out`."""
@@ -531,7 +501,7 @@ def command(chat: Chat, line: str) -> bool:
         print(HELP)
     elif name in ("/think", "/answer"):
         chat.model_size(arg)
-        setattr(st, name[1:], size_name(arg))
+        setattr(st, name[1:], ne.size_name(arg))
         print(f"think {st.think}, answer {st.answer}")
     elif name == "/switch":
         st.switch = arg.lower()
@@ -654,11 +624,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if value is not None and not low <= value <= high:
             bounds = f">= {low}" if high == math.inf else f"in [{low}, {high}]"
             ap.error(f"--{name.replace('_', '-')} must be {bounds}")
-    bad_top_p = args.top_p is not None and not 0 < args.top_p <= 1
-    bad_temperature = (args.temperature is not None
-                       and not 0 <= args.temperature < math.inf)  # NaN too
-    if bad_temperature or bad_top_p:
-        ap.error("--temperature must be >= 0 and --top-p in (0, 1]")
+    try:  # what is not given is checked with the default's values, which pass
+        ne.check_sampling(0.0 if args.temperature is None else args.temperature,
+                          1.0 if args.top_p is None else args.top_p, 0, SAMPLING_FLAGS)
+    except NanoElasticError as e:
+        ap.error(str(e))
     return args
 
 
@@ -670,7 +640,7 @@ def settings_of(args: argparse.Namespace) -> Settings:
                  top_p=args.top_p, seed=args.seed, system=args.system)
     defaults = Settings(**DEMO_SETTINGS) if args.demo else Settings()
     settings = replace(defaults, **{k: v for k, v in given.items() if v is not None})
-    settings.think, settings.answer = size_name(settings.think), size_name(settings.answer)
+    settings.think, settings.answer = ne.size_name(settings.think), ne.size_name(settings.answer)
     return settings
 
 
@@ -686,12 +656,12 @@ def check_sizes(args: argparse.Namespace, settings: Settings) -> tuple[dict[str,
     whole = f"{config.hidden_size}x{config.moe_intermediate_size}"
     load = None
     if args.load:
-        whole = args.load = size_name(args.load)
-        load = model_size(args.load, config, size_names)
+        whole = args.load = ne.size_name(args.load)
+        load = ne.model_size(args.load, config, size_names)
         config = config.sliced(*ne.parse_size(load, config))
     for name in ("think", "answer"):
         try:
-            model_size(getattr(settings, name), config, size_names)
+            ne.model_size(getattr(settings, name), config, size_names)
         except NanoElasticError:
             if getattr(args, name) is not None:
                 raise

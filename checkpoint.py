@@ -24,6 +24,7 @@ import shutil
 import sys
 import tempfile
 import time
+from itertools import chain
 from pathlib import Path
 from typing import Iterable, Iterator, NamedTuple
 
@@ -88,7 +89,7 @@ def check_config_field(name: str, value, kind, low) -> None:
 
     if kind == "int or list of int":
         values = value if isinstance(value, list) else [value]
-        ok = all(number(v, int) for v in values)
+        ok = bool(values) and all(number(v, int) for v in values)  # [] would stop nothing
     elif kind == "pair of float":
         values = value if isinstance(value, list) and len(value) == 2 else None
         ok = values is not None and all(number(v, float) for v in values)
@@ -237,8 +238,6 @@ IGNORED_TENSORS = re.compile(r"mtp\..*|.*\.(k_proj\.k_scale|v_proj\.v_scale)")
 
 def read_weight_map(path: Path) -> dict[str, Path]:
     """tensor name -> shard file, from model.safetensors.index.json (or one model.safetensors)."""
-    from safetensors import safe_open
-
     index = path / "model.safetensors.index.json"
     if index.is_file():
         try:
@@ -249,7 +248,7 @@ def read_weight_map(path: Path) -> dict[str, Path]:
             message = f"{index} is not a valid safetensors index ({type(e).__name__}: {e})"
             raise NanoElasticError(message[:300]) from None
     elif (path / "model.safetensors").is_file():
-        with safe_open(path / "model.safetensors", "pt") as f:
+        with open_safetensors(path / "model.safetensors") as f:
             weight_map = {name: path / "model.safetensors" for name in f.keys()}
     else:
         raise NanoElasticError(f"no model.safetensors.index.json or model.safetensors in {path}")
@@ -271,8 +270,8 @@ class CheckedCheckpoint(NamedTuple):
 def check_checkpoint(model: Model, path: Path) -> CheckedCheckpoint:
     """Check a checkpoint folder against a (meta-device) model of its config from the index and the
     shard headers alone, reading no tensor data: every tensor present, none unexpected, every shape,
-    every FP8 weight paired with its weight_scale. Used by from_pretrained and by slice.py before
-    either writes."""
+    every FP8 weight paired with its weight_scale. Used by from_pretrained before it loads a byte,
+    and by slice.py before it writes one (and on what it wrote)."""
     weight_map = read_weight_map(path)
     plan = plan_tensors(model, weight_map)
     scales = [target for target, _ in plan.values() if target.endswith(".weight_scale")]
@@ -318,20 +317,24 @@ def plan_tensors(model: Model, weight_map: dict[str, Path]) -> dict[str, tuple[s
     return plan
 
 
-def check_headers(shard: Path, names: list[str], plan: dict, params: dict, fp8: set[str]) -> int:
-    """The shapes and dtypes of `names` from `shard`'s header (no data read) -> their bytes."""
+def open_safetensors(shard: Path):
+    """safe_open(shard) for its header, or one error that names the file and the problem."""
     from safetensors import SafetensorError, safe_open
 
     try:
         # the true cause (permission denied...) before safetensors' own message
         open(shard, "rb").close()
-        header = safe_open(shard, "pt")
+        return safe_open(shard, "pt")
     except OSError as e:
         raise NanoElasticError(f"cannot read {shard}: {e.strerror}") from None
     except SafetensorError as e:  # a truncated download, a file that is not safetensors
         raise NanoElasticError(f"{shard} is not a valid safetensors file ({e})") from None
+
+
+def check_headers(shard: Path, names: list[str], plan: dict, params: dict, fp8: set[str]) -> int:
+    """The shapes and dtypes of `names` from `shard`'s header (no data read) -> their bytes."""
     total = 0
-    with header as f:
+    with open_safetensors(shard) as f:
         in_shard = set(f.keys())
         for name in names:
             if name not in in_shard:
@@ -349,7 +352,7 @@ def check_headers(shard: Path, names: list[str], plan: dict, params: dict, fp8: 
             if not ok:
                 raise NanoElasticError(f"wrong shape for {name}: {shape}, expected {expected}")
             check_dtype(name, st_dtype, owner in fp8, leaf)
-            total += math.prod(shape) * SAFETENSORS_DTYPES.get(st_dtype, torch.float32).itemsize
+            total += math.prod(shape) * SAFETENSORS_DTYPES[st_dtype].itemsize
     return total
 
 
@@ -489,7 +492,7 @@ def load_checkpoint(model: Model, path: Path, device: torch.device, dtype: torch
         check_memory(whole, model, fp8, dtype, device)
     d, f = model.config.hidden_size, model.config.moe_intermediate_size
     progress, stacks = Progress(verbose), {}  # stacks: the stacked expert tensors being filled
-    done_tensors, read_bytes, kept_bytes, t0 = 0, 0, 0, time.time()
+    done_tensors, read_bytes, t0 = 0, 0, time.time()
     try:
         for shard, names in by_shard(plan, weight_map).items():
             with safe_open(shard, "pt", device=str(device)) as sf:
@@ -501,7 +504,6 @@ def load_checkpoint(model: Model, path: Path, device: torch.device, dtype: torch
                     place_tensor(model, stacks, name, t, dtype)
                     done_tensors += 1
                     read_bytes += math.prod(shape) * t.element_size()
-                    kept_bytes += t.numel() * t.element_size()
                     progress(f"loading {path.name}: {done_tensors}/{len(plan)} tensors, "
                              f"{read_bytes / 1e9:.2f}/{total_bytes / 1e9:.2f} GB")
     except torch.cuda.OutOfMemoryError:  # free memory taken meanwhile (check_memory passed)
@@ -510,21 +512,26 @@ def load_checkpoint(model: Model, path: Path, device: torch.device, dtype: torch
                                f"process using the GPU?") from None
     if verbose:
         nested = f" at {d}x{f}" if whole is not model else ""
-        print(f"\rloaded {path.name}{nested}: {done_tensors} tensors, {kept_bytes / 1e9:.2f} GB "
-              f"in {time.time() - t0:.1f} s", file=sys.stderr)
+        held = sum(t.numel() * t.element_size() for t in chain(model.parameters(), model.buffers()))
+        print(f"\rloaded {path.name}{nested}: {done_tensors} tensors, {held / 1e9:.2f} GB on "
+              f"{device} in {time.time() - t0:.1f} s", file=sys.stderr)
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    """`device`, or cuda when there is one, else cpu; checked that the model can run there."""
+    """`device`, or cuda when there is one, else cpu; checked that the model can run there: a
+    CPU, or a CUDA GPU that torch sees (the only devices the model is written and tested for)."""
     try:
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     except (RuntimeError, TypeError):
         raise NanoElasticError(f"unknown device {device!r}: use cpu or cuda") from None
-    if device.type == "meta":
-        raise NanoElasticError("cannot run on the meta device: use cpu or cuda")
+    if device.type not in ("cpu", "cuda"):
+        raise NanoElasticError(f"cannot run on the {device.type} device: use cpu or cuda")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise NanoElasticError(f"device {device} asked for, but torch sees no CUDA GPU here: "
                                f"use the cpu device")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise NanoElasticError(f"device {device}: torch sees {torch.cuda.device_count()} CUDA "
+                               f"GPU(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     return device
 
 
@@ -554,11 +561,12 @@ def stop_tokens(folder: Path, config: Config) -> tuple[int, ...]:
     file = folder / "generation_config.json"
     d = read_json(file) if file.is_file() else {}
     eos = d.get("eos_token_id") if isinstance(d, dict) else None
-    if eos is None:
-        eos = config.eos_token_id
+    if eos is None:  # config.json's, checked with the config
+        return tuple(config.eos_token_id if isinstance(config.eos_token_id, list)
+                     else [config.eos_token_id])
     check_config_field(f"{file.name}: eos_token_id", eos, "int or list of int", 0)
     ids = tuple(eos if isinstance(eos, list) else [eos])
-    if not ids or max(ids) >= config.vocab_size:
+    if max(ids) >= config.vocab_size:
         raise NanoElasticError(f"{file}: eos_token_id {list(ids)} is not below vocab_size "
                                f"{config.vocab_size}")
     return ids
@@ -781,13 +789,16 @@ def dead_run(pid: int) -> bool:
     return False
 
 
-def remove_dead_runs_folders(path: Path) -> None:
-    """The temporary folders beside `path` of runs that were killed (kill -9, a power cut): named
-    `.NAME.tmp-PID-*`, removed when no process PID is alive."""
-    for tmp in path.parent.glob(f".{glob.escape(path.name)}.tmp-*-*"):
-        pid = tmp.name[len(path.name) + 6:].split("-")[0]
-        if pid.isdigit() and dead_run(int(pid)):
-            shutil.rmtree(tmp, ignore_errors=True)
+def dead_runs_folders(path: Path, kind: str, tail: str = "") -> list[Path]:
+    """The folders `.NAME.KIND-PID` + `tail` (a regex: what tempfile.mkdtemp adds, say) beside
+    `path` of runs that are gone (no process PID alive): exactly those names, not a user's
+    `.NAME.old-keep`. Kinds: tmp (a run's output), old (slice.py: the target it replaced)."""
+    prefix, folders = f".{path.name}.{kind}-", []
+    for folder in sorted(path.parent.glob(f"{glob.escape(prefix)}*")):
+        pid = re.fullmatch(f"([0-9]+){tail}", folder.name[len(prefix):])
+        if pid and dead_run(int(pid[1])):
+            folders.append(folder)
+    return folders
 
 
 def write_random_checkpoint(path: str | Path, config: Config, fp8: bool = True, shards: int = 2,
@@ -805,7 +816,8 @@ def write_random_checkpoint(path: str | Path, config: Config, fp8: bool = True, 
     # At most `shards` shards: each but the last holds more than total / shards.
     plan = split_shards(planned, sum(nbytes(p.meta) for p in planned) / shards + largest)
     path.parent.mkdir(parents=True, exist_ok=True)
-    remove_dead_runs_folders(path)
+    for tmp in dead_runs_folders(path, "tmp", "-[a-z0-9_]+"):  # killed runs' (kill -9, power cut)
+        shutil.rmtree(tmp, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent))
     try:
         tensors = (t for _, t in random_checkpoint_tensors(config, fp8, seed))
@@ -829,9 +841,10 @@ def write_random_checkpoint(path: str | Path, config: Config, fp8: bool = True, 
 
 def random_model(config: Config, device: str | torch.device | None = None,
                  dtype: torch.dtype | None = None, fp8: bool = True, seed: int = 0) -> Model:
-    """A model of `config` with the weights write_random_checkpoint() writes (FP8 recipe or all
-    BF16), made directly on `device`, no disk: what bench.py measures the real 52-layer shapes
-    with."""
+    """A model of `config` with random weights of the kind write_random_checkpoint() writes (FP8
+    recipe or all BF16), made directly on `device`, no disk: what bench.py measures the real
+    52-layer shapes with. On the CPU they are the very weights that function writes for the same
+    seed; a GPU's generator draws others."""
     device = resolve_device(device)
     with torch.device("meta"):
         model = Model(config)

@@ -494,7 +494,7 @@ def _ssd_chunk_state_kernel(x_ptr, B_ptr, dt_ptr, cum_ptr, states_ptr,
 
 @triton.jit
 def _ssd_state_passing_kernel(states_ptr, cum_ptr, init_ptr, final_ptr, n_chunks, PN, CHUNK,
-                              HAS_INIT: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+                              BLOCK: tl.constexpr, PDL: tl.constexpr):
     """states[c] := the state entering chunk c (it held the state chunk c adds); final = after the
     last. Sequential over chunks, parallel over (batch x head, BLOCK of the P*N state entries)."""
     _pdl_start(PDL)
@@ -502,7 +502,7 @@ def _ssd_state_passing_kernel(states_ptr, cum_ptr, init_ptr, final_ptr, n_chunks
     offs = blk * BLOCK + tl.arange(0, BLOCK)
     mask = offs < PN
     state = tl.zeros((BLOCK,), dtype=tl.float32)
-    if HAS_INIT:
+    if init_ptr is not None:
         state = tl.load(init_ptr + bh * PN + offs, mask=mask, other=0.0)
     for c in range(n_chunks):
         ptr = states_ptr + (bh * n_chunks + c) * PN + offs
@@ -605,10 +605,9 @@ def ssd_chunked(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk: i
     _ssd_chunk_state_kernel[(b * H, n_chunks, triton.cdiv(P, BP) * triton.cdiv(N, BN))](
         x, B, dt, cum, states, *dims, **dots, BLOCK_P=BP, BLOCK_N=BN, BLOCK_K=BL, num_warps=4,
         **_launch())
-    init = initial_state.float().contiguous() if initial_state is not None else final
+    init = initial_state.float().contiguous() if initial_state is not None else None
     _ssd_state_passing_kernel[(b * H, triton.cdiv(P * N, 1024))](
-        states, cum, init, final, n_chunks, P * N, chunk, HAS_INIT=initial_state is not None,
-        BLOCK=1024, **_launch())
+        states, cum, init, final, n_chunks, P * N, chunk, BLOCK=1024, **_launch())
     BN = _pow2(N) if tile == 64 else BN
     _ssd_chunk_scan_kernel[(b * H, n_chunks, triton.cdiv(chunk, BL) * triton.cdiv(P, BP))](
         x, B, C, dt, cum, states, y, *dims, *y.stride()[:3], **dots, BLOCK_M=BL, BLOCK_K=BL,

@@ -131,9 +131,12 @@ class Config:
         import checkpoint
         return checkpoint.read_config(Path(path))
 
-    def sliced(self, d: int, f: int) -> Config:  # the nested model's: hidden d, expert FFN f
-        return Config(**{**self.__dict__, "hidden_size": d, "moe_intermediate_size": f,
-                         "intermediate_size": f})
+    @staticmethod
+    def nested_widths(d: int, f: int) -> dict:  # the fields a nested size sets: hidden d, FFN f
+        return {"hidden_size": d, "moe_intermediate_size": f, "intermediate_size": f}
+
+    def sliced(self, d: int, f: int) -> Config:  # the nested model's config
+        return Config(**{**self.__dict__, **Config.nested_widths(d, f)})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -377,7 +380,7 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: 
                      position: Tensor, window: int) -> Tensor:
     """One decoded token a row: its k, v [B, Hkv, 1, hd] go into the caches [B, Hkv, L, hd] at
     `position` (a device scalar: no host sync), then q [B, Hq, 1, hd] attends over positions
-    0..position, all inside the first `window` (a power of two: shapes that stay the same, one
+    0..position, all inside the first `window` (Cache.window(): shapes that stay the same, one
     CUDA graph, until the cache outgrows it) -> [B, Hq, 1, hd]. The G = Hq / Hkv query heads of
     KV head j (jG..jG+G-1) are G queries of it, so no backend has to take a GQA flag with a mask."""
     k_cache.index_copy_(2, position.view(1), k)
@@ -702,7 +705,8 @@ class Cache:
         mask = None if start == 0 else prefix_causal(T, start + T, k)
         return k_cache[:, :, :start + T], v_cache[:, :, :start + T], mask
 
-    def window(self) -> int:  # the KV positions a decoded token sees: > length, a power of two
+    def window(self) -> int:  # the KV positions a decoded token sees: > length, the next power
+        # of two (at least 256), but never more than max_len
         return min(self.max_len, max(256, 1 << self.length.bit_length()))
 
     def begin(self, batch_size: int, new_tokens: int) -> None:
@@ -964,6 +968,38 @@ def parse_size(size: str | None, config: Config) -> tuple[int, int]:
     return d, f
 
 
+def size_name(size: str) -> str:
+    """How a size is shown: 12b -> 12B, 192X96 -> 192x96."""
+    size = size.strip()
+    if size.upper() in SIZE_PRESETS:
+        return size.upper()
+    return size.lower() if re.fullmatch(r"\d+[xX]\d+", size) else size
+
+
+def model_size(size: str, config: Config, size_names: dict[str, str] | None = None) -> str:
+    """The size as the model knows it (any case; `size_names` maps names to stand-ins, as the
+    demo's for 30B/23B/12B); a size that does not fit `config` fails here, with a hint naming the
+    sizes that do."""
+    given, size = size, (size_names or {}).get(size.strip().upper(), size)
+    try:
+        parse_size(size, config)
+    except NanoElasticError as e:
+        fits = []  # the named sizes that fit this checkpoint
+        for name, real in (size_names or {p: p for p in SIZE_PRESETS}).items():
+            try:
+                parse_size(real, config)
+                fits.append(name if name == real else f"{name} (= {real})")
+            except NanoElasticError:
+                pass
+        # the hint below replaces parse_size's; the size as it was given (the demo's 30B)
+        problem = str(e).split(": use ")[0]
+        problem = problem.replace(f"size {size} ", f"size {size_name(given)} ", 1)
+        named = ", ".join(fits) + ", or " if fits else ""
+        raise NanoElasticError(f"{problem}: use {named}HIDDENxFFN up to "
+                               f"{config.hidden_size}x{config.moe_intermediate_size}") from e
+    return size_name(size)
+
+
 # --------------------------------------------------------------------------------------------------
 # 10. Sampling and generation: prefill, decode, sample, and change size mid-stream
 
@@ -1019,16 +1055,18 @@ def check_int(name: str, value, least: int, most: int | None = None) -> None:
         raise NanoElasticError(f"{name} must be an integer {bound}, got {value!r}")
 
 
-def check_sampling(temperature: float, top_p: float, top_k: int) -> None:
-    """One clear error for each sampling setting of the wrong type or out of range."""
-    for name, value in [("temperature", temperature), ("top_p", top_p)]:
+def check_sampling(temperature: float, top_p: float, top_k: int,
+                   names: tuple[str, str, str] = ("temperature", "top_p", "top_k")) -> None:
+    """One clear error for each sampling setting of the wrong type or out of range; `names` are
+    the settings' names in it (a command line's flags, say)."""
+    for name, value in [(names[0], temperature), (names[1], top_p)]:
         if not isinstance(value, numbers.Real) or not math.isfinite(value):
             raise NanoElasticError(f"{name} must be a finite number, got {value!r}")
-    check_int("top_k (0 = no limit)", top_k, 0)
+    check_int(f"{names[2]} (0 = no limit)", top_k, 0)
     if not temperature >= 0:
-        raise NanoElasticError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+        raise NanoElasticError(f"{names[0]} must be >= 0 (0 = greedy), got {temperature}")
     if not 0 < top_p <= 1:
-        raise NanoElasticError(f"top_p must be in (0, 1], got {top_p}")
+        raise NanoElasticError(f"{names[1]} must be in (0, 1], got {top_p}")
 
 
 def sample(logits: Tensor, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
@@ -1079,14 +1117,17 @@ def prompt_ids(prompt: list[int] | Tensor, vocab_size: int) -> list[int]:
     if isinstance(prompt, Tensor):
         what = f"a {prompt.dtype} tensor of shape {list(prompt.shape)}"
         prompt = prompt[0] if prompt.dim() == 2 and prompt.shape[0] == 1 else prompt
-        prompt = prompt.tolist() if prompt.dim() == 1 and not prompt.is_floating_point() else None
+        prompt = prompt.tolist() if prompt.dim() == 1 and prompt.dtype in TOKEN_DTYPES else None
     try:
-        ids = None if isinstance(prompt, (str, bytes)) else [operator.index(t) for t in prompt]
+        ids = list(prompt)
+        if isinstance(prompt, (str, bytes)) or any(isinstance(t, bool) for t in ids):
+            raise TypeError  # text, or bools: not token ids
+        ids = [operator.index(t) for t in ids]
     except TypeError:  # not a sequence of ints (None, floats, strings)
         ids = None
     if ids is None:
-        raise NanoElasticError(f"prompt must be token ids: a list, a 1-D tensor or a [1, T] "
-                               f"tensor, got {what}")
+        raise NanoElasticError(f"prompt must be token ids: a list of ints, or an int64 or int32 "
+                               f"tensor of shape [T] or [1, T], got {what}")
     if not ids:
         raise NanoElasticError("empty prompt")
     check_range(min(ids), max(ids), vocab_size)
@@ -1272,26 +1313,28 @@ def load(args):
         tokenizer = checkpoint.load_tokenizer(Path(args.ckpt))
         config = Config.from_file(Path(args.ckpt) / "config.json")
         if args.load:  # every size checked before the (long) load
-            config = config.sliced(*parse_size(args.load, config))
+            config = config.sliced(*parse_size(model_size(args.load, config), config))
         for size in (args.size, args.switch_to):
-            parse_size(size, config)
+            if size is not None:
+                model_size(size, config)
         model = Model.from_pretrained(args.ckpt, device=device, size=args.load)
         prompt = tokenizer.encode(args.prompt, add_special_tokens=False).ids
         stops = checkpoint.stop_tokens(Path(args.ckpt), model.config)
         return model, prompt, stops, lambda t: tokenizer.decode([t])
 
-    def stand_in(size: str | None, default: str | None) -> str | None:  # the demo's 30B, 23B, 12B
-        return DEMO_SIZES.get(size.strip().upper(), size) if size else default
+    def stand_in(size: str | None, config: Config, default: str | None) -> str | None:
+        return model_size(size, config, DEMO_SIZES) if size else default  # the demo's 30B, ...
 
+    load = stand_in(args.load, DEMO_CONFIG, None)  # every size checked before anything is written
+    config = DEMO_CONFIG.sliced(*parse_size(load, DEMO_CONFIG))
+    demo_switch = (None, None) if args.load else (DEMO_SIZES["23B"], DEMO_SIZES["30B"])
+    args.size = stand_in(args.size, config, demo_switch[0])
+    args.switch_to = stand_in(args.switch_to, config, demo_switch[1])
     print("demo: random weights, so the tokens are noise; sizes, caches and the switch are real")
     with tempfile.TemporaryDirectory() as tmp:  # the demo's checkpoint, removed on the way out
         path = checkpoint.write_random_checkpoint(Path(tmp) / "random-fp8", DEMO_CONFIG)
-        model = Model.from_pretrained(path, device=device, dtype=torch.float32,
-                                      size=stand_in(args.load, None))
+        model = Model.from_pretrained(path, device=device, dtype=torch.float32, size=load)
         stops = checkpoint.stop_tokens(path, model.config)
-    demo_switch = (None, None) if args.load else (DEMO_SIZES["23B"], DEMO_SIZES["30B"])
-    args.size = stand_in(args.size, demo_switch[0])
-    args.switch_to = stand_in(args.switch_to, demo_switch[1])
     return model, list(range(1, 33)), stops, lambda t: f"[{t}]"
 
 

@@ -39,11 +39,9 @@ which the kernel can reclaim): about one shard.
 """
 
 import fcntl
-import glob
 import json
 import math
 import os
-import re
 import shutil
 import signal
 import sys
@@ -172,7 +170,7 @@ def read_scales(weight_map: dict[str, Path], outputs: list[Planned]) -> dict[str
 def sliced_config_json(source: Path, d: int, f: int, weight_map: dict, dequantize: bool) -> dict:
     """The source's config.json with the nested widths (see the top of this file for the rest)."""
     config = json.loads((source / "config.json").read_text())
-    config.update(hidden_size=d, moe_intermediate_size=f, intermediate_size=f)
+    config.update(Config.nested_widths(d, f))
     mtp = any(name.startswith("mtp.") for name in weight_map)
     if mtp and config.get("num_nextn_predict_layers"):
         config["num_nextn_predict_layers"] = 0  # its tensors are dropped
@@ -192,7 +190,7 @@ def sliced_tensors(job: Slice, counts: dict, progress: Progress) -> Iterator[tor
         with safe_open(shard, "pt") as sf:
             for name in names:
                 t = sf.get_tensor(name)
-                if name.endswith((".weight_scale", ".input_scale")):
+                if name.rpartition(".")[2] in checkpoint.SCALES:
                     checked_scale(name, t)
                 counts["read"] += nbytes(t)
                 t = nested_view(name, t, job.d, job.f)
@@ -211,8 +209,8 @@ def write_slice(job: Slice, folder: Path, counts: dict) -> Model:
             print(f"slicing: wrote shard {k}/{n}", file=sys.stderr, flush=True)
 
     index_path = job.source / "model.safetensors.index.json"
-    metadata = json.loads(index_path.read_text()).get("metadata",
-                                                      {}) if index_path.is_file() else {}
+    metadata = json.loads(index_path.read_text()).get("metadata") if index_path.is_file() else {}
+    metadata = metadata if isinstance(metadata, dict) else {}  # informational: a bad one is dropped
     progress = Progress()
     try:
         checkpoint.write_shards(folder, job.shards, sliced_tensors(job, counts, progress), metadata,
@@ -262,17 +260,6 @@ def unlock_target(target: Path, fd: int) -> None:
         os.close(fd)
 
 
-def dead_runs_folders(target: Path, kind: str) -> list[Path]:
-    """`.NAME.KIND-PID` beside the target (tmp: a run's output, old: the target it replaced) of runs
-    that are gone (no process PID alive): exactly those names, not a user's `.NAME.old-keep`."""
-    prefix, folders = f".{target.name}.{kind}-", []
-    for path in sorted(target.parent.glob(f"{glob.escape(prefix)}*")):
-        pid = path.name[len(prefix):]
-        if re.fullmatch("[0-9]+", pid) and checkpoint.dead_run(int(pid)):
-            folders.append(path)
-    return folders
-
-
 def remove(path: Path) -> bool:
     """A folder or a file, if there; if it cannot be removed, one line on stderr and False."""
     try:
@@ -291,13 +278,13 @@ def clean_leftovers(target: Path, log) -> None:
     """What killed runs left beside the target (under the lock, no live run owns any of it): a
     backup of an interrupted --force swap goes back in place if the target is missing, else is
     removed; temporary folders are removed."""
-    for old in dead_runs_folders(target, "old"):
+    for old in checkpoint.dead_runs_folders(target, "old"):
         if not os.path.lexists(target):
             checkpoint.rename_no_replace(old, target)
             log(f"restored {target}, which an interrupted slice.py --force had moved to {old.name}")
         elif remove(old):  # the swap had finished: the new target is in place
             log(f"removed {old}, the old target that an interrupted slice.py --force had replaced")
-    for tmp in dead_runs_folders(target, "tmp"):
+    for tmp in checkpoint.dead_runs_folders(target, "tmp"):
         if remove(tmp):
             log(f"removed {tmp}, the unfinished output of an interrupted slice.py")
 

@@ -103,6 +103,7 @@ CONFIG_FAULTS = [  # (edit of config.json, the message expected)
     (lambda c: edited(c, vocab_size=2**62),
      "vocab_size = 4611686018427387904 is out of range (must be at most 2147483647)"),
     (lambda c: edited(c, eos_token_id=[2, 10**30]), "eos_token_id = [2, 10000000000000000000"),
+    (lambda c: edited(c, eos_token_id=[]), "eos_token_id must be int or list of int, not []"),
     (lambda c: edited(c, vocab_size=2**30, hidden_size=2**20),
      "its embeddings tensor would have 1.13e+15 elements (more than 1.1e+12)"),
     (lambda c: edited(c, n_routed_experts=2**20, moe_intermediate_size=2**16),
@@ -263,6 +264,16 @@ def test_broken_index(source, tmp_path, raw):
     error = one_line_error(ne.Model.from_pretrained, ckpt, device="cpu", verbose=False)
     assert error.startswith(
         f"{ckpt / 'model.safetensors.index.json'} is not a valid safetensors index (")
+
+
+def test_a_corrupt_one_file_checkpoint_is_named(source, tmp_path):
+    """model.safetensors alone (no index), not a safetensors file: the same one line as a shard's."""
+    ckpt = tmp_path / "one"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text((source / "config.json").read_text())
+    (ckpt / "model.safetensors").write_bytes(b"not safetensors" * 10)
+    error = one_line_error(ne.Model.from_pretrained, ckpt, device="cpu", verbose=False)
+    assert error.startswith(f"{ckpt / 'model.safetensors'} is not a valid safetensors file (")
 
 
 def test_unreadable_shard_reports_the_true_cause(source, tmp_path, monkeypatch):

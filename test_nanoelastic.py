@@ -768,8 +768,8 @@ def test_demo_runs():
     bad = subprocess.run([sys.executable, str(ROOT / "nanoelastic.py"), "--size", "99B"],
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 1 and bad.stderr.strip().splitlines()[-1] == (
-        "nanoelastic.py: error: unknown size '99B': use HIDDENxFFN up to 256x128 "
-        "(this checkpoint's widths)")
+        "nanoelastic.py: error: unknown size '99B': use 30B (= 256x128), 23B (= 192x96), "
+        "12B (= 128x64), or HIDDENxFFN up to 256x128")  # the demo's stand-ins are named
     one = subprocess.run([sys.executable, str(ROOT / "nanoelastic.py"), "--max-new-tokens", "9",
                           "--switch-after", "8"], capture_output=True, text=True, timeout=300)
     assert "192x96: 8 tokens, " in one.stdout and "(includes the prefill)" in one.stdout
@@ -880,7 +880,7 @@ def test_python_api_validates_like_the_cli():
            (dict(top_p=2), "top_p must be in (0, 1]"),
            (dict(top_k=-1), "top_k (0 = no limit) must be an integer >= 0, got -1"),
            (dict(prefill_chunk=0), "prefill_chunk must be an integer >= 1, got 0"),
-           (dict(prompt=torch.zeros(2, 3, dtype=torch.long)), "a [1, T] tensor"),
+           (dict(prompt=torch.zeros(2, 3, dtype=torch.long)), "of shape [T] or [1, T]"),
            (dict(prompt=[]), "empty prompt")]
     for kwargs, message in bad:
         with pytest.raises(ne.NanoElasticError, match=re.escape(message)):
@@ -933,6 +933,7 @@ def test_docstrings_and_nested_repr():
 def test_cli_bad_device_or_usage_is_one_line():
     for args, message in [(["--device", "foo"], "unknown device 'foo': use cpu or cuda"),
                           (["--device", "meta"], "cannot run on the meta device: use cpu or cuda"),
+                          (["--device", "mps"], "cannot run on the mps device: use cpu or cuda"),
                           (["--max-new-tokens", "abc"], "argument --max-new-tokens: invalid int "
                                                         "value: 'abc' (see --help)")]:
         run = subprocess.run([sys.executable, str(ROOT / "nanoelastic.py"), *args],
@@ -940,6 +941,17 @@ def test_cli_bad_device_or_usage_is_one_line():
         assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr
         assert run.stderr.strip().splitlines() == [f"nanoelastic.py: error: {message}"]
         assert "demo:" not in run.stdout  # refused before the demo writes its checkpoint
+
+
+def test_a_cuda_device_that_is_not_there_is_one_error(monkeypatch):
+    """cuda:N past the GPUs torch sees fails in resolve_device, before anything loads (as torch
+    would later, with a traceback)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert checkpoint.resolve_device("cuda:1") == torch.device("cuda:1")
+    with pytest.raises(NanoElasticError, match=r"device cuda:2: torch sees 2 CUDA GPU\(s\), "
+                                               r"cuda:0 to cuda:1$"):
+        checkpoint.resolve_device("cuda:2")
 
 
 def test_cli_bad_tokenizer_or_size_is_one_line_before_the_model_loads(checkpoints, tmp_path,
@@ -1018,6 +1030,9 @@ def test_generate_refuses_bad_argument_types_and_non_finite_values(models):
            (dict(temperature="1"), "temperature must be a finite number"),
            (dict(prompt="abc"), "prompt must be token ids"),
            (dict(prompt=[1.5, 2]), "prompt must be token ids"),
+           (dict(prompt=[True, False]), "prompt must be token ids"),  # bools are not token ids
+           (dict(prompt=torch.tensor([True, False])), "prompt must be token ids"),
+           (dict(prompt=torch.tensor([1, 2], dtype=torch.uint8)), "prompt must be token ids"),
            (dict(temperature=math.inf), "temperature must be a finite number"),
            (dict(temperature=1, top_p=math.nan), "top_p must be a finite number"),
            (dict(temperature=1, top_p=math.inf), "top_p must be a finite number")]
