@@ -287,6 +287,22 @@ def test_mtp_dropped_kv_scales_kept(checkpoints, tmp_path):
         assert config_out["num_nextn_predict_layers"] == 0
 
 
+def test_index_metadata_is_kept_and_a_bad_one_dropped(sources, tmp_path):
+    """The source index's metadata goes into the slice's (total_size recounted); one that is not an
+    object is dropped, not a traceback after every shard was written."""
+    import shutil
+    for metadata, kept in [({"format": "pt", "total_size": 1}, {"format": "pt"}), ("x", {})]:
+        src = tmp_path / f"src-{len(kept)}"
+        shutil.copytree(sources[("A", True)], src)
+        index = json.loads((src / "model.safetensors.index.json").read_text())
+        (src / "model.safetensors.index.json").write_text(json.dumps({**index,
+                                                                      "metadata": metadata}))
+        dst = tmp_path / f"out-{len(kept)}"
+        slicer.slice_checkpoint(src, dst, "32x8", None, log=lambda s: None)
+        out = json.loads((dst / "model.safetensors.index.json").read_text())["metadata"]
+        assert out == {**kept, "total_size": out["total_size"]} and out["total_size"] > 1
+
+
 # --------------------------------------------------------------------------------------------------
 # safety and errors
 
