@@ -15,11 +15,10 @@ reference. Each kernel's error against its reference is measured before its time
 fails the run at the end, after the rest was measured. Decode reads its bytes from the weights the
 step really touches (the chosen experts, not all 128), the KV cache (all of it: an upper bound,
 as a step reads the positions up to its own, and these caches hold little more than the prompt and
-the steps) and the Mamba states; the achieved
-bandwidth is those bytes over the step time. A profile of the batch-1 step, at the end, says
-where its time goes: kernels against the gaps between them, and each kernel's share (and bandwidth,
-for the matmuls and the SSM step). Each result is also printed to stderr as it is measured, and
---json is written however the run ends.
+the steps) and the Mamba states; the achieved bandwidth is those bytes over the step time. A
+profile of the batch-1 step, at the end, says where its time goes: kernels against the gaps between
+them, and each kernel's share (and bandwidth, for the matmuls and the SSM step). Each result is
+also printed to stderr as it is measured, and --json is written however the run ends.
 """
 
 from __future__ import annotations

@@ -561,9 +561,8 @@ def stop_tokens(folder: Path, config: Config) -> tuple[int, ...]:
     file = folder / "generation_config.json"
     d = read_json(file) if file.is_file() else {}
     eos = d.get("eos_token_id") if isinstance(d, dict) else None
-    if eos is None:  # config.json's, checked with the config
-        return tuple(config.eos_token_id if isinstance(config.eos_token_id, list)
-                     else [config.eos_token_id])
+    if eos is None:  # errors then name the file the ids came from
+        eos, file = config.eos_token_id, folder / "config.json"
     check_config_field(f"{file.name}: eos_token_id", eos, "int or list of int", 0)
     ids = tuple(eos if isinstance(eos, list) else [eos])
     if max(ids) >= config.vocab_size:

@@ -267,7 +267,7 @@ def test_broken_index(source, tmp_path, raw):
 
 
 def test_a_corrupt_one_file_checkpoint_is_named(source, tmp_path):
-    """model.safetensors alone (no index), not a safetensors file: the same one line as a shard's."""
+    """model.safetensors alone (no index), not safetensors: the same one line as a shard's."""
     ckpt = tmp_path / "one"
     ckpt.mkdir()
     (ckpt / "config.json").write_text((source / "config.json").read_text())
