@@ -31,7 +31,8 @@ unless a target appeared meanwhile (then it is left as it is). --force moves the
 back; a kill leaves it aside, and the next run on that target puts it back (or removes it, if the
 new one was in place) and removes killed runs' temporary folders: only those names, and only when
 no process PID is alive. A folder that cannot be removed once the new target is in place is left,
-named in one line on stderr, and the slice succeeds. A symlinked target is refused up front.
+named in one line on stderr, and the slice succeeds. A symlinked target is refused up front, and
+--force replaces only an empty folder or a checkpoint (config.json beside *.safetensors).
 Streams: every output tensor's shape and dtype are planned from the source headers, so each output
 shard is written header first and then one tensor at a time (read, sliced, appended, freed).
 Memory holds one tensor, plus the pages of the memory-mapped source shard being read (page cache,
@@ -289,6 +290,21 @@ def clean_leftovers(target: Path, log) -> None:
             log(f"removed {tmp}, the unfinished output of an interrupted slice.py")
 
 
+def check_replaceable(target: Path) -> None:
+    """--force replaces an empty folder or a checkpoint folder (config.json beside *.safetensors),
+    nothing else: a mistyped --target-checkpoint must not delete a file or somebody's folder."""
+    if not os.path.lexists(target):
+        return
+    if not target.is_dir():
+        raise NanoElasticError(f"target {target} is a file: --force replaces a checkpoint folder "
+                               f"only")
+    names = [p.name for p in target.iterdir()]
+    if names and not ("config.json" in names and any(n.endswith(".safetensors") for n in names)):
+        raise NanoElasticError(f"target {target} is a folder but not a checkpoint (no config.json "
+                               f"beside *.safetensors): --force replaces a checkpoint folder only; "
+                               f"remove it yourself or choose another target")
+
+
 def swap_into_place(target: Path, force: bool, log, write):
     """write(folder) (its result is returned) into `.NAME.tmp-PID` beside the target, then rename it
     into place. One run per target (a lock); what killed runs left beside it is cleaned first; the
@@ -302,12 +318,14 @@ def swap_into_place(target: Path, force: bool, log, write):
         clean_leftovers(target, log)
         if os.path.lexists(target) and not force:
             raise NanoElasticError(f"target exists: {target} (use --force to replace it)")
+        check_replaceable(target)
         tmp.mkdir()
         written = write(tmp)
         if os.path.lexists(target) and not force:
             raise NanoElasticError(f"target {target} appeared while slicing: left as it is; "
                                    f"nothing was written")
         # --force: the old target is gone only once the new one is in place
+        check_replaceable(target)  # it may have changed meanwhile
         if os.path.lexists(target):
             target.rename(old)
         if not checkpoint.move_into_place(tmp, target):

@@ -57,9 +57,15 @@ def listing(folder: Path) -> dict[str, str]:
 
 
 def old_target(folder: Path) -> Path:
+    """A user's earlier slice at folder: what --force may replace (a config.json and weights)."""
     folder.mkdir()
-    (folder / "old.txt").write_text("the user's old slice")
+    (folder / "config.json").write_text('"the user\'s old slice"')
+    (folder / "model.safetensors").write_bytes(b"old")
     return folder
+
+
+def old_listing(name: str) -> dict[str, str | int]:  # listing() of the folders old_target wrote
+    return {f"{name}/config.json": '"the user\'s old slice"', f"{name}/model.safetensors": 3}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -305,7 +311,24 @@ def test_target_appearing_mid_run_is_left_as_it_is(source, tmp_path, monkeypatch
                           "--size", "32x8"], capsys)
     assert code == (f"slice.py: error: target {dst} appeared while slicing: left as it is; "
                     "nothing was written")
-    assert listing(tmp_path) == {"out/old.txt": "the user's old slice"}
+    assert listing(tmp_path) == old_listing("out")
+
+
+def test_force_leaves_a_file_that_appeared_mid_run(source, tmp_path, monkeypatch, capsys):
+    """--force replaces a checkpoint folder only, checked again before the swap: a file that
+    appeared at the target while slicing is left as it is."""
+    dst, write = tmp_path / "out", checkpoint.write_safetensors
+
+    def someone_writes_a_file(path, outputs, tensors):
+        write(path, outputs, tensors)
+        if not dst.exists():
+            dst.write_text("notes")
+    monkeypatch.setattr(checkpoint, "write_safetensors", someone_writes_a_file)
+    code, _ = slice_main(["--source-checkpoint", source, "--target-checkpoint", dst,
+                          "--size", "32x8", "--force"], capsys)
+    assert code == (f"slice.py: error: target {dst} is a file: --force replaces a checkpoint "
+                    f"folder only")
+    assert listing(tmp_path) == {"out": 5}
 
 
 def test_second_run_on_the_same_target_is_refused(source, tmp_path, capsys):
@@ -360,7 +383,7 @@ def test_force_swap_interrupted_keeps_the_old_target(source, tmp_path, monkeypat
     assert code == 130
     assert (err.splitlines()[-1]
             == f"slice.py: error: interrupted; nothing half-written is left at {dst}")
-    assert listing(tmp_path) == {"out/old.txt": "the user's old slice"}
+    assert listing(tmp_path) == old_listing("out")
 
 
 def test_killed_runs_leftovers_restored_or_removed(source, tmp_path, capsys):
@@ -374,7 +397,7 @@ def test_killed_runs_leftovers_restored_or_removed(source, tmp_path, capsys):
     code, _ = slice_main(["--source-checkpoint", source, "--target-checkpoint", dst,
                           "--size", "32x8"], capsys)
     assert code == f"slice.py: error: target exists: {dst} (use --force to replace it)"
-    assert listing(tmp_path) == {"out/old.txt": "the user's old slice"}
+    assert listing(tmp_path) == old_listing("out")
     # Killed after the swap (while removing the backup): the new target stays, the backup goes.
     (tmp_path / ".out.old-999997").mkdir()
     log = []
@@ -395,7 +418,7 @@ def test_symlinked_target_refused_up_front(source, tmp_path, capsys):
         assert code == (f"slice.py: error: target {link} is a symbolic link: "
                         "give the path of the folder itself")
         assert (link.readlink() == real
-                and listing(tmp_path) == {"real/old.txt": "the user's old slice"})
+                and listing(tmp_path) == old_listing("real"))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -415,7 +438,7 @@ def test_full_disk_while_slicing(source, tmp_path, monkeypatch, capsys):
     code, _ = slice_main(["--source-checkpoint", source, "--target-checkpoint", dst,
                           "--size", "40x16", "--force"], capsys)
     assert code == f"slice.py: error: [Errno 28] No space left on device: '{shards[1]}'"
-    assert listing(tmp_path) == {"out/old.txt": "the user's old slice"}
+    assert listing(tmp_path) == old_listing("out")
 
 
 def test_full_disk_while_writing_the_demo_checkpoint(tmp_path, monkeypatch):

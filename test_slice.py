@@ -313,9 +313,27 @@ def test_target_is_refused_unless_force(sources, tmp_path):
     args = ["--source-checkpoint", src, "--target-checkpoint", dst, "--size", "32x8"]
     assert error_of(args) == f"slice.py: error: target exists: {dst} (use --force to replace it)"
     assert (dst / "old.txt").is_file()
+    # --force replaces a checkpoint folder only: not a file, nor a folder that holds no checkpoint.
+    assert error_of(args + ["--force"]) == (
+        f"slice.py: error: target {dst} is a folder but not a checkpoint (no config.json beside "
+        f"*.safetensors): --force replaces a checkpoint folder only; remove it yourself or choose "
+        f"another target")
+    (tmp_path / "file").write_text("keep")
+    assert (error_of(["--source-checkpoint", src, "--target-checkpoint", tmp_path / "file",
+                      "--size", "32x8", "--force"])
+            == f"slice.py: error: target {tmp_path / 'file'} is a file: --force replaces a "
+               f"checkpoint folder only")
+    assert (dst / "old.txt").is_file() and (tmp_path / "file").read_text() == "keep"
+    (tmp_path / "file").unlink()
+    for name in ["config.json", "model.safetensors"]:
+        (dst / name).write_text("{}")
     slicer.cli(list(map(str, args)) + ["--force"])
     assert (not (dst / "old.txt").exists() and (dst / "config.json").is_file()
             and leftovers(tmp_path) == [])
+    (tmp_path / "empty").mkdir()  # an empty folder is replaced too
+    slicer.cli(list(map(str, ["--source-checkpoint", src, "--target-checkpoint", tmp_path / "empty",
+                              "--size", "32x8", "--force"])))
+    assert (tmp_path / "empty" / "config.json").is_file()
     assert (error_of(["--source-checkpoint", src, "--target-checkpoint", src / "sub",
                       "--size", "32x8"])
             == f"slice.py: error: target {src / 'sub'} must be a folder outside the source {src}")
@@ -339,7 +357,8 @@ def test_interrupted_run_leaves_nothing(sources, tmp_path, monkeypatch, capsys):
     assert list(tmp_path.iterdir()) == []
     # With --force, an interrupted run leaves the old target as it was.
     dst.mkdir()
-    (dst / "old.txt").write_text("old")
+    for name in ["old.txt", "config.json", "model.safetensors"]:
+        (dst / name).write_text("old")
     with pytest.raises(SystemExit):
         slicer.cli(list(map(str, ["--source-checkpoint", src, "--target-checkpoint", dst,
                                    "--size", "32x8", "--force"])))
