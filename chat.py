@@ -593,7 +593,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     "nvidia/NVIDIA-Nemotron-Labs-3-Elastic-30B-A3B-FP8 or -BF16)")
     ap.add_argument("--demo", action="store_true", help="a small random checkpoint (random "
                     "weights: the text is noise); with --ckpt DIR it is kept in DIR (written there "
-                    "when missing)")
+                    "when missing or empty)")
     # every default is Settings' (or the demo's), none is set here
     d, demo = Settings(), DEMO_SETTINGS
     ap.add_argument("--think", metavar="SIZE", help=f"size that thinks: 30B, 23B, 12B or "
@@ -675,6 +675,8 @@ def load(args: argparse.Namespace, tmp: str,
     """The checkpoint's model (of the nested `size` only, if given) and tokenizer."""
     if args.demo:
         path = Path(args.ckpt) if args.ckpt else Path(tmp) / "demo"
+        if path.is_dir() and not any(path.iterdir()):
+            path.rmdir()  # an empty folder (made for it): the demo checkpoint is written there
         if not path.exists():
             try:
                 write_demo_checkpoint(path)
@@ -713,6 +715,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.demo and args.ckpt and os.path.isfile(args.ckpt):
         raise NanoElasticError(f"{args.ckpt} is a file: --demo --ckpt takes a folder (written if "
                                f"missing)")
+    if args.demo and args.ckpt and os.path.isdir(args.ckpt) and any(Path(args.ckpt).iterdir()):
+        if not os.path.isfile(Path(args.ckpt) / "config.json"):
+            raise NanoElasticError(f"{args.ckpt} holds no demo checkpoint (no config.json): give "
+                                   f"a new or empty folder for one, or the folder of one")
     # one-shot (--prompt, piped): stdout is only the answer; the rest goes to stderr
     log = sys.stderr if prompt is not None else sys.stdout
     if args.demo:

@@ -3,6 +3,7 @@ decode, the multi-turn cache, and chat.py driven as a user drives it (a subproce
 stdin, the REPL, Ctrl-C, bad input) on the demo's random checkpoint with its byte-level
 tokenizer."""
 
+import argparse
 import io
 import json
 import os
@@ -534,10 +535,21 @@ def test_ctrl_c_stops_a_reply_and_the_chat_goes_on(demo_ckpt, demo_model):
     assert "Traceback" not in out.text
 
 
+def test_demo_checkpoint_is_written_into_an_empty_folder(tmp_path):
+    """--demo --ckpt DIR writes the demo there when DIR is missing or empty (made for it)."""
+    empty = tmp_path / "made-for-it"
+    empty.mkdir()
+    model, _ = chat.load(argparse.Namespace(demo=True, ckpt=str(empty)), str(tmp_path))
+    assert (empty / "tokenizer.json").is_file() and model.config == chat.demo_config()
+
+
 def test_bad_input_is_one_line_error(demo_ckpt, tmp_path):
     no_tokenizer = checkpoint.write_random_checkpoint(tmp_path / "no-tokenizer", chat.demo_config())
     config_only = tmp_path / "config-only"
     config_only.mkdir()
+    notes = tmp_path / "notes"  # somebody's folder, not a checkpoint
+    notes.mkdir()
+    (notes / "notes.txt").write_text("keep")
     shutil.copy(no_tokenizer / "config.json", config_only)
     sliced_23b = tmp_path / "sliced-23B"  # the config of a standalone 23B (slice.py's output)
     sliced_23b.mkdir()
@@ -550,6 +562,8 @@ def test_bad_input_is_one_line_error(demo_ckpt, tmp_path):
         (["--demo", "--ckpt", str(config_only / "config.json"), "--prompt", "hi"], "",
          "config.json is a file: --demo --ckpt takes a folder"),
         (["--ckpt", str(tmp_path / "nowhere"), "--prompt", "hi"], "", "is not a checkpoint folder"),
+        (["--demo", "--ckpt", str(notes), "--prompt", "hi"], "",
+         "notes holds no demo checkpoint \\(no config.json\\): give a new or empty folder"),
         # stdin is a pipe holding nothing
         (["--demo", "--ckpt", str(demo_ckpt)], "", "empty prompt"),
         (["--ckpt", str(no_tokenizer), "--think", "192x96", "--answer", "256x128",
@@ -589,6 +603,7 @@ def test_bad_input_is_one_line_error(demo_ckpt, tmp_path):
         assert proc.returncode != 0 and "Traceback" not in err, err
         assert (err.count("\n") == 1
                 and re.match(f"chat.py: error: .*{message}", err)), (message, err)
+    assert [p.name for p in notes.iterdir()] == ["notes.txt"]
 
 
 @pytest.mark.skipif(not hasattr(os, "openpty"), reason="needs a pseudo-terminal")
