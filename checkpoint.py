@@ -552,6 +552,7 @@ def load_model(path: Path, device, dtype: torch.dtype | None, verbose: bool,
         model = Model(config.sliced(d, f) if nested else config)
     load_checkpoint(model, path, device, dtype or torch.bfloat16, verbose,
                     config if nested else None)
+    model.stop_tokens = stop_tokens(path, config)
     return model
 
 

@@ -572,6 +572,9 @@ class Model(nn.Module):
         self.backbone = Backbone(config)
         self.lm_head = Linear(config.hidden_size, config.vocab_size)
         self._nested = {}  # (d, f) -> this module tree with prefix views of every tensor
+        eos = config.eos_token_id
+        # the ids that end a generation; from_pretrained: the checkpoint's generation_config.json's
+        self.stop_tokens = tuple(eos if isinstance(eos, list) else [eos])
         self.is_nested = False  # True for such a tree (model.nested(size)): its tensors are views
 
     @torch.no_grad()
@@ -1005,7 +1008,6 @@ def model_size(size: str, config: Config, size_names: dict[str, str] | None = No
 
 MAX_SEED = 2**63 - 1  # the largest seed generate() takes: int64's largest
 TOKEN_DTYPES = (torch.int64, torch.int32)  # the dtypes of token ids that model() takes
-STOP_TOKENS = (2, 11)  # </s> and <|im_end|> of the release's tokenizer (its generation_config.json)
 
 
 class Token(NamedTuple):
@@ -1170,7 +1172,7 @@ def generation_cache(model: Model, prompt: list[int], max_new_tokens: int,
 
 def generate(model: Model, prompt: list[int] | Tensor, max_new_tokens: int, *,
              size: str | None = None, switch: Switch | None = None,
-             stop_tokens: tuple[int, ...] = STOP_TOKENS, temperature: float = 0.0,
+             stop_tokens: tuple[int, ...] | None = None, temperature: float = 0.0,
              top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
              cache: Cache | DecodeGraph | None = None,
              prefill_chunk: int = 8192) -> Iterator[Token]:
@@ -1182,16 +1184,17 @@ def generate(model: Model, prompt: list[int] | Tensor, max_new_tokens: int, *,
 
     prompt: token ids as a list, a 1-D tensor or a [1, T] tensor (one sequence). size: the nested
     size ('30B', '23B', '12B', 'HIDDENxFFN'; None = the checkpoint's own). switch: a Switch to
-    change size on the way. stop_tokens: ids that end the stream (they are yielded). temperature,
-    top_p, top_k: see sample(); seed makes sampling repeatable. prefill_chunk: prompt tokens per
-    forward pass (bounds memory). cache: a Cache, or a DecodeGraph of one, whose CUDA graphs are
-    then kept from one call to the next."""
+    change size on the way. stop_tokens: ids that end the stream (they are yielded; None: the
+    checkpoint's, model.stop_tokens). temperature, top_p, top_k: see sample(); seed makes sampling
+    repeatable. prefill_chunk: prompt tokens per forward pass (bounds memory). cache: a Cache, or a
+    DecodeGraph of one, whose CUDA graphs are then kept from one call to the next."""
     vocab = model.config.vocab_size
     prompt = prompt_ids(prompt, vocab)
     check_sampling(temperature, top_p, top_k)
     check_int("prefill_chunk", prefill_chunk, 1)
     try:
-        stops = {operator.index(t) for t in stop_tokens}
+        stops = {operator.index(t) for t in (model.stop_tokens if stop_tokens is None
+                                             else stop_tokens)}
     except TypeError:
         raise NanoElasticError(f"stop_tokens must be token ids, got {stop_tokens!r}") from None
     if switch is not None and not isinstance(switch, Switch):
@@ -1319,8 +1322,7 @@ def load(args):
                 model_size(size, config)
         model = Model.from_pretrained(args.ckpt, device=device, size=args.load)
         prompt = tokenizer.encode(args.prompt, add_special_tokens=False).ids
-        stops = checkpoint.stop_tokens(Path(args.ckpt), model.config)
-        return model, prompt, stops, lambda t: tokenizer.decode([t])
+        return model, prompt, lambda t: tokenizer.decode([t])
 
     def stand_in(size: str | None, config: Config, default: str | None) -> str | None:
         return model_size(size, config, DEMO_SIZES) if size else default  # the demo's 30B, ...
@@ -1334,13 +1336,12 @@ def load(args):
     with tempfile.TemporaryDirectory() as tmp:  # the demo's checkpoint, removed on the way out
         path = checkpoint.write_random_checkpoint(Path(tmp) / "random-fp8", DEMO_CONFIG)
         model = Model.from_pretrained(path, device=device, dtype=torch.float32, size=load)
-        stops = checkpoint.stop_tokens(path, model.config)
-    return model, list(range(1, 33)), stops, lambda t: f"[{t}]"
+    return model, list(range(1, 33)), lambda t: f"[{t}]"
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    model, prompt, stops, show = load(args)
+    model, prompt, show = load(args)
     switch = None
     if args.switch_to:
         switch = Switch(args.switch_to, after=args.switch_after, mode=args.switch_mode)
@@ -1349,7 +1350,7 @@ def main(argv: list[str] | None = None) -> None:
     # a token of size None: the model's own size, by name when it has one
     whole = next((n for n, w in SIZE_PRESETS.items() if w == widths), f"{widths[0]}x{widths[1]}")
     for token in generate(model, prompt, args.max_new_tokens, size=args.size, switch=switch,
-                          stop_tokens=stops, temperature=args.temperature, seed=args.seed):
+                          temperature=args.temperature, seed=args.seed):
         now = time.time()
         phase = phases.setdefault(token.size or whole, [0, 0.0])
         phase[0] += 1
@@ -1358,7 +1359,7 @@ def main(argv: list[str] | None = None) -> None:
         ids.append(token.id)
         print(show(token.id), end="", flush=True)
     print()
-    if len(ids) <= args.max_new_tokens and ids[-1] not in stops:
+    if len(ids) <= args.max_new_tokens and ids[-1] not in model.stop_tokens:
         raise KeyboardInterrupt  # generate() ends a stream early only on Ctrl-C: exit 130
     for i, (size, (n, s)) in enumerate(phases.items()):
         prefill_note = " (includes the prefill)" if i == 0 else ""

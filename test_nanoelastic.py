@@ -615,7 +615,7 @@ def test_generate_checks_its_arguments_when_called(models):
     (or from deep inside torch)."""
     model = models[("A", True)]
     cases = [(dict(stop_tokens=2), "stop_tokens must be token ids, got 2"),
-             (dict(stop_tokens=None), "stop_tokens must be token ids, got None"),
+             (dict(stop_tokens=1.5), "stop_tokens must be token ids, got 1.5"),
              (dict(max_new_tokens=2.5), "max_new_tokens must be an integer >= 0, got 2.5"),
              (dict(max_new_tokens=None), "max_new_tokens must be an integer >= 0, got None"),
              (dict(seed=1.5), r"seed must be an integer in 0..9223372036854775807, got 1.5"),
@@ -1089,13 +1089,20 @@ def test_no_cuda_error_fits_the_api_and_the_cli():
 
 def test_cli_stops_at_the_checkpoints_eos_and_takes_the_demos_stand_in_sizes(
         checkpoints, tmp_path, monkeypatch, capsys):
-    """The stop ids are generation_config.json's eos_token_id, else config.json's (checked); the
-    demo takes 30B / 23B / 12B for its own three sizes."""
+    """The stop ids are generation_config.json's eos_token_id, else config.json's (checked):
+    from_pretrained keeps them as model.stop_tokens, generate()'s default; the demo takes 30B /
+    23B / 12B for its own three sizes."""
     import shutil
     folder = shutil.copytree(checkpoints[("A", True)], tmp_path / "ckpt")
     config = ne.Config.from_file(folder / "config.json")
     (folder / "generation_config.json").write_text('{"eos_token_id": [5, 7]}')
     assert checkpoint.stop_tokens(folder, config) == (5, 7)
+    model = ne.Model.from_pretrained(folder, device="cpu", dtype=torch.float32, verbose=False)
+    assert model.stop_tokens == (5, 7) and ne.Model(config).stop_tokens == (config.eos_token_id,)
+    free = [t.id for t in ne.generate(model, [1, 2, 3], 8, stop_tokens=())]
+    model.stop_tokens = (free[2],)
+    assert ([t.id for t in ne.generate(model, [1, 2, 3], 8)]
+            == free[:free.index(free[2]) + 1])
     (folder / "generation_config.json").unlink()
     assert checkpoint.stop_tokens(folder, config) == (config.eos_token_id,)
     for bad, message in [('{"eos_token_id": [5, 97]}', r"eos_token_id \[5, 97\] is not below"),
@@ -1106,14 +1113,14 @@ def test_cli_stops_at_the_checkpoints_eos_and_takes_the_demos_stand_in_sizes(
     seen = {}
     real = ne.generate
 
-    def spy(*args, **kwargs):
-        seen.update(kwargs)
-        return real(*args, **kwargs)
+    def spy(model, *args, **kwargs):
+        seen.update(kwargs, stops=model.stop_tokens)
+        return real(model, *args, **kwargs)
     monkeypatch.setattr(ne, "generate", spy)
     ne.main(["--size", "12b", "--switch-to", " 30B", "--switch-after", "2",
              "--max-new-tokens", "4"])
     out = capsys.readouterr().out
-    assert seen["stop_tokens"] == (ne.DEMO_CONFIG.eos_token_id,)
+    assert "stop_tokens" not in seen and seen["stops"] == (ne.DEMO_CONFIG.eos_token_id,)
     assert "128x64: 2 tokens" in out and "256x128: 2 tokens" in out
 
 
