@@ -682,6 +682,7 @@ class Cache:
         self.layout, self.dtype = c.cache_layout, dtype  # which models it fits: check_cache()
         self.position = torch.zeros((), dtype=torch.int64, device=device)
         self.interrupted = False  # set while a step is half-written (Ctrl-C): see begin()
+        self.ids = []  # the ids it holds (and maybe one more) when generate() wrote last, else None
         self.kinds, self.layers = c.layers_block_type, []
         zeros = functools.partial(torch.zeros, device=device, dtype=dtype)
         for kind in c.layers_block_type:
@@ -731,14 +732,14 @@ class Cache:
     def end(self, new_tokens: int) -> None:  # the step begun by begin() is in the cache
         self.position += new_tokens  # on the device: a CUDA graph's replay advances it too
         self.length += new_tokens
-        self.interrupted = False
+        self.interrupted, self.ids = False, None  # which ids: generate() says, after this
 
     def reset(self) -> None:  # empty, keeping the memory: what a re-prefill starts from
         for state in self.layers:
             for t in state or ():
                 t.zero_()
         self.position.zero_()
-        self.length, self.interrupted = 0, False
+        self.length, self.interrupted, self.ids = 0, False, []
 
     def held(self, n: int) -> list[tuple[Tensor, ...]]:  # per layer, the state of n tokens
         return [tuple(t[:, :, :n] if kind == "attention" else t for t in state or ())
@@ -762,7 +763,7 @@ class Cache:
             for t, copy_ in zip(state, copies):
                 t.copy_(copy_)
         self.position.fill_(n)
-        self.length, self.interrupted = n, False
+        self.length, self.interrupted, self.ids = n, False, None
 
 
 def check_cache(cache: Cache, model: Model) -> Cache:
@@ -863,7 +864,7 @@ class DecodeGraph:
         static_tokens.copy_(tokens)
         graph.replay()
         cache.length += 1  # the replay advanced cache.position
-        cache.interrupted = False
+        cache.interrupted, cache.ids = False, None
         return logits
 
     def capture(self, size: str | None, sized: tuple[int, int], batch: int):
@@ -1162,7 +1163,9 @@ def generation_cache(model: Model, prompt: list[int], max_new_tokens: int,
                                "DecodeGraph(model, cache) and pass the size as size=")
     step = cache if isinstance(cache, DecodeGraph) else DecodeGraph(model, cache)
     cache = step.cache
-    if cache.interrupted or cache.length >= len(prompt):
+    # what generate() left in it (ids known) is continued only if it is a prefix of prompt
+    other = cache.ids is not None and cache.ids[:cache.length] != prompt[:cache.length]
+    if cache.interrupted or cache.length >= len(prompt) or other:
         cache.reset()
     if len(prompt) + max_new_tokens > cache.max_len:
         raise NanoElasticError(f"prompt too long: {len(prompt)} + {max_new_tokens} new tokens "
@@ -1177,10 +1180,11 @@ def generate(model: Model, prompt: list[int] | Tensor, max_new_tokens: int, *,
              cache: Cache | DecodeGraph | None = None,
              prefill_chunk: int = 8192) -> Iterator[Token]:
     """Stream the continuation of `prompt` one Token at a time, stopping after a stop token or
-    max_new_tokens. A `cache` already holding a prefix of `prompt` (an earlier turn) is continued;
-    its first cache.length tokens must be prompt's, and it serves this one generation until it
-    ends. Ctrl-C ends the stream (the program goes on). The arguments are checked by this call,
-    before the first token is asked for.
+    max_new_tokens. A `cache` already holding a prefix of `prompt` (an earlier turn) is continued,
+    and serves this one generation until it ends: one that generate() wrote last is checked (it
+    starts over if it holds other ids); after model() or restore() its first cache.length tokens
+    are taken to be prompt's. Ctrl-C ends the stream (the program goes on). The arguments are
+    checked by this call, before the first token is asked for.
 
     prompt: token ids as a list, a 1-D tensor or a [1, T] tensor (one sequence). size: the nested
     size ('30B', '23B', '12B', 'HIDDENxFFN'; None = the checkpoint's own). switch: a Switch to
@@ -1227,6 +1231,7 @@ def stream(model: Model, step: DecodeGraph, prompt: list[int], max_new_tokens: i
             if token is None:
                 token = int(pick(logits))
             tokens.append(token)
+            cache.ids = tokens  # what it holds, and the token that goes in next
             yield Token(token, size)
             if token in stops or n == max_new_tokens:
                 return

@@ -539,6 +539,25 @@ def test_generate_continues_a_cache(models):
     assert continued == [t.id for t in generate(model, prompt, 6, stop_tokens=())]
 
 
+def test_generate_continues_its_own_cache_only_from_a_prefix(models, monkeypatch):
+    """A cache that generate() wrote last is continued when the new prompt extends what it holds
+    (only the new tokens are prefilled), and starts over when it does not."""
+    model = models[("A", True)]
+    prompt, other = tokens(2, 12, seed=13).tolist()
+    fresh = lambda ids: [t.id for t in generate(model, ids, 4, stop_tokens=())]
+    cache, prefilled, real = model.new_cache(1, 40), [], ne.prefill
+    monkeypatch.setattr(ne, "prefill", lambda m, ids, *args: prefilled.append(ids.shape[1])
+                        or real(m, ids, *args))
+    first = [t.id for t in generate(model, prompt, 4, cache=cache, stop_tokens=())]
+    extended = prompt + first + [5]
+    assert [t.id for t in generate(model, extended, 4, cache=cache, stop_tokens=())] == \
+        fresh(extended)
+    assert prefilled[:2] == [12, 2]  # the 4th token and the new one: the cache held the rest
+    assert [t.id for t in generate(model, other + extended, 4, cache=cache,
+                                   stop_tokens=())] == fresh(other + extended)
+    assert prefilled[3] == len(other + extended)  # it started over
+
+
 def test_ctrl_c_stops_the_generation(models, monkeypatch):
     model = models[("A", True)]
     prompt = tokens(1, 6, seed=11)[0].tolist()
