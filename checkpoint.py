@@ -548,6 +548,7 @@ def load_model(path: Path, device, dtype: torch.dtype | None, verbose: bool,
     d, f = ne.parse_size(size, config)
     nested = (d, f) != (config.hidden_size, config.moe_intermediate_size)
     device = resolve_device(device)
+    ne.use_kernels(torch.empty(0, device=device))  # a bad NANOELASTIC_KERNELS: before the load
     with torch.device("meta"):
         model = Model(config.sliced(d, f) if nested else config)
     load_checkpoint(model, path, device, dtype or torch.bfloat16, verbose,

@@ -282,6 +282,18 @@ def test_a_corrupt_one_file_checkpoint_is_named(source, tmp_path):
     assert error.startswith(f"{ckpt / 'model.safetensors'} is not a valid safetensors file (")
 
 
+def test_a_bad_kernels_setting_fails_before_the_weights_are_read(source, tmp_path, monkeypatch):
+    """NANOELASTIC_KERNELS is checked for the device before the (long) load, not at the first
+    matmul: here the corrupt weights are never reached."""
+    ckpt = tmp_path / "one"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text((source / "config.json").read_text())
+    (ckpt / "model.safetensors").write_bytes(b"not safetensors" * 10)
+    monkeypatch.setattr(ne, "KERNELS", "cuda")
+    error = one_line_error(ne.Model.from_pretrained, ckpt, device="cpu", verbose=False)
+    assert error == "NANOELASTIC_KERNELS='cuda': use 'torch' or 'triton', or leave it unset"
+
+
 def test_unreadable_shard_reports_the_true_cause(source, tmp_path, monkeypatch):
     real_open = open
 
