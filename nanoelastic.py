@@ -131,12 +131,14 @@ class Config:
         import checkpoint
         return checkpoint.read_config(Path(path))
 
-    @staticmethod
-    def nested_widths(d: int, f: int) -> dict:  # the fields a nested size sets: hidden d, FFN f
-        return {"hidden_size": d, "moe_intermediate_size": f, "intermediate_size": f}
+    def nested_widths(self, d: int, f: int) -> dict:
+        """The fields a nested size (hidden d, FFN f) sets: what its prefix views hold (a dense
+        MLP narrower than f keeps its width)."""
+        return {"hidden_size": d, "moe_intermediate_size": f,
+                "intermediate_size": min(f, self.intermediate_size)}
 
     def sliced(self, d: int, f: int) -> Config:  # the nested model's config
-        return Config(**{**self.__dict__, **Config.nested_widths(d, f)})
+        return Config(**{**self.__dict__, **self.nested_widths(d, f)})
 
 
 # --------------------------------------------------------------------------------------------------

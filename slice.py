@@ -127,7 +127,8 @@ def plan_slice(source: Path, target: Path, size: str, precision: str | None) -> 
     scales = read_scales(weight_map, outputs) if dequantize else {}
     return Slice(source, target, d, f, precision, dequantize, weight_map,
                  checkpoint.split_shards(outputs, max_shard_bytes),
-                 dropped, scales, sliced_config_json(source, d, f, weight_map, dequantize),
+                 dropped, scales,
+                 sliced_config_json(source, config.nested_widths(d, f), weight_map, dequantize),
                  config.sliced(d, f))
 
 
@@ -168,10 +169,10 @@ def read_scales(weight_map: dict[str, Path], outputs: list[Planned]) -> dict[str
     return scales
 
 
-def sliced_config_json(source: Path, d: int, f: int, weight_map: dict, dequantize: bool) -> dict:
+def sliced_config_json(source: Path, widths: dict, weight_map: dict, dequantize: bool) -> dict:
     """The source's config.json with the nested widths (see the top of this file for the rest)."""
     config = json.loads((source / "config.json").read_text())
-    config.update(Config.nested_widths(d, f))
+    config.update(widths)
     mtp = any(name.startswith("mtp.") for name in weight_map)
     if mtp and config.get("num_nextn_predict_layers"):
         config["num_nextn_predict_layers"] = 0  # its tensors are dropped

@@ -686,6 +686,20 @@ def test_nested_sizes_follow_the_full_models_tensors(models):
     assert model(x, size="40x16").isfinite().all()
 
 
+def test_a_nested_config_describes_its_views():
+    """model.nested(size).config (what slice.py writes) builds tensors of exactly the views'
+    shapes, also for a dense MLP narrower than the expert FFN (it keeps its width under f)."""
+    config = small_config("M-E*", intermediate_size=16)
+    model = checkpoint.random_model(config, device="cpu", dtype=torch.float32, seed=0)
+    for size, width in [("40x20", 16), ("32x8", 8), (None, 16)]:
+        views = model.nested(size)
+        assert views.config.intermediate_size == width
+        with torch.device("meta"):
+            built = Model(views.config)
+        assert ({n: p.shape for n, p in built.named_parameters()}
+                == {n: p.shape for n, p in views.named_parameters()})
+
+
 # --------------------------------------------------------------------------------------------------
 # clear errors
 
