@@ -388,9 +388,11 @@ def test_matches_transformers(models, key, size):
     torch.testing.assert_close(model(t, size=size), ref, rtol=1e-4, atol=1e-4)
     # Identical greedy generations (transformers with its own hybrid cache).
     prompt = tokens(1, 13, seed=3)
+    prompt[0, 5] = 0  # id 0 as well (the pad id below)
     with torch.no_grad():
-        hf_out = hf.generate(prompt, max_new_tokens=12, do_sample=False, eos_token_id=2,
-                             pad_token_id=0)
+        # all ones: from pad_token_id alone, transformers would mask any 0 in the prompt
+        hf_out = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12,
+                             do_sample=False, eos_token_id=2, pad_token_id=0)
     ours = [tok.id for tok in generate(model, prompt[0], 12, size=size, stop_tokens=(2,))]
     assert ours == hf_out[0, 13:].tolist()
 
