@@ -397,6 +397,53 @@ def test_matches_transformers(models, key, size):
     assert ours == hf_out[0, 13:].tolist()
 
 
+def random_config(seed: int) -> tuple[Config, str | None]:
+    """A random small config (every layer kind, GQA, SSM groups, group-limited routing, any conv
+    width, a dense MLP of any width) and a random nested size, within what transformers runs: an
+    attention layer, >= 2 experts per routing group, widths in multiples of 4 (its grouped_mm)."""
+    import random
+    rng = random.Random(seed)
+    heads, groups, experts = rng.choice([2, 4, 6]), rng.choice([1, 2, 4]), rng.choice([4, 8, 16])
+    n_group = rng.choice([g for g in (1, 2, 4) if experts // g >= 2])
+    topk_group = rng.randint(1, n_group)
+    pattern = "".join(rng.choice("MME*-") for _ in range(rng.randint(2, 6)))
+    config = Config(
+        vocab_size=rng.choice([50, 97]), hidden_size=rng.choice([16, 24, 40, 48]),
+        layers_block_type=ne.layer_pattern(pattern if "*" in pattern else pattern + "*"),
+        num_attention_heads=heads, num_key_value_heads=rng.choice([k for k in (1, 2, 3, 6)
+                                                                  if heads % k == 0]),
+        head_dim=rng.choice([4, 8, 12, 20]), mamba_num_heads=groups * rng.choice([1, 2, 3]),
+        mamba_head_dim=rng.choice([2, 4, 6, 8]), ssm_state_size=rng.choice([4, 8, 16]),
+        n_groups=groups, chunk_size=rng.choice([4, 8, 16]), n_routed_experts=experts,
+        num_experts_per_tok=min(rng.randint(1, 6), topk_group * experts // n_group),
+        n_group=n_group, topk_group=topk_group, moe_intermediate_size=rng.choice([8, 16, 24]),
+        intermediate_size=rng.choice([8, 24]),
+        moe_shared_expert_intermediate_size=rng.choice([8, 40]),
+        use_conv_bias=rng.random() < 0.5, conv_kernel=rng.choice([2, 3, 4]),
+        routed_scaling_factor=rng.choice([1.0, 2.5]), norm_topk_prob=rng.random() < 0.7,
+        max_position_embeddings=64)
+    d, f = (4 * rng.randint(1, w // 4) for w in (config.hidden_size, config.moe_intermediate_size))
+    return config, rng.choice([None, f"{d}x{f}"])
+
+
+@pytest.mark.parametrize("seed", range(24))
+def test_random_configs_match_transformers(seed):
+    """Beyond the two fixed configs: random ones, with FP8 or BF16 weights, at a random size; a
+    prompt prefilled in two pieces and then decoded gives the logits of one forward pass."""
+    config, size = random_config(seed)
+    model = checkpoint.random_model(config, device="cpu", dtype=torch.float32, fp8=seed % 2 == 0,
+                                    seed=seed)
+    hf = to_transformers(model, size)
+    t = tokens(2, 5 + seed, seed=seed, vocab=config.vocab_size)  # 5 to 28 tokens
+    with torch.no_grad():
+        ref = hf(t).logits
+    torch.testing.assert_close(model(t, size=size), ref, rtol=1e-4, atol=1e-4)
+    cache, cut = model.new_cache(2, 64), 1 + seed % 4
+    pieces = [model(t[:, :cut], cache, size)] + [model(t[:, i:i + 1], cache, size)
+                                                 for i in range(cut, t.shape[1])]
+    torch.testing.assert_close(torch.cat(pieces, 1), ref, rtol=1e-4, atol=1e-4)
+
+
 # --------------------------------------------------------------------------------------------------
 # nested sizes are views
 
