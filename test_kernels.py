@@ -20,7 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 import checkpoint
 import kernels
 import nanoelastic as ne
-from test_nanoelastic import CONFIGS
+from test_nanoelastic import CONFIGS, random_config
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -632,6 +632,28 @@ def test_model_with_kernels_matches_references(tmp_path, monkeypatch, name, fp8,
     for state, state_ref in zip(cache.layers, cache_ref.layers):  # KV, conv and SSM states
         for t, t_ref in zip(state or (), state_ref or ()):
             assert rel_err(t, t_ref) < 1e-5
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_model_with_kernels_on_random_configs(monkeypatch, seed):
+    """The kernels in the model on test_nanoelastic's random configs (conv widths, SSM groups,
+    head and state sizes, a random nested size): two sequences prefilled, then decoded."""
+    config, size = random_config(seed)
+    model = checkpoint.random_model(config, device=DEVICE, dtype=torch.float32,
+                                    fp8=seed % 2 == 1, seed=seed)
+    tokens = torch.randint(0, config.vocab_size, (2, 9 + seed),
+                           generator=torch.Generator().manual_seed(seed)).to(DEVICE)
+
+    def run():
+        cache = model.new_cache(2, 32)
+        cut = 3 + seed
+        prefill = model(tokens[:, :cut], cache, size=size)
+        steps = [model(tokens[:, i:i + 1], cache, size=size) for i in range(cut, tokens.shape[1])]
+        return torch.cat([prefill, *steps], dim=1)
+
+    logits = run()
+    monkeypatch.setattr(ne, "KERNELS", "torch")
+    assert rel_err(logits, run()) < 1e-5
 
 
 @pytest.mark.parametrize("batch", [1, 2])  # one token's MoE path, and the grouped one
