@@ -635,7 +635,7 @@ def test_model_with_kernels_matches_references(tmp_path, monkeypatch, name, fp8,
 
 
 @pytest.mark.parametrize("seed", range(4))
-def test_model_with_kernels_on_random_configs(monkeypatch, seed):
+def test_kernels_in_the_model_on_random_configs(monkeypatch, seed):
     """The kernels in the model on test_nanoelastic's random configs (conv widths, SSM groups,
     head and state sizes, a random nested size): two sequences prefilled, then decoded."""
     config, size = random_config(seed)
