@@ -194,6 +194,39 @@ def test_history_cache_reuse_equals_a_fresh_prefill(demo_model, demo_ckpt):
     assert fresh.messages == talk.messages
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_random_conversations_reply_as_from_scratch(demo_model, demo_ckpt, seed):
+    """Random conversations (sizes, switch modes, thinking budgets, thinking toggled, sampling and
+    greedy, a system prompt or none, settings changed between turns): each reply equals that of a
+    new chat given the same history, which prefills it all afresh."""
+    import copy
+    import random
+    rng = random.Random(seed)
+    tok = chat.ChatTokenizer.load(demo_ckpt)
+    sizes = ["30B", "23B", "12B", "160x80", "256x64"]
+    settings = chat.Settings(
+        think=rng.choice(sizes), answer=rng.choice(sizes),
+        switch=rng.choice(["transplant", "reprefill"]), thinking=rng.random() < 0.7,
+        max_think=rng.choice([None, 0, 3, 10]), max_new_tokens=rng.choice([8, 20]),
+        temperature=rng.choice([0.0, 1.0]), seed=3, system=rng.choice([None, "Be brief."]))
+    talk = chat.Chat(demo_model, tok, settings, chat.DEMO_SIZES, out=io.StringIO(),
+                     log=io.StringIO())
+    for _ in range(4):
+        if rng.random() < 0.3:
+            settings.think = rng.choice(sizes)
+        if rng.random() < 0.3:
+            settings.thinking = not settings.thinking
+        text = rng.choice(["hi", "what is 2+2?", "tell me more", "é ü 漢字", "two\nlines"])
+        fresh = chat.Chat(demo_model, tok, copy.deepcopy(settings), chat.DEMO_SIZES,
+                          out=io.StringIO(), log=io.StringIO())
+        fresh.messages, fresh.turn = copy.deepcopy(talk.messages), talk.turn
+        talk.out = io.StringIO()  # the answer's text
+        talk.reply(text)
+        fresh.reply(text)
+        assert talk.out.getvalue() == fresh.out.getvalue()
+        assert talk.messages == fresh.messages  # the thinking too
+
+
 def test_checkpoint_from_flag_then_environment_then_hf_cache(monkeypatch, tmp_path, demo_ckpt):
     monkeypatch.setenv("HF_HOME", str(tmp_path))
     monkeypatch.delenv("HF_HUB_CACHE", raising=False)
