@@ -35,6 +35,7 @@ import time
 from collections import Counter
 from contextlib import contextmanager
 from decimal import Decimal
+from fractions import Fraction
 from itertools import chain
 from pathlib import Path
 
@@ -746,24 +747,38 @@ def extract_answer(text: str) -> str | None:
 
 
 def normalize(answer: str) -> str:
-    """Spaces, $, \\text{}, thin spaces, % and a trailing period out; 1,000 -> 1000."""
+    """Spaces, $, \\text{}, thin spaces, %, a trailing period and a leading `x =` out;
+    1,000 -> 1000; \\frac12 -> \\frac{1}{2}."""
     s = re.sub(r"\\(?:text|textbf|mathrm)\{([^{}]*)\}", r"\1", answer)
     for old, new in (("\\dfrac", "\\frac"), ("\\tfrac", "\\frac"), ("{,}", ","), ("\\!", ""),
                      ("\\,", ""), ("\\%", ""), ("%", ""), ("\\$", ""), ("$", "")):
         s = s.replace(old, new)
     s = re.sub(r"\s+", "", s).rstrip(".")
+    s = re.sub(r"^[A-Za-z]\w*=(?!=)", "", s)  # x=4: the value
+    s = re.sub(r"\\frac(\d)(\d)", r"\\frac{\1}{\2}", s)
     return s.replace(",", "") if NUMBER.fullmatch(s) else s
 
 
+def rational(answer: str) -> Fraction | None:
+    """A normalized answer as an exact number: a decimal, a/b or \\frac{a}{b}; else None."""
+    if DECIMAL.fullmatch(answer):
+        return Fraction(Decimal(answer))
+    m = re.fullmatch(r"(-?)(?:(\d+)/(\d+)|\\frac\{(\d+)\}\{(\d+)\})", answer)
+    if m is None:
+        return None
+    p, q = (m[2], m[3]) if m[2] else (m[4], m[5])
+    return None if int(q) == 0 else Fraction(int(m[1] + p), int(q))
+
+
 def is_correct(predicted: str | None, reference) -> bool:
-    """Equal after normalize(), as decimals when both are numbers (1000 == 1000.0). A boxed
-    reference: its box."""
+    """Equal after normalize(), as exact numbers when both are (1000 == 1000.0, 0.5 == 1/2 ==
+    \\frac{1}{2}). A boxed reference: its box."""
     if predicted is None:
         return False
     reference = str(reference)
     a, b = normalize(predicted), normalize(boxed(reference) or reference)
-    if DECIMAL.fullmatch(a) and DECIMAL.fullmatch(b):
-        return Decimal(a) == Decimal(b)
+    if rational(a) is not None and rational(b) is not None:
+        return rational(a) == rational(b)
     return a == b
 
 

@@ -190,6 +190,10 @@ def test_extract_answer(text, expected):
     ("9007199254740993", "9007199254740992", False),  # exact, not float, equality
     ("41", "42", False), ("1,00", "100", False), ("(A)", "(B)", False), ("", "0", False),
     (None, "42", False), ("0.333", "\\frac{1}{3}", False), ("\\$18", "18", True),
+    # exact numbers in any of the forms; a variable's name in front
+    ("0.5", "1/2", True), ("\\frac12", "\\frac{1}{2}", True), ("-\\frac{3}{4}", "-0.75", True),
+    ("2/4", "\\dfrac{1}{2}", True), ("1/3", "0.333", False), ("1/0", "0", False),
+    ("x = 4", "4", True), ("4", "$x=4$", True), ("y=-2", "-2", True), ("x==4", "4", False),
 ])
 def test_is_correct(predicted, reference, correct):
     assert bench.is_correct(predicted, reference) is correct
