@@ -868,8 +868,8 @@ def parse_budgets(text: str) -> list[int]:
 
 
 def read_results(path: Path) -> dict[tuple, dict]:
-    """The replies done so far, by key. A line cut by a crash mid-write is dropped (and cut from the
-    file)."""
+    """The replies done so far, by key, graded again. A line cut by a crash mid-write is dropped (and
+    cut from the file)."""
     if not path.exists():
         return {}
     data = path.read_bytes()
@@ -881,6 +881,8 @@ def read_results(path: Path) -> dict[tuple, dict]:
     for line in data.decode("utf-8", errors="replace").splitlines():
         try:
             record = json.loads(line)
+            # graded again: a reply kept from an earlier run counts as this grader says
+            record["correct"] = is_correct(record["predicted"], record["reference"])
             done[tuple(record["key"])] = record
         except (json.JSONDecodeError, KeyError, TypeError):
             fail(f"{path} has a line that is not one of this script's results: move the file away")

@@ -199,6 +199,14 @@ def test_is_correct(predicted, reference, correct):
     assert bench.is_correct(predicted, reference) is correct
 
 
+def test_kept_replies_are_graded_again(tmp_path):
+    """A reply kept in results.jsonl counts as the grader says now, not as it said when written."""
+    results = tmp_path / "results.jsonl"
+    record = {"key": ["demo", 1], "predicted": "0.5", "reference": "1/2", "correct": False}
+    results.write_text(json.dumps(record) + "\n")
+    assert bench.read_results(results)[("demo", 1)]["correct"] is True
+
+
 def test_summarize_and_the_pareto_frontier():
     def record(think, budget, correct, latency):
         return {"think": think, "answer": "30B", "budget": budget, "correct": correct,
@@ -310,7 +318,7 @@ def test_budget_run_interrupted_and_resumed_equals_an_uninterrupted_run(tmp_path
     assert ("DEMO (random weights: accuracy is meaningless)" in out and "23B:30B" in out
             and "12B:12B" in out)
 
-    # each reply is graded once, right before it is written
+    # each reply is graded right before it is written: Ctrl-C after the third
     graded, is_correct = [], bench.is_correct
 
     def interrupt_after(k):
@@ -332,7 +340,7 @@ def test_budget_run_interrupted_and_resumed_equals_an_uninterrupted_run(tmp_path
     graded.clear()
     monkeypatch.setattr(bench, "is_correct", interrupt_after(100))
     again = bench.main(resumed)
-    assert len(graded) == 8 - 3  # the done replies were not recomputed
+    assert len(graded) == 3 + (8 - 3)  # the 3 kept replies graded again, not recomputed
     records = read_jsonl(tmp_path / "resumed" / "results.jsonl")
     assert len(records) == 8 and len({tuple(r["key"]) for r in records}) == 8
     reference = {tuple(r["key"]): without_timing(r)
@@ -342,11 +350,13 @@ def test_budget_run_interrupted_and_resumed_equals_an_uninterrupted_run(tmp_path
     assert ([without_timing(r) for r in again["budget_bench"]]
             == [without_timing(r) for r in whole["budget_bench"]])
     graded.clear()
-    bench.main(resumed)  # all done: nothing to compute, the summary written again
-    assert (graded == []
+    bench.main(resumed)  # all done: nothing to compute (the 8 graded again), the summary written
+    assert (len(graded) == 8
             and json.loads((tmp_path / "resumed" / "results.json").read_text())["complete"])
+    graded.clear()
     bench.main([*resumed, "--limit", "3"])  # one more problem: only its replies are new
-    assert len(graded) == 2 * 2 and len(read_jsonl(tmp_path / "resumed" / "results.jsonl")) == 12
+    assert (len(graded) == 8 + 2 * 2
+            and len(read_jsonl(tmp_path / "resumed" / "results.jsonl")) == 12)
 
 
 def test_budget_json_and_plot(tmp_path, capsys):
