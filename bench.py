@@ -868,8 +868,8 @@ def parse_budgets(text: str) -> list[int]:
 
 
 def read_results(path: Path) -> dict[tuple, dict]:
-    """The replies done so far, by key, graded again. A line cut by a crash mid-write is dropped (and
-    cut from the file)."""
+    """The replies done so far, by key, graded again. A line cut by a crash mid-write is dropped
+    (and cut from the file)."""
     if not path.exists():
         return {}
     data = path.read_bytes()
