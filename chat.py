@@ -676,6 +676,9 @@ def load(args: argparse.Namespace, tmp: str,
     if args.demo:
         path = Path(args.ckpt) if args.ckpt else Path(tmp) / "demo"
         if path.is_dir() and not any(path.iterdir()):
+            if path.resolve() == Path.cwd():  # it is written elsewhere and renamed into place
+                raise NanoElasticError(f"--demo --ckpt {path}: the current folder; give a new "
+                                       f"folder for the demo checkpoint, e.g. {path / 'demo'}")
             path.rmdir()  # an empty folder (made for it): the demo checkpoint is written there
         if not path.exists():
             try:

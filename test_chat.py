@@ -568,10 +568,16 @@ def test_ctrl_c_stops_a_reply_and_the_chat_goes_on(demo_ckpt, demo_model):
     assert "Traceback" not in out.text
 
 
-def test_demo_checkpoint_is_written_into_an_empty_folder(tmp_path):
-    """--demo --ckpt DIR writes the demo there when DIR is missing or empty (made for it)."""
+def test_demo_checkpoint_is_written_into_an_empty_folder(tmp_path, monkeypatch):
+    """--demo --ckpt DIR writes the demo there when DIR is missing or empty (made for it), but not
+    over the current folder (it is written beside and renamed into place)."""
     empty = tmp_path / "made-for-it"
     empty.mkdir()
+    with monkeypatch.context() as m, pytest.raises(
+            ne.NanoElasticError, match=r"--demo --ckpt \.: the current folder; give a new folder "
+                                       r".*, e\.g\. demo$"):
+        m.chdir(empty)
+        chat.load(argparse.Namespace(demo=True, ckpt="."), str(tmp_path))
     model, _ = chat.load(argparse.Namespace(demo=True, ckpt=str(empty)), str(tmp_path))
     assert (empty / "tokenizer.json").is_file() and model.config == chat.demo_config()
 
