@@ -777,9 +777,8 @@ def is_correct(predicted: str | None, reference) -> bool:
         return False
     reference = str(reference)
     a, b = normalize(predicted), normalize(boxed(reference) or reference)
-    if rational(a) is not None and rational(b) is not None:
-        return rational(a) == rational(b)
-    return a == b
+    x, y = rational(a), rational(b)
+    return x == y if x is not None and y is not None else a == b
 
 
 # -- one problem -----------------------------------------------------------------------------------
@@ -1023,6 +1022,8 @@ def budget_plan(args: argparse.Namespace) -> tuple[list, list, list, dict, Path 
              f"{args.seed}")
     try:
         size_names = chat.DEMO_SIZES if args.demo else {}
+        if args.demo:
+            chat.check_demo_folder(args.ckpt)
         ckpt = None if args.demo else chat.find_checkpoint(args.ckpt)
         config = chat.demo_config() if args.demo else ne.Config.from_file(ckpt / "config.json")
         if args.load:

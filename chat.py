@@ -670,15 +670,30 @@ def check_sizes(args: argparse.Namespace, settings: Settings) -> tuple[dict[str,
     return size_names, load
 
 
+def check_demo_folder(ckpt: str | None) -> None:
+    """--demo --ckpt DIR: a folder that is missing, empty (not the current one: the demo is
+    written beside it and renamed into place) or holds a checkpoint; else one clear error."""
+    if not ckpt:  # no folder given: load() writes it in a temporary one
+        return
+    path = Path(ckpt)
+    if path.is_file():
+        raise NanoElasticError(f"{ckpt} is a file: --demo --ckpt takes a folder (written if "
+                               f"missing)")
+    if path.is_dir() and not any(path.iterdir()) and path.resolve() == Path.cwd():
+        raise NanoElasticError(f"--demo --ckpt {ckpt}: the current folder; give a new folder for "
+                               f"the demo checkpoint, e.g. {path / 'demo'}")
+    if path.is_dir() and any(path.iterdir()) and not (path / "config.json").is_file():
+        raise NanoElasticError(f"{ckpt} holds no demo checkpoint (no config.json): give a new or "
+                               f"empty folder for one, or the folder of one")
+
+
 def load(args: argparse.Namespace, tmp: str,
          size: str | None = None) -> tuple[ne.Model, ChatTokenizer]:
     """The checkpoint's model (of the nested `size` only, if given) and tokenizer."""
     if args.demo:
+        check_demo_folder(args.ckpt)
         path = Path(args.ckpt) if args.ckpt else Path(tmp) / "demo"
         if path.is_dir() and not any(path.iterdir()):
-            if path.resolve() == Path.cwd():  # it is written elsewhere and renamed into place
-                raise NanoElasticError(f"--demo --ckpt {path}: the current folder; give a new "
-                                       f"folder for the demo checkpoint, e.g. {path / 'demo'}")
             path.rmdir()  # an empty folder (made for it): the demo checkpoint is written there
         if not path.exists():
             try:
@@ -715,13 +730,8 @@ def main(argv: list[str] | None = None) -> int:
         raise NanoElasticError("empty prompt")
     settings = settings_of(args)
     size_names, load_size = check_sizes(args, settings)
-    if args.demo and args.ckpt and os.path.isfile(args.ckpt):
-        raise NanoElasticError(f"{args.ckpt} is a file: --demo --ckpt takes a folder (written if "
-                               f"missing)")
-    if args.demo and args.ckpt and os.path.isdir(args.ckpt) and any(Path(args.ckpt).iterdir()):
-        if not os.path.isfile(Path(args.ckpt) / "config.json"):
-            raise NanoElasticError(f"{args.ckpt} holds no demo checkpoint (no config.json): give "
-                                   f"a new or empty folder for one, or the folder of one")
+    if args.demo:
+        check_demo_folder(args.ckpt)  # before the banner: one line
     # one-shot (--prompt, piped): stdout is only the answer; the rest goes to stderr
     log = sys.stderr if prompt is not None else sys.stdout
     if args.demo:
