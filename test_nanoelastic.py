@@ -13,6 +13,7 @@ import os
 import re
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -280,6 +281,25 @@ def test_prefill_in_pieces_then_decode_equals_full_forward(models, key, size):
     assert last.shape == (2, 1, 97) and last.dtype == torch.float32
 
 
+def test_decoding_across_kv_windows_equals_full_forward():
+    """A decoded token attends over a window of the cache (Cache.window(): 256 positions, then the
+    next power of two, at most max_len) that must hold it and every position before it: decoding
+    from 250 to 530 tokens crosses the windows of 256 and 512 and ends in one cut at max_len."""
+    config = replace(CONFIGS["A"], max_position_embeddings=600)
+    model = checkpoint.random_model(config, device="cpu", dtype=torch.float32)
+    t = tokens(1, 530, seed=5)
+    with torch.no_grad():
+        full = model(t)
+        cache = model.new_cache(1, 530)
+        windows = []
+        pieces = [model(t[:, :250], cache)]
+        for i in range(250, 530):
+            windows.append(cache.window())
+            pieces.append(model(t[:, i:i + 1], cache))
+    assert sorted(set(windows)) == [256, 512, 530]
+    torch.testing.assert_close(torch.cat(pieces, 1), full, rtol=1e-4, atol=1e-4)
+
+
 def test_prefill_after_a_prefix_with_the_lower_right_causal_bias(models, monkeypatch):
     """On a GPU in 16 bits a prefill after cached tokens passes torch's lower-right causal bias
     (flash takes it with no mask): the same attention as the bool mask used elsewhere."""
@@ -348,16 +368,16 @@ def test_decode_graph_holds_its_cache_and_dropping_it_frees_both():
 # --------------------------------------------------------------------------------------------------
 # the peer implementation: transformers' NemotronHForCausalLM on the same weights
 
-def to_transformers(model: Model, size: str | None):
+def to_transformers(model: Model, size: str | None, time_step_min: float = 1e-30):
     """transformers' NemotronHForCausalLM with the dequantised weights and config of `size`."""
     from transformers import NemotronHConfig, NemotronHForCausalLM
 
     sized = model.nested(size)
     hf_config = checkpoint.config_json(sized.config)
     # transformers 5 clamps dt at time_step_min (0.001 in the real config) in its chunked prefill
-    # path only; mamba_ssm, vLLM, mlx-lm and the model's own remote code use (0, inf). Take that
-    # floor out here.
-    hf_config["time_step_min"] = 1e-30
+    # path only, and ignores time_step_limit; mamba_ssm, vLLM, mlx-lm and the model's own remote
+    # code use time_step_limit, (0, inf). Take that floor out here, unless a test sets one.
+    hf_config["time_step_min"] = time_step_min
     hf = NemotronHForCausalLM(NemotronHConfig(**hf_config)).eval()
     state = {}
     linears = {n: m for n, m in sized.named_modules() if isinstance(m, ne.Linear)}
@@ -395,6 +415,58 @@ def test_matches_transformers(models, key, size):
                              do_sample=False, eos_token_id=2, pad_token_id=0)
     ours = [tok.id for tok in generate(model, prompt[0], 12, size=size, stop_tokens=(2,))]
     assert ours == hf_out[0, 13:].tolist()
+
+
+def with_time_step_limit(model: Model, limit: tuple[float, float]) -> Model:
+    """A copy of `model` (its full size) whose config clamps dt to `limit`."""
+    clamped = copy.deepcopy(model)
+    clamped._nested = {}
+    clamped.config.time_step_limit = limit  # the one config object every module of the copy holds
+    return clamped
+
+
+def test_time_step_limit_clamps_dt(models):
+    """config.time_step_limit clamps dt = softplus(dt + dt_bias), in prefill and in decode. A floor
+    gives transformers' prefill with that floor (its time_step_min); a ceiling of 0 stops every
+    Mamba state, which leaves each Mamba layer's y = D x: out_proj(norm(D x * silu(z)))."""
+    model = models[("A", False)]
+    t = tokens(2, 21, seed=21)
+    floor = 0.05  # above many of the random checkpoint's dt (its softplus(dt_bias) is 1e-3..1e-1)
+    floored = with_time_step_limit(model, (floor, math.inf))
+    with torch.no_grad():
+        ours, plain = floored(t), model(t)
+        ref = to_transformers(floored, None, time_step_min=floor)(t).logits
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(ours, plain, rtol=1e-2, atol=1e-2)  # the floor did something
+
+    stopped = with_time_step_limit(model, (0.0, 0.0))
+    c = stopped.config
+    cache = stopped.new_cache(2, 21)
+    calls = {}  # Mamba mixer -> (what it got, what it gave) per call
+
+    def record(mixer, args, out):
+        calls.setdefault(mixer, []).append((args[0], out))
+    hooks = [layer.mixer.register_forward_hook(record) for layer in stopped.backbone.layers
+             if isinstance(layer.mixer, ne.Mamba2Mixer)]
+    with torch.no_grad():
+        stopped(t[:, :19], cache)  # prefill
+        stopped(t[:, 19:20], cache)  # then two decode steps
+        stopped(t[:, 20:], cache)
+        for mixer, got in calls.items():
+            u, out = (torch.cat(tensors, 1) for tensors in zip(*got))  # all 21 positions
+            z, xBC, _ = mixer.in_proj(u).split([c.mamba_inner, c.conv_dim, c.mamba_num_heads], -1)
+            conv = mixer.conv1d
+            x = ne.causal_conv(xBC, None, conv.weight, conv.bias)[..., :c.mamba_inner]
+            y = (x.unflatten(-1, (c.mamba_num_heads, -1)) * mixer.D[:, None]).flatten(-2)
+            expected = mixer.out_proj(ne.rms_norm(y, mixer.norm.weight, mixer.norm.eps,
+                                                  groups=c.n_groups, gate=z))
+            torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    for hook in hooks:
+        hook.remove()
+    assert len(calls) == c.layers_block_type.count("mamba")
+    for kind, state in zip(cache.kinds, cache.layers):  # and no SSM state ever left zero
+        if kind == "mamba":
+            assert not state[1].any()
 
 
 def random_config(seed: int) -> tuple[Config, str | None]:
