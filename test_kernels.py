@@ -427,9 +427,10 @@ if CUDA:
 
 
 @pytest.mark.parametrize("b,H,P,G,N,K", STEP_SHAPES)
-@pytest.mark.parametrize("dtype,bias",
-                         [(torch.float32, True), (torch.bfloat16, True), (torch.float32, False)])
-def test_mamba_step(b, H, P, G, N, K, dtype, bias):
+@pytest.mark.parametrize("dtype,bias,clamp", [(torch.float32, True, False),
+                                              (torch.bfloat16, True, False),
+                                              (torch.float32, False, True)])
+def test_mamba_step(b, H, P, G, N, K, dtype, bias, clamp):
     gen = torch.Generator().manual_seed(b * 100 + H)
     ch = H * P + 2 * G * N
     xBC, dt = rand(b, ch, dtype=dtype, gen=gen), rand(b, H, dtype=dtype, gen=gen)
@@ -438,7 +439,12 @@ def test_mamba_step(b, H, P, G, N, K, dtype, bias):
                       rand(ch, dtype=dtype, gen=gen) if bias else None)
     dt_bias, A_log, D = rand(H, gen=gen), rand(H, gen=gen), rand(H, gen=gen)
     states_ref = conv_state.clone(), ssm_state.clone()
-    args = (conv_w, conv_b, dt_bias, A_log, D, G, (0.0, float("inf")))
+    limit = (0.0, float("inf"))
+    if clamp:  # a time_step_limit that clamps some dt from below and some from above
+        soft = torch.nn.functional.softplus(dt.float() + dt_bias).flatten().cpu()
+        limit = tuple(soft.quantile(torch.tensor([0.25, 0.75])).tolist())
+        assert (soft < limit[0]).any() and (soft > limit[1]).any()
+    args = (conv_w, conv_b, dt_bias, A_log, D, G, limit)
     y = kernels.mamba_step(xBC, dt, conv_state, ssm_state, *args)
     # fp32 reference from the same inputs (the reference rounds its conv to the data dtype; this
     # one doesn't)
