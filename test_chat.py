@@ -194,6 +194,29 @@ def test_history_cache_reuse_equals_a_fresh_prefill(demo_model, demo_ckpt):
     assert fresh.messages == talk.messages
 
 
+def test_a_history_that_is_not_a_prefix_of_the_prompt_is_not_reused(demo_model, demo_ckpt):
+    """The saved cache holds the history's ids; should a tokenizer encode the history alone
+    otherwise than as the start of the prompt (a merge across the boundary, say), the reply
+    prefills the whole prompt instead: the replies of a chat whose tokenizer does not."""
+    tok = chat.ChatTokenizer.load(demo_ckpt)
+
+    class Merging(chat.ChatTokenizer):  # the history alone: other ids
+        def encode(self, text):
+            ids = super().encode(text)
+            return ids if text.endswith(("<think>\n", "<think></think>")) else ids[::-1]
+
+    settings = chat.Settings(think="12B", answer="30B", max_think=3, max_new_tokens=12,
+                             temperature=0.0)
+    replies = []
+    for tokenizer in (Merging(tok.tokenizer, tok.think_end, tok.stop), tok):
+        talk = chat.Chat(demo_model, tokenizer, settings, chat.DEMO_SIZES, out=io.StringIO(),
+                         log=io.StringIO())
+        talk.reply("first question")
+        talk.reply("second question")
+        replies.append(talk.messages)
+    assert replies[0] == replies[1]
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_random_conversations_reply_as_from_scratch(demo_model, demo_ckpt, seed):
     """Random conversations (sizes, switch modes, thinking budgets, thinking toggled, sampling and

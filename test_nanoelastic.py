@@ -225,6 +225,11 @@ def test_fp8_stays_fp8(models, checkpoints):
     assert fp8.backbone.layers[3].mixer.q_proj.weight.dtype == torch.float32
     assert fp8.backbone.layers[1].mixer.gate.weight.dtype == torch.float32
     assert all(m.weight_scale is None for m in bf16.modules() if isinstance(m, ne.Linear))
+    # ModelOpt's per-tensor scale, amax / 448: every FP8 weight (each expert's) reaches +-448
+    for m in fp8.modules():
+        if isinstance(m, ne.Linear) and m.weight_scale is not None:
+            amax = m.weight.float().abs().flatten(m.weight.dim() - 2).amax(-1)
+            assert torch.equal(amax, torch.full_like(amax, 448.0))
     # The loaded FP8 model holds about the checkpoint's FP8 bytes, not 4x (fp32) of them.
     fp8_bytes = sum(p.numel() for p in fp8.parameters() if p.dtype == torch.float8_e4m3fn)
     index = json.loads((checkpoints[("A", True)] / "model.safetensors.index.json").read_text())
