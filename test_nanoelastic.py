@@ -319,23 +319,24 @@ def test_prefill_after_a_prefix_with_the_lower_right_causal_bias(models, monkeyp
     assert isinstance(ne.prefix_causal(3, 8, torch.zeros(1)), torch.Tensor)  # CPU: the bools
 
 
-def test_attention_after_a_prefix_at_the_real_head_counts_on_this_device():
-    """What a prefill after cached tokens passes SDPA (prefix_causal: on a GPU in 16 bits torch's
-    lower-right causal bias, which flash attention takes with GQA and no mask in memory) attends
-    as an explicit bool mask in fp32 does, at the 30B's 32 query heads over 2 KV heads of 128,
-    with keys and values viewed out of a longer cache as Cache.update returns them."""
+@pytest.mark.parametrize("T,L", [(100, 300), (300, 300)])
+def test_prefill_attention_at_the_real_head_counts_on_this_device(T, L):
+    """What a prefill passes SDPA (none cached: is_causal; after cached tokens, prefix_causal: on
+    a GPU in 16 bits torch's lower-right causal bias, which flash attention takes with GQA and no
+    mask in memory) attends as an explicit bool mask in fp32 does, at the 30B's 32 query heads over
+    2 KV heads of 128, with keys and values viewed out of a longer cache as Cache.update gives."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     gen = torch.Generator().manual_seed(7)
-    T, L = 100, 300
     q = torch.randn(2, 32, T, 128, generator=gen).to(device, torch.bfloat16)
     k_cache, v_cache = (torch.randn(2, 2, 512, 128, generator=gen).to(device, torch.bfloat16)
                         for _ in range(2))
     k, v = k_cache[:, :, :L], v_cache[:, :, :L]
-    mask = ne.prefix_causal(T, L, q)
-    if device == "cuda" and torch.cuda.get_device_capability() >= (8, 0):
+    mask = None if T == L else ne.prefix_causal(T, L, q)  # as Attention.forward and update()
+    if mask is not None and device == "cuda" and torch.cuda.get_device_capability() >= (8, 0):
         assert not isinstance(mask, torch.Tensor)  # the bias, not a mask in memory
     sdpa = torch.nn.functional.scaled_dot_product_attention
-    out = sdpa(q, k, v, attn_mask=mask, scale=128 ** -0.5, enable_gqa=True)
+    out = sdpa(q, k, v, attn_mask=mask, is_causal=mask is None, scale=128 ** -0.5,
+               enable_gqa=True)
     positions = torch.arange(L, device=device)
     seen = positions <= positions[L - T:, None]  # query i: keys 0 .. L - T + i
     ref = sdpa(q.float(), k.float(), v.float(), attn_mask=seen, scale=128 ** -0.5,
