@@ -182,6 +182,7 @@ TENSOR_FAULTS = [
     (SCALE, torch.tensor(float("inf")), f"{SCALE} is inf: an FP8 scale must be finite and > 0"),
     (SCALE, torch.tensor(0.0), f"{SCALE} is 0.0: an FP8 scale must be finite and > 0"),
     (SCALE, torch.tensor(-0.5), f"{SCALE} is -0.5: an FP8 scale must be finite and > 0"),
+    (SCALE, torch.ones(2), f"wrong shape for {SCALE}: [2], expected a scalar"),  # per channel
     (INPUT_SCALE, torch.tensor(float("nan")),
      f"{INPUT_SCALE} is nan: an FP8 scale must be finite and > 0"),
 ]
