@@ -194,6 +194,33 @@ def test_history_cache_reuse_equals_a_fresh_prefill(demo_model, demo_ckpt):
     assert fresh.messages == talk.messages
 
 
+def test_a_reply_shows_its_phases_and_keeps_its_thinking(demo_model, demo_ckpt):
+    """Each phase's text follows its label, without the newline the model opens it with, control
+    characters (which would move a terminal's cursor) shown as U+FFFD; the kept assistant message
+    holds the answer and, apart, the thinking, as the chat template takes them."""
+    tok = chat.ChatTokenizer.load(demo_ckpt)
+    assert chat.printable("a\x1b[2Jb\tc\x07\nd") == "a\ufffd[2Jb\tc\ufffd\nd"
+    seed = quiet_seed(demo_model, tok, "hello", "12B", 6, fits=lambda ids: tok.decode(ids).strip())
+    settings = chat.Settings(think="12B", answer="30B", max_think=6, max_new_tokens=12, seed=seed)
+    talk = chat.Chat(demo_model, tok, settings, chat.DEMO_SIZES, out=io.StringIO(),
+                     log=io.StringIO())
+    phase = chat.Phase("answer", "30B", chat.TextStream(tok))
+    talk.show(phase, "\n \n")  # nothing yet: the phase has not started
+    talk.show(phase, "\nHi\x1b!")
+    talk.show(phase, "\n there")
+    assert talk.out.getvalue() == "Hi\ufffd!\n there"
+
+    talk = chat.Chat(demo_model, tok, settings, chat.DEMO_SIZES, out=io.StringIO(),
+                     log=io.StringIO())
+    talk.reply("hello")
+    reply = talk.messages[-1]
+    assert reply["role"] == "assistant" and reply["reasoning_content"]
+    thinking = talk.log.getvalue().split("[think 12B] ", 1)[1].split("[answer 30B]")[0]
+    assert thinking.rstrip() == chat.printable(reply["reasoning_content"]).strip()
+    answer = chat.printable(reply["content"]).lstrip()
+    assert talk.out.getvalue().rstrip("\n") == answer.rstrip("\n")  # (a line end after it)
+
+
 def test_a_history_that_is_not_a_prefix_of_the_prompt_is_not_reused(demo_model, demo_ckpt):
     """The saved cache holds the history's ids; should a tokenizer encode the history alone
     otherwise than as the start of the prompt (a merge across the boundary, say), the reply
