@@ -495,7 +495,7 @@ def test_time_step_limit_clamps_dt(models):
     for hook in hooks:
         hook.remove()
     assert len(calls) == c.layers_block_type.count("mamba")
-    for kind, state in zip(cache.kinds, cache.layers):  # and no SSM state ever left zero
+    for kind, state in zip(cache.kinds, cache.layers):  # and every SSM state stayed zero
         if kind == "mamba":
             assert not state[1].any()
 
