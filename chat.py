@@ -679,10 +679,13 @@ def check_demo_folder(ckpt: str | None) -> None:
     if path.is_file():
         raise NanoElasticError(f"{ckpt} is a file: --demo --ckpt takes a folder (written if "
                                f"missing)")
-    if path.is_dir() and not any(path.iterdir()) and path.resolve() == Path.cwd():
+    if not path.is_dir():  # missing: written there
+        return
+    empty = not any(path.iterdir())
+    if empty and path.resolve() == Path.cwd():
         raise NanoElasticError(f"--demo --ckpt {ckpt}: the current folder; give a new folder for "
                                f"the demo checkpoint, e.g. {path / 'demo'}")
-    if path.is_dir() and any(path.iterdir()) and not (path / "config.json").is_file():
+    if not empty and not (path / "config.json").is_file():
         raise NanoElasticError(f"{ckpt} holds no demo checkpoint (no config.json): give a new or "
                                f"empty folder for one, or the folder of one")
 

@@ -174,9 +174,8 @@ def check_config(c: Config) -> None:
     low, high = c.time_step_limit
     if low > high:
         raise NanoElasticError(f"config: time_step_limit {list(c.time_step_limit)} has min > max")
-    eos = c.eos_token_id if isinstance(c.eos_token_id, list) else [c.eos_token_id]
     for name, ids in (("bos_token_id", [c.bos_token_id]), ("pad_token_id", [c.pad_token_id]),
-                      ("eos_token_id", eos)):
+                      ("eos_token_id", ne.token_id_list(c.eos_token_id))):
         if any(i >= c.vocab_size for i in ids):
             raise NanoElasticError(f"config: {name} {ids if len(ids) > 1 else ids[0]} is not below "
                                    f"vocab_size {c.vocab_size}")
@@ -566,7 +565,7 @@ def stop_tokens(folder: Path, config: Config) -> tuple[int, ...]:
     if eos is None:  # errors then name the file the ids came from
         eos, file = config.eos_token_id, folder / "config.json"
     check_config_field(f"{file.name}: eos_token_id", eos, "int or list of int", 0)
-    ids = tuple(eos if isinstance(eos, list) else [eos])
+    ids = tuple(ne.token_id_list(eos))
     if max(ids) >= config.vocab_size:
         raise NanoElasticError(f"{file}: eos_token_id {list(ids)} is not below vocab_size "
                                f"{config.vocab_size}")

@@ -67,6 +67,10 @@ def layer_pattern(pattern: str) -> list[str]:  # "MEM*" -> ["mamba", "moe", "mam
     return [LAYER_LETTERS[letter] for letter in pattern]
 
 
+def token_id_list(ids: int | list) -> list[int]:  # eos_token_id: one id, or a list of them
+    return ids if isinstance(ids, list) else [ids]
+
+
 @dataclass
 class Config:
     """The model's shape in config.json's field names; the defaults are the 30B's.
@@ -574,9 +578,8 @@ class Model(nn.Module):
         self.backbone = Backbone(config)
         self.lm_head = Linear(config.hidden_size, config.vocab_size)
         self._nested = {}  # (d, f) -> this module tree with prefix views of every tensor
-        eos = config.eos_token_id
         # the ids that end a generation; from_pretrained: the checkpoint's generation_config.json's
-        self.stop_tokens = tuple(eos if isinstance(eos, list) else [eos])
+        self.stop_tokens = tuple(token_id_list(config.eos_token_id))
         self.is_nested = False  # True for such a tree (model.nested(size)): its tensors are views
 
     @torch.no_grad()
