@@ -815,8 +815,7 @@ def solve(model: ne.Model, tokenizer, step: ne.DecodeGraph, prompt: list[int], t
     """One reply to `prompt` (chat.render_chat's, thinking on), timed: think at `think` (a model
     size), answer at `answer`. Returns its measurements and its tokens. Ctrl-C (which ends
     generate()'s stream) raises KeyboardInterrupt: a cut reply is not a result."""
-    mode = args.switch if think != answer else "transplant"  # the same size: nothing to rebuild
-    switch = ne.Switch(answer, on_token=tokenizer.think_end, after=budget, mode=mode)
+    switch = ne.Switch(answer, on_token=tokenizer.think_end, after=budget, mode=args.switch)
     step.cache.reset()
     tokens, times = [], []
     t0 = time.perf_counter()

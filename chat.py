@@ -352,9 +352,8 @@ class Chat:
         end_size = self.model_size(st.answer)
         switch = None
         if st.thinking and (start_size != end_size or st.max_think is not None):
-            # the same size: nothing to rebuild
-            mode = st.switch if start_size != end_size else "transplant"
-            switch = ne.Switch(end_size, on_token=tok.think_end, after=st.max_think, mode=mode)
+            switch = ne.Switch(end_size, on_token=tok.think_end, after=st.max_think,
+                               mode=st.switch)
         system = [{"role": "system", "content": st.system}] if st.system is not None else []
         messages = self.messages + [{"role": "user", "content": text}]
         history = tok.encode(render_chat(system + messages))

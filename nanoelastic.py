@@ -1028,7 +1028,7 @@ class Switch:
     `after` new tokens are out (a thinking budget; then `on_token`, if set, is forced first, closing
     the thought). mode "transplant" keeps the caches the old size filled (free, approximate);
     "reprefill" rebuilds them with the new size from all tokens so far (exact, costs one
-    prefill)."""
+    prefill; none when the new size is the old one, by whatever name)."""
     size: str | None
     on_token: int | None = None
     after: int | None = None
@@ -1244,8 +1244,11 @@ def stream(model: Model, step: DecodeGraph, prompt: list[int], max_new_tokens: i
                 raise NanoElasticError("the cache changed during this generation: a cache serves "
                                        "one generate() at a time")
             if switch is not None and switch.due(n, token):
-                size, mode, switch = switch.size, switch.mode, None  # one switch per generation
-                if mode == "reprefill":
+                rebuild = (switch.mode == "reprefill"  # (the same size: nothing to rebuild)
+                           and parse_size(switch.size, model.config)
+                           != parse_size(size, model.config))
+                size, switch = switch.size, None  # one switch per generation
+                if rebuild:
                     cache.reset()
                     logits = run(tokens)
                     continue

@@ -634,6 +634,30 @@ def test_reprefill_equals_new_size_from_scratch(models):
     assert [t.id for t in stream[4:]] == answer and all(t.size == "40x16" for t in stream[4:])
 
 
+def test_reprefill_to_the_same_size_rebuilds_nothing(models, monkeypatch):
+    """A reprefill switch whose new size is the old one under another name (a budget in chat.py
+    with one size) goes on decoding: no second prefill, the tokens of no switch at all."""
+    model = models[("B", True)]
+    prompt = tokens(1, 10, seed=7)[0].tolist()
+    plain, _ = greedy(model, prompt, 9, None)
+    prefills = []
+    real_prefill = ne.prefill
+
+    def counted_prefill(model, ids, *args):
+        prefills.append(ids.shape[1])
+        return real_prefill(model, ids, *args)
+    monkeypatch.setattr(ne, "prefill", counted_prefill)
+    d, f = ne.parse_size(None, model.config)
+    stream = list(generate(model, prompt, 9, size=None, stop_tokens=(),
+                           switch=Switch(f"{d}X{f}", after=4, mode="reprefill")))
+    assert prefills == [len(prompt)]
+    assert [t.id for t in stream] == plain
+    prefills.clear()  # the switch that changes size still rebuilds
+    list(generate(model, prompt, 9, size=None, stop_tokens=(),
+                  switch=Switch("40x16", after=4, mode="reprefill")))
+    assert prefills == [len(prompt), len(prompt) + 4]
+
+
 def test_switch_on_token_and_budget(models):
     model = models[("A", False)]
     prompt = tokens(1, 10, seed=8)[0].tolist()
