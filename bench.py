@@ -798,6 +798,8 @@ def load_problems(path: str, limit: int | None) -> list[dict]:
             p = json.loads(line)
         except json.JSONDecodeError as e:
             fail(f"{path} line {n}: not JSON ({e.msg})")
+        except (ValueError, RecursionError) as e:  # a >4300-digit number, nesting too deep
+            fail(f"{path} line {n}: not JSON ({str(e)[:200]})")
         if not (isinstance(p, dict) and isinstance(p.get("question"), str) and p["question"].strip()
                 and isinstance(p.get("answer"), (str, int, float))
                 and not isinstance(p["answer"], bool)):
@@ -882,7 +884,7 @@ def read_results(path: Path) -> dict[tuple, dict]:
             # graded again: a reply kept from an earlier run counts as this grader says
             record["correct"] = is_correct(record["predicted"], record["reference"])
             done[tuple(record["key"])] = record
-        except (json.JSONDecodeError, KeyError, TypeError):
+        except (ValueError, RecursionError, KeyError, TypeError):
             fail(f"{path} has a line that is not one of this script's results: move the file away")
     return done
 

@@ -361,12 +361,14 @@ class Chat:
                                         enable_thinking=st.thinking))
         context = self.cache.max_len
         max_new = min(st.max_new_tokens, context - len(prompt))
-        if max_new <= 0 and self.messages:
-            raise NanoElasticError(f"the conversation fills the context ({tokens(context)}): "
-                                   f"/clear starts a new one")
         if max_new <= 0:
-            raise NanoElasticError(f"the prompt ({tokens(len(prompt))}) leaves no room for a reply "
-                                   f"in the context ({tokens(context)}): shorten it")
+            alone = len(tok.encode(render_chat(system + messages[-1:], add_generation_prompt=True,
+                                               enable_thinking=st.thinking)))
+            if alone < context:  # it fits without the turns before it
+                raise NanoElasticError(f"the conversation fills the context ({tokens(context)}): "
+                                       f"/clear starts a new one")
+            raise NanoElasticError(f"the prompt ({tokens(alone)}) leaves no room for a reply in "
+                                   f"the context ({tokens(context)}): shorten it")
         turn = Turn(Phase("think", st.think, TextStream(tok)),
                     Phase("answer", st.answer, TextStream(tok)))
         turn.phase = turn.think if st.thinking else turn.answer
@@ -759,6 +761,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.stdout.reconfigure(errors="replace")  # a terminal that cannot show a character shows '?'
     sys.stdin.reconfigure(errors="replace")  # bytes that are not UTF-8 read as U+FFFD
     ne.run_cli("chat.py", main)  # SIGTERM removes the demo's temporary checkpoint, as Ctrl-C does

@@ -205,8 +205,8 @@ def read_json(path: Path):
         raise NanoElasticError(f"cannot read {path}: {e.strerror}") from None
     except UnicodeDecodeError:
         raise NanoElasticError(f"{path} is not UTF-8 text") from None
-    except json.JSONDecodeError as e:
-        raise NanoElasticError(f"{path} is not valid JSON: {e}") from None
+    except (ValueError, RecursionError) as e:  # and a >4300-digit number, or nesting too deep
+        raise NanoElasticError(f"{path} is not valid JSON: {str(e)[:200]}") from None
 
 
 def read_config(path: Path) -> Config:
@@ -243,7 +243,7 @@ def read_weight_map(path: Path) -> dict[str, Path]:
             names = json.loads(index.read_bytes().decode())["weight_map"]
             weight_map = {name: path / shard for name, shard in names.items()}
         # not JSON, not UTF-8, wrong layout
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
+        except (ValueError, RecursionError, KeyError, TypeError, AttributeError) as e:
             message = f"{index} is not a valid safetensors index ({type(e).__name__}: {e})"
             raise NanoElasticError(message[:300]) from None
     elif (path / "model.safetensors").is_file():

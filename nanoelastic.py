@@ -1385,6 +1385,7 @@ def run_cli(prog: str, main, *args) -> None:
     with 130 or 143; an int that main returns is the exit code."""
     from safetensors import SafetensorError
 
+    sys.stdout.reconfigure(errors="replace")  # a path or text it cannot show: '?', not a crash
     signals_unwind()
     try:
         code = main(*args)

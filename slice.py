@@ -119,6 +119,11 @@ def plan_slice(source: Path, target: Path, size: str, precision: str | None) -> 
     if target.is_symlink():
         raise NanoElasticError(f"target {target} is a symbolic link: give the path of the folder "
                                f"itself")
+    try:
+        str(target).encode()
+    except UnicodeEncodeError:  # (found only once every shard was written)
+        raise NanoElasticError(f"target {target}: the path is not UTF-8, and safetensors opens "
+                               f"only UTF-8 paths") from None
     parent = next(p for p in target.parents if p.exists())
     if not parent.is_dir():
         raise NanoElasticError(f"target {target}: {parent} is not a folder")

@@ -409,6 +409,10 @@ def test_budget_without_matplotlib_writes_table_and_json(tmp_path, monkeypatch, 
 
 @pytest.mark.parametrize("lines, args, message", [
     (['{"question": "a", "answer": 1}', "{not json"], [], "line 2: not JSON"),
+    (['{"question": "a", "answer": %s}' % ("9" * 5000)], [],
+     "line 1: not JSON (Exceeds the limit (4300 digits)"),
+    (["[" * 100_000 + "]" * 100_000], [],
+     "line 1: not JSON (maximum recursion depth exceeded"),
     (['{"question": "a"}'], [], 'line 1: expected {"question": "...", "answer": ...}'),
     (['{"question": "", "answer": 1}'], [], "line 1: expected"),
     (['["a", 1]'], [], "line 1: expected"),

@@ -561,6 +561,26 @@ def test_one_shot_at_the_end_of_the_context(demo_ckpt, demo_model):
                                          f"tokens): shorten it")
 
 
+
+def test_a_full_context_says_whether_clear_would_help(demo_model, demo_ckpt):
+    """A message that would fit on its own but not after the turns before it: /clear helps. One
+    that does not fit on its own: shorten it. Either way the conversation is as it was."""
+    tok = chat.ChatTokenizer.load(demo_ckpt)
+    talk = chat.Chat(demo_model, tok, chat.Settings(think="12B", answer="30B", max_new_tokens=2),
+                     chat.DEMO_SIZES, out=io.StringIO())
+    talk.reply("hi")
+    kept = list(talk.messages)
+    empty = tok.encode(chat.render_chat([{"role": "user", "content": ""}],
+                                        add_generation_prompt=True))
+    context = talk.cache.max_len
+    with pytest.raises(ne.NanoElasticError, match=r"^the conversation fills the context "
+                                                  rf"\({context} tokens\): /clear starts"):
+        talk.reply("a" * (context - len(empty) - 2))  # a token a byte: room for 2 on its own
+    with pytest.raises(ne.NanoElasticError, match=rf"^the prompt \({len(empty) + context} tokens\) "
+                                                  "leaves no room .*: shorten it$"):
+        talk.reply("a" * context)
+    assert talk.messages == kept and talk.turn == 1
+
 class Reader:
     """Collects a process's stdout in the background so a test can wait for text to appear."""
 

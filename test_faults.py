@@ -137,6 +137,11 @@ def test_config_not_utf8_or_unreadable(source, tmp_path, monkeypatch):
     ckpt = broken_copy(source, tmp_path / "ckpt")
     (ckpt / "config.json").write_bytes(b'{"hidden_size": "\xff\xfe"}')
     assert one_line_error(ne.Config.from_file, ckpt / "config.json").endswith("is not UTF-8 text")
+    for raw, why in [(b'{"hidden_size": %s}' % (b"1" * 5000), "Exceeds the limit"),
+                     (b"[" * 100_000 + b"]" * 100_000, "maximum recursion depth")]:
+        (ckpt / "config.json").write_bytes(raw)
+        error = one_line_error(ne.Config.from_file, ckpt / "config.json")
+        assert re.search(f"config.json is not valid JSON: .*{why}", error), error
 
     def denied(self):
         raise PermissionError(errno.EACCES, "Permission denied", str(self))
@@ -263,8 +268,10 @@ def test_index_naming_the_wrong_shard(source, tmp_path):
     assert error == f"{name} is not in {SHARDS[1]}, the shard the index names for it"
 
 
+# ... and JSON that Python's parser refuses: a number of more than 4300 digits, nesting too deep
 @pytest.mark.parametrize("raw", [b"\xff\xfe", b"[1, 2]", b'{"weight_map": [1]}',
-                                 b'{"weight_map": {"a": 3}}'])
+                                 b'{"weight_map": {"a": 3}}', b'{"weight_map": %s}' % (b"9" * 5000),
+                                 b"[" * 100_000 + b"]" * 100_000])
 def test_broken_index(source, tmp_path, raw):
     ckpt = broken_copy(source, tmp_path / "ckpt")
     (ckpt / "model.safetensors.index.json").write_bytes(raw)

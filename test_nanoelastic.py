@@ -1288,6 +1288,16 @@ def test_run_cli_after_sigterm_exits_143_whatever_the_exception(monkeypatch):
     assert exit_.value.code == 143
 
 
+
+def test_run_cli_prints_what_stdout_cannot_encode_as_a_replacement():
+    """A path that is not UTF-8 (Python holds its bytes as surrogates) printed to a strict UTF-8
+    stdout: '?' in its place, not a UnicodeEncodeError at the end of a long run."""
+    code = ("import nanoelastic as ne; "
+            "ne.run_cli('demo.py', lambda: print('wrote /tmp/out\\udcff'))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, cwd=ROOT,
+                          env={**os.environ, "PYTHONIOENCODING": "utf-8"})
+    assert proc.returncode == 0 and proc.stdout == b"wrote /tmp/out?\n", proc.stderr
+
 def test_no_cuda_error_fits_the_api_and_the_cli():
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")

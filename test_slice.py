@@ -494,8 +494,11 @@ def test_bad_input_errors(sources, tmp_path):
         assert not out.exists() and leftovers(tmp_path) == []
     file = tmp_path / "file"
     file.write_text("")
+    not_utf8 = tmp_path / os.fsdecode(b"out\xff")  # refused before any shard is written
     for target, message in [(file / "out", f"target {file / 'out'}: {file} is not a folder"),
-                            ("", "the target checkpoint path is empty: give a folder")]:
+                            ("", "the target checkpoint path is empty: give a folder"),
+                            (not_utf8, f"target {not_utf8}: the path is not UTF-8, and "
+                                       f"safetensors opens only UTF-8 paths")]:
         assert error_of(["--source-checkpoint", src, "--target-checkpoint", target,
                          "--size", "40x16"]) == f"slice.py: error: {message}"
     # As a user sees it: one line on stderr, exit status 1, no traceback.
