@@ -677,6 +677,15 @@ def rename_no_replace(src: Path, dst: Path) -> None:
     src.rename(dst)
 
 
+def fsync(path: Path) -> None:
+    """A file's data, or a folder's entries, on the disk, not only in memory."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def move_into_place(folder: Path, path: Path) -> bool:
     """Rename `folder` to `path`, unless something is at `path` (then False: left as it is)."""
     try:

@@ -327,6 +327,10 @@ def swap_into_place(target: Path, force: bool, log, write):
         check_replaceable(target)
         tmp.mkdir()
         written = write(tmp)
+        # on the disk before it is renamed into place (and the old target removed): after a power
+        # cut, the target is the old checkpoint or the whole new one, never one with empty shards
+        for path in [*tmp.rglob("*"), tmp]:
+            checkpoint.fsync(path)
         if os.path.lexists(target) and not force:
             raise NanoElasticError(f"target {target} appeared while slicing: left as it is; "
                                    f"nothing was written")
@@ -336,6 +340,7 @@ def swap_into_place(target: Path, force: bool, log, write):
             target.rename(old)
         if not checkpoint.move_into_place(tmp, target):
             raise NanoElasticError(f"target {target} appeared while slicing: left as it is")
+        checkpoint.fsync(target.parent)  # the rename too, before the old target goes
     finally:
         try:
             if old.exists() and not os.path.lexists(target):

@@ -339,6 +339,38 @@ def test_target_is_refused_unless_force(sources, tmp_path):
             == f"slice.py: error: target {src / 'sub'} must be a folder outside the source {src}")
 
 
+
+def test_the_output_is_on_disk_before_it_replaces_the_target(sources, tmp_path, monkeypatch):
+    """--force over an old checkpoint: every file and folder of the new one is fsynced before the
+    rename that puts it in place, and the rename (the parent folder) before the old one is removed;
+    a power cut in between leaves one whole checkpoint, old or new."""
+    src, dst = sources[("A", True)], tmp_path / "out"
+    args = ["--source-checkpoint", src, "--target-checkpoint", dst, "--size", "32x8"]
+    slicer.cli(list(map(str, args)))
+    synced, events = [], []  # the paths fsynced so far, at each rename and removal
+    real_fsync, real_move, real_rmtree = checkpoint.fsync, checkpoint.move_into_place, shutil.rmtree
+
+    def fsync(path):
+        synced.append(Path(path))
+        real_fsync(path)
+
+    def move_into_place(folder, path):
+        events.append(("rename", folder, list(synced)))
+        return real_move(folder, path)
+
+    def rmtree(path, *args, **kwargs):
+        events.append(("remove", Path(path), list(synced)))
+        real_rmtree(path, *args, **kwargs)
+    monkeypatch.setattr(checkpoint, "fsync", fsync)
+    monkeypatch.setattr(checkpoint, "move_into_place", move_into_place)
+    monkeypatch.setattr(shutil, "rmtree", rmtree)
+    slicer.cli(list(map(str, args + ["--force"])))
+    (_, tmp, before), (_, old, after) = events
+    assert tmp.name.startswith(".out.tmp-") and old.name.startswith(".out.old-")
+    written = {tmp / p.relative_to(dst) for p in dst.rglob("*")} | {tmp}
+    assert len(written) > 5 and written <= set(before), written - set(before)
+    assert after[len(before):] == [tmp_path]
+
 def test_interrupted_run_leaves_nothing(sources, tmp_path, monkeypatch, capsys):
     write = checkpoint.write_safetensors
 
