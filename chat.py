@@ -109,8 +109,10 @@ def hf_cache_checkpoint() -> Path | None:
     for repo in HF_REPOS:
         folder = Path(hub) / f"models--{repo.replace('/', '--')}"
         main = folder / "refs" / "main"
-        snapshots = [folder / "snapshots" / main.read_text().strip()] if main.is_file() else []
-        snapshots += sorted((folder / "snapshots").glob("*"), key=lambda p: p.stat().st_mtime,
+        # (a damaged cache, such as a garbled ref or a dangling link, is passed over, not an error)
+        ref = main.read_text(errors="replace").strip() if main.is_file() else ""
+        snapshots = [folder / "snapshots" / ref] if ref else []
+        snapshots += sorted((folder / "snapshots").glob("*"), key=lambda p: p.lstat().st_mtime,
                             reverse=True)
         for snapshot in snapshots:
             if (snapshot / "config.json").is_file():

@@ -292,6 +292,10 @@ def test_checkpoint_from_flag_then_environment_then_hf_cache(monkeypatch, tmp_pa
     (fp8 / "refs").mkdir()
     (fp8 / "refs" / "main").write_text("4567def")
     assert chat.find_checkpoint(None) == fp8 / "snapshots" / "4567def"  # FP8 before BF16
+    # a damaged cache: a ref that is not UTF-8, a dangling link among the snapshots
+    (fp8 / "refs" / "main").write_bytes(b"\xff\xfe")
+    (fp8 / "snapshots" / "gone").symlink_to(tmp_path / "nowhere")
+    assert chat.find_checkpoint(None) == fp8 / "snapshots" / "4567def"
     monkeypatch.setenv("NANOELASTIC_CKPT", str(demo_ckpt))
     assert chat.find_checkpoint(None) == demo_ckpt
     assert (chat.find_checkpoint(str(bf16 / "snapshots" / "0123abc"))
