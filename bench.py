@@ -522,8 +522,8 @@ def bench_model(small: bool, ceil: dict, batches: list[int], out: dict) -> None:
     optional("decode profile", lambda: progress(  # (e.g. no CUPTI)
         out, profile_decode(model, sizes[0], ceil, 20 if CUDA else 2), "profile"))
     # ... and what programmatic dependent launch (off by default until measured) hides of the
-    # gaps between its kernels
-    if CUDA and ne.kernels is not None:
+    # gaps between its kernels (on Hopper and later: before, kernels.PDL launches without it)
+    if CUDA and ne.kernels is not None and ne.kernels.hopper_or_later(torch.device("cuda")):
         ne.kernels.PDL = True
         try:
             optional("PDL row", lambda: progress(decode, bench_decode(

@@ -31,8 +31,8 @@ weight) multiply in full fp32.
 Block sizes are fixed heuristics (no autotuning, so the interpreter stays fast), chosen so that
 nothing spills registers on an H100: test_compile.py compiles every launch the model makes for sm_90
 and checks ptxas' report. Optional inputs are passed as None, which Triton compiles out: no dummy
-pointers, no mode flags. Every launch can overlap the one before it (programmatic dependent launch:
-PDL below, off by default).
+pointers, no mode flags. On Hopper and later, every launch can overlap the one before it
+(programmatic dependent launch: PDL below, off by default).
 """
 
 from __future__ import annotations
@@ -55,10 +55,11 @@ def supported(device: torch.device) -> bool:
 
 
 @functools.cache
-def _e4m3_native(device: torch.device) -> bool:
-    """Whether the kernels read float8_e4m3fn weights as such: on Hopper and later, and in the
-    interpreter. Before sm_89 Triton has no such type; on sm_89 (Ada) Triton 3.6 converts it to
-    bf16 with an instruction that needs sm_90 (cvt.bf16.f16), so Ada takes the bytes path too."""
+def hopper_or_later(device: torch.device) -> bool:
+    """Whether `device` is a GPU from sm_90 on, or the interpreter's CPU. There the kernels read
+    float8_e4m3fn weights as such (before sm_89 Triton has no such type; on sm_89, Ada, Triton 3.6
+    converts it to bf16 with an instruction that needs sm_90, cvt.bf16.f16, so Ada reads the
+    bytes), and only there PDL can launch (griddepcontrol is sm_90's)."""
     return device.type != "cuda" or torch.cuda.get_device_capability(device) >= (9, 0)
 
 
@@ -78,13 +79,14 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # Programmatic dependent launch (Hopper and later): a kernel may start while the one before it
 # finishes, and waits for it (griddepcontrol.wait: its writes visible) before it touches memory.
 # What it can hide is the gap between the ~320 kernels of a decode step. Off until a GPU has
-# measured it (bench.py decodes both ways); `kernels.PDL = True` turns it on for later launches.
+# measured it (bench.py decodes both ways); `kernels.PDL = True` turns it on for later launches
+# on Hopper and later GPUs (older ones launch without it).
 PDL = False
 
 
-def _launch() -> dict:
+def _launch(device: torch.device) -> dict:
     """The launch options of every kernel here: PDL as the kernel's constexpr and the launch's."""
-    on = PDL and not _INTERPRET
+    on = PDL and not _INTERPRET and hopper_or_later(device)
     return dict(PDL=on, launch_pdl=on)
 
 
@@ -284,11 +286,11 @@ def _tickets(device: torch.device, n: int) -> Tensor:
 
 def _weight_operand(weight: Tensor) -> Tensor:
     """The weight as _matmul_kernel reads it. Before Hopper (A100, L40S, RTX 30xx and 40xx; see
-    _e4m3_native) an FP8 weight goes in as its bytes (a view, no copy), and the kernel moves each
+    hopper_or_later) an FP8 weight goes in as its bytes (a view, no copy), and the kernel moves each
     byte's sign, exponent and mantissa bits into an fp16's (exponent bias 15 instead of 7):
     exactly 2^-8 of the FP8 value, subnormals included, made up for in the scale; then to fp32,
     which every GPU converts to bf16."""
-    if weight.dtype == torch.float8_e4m3fn and not _e4m3_native(weight.device):
+    if weight.dtype == torch.float8_e4m3fn and not hopper_or_later(weight.device):
         return weight.view(torch.uint8)
     return weight
 
@@ -333,7 +335,7 @@ def _linear(x: Tensor, weight: Tensor, weight_scale: Tensor | None, relu2: bool,
         a, _weight_operand(weight), out, weight_scale, None, None, None, plus, partial, tickets, M,
         N, K, span, plus_rows, a.stride(0), a.stride(1), 0, weight.stride(0), weight.stride(1),
         out.stride(0), out.stride(1), *plus_strides, RELU2=relu2, **_dot_args(dtype), **cfg,
-        **_launch())
+        **_launch(x.device))
     return out.view(*x.shape[:-1], N)
 
 
@@ -379,14 +381,14 @@ def moe_experts(x: Tensor, weights: Tensor, experts: Tensor, up_weight: Tensor,
     _matmul_kernel[(blocks, triton.cdiv(f, cfg["BLOCK_N"]))](
         x, _weight_operand(up_weight), h, up_scale, pair_of_row, block_expert, None, None, None,
         None, pairs, f, d, d, top_k, x.stride(0), x.stride(1), *up_weight.stride(), h.stride(0),
-        h.stride(1), 0, 0, RELU2=True, **dots, **cfg, **_launch())
+        h.stride(1), 0, 0, RELU2=True, **dots, **cfg, **_launch(x.device))
     # every pair's row is written once
     out = torch.empty(pairs, d, device=x.device, dtype=torch.float32)
     _matmul_kernel[(blocks, triton.cdiv(d, cfg["BLOCK_N"]))](
         h, _weight_operand(down_weight), out, down_scale, pair_of_row, block_expert,
         weights.float().contiguous(), None, None, None, pairs, d, f, f, top_k, h.stride(0),
         h.stride(1), *down_weight.stride(), out.stride(0), out.stride(1), 0, 0, RELU2=False,
-        **dots, **cfg, **_launch())
+        **dots, **cfg, **_launch(x.device))
     return out.view(n, top_k, d)
 
 
@@ -438,7 +440,7 @@ def select_experts(logits: Tensor, bias: Tensor, config) -> tuple[Tensor, Tensor
     _select_experts_kernel[(triton.cdiv(n, BLOCK_T),)](
         logits, bias, weights, experts, n, E, config.routed_scaling_factor, TOP_K=k,
         NORMALIZE=config.norm_topk_prob, BLOCK_T=BLOCK_T, BLOCK_E=_pow2(E), BLOCK_K=_pow2(k, 1),
-        **_launch())
+        **_launch(logits.device))
     return weights, experts
 
 
@@ -604,15 +606,15 @@ def ssd_chunked(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk: i
     BN = min(tile, _pow2(N))
     _ssd_chunk_state_kernel[(b * H, n_chunks, triton.cdiv(P, BP) * triton.cdiv(N, BN))](
         x, B, dt, cum, states, *dims, **dots, BLOCK_P=BP, BLOCK_N=BN, BLOCK_K=BL, num_warps=4,
-        **_launch())
+        **_launch(x.device))
     init = initial_state.float().contiguous() if initial_state is not None else None
     _ssd_state_passing_kernel[(b * H, triton.cdiv(P * N, 1024))](
-        states, cum, init, final, n_chunks, P * N, chunk, BLOCK=1024, **_launch())
+        states, cum, init, final, n_chunks, P * N, chunk, BLOCK=1024, **_launch(x.device))
     BN = _pow2(N) if tile == 64 else BN
     _ssd_chunk_scan_kernel[(b * H, n_chunks, triton.cdiv(chunk, BL) * triton.cdiv(P, BP))](
         x, B, C, dt, cum, states, y, *dims, *y.stride()[:3], **dots, BLOCK_M=BL, BLOCK_K=BL,
         BLOCK_P=BP, BLOCK_N=BN, num_warps=8 if tile == 64 else 4, num_stages=2,
-        **_launch())
+        **_launch(x.device))
     return y, final
 
 
@@ -717,7 +719,7 @@ def mamba_step(xBC: Tensor, dt: Tensor, conv_state: Tensor, ssm_state: Tensor, c
         _tickets(xBC.device, b * n_groups), H, P, N, n_groups, H // n_groups,
         float(dt_limit[0]), float(min(dt_limit[1], 3.0e38)), xBC.stride(0), dt.stride(0),
         *conv_state.stride(), *w.stride(), *ssm_state.stride()[:3], K=K,
-        BLOCK_P=_pow2(P, 1), BLOCK_N=_pow2(N, 1), **_launch())
+        BLOCK_P=_pow2(P, 1), BLOCK_N=_pow2(N, 1), **_launch(xBC.device))
     return y
 
 
@@ -822,7 +824,7 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: 
         Hq // Hkv, hd, SPAN, hd ** -0.5, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
         v.stride(0), v.stride(1), *k_cache.stride()[:3], out.stride(0), out.stride(1), **dots,
         BLOCK_G=BLOCK_G, BLOCK_L=32 if dots["DOT_DTYPE"] == tl.float32 else 64, BLOCK_D=BLOCK_D,
-        num_warps=4, **_launch())
+        num_warps=4, **_launch(q.device))
     return out
 
 
@@ -882,7 +884,7 @@ def _norm(x: Tensor, weight: Tensor, eps: float, groups: int = 1, gate: Tensor |
                            rows.stride(0),
                            other.stride(0) if other is not None else 0, out.stride(0),
                            BLOCK_ROWS=block_rows, BLOCK=block, num_warps=4 if width <= 4096 else 8,
-                           **_launch())
+                           **_launch(rows.device))
     return out.view(x.shape), None if total is None else total.view(x.shape)
 
 

@@ -158,14 +158,15 @@ def record_launches() -> list[dict]:
             for phase in PDL_PHASES:
                 case = f"{mode} 30B {phase} PDL"
                 run(model, "30B", phase)
-            kernels.PDL = False
-            # every phase of the 30B for Ada and for the A100, with FP8 weights as bytes
-            native, kernels._e4m3_native = kernels._e4m3_native, lambda device: False
+            # every phase of the 30B for Ada and for the A100, with FP8 weights as bytes, and
+            # kernels.PDL still on, which they launch without (griddepcontrol is sm_90's)
+            native, kernels.hopper_or_later = kernels.hopper_or_later, lambda device: False
             for arch in BEFORE_HOPPER:
                 for phase in PHASES:
                     case = f"{mode} 30B {phase} sm_{arch}"
                     run(model, "30B", phase)
-            arch, kernels._e4m3_native = 90, native
+            arch, kernels.hopper_or_later = 90, native
+            kernels.PDL = False
         del model
     for name in ("TRITON_INTERPRET", "NANOELASTIC_KERNELS"):  # for the compiling processes
         os.environ.pop(name)
@@ -300,6 +301,7 @@ def test_every_launch_compiles_for_each_gpu_without_spills():
         assert "*u8" in weights and "*fp8e4nv" not in weights
     pdl = [r for r in rows if r["constexprs"].get("PDL") == "True"]
     assert {r["kernel"] for r in pdl} == {r["kernel"] for r in rows}  # every kernel takes it
+    assert {r["arch"] for r in pdl} == {90}  # (ptxas refuses griddepcontrol before sm_90)
     for r in rows:  # with PDL: the wait before any global memory access, then the next launch
         on = r in pdl
         assert r["options"].get("launch_pdl") == on, r

@@ -123,7 +123,7 @@ def test_linear_plus(rows, j, k, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fp8_weights_as_bytes_before_hopper(monkeypatch, dtype):
-    """On GPUs before Hopper (kernels._e4m3_native: the A100, the L40S), FP8 weights go in
+    """On GPUs before Hopper (kernels.hopper_or_later: the A100, the L40S), FP8 weights go in
     as bytes that the kernel turns into fp16s of 2^-8 the value, made up for in the scale: the very
     same results as the native path, for every FP8 value (each of the 254 that are not NaN), split
     K, nested views, the relu^2 epilogue and both MoE layouts."""
@@ -142,7 +142,7 @@ def test_fp8_weights_as_bytes_before_hopper(monkeypatch, dtype):
         return out
 
     native = outputs()
-    monkeypatch.setattr(kernels, "_e4m3_native", lambda device: False)
+    monkeypatch.setattr(kernels, "hopper_or_later", lambda device: False)
     assert kernels._weight_operand(w).dtype == torch.uint8
     for got, expected in zip(outputs(), native, strict=True):
         assert torch.equal(got, expected)
@@ -153,11 +153,11 @@ def test_fp8_weights_as_bytes_before_hopper(monkeypatch, dtype):
                                                     ((9, 0), True, True)])
 def test_which_gpus_run_the_kernels(monkeypatch, capability, runs, native):
     """The kernels from sm_80 on (bf16 tensor cores; older GPUs run the references), with FP8
-    weights as bytes before Hopper (kernels._e4m3_native)."""
+    weights as bytes before Hopper (kernels.hopper_or_later)."""
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: capability)
     gpu = torch.device("cuda", 0)
     assert kernels.supported.__wrapped__(gpu) == runs  # uncached: the patched capability
-    assert kernels._e4m3_native.__wrapped__(gpu) == native
+    assert kernels.hopper_or_later.__wrapped__(gpu) == native
 
 
 @pytest.mark.parametrize("rows", [1, 70])
