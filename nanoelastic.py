@@ -880,11 +880,13 @@ class DecodeGraph:
         scratch = model.new_cache(cache.batch_size, cache.max_len)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                scratch.length = cache.length  # the same window
-                model(tokens, scratch, size, last_only=True)
-        torch.cuda.current_stream().wait_stream(stream)
+        try:
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    scratch.length = cache.length  # the same window
+                    model(tokens, scratch, size, last_only=True)
+        finally:  # even when interrupted: the scratch's memory is reused only once this is done
+            torch.cuda.current_stream().wait_stream(stream)
         del scratch
         graph, length, interrupted = torch.cuda.CUDAGraph(), cache.length, cache.interrupted
         pool = self.pools.setdefault(sized, torch.cuda.graph_pool_handle())
