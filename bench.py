@@ -1034,6 +1034,9 @@ def budget_plan(args: argparse.Namespace) -> tuple[list, list, list, dict, Path 
             ne.model_size(size, config, size_names)
     except NanoElasticError as e:
         fail(str(e))
+    if args.max_new_tokens >= config.max_position_embeddings:  # (the prompts' lengths: once loaded)
+        fail(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in the model's "
+             f"{config.max_position_embeddings} positions")
     return configs, budgets, problems, size_names, ckpt
 
 

@@ -431,6 +431,9 @@ def test_budget_without_matplotlib_writes_table_and_json(tmp_path, monkeypatch, 
     (['{"question": "a", "answer": 1}'], ["--top-p", "0"], "--top-p must be in (0, 1], got 0.0"),
     (['{"question": "a", "answer": 1}'], ["--think-budgets", "8", "--max-new-tokens", "9"],
      "leaves no room to answer"),
+    # (the demo's 4096 positions)
+    (['{"question": "a", "answer": 1}'], ["--think-budgets", "8", "--max-new-tokens", "5000"],
+     "--max-new-tokens 5000 leaves no room for a prompt in the model's 4096 positions"),
 ])
 def test_budget_bad_input_is_one_line(tmp_path, lines, args, message):
     problems = tmp_path / "problems.jsonl"
@@ -439,6 +442,7 @@ def test_budget_bad_input_is_one_line(tmp_path, lines, args, message):
         bench.main(["--budget", str(problems), "--demo", "--out", str(tmp_path / "out"), *args])
     assert str(e.value.code).startswith("bench.py: error: ") and message in str(e.value.code)
     assert "\n" not in str(e.value.code)
+    assert not (tmp_path / "out").exists()  # refused before anything is written (or loaded)
 
 
 def test_budget_errors_without_a_checkpoint_or_with_a_busy_out(tmp_path, monkeypatch):
