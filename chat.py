@@ -675,13 +675,17 @@ def check_sizes(args: argparse.Namespace, settings: Settings) -> tuple[dict[str,
 
 def check_demo_folder(ckpt: str | None) -> None:
     """--demo --ckpt DIR: a folder that is missing, empty (not the current one: the demo is
-    written beside it and renamed into place) or holds a checkpoint; else one clear error."""
+    written beside it and renamed into place) or holds a checkpoint (a link to one will do); else
+    one clear error."""
     if not ckpt:  # no folder given: load() writes it in a temporary one
         return
     path = Path(ckpt)
     if path.is_file():
         raise NanoElasticError(f"{ckpt} is a file: --demo --ckpt takes a folder (written if "
                                f"missing)")
+    if path.is_symlink() and not (path / "config.json").is_file():
+        raise NanoElasticError(f"{ckpt} is a symbolic link: --demo writes its checkpoint into a "
+                               f"folder, not through a link; give the folder itself")
     if not path.is_dir():  # missing: written there
         return
     empty = not any(path.iterdir())

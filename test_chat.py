@@ -656,6 +656,14 @@ def test_demo_checkpoint_is_written_into_an_empty_folder(tmp_path, monkeypatch):
     assert (empty / "tokenizer.json").is_file() and model.config == chat.demo_config()
 
 
+
+def test_demo_folder_may_be_a_link_to_a_demo_checkpoint_only(demo_ckpt, tmp_path):
+    (tmp_path / "to-demo").symlink_to(demo_ckpt)
+    chat.check_demo_folder(str(tmp_path / "to-demo"))  # read through the link: fine
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")  # would be written through it
+    with pytest.raises(ne.NanoElasticError, match="dangling is a symbolic link: --demo writes"):
+        chat.check_demo_folder(str(tmp_path / "dangling"))
+
 def test_bad_input_is_one_line_error(demo_ckpt, tmp_path):
     no_tokenizer = checkpoint.write_random_checkpoint(tmp_path / "no-tokenizer", chat.demo_config())
     config_only = tmp_path / "config-only"
@@ -664,6 +672,9 @@ def test_bad_input_is_one_line_error(demo_ckpt, tmp_path):
     notes.mkdir()
     (notes / "notes.txt").write_text("keep")
     shutil.copy(no_tokenizer / "config.json", config_only)
+    link = tmp_path / "link"  # to an empty folder
+    (tmp_path / "empty").mkdir()
+    link.symlink_to(tmp_path / "empty")
     sliced_23b = tmp_path / "sliced-23B"  # the config of a standalone 23B (slice.py's output)
     sliced_23b.mkdir()
     config_23b = checkpoint.config_json(ne.Config().sliced(2304, 1600))
@@ -677,6 +688,8 @@ def test_bad_input_is_one_line_error(demo_ckpt, tmp_path):
         (["--ckpt", str(tmp_path / "nowhere"), "--prompt", "hi"], "", "is not a checkpoint folder"),
         (["--demo", "--ckpt", str(notes), "--prompt", "hi"], "",
          "notes holds no demo checkpoint \\(no config.json\\): give a new or empty folder"),
+        (["--demo", "--ckpt", str(link), "--prompt", "hi"], "",
+         "link is a symbolic link: --demo writes its checkpoint into a folder, not through a link"),
         # stdin is a pipe holding nothing
         (["--demo", "--ckpt", str(demo_ckpt)], "", "empty prompt"),
         (["--ckpt", str(no_tokenizer), "--think", "192x96", "--answer", "256x128",
