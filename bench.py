@@ -242,7 +242,7 @@ def kernel_cases(small: bool):
 
 def linear_unsplit(x: Tensor, weight: Tensor, weight_scale: Tensor | None = None) -> Tensor:
     """kernels.linear with K never split: beside the split row, what the split buys."""
-    import kernels
+    import nanoelastic_kernels as kernels
     k_splits = kernels._k_splits
     kernels._k_splits = lambda *args: 1
     try:
@@ -256,7 +256,7 @@ def bench_kernels(small: bool, ceil: dict):
     (relative error over TOLERANCE) is timed all the same: main() reports it, and fails, at the
     end, so that one wrong kernel does not cost the rest of a run."""
     try:
-        import kernels
+        import nanoelastic_kernels as kernels
     except ImportError as e:
         print(f"bench.py: no kernel table: Triton is not installed here ({e})", file=sys.stderr)
         return

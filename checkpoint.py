@@ -239,13 +239,12 @@ def read_weight_map(path: Path) -> dict[str, Path]:
     """tensor name -> shard file, from model.safetensors.index.json (or one model.safetensors)."""
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        try:
-            names = json.loads(index.read_bytes().decode())["weight_map"]
-            weight_map = {name: path / shard for name, shard in names.items()}
-        # not JSON, not UTF-8, wrong layout
-        except (ValueError, RecursionError, KeyError, TypeError, AttributeError) as e:
-            message = f"{index} is not a valid safetensors index ({type(e).__name__}: {e})"
-            raise NanoElasticError(message[:300]) from None
+        names = read_json(index)
+        names = names.get("weight_map") if isinstance(names, dict) else None
+        if not isinstance(names, dict) or not all(isinstance(s, str) for s in names.values()):
+            raise NanoElasticError(f"{index} is not a safetensors index: it needs a weight_map "
+                                   "of tensor names to shard file names")
+        weight_map = {name: path / shard for name, shard in names.items()}
     elif (path / "model.safetensors").is_file():
         with open_safetensors(path / "model.safetensors") as f:
             weight_map = {name: path / "model.safetensors" for name in f.keys()}

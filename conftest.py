@@ -1,8 +1,8 @@
 """Test setup shared by every test file: one test command for every machine.
 
 Without a CUDA GPU, Triton runs its kernels in interpreter mode, which must be chosen before Triton
-is imported (kernels.py reads TRITON_INTERPRET at import). pytest imports this file before any test
-file.
+is imported (nanoelastic_kernels.py reads TRITON_INTERPRET at import). pytest imports this file
+before any test file.
 """
 import os
 import shutil

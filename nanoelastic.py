@@ -20,7 +20,7 @@ What differs from a vanilla decoder-only transformer:
 
 Sections 1-6 are the network, in the order of the forward pass; 7-11 the machinery around it
 (caches, fast paths, nested sizes, generation, the command line). checkpoint.py reads and writes
-the checkpoint format; kernels.py holds the Triton kernels.
+the checkpoint format; nanoelastic_kernels.py holds the Triton kernels.
 
 Shapes: B batch, T new tokens, L cached + new tokens, D hidden (d when nested), V vocab, H heads,
 P head dim, N SSM state, G groups, E experts, F expert FFN width (f when nested). README.md (How
@@ -147,7 +147,8 @@ class Config:
 
 # --------------------------------------------------------------------------------------------------
 # 2. The seams: linear() (the one place that knows about FP8) and RMSNorm. A @kernel function is
-#    the plain-torch reference of the Triton function of the same name in kernels.py (section 8).
+#    the plain-torch reference of the Triton function of the same name in nanoelastic_kernels.py
+#    (section 8).
 
 def kernel(reference):
     """Route a call to kernels.<same name> if use_kernels(its first tensor); .reference: torch's,
@@ -793,7 +794,7 @@ def check_cache(cache: Cache, model: Model) -> Cache:
 # TRITON_INTERPRET=1).
 
 try:
-    import kernels
+    import nanoelastic_kernels as kernels
 except ImportError:  # no Triton (e.g. macOS): the references run everywhere
     kernels = None
 KERNELS = os.environ.get("NANOELASTIC_KERNELS", "")
@@ -801,7 +802,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def use_kernels(t: Tensor) -> bool:
-    """Whether calls on tensor t go to kernels.py (KERNELS, see above)."""
+    """Whether calls on tensor t go to nanoelastic_kernels.py (KERNELS, see above)."""
     if KERNELS not in ("", "torch", "triton"):
         raise NanoElasticError(f"NANOELASTIC_KERNELS={KERNELS!r}: use 'torch' or 'triton', or "
                                f"leave it unset")

@@ -40,7 +40,6 @@ which the kernel can reclaim): about one shard.
 """
 
 import fcntl
-import json
 import math
 import os
 import shutil
@@ -176,7 +175,7 @@ def read_scales(weight_map: dict[str, Path], outputs: list[Planned]) -> dict[str
 
 def sliced_config_json(source: Path, widths: dict, weight_map: dict, dequantize: bool) -> dict:
     """The source's config.json with the nested widths (see the top of this file for the rest)."""
-    config = json.loads((source / "config.json").read_text())
+    config = checkpoint.read_json(source / "config.json")
     config.update(widths)
     mtp = any(name.startswith("mtp.") for name in weight_map)
     if mtp and config.get("num_nextn_predict_layers"):
@@ -216,7 +215,7 @@ def write_slice(job: Slice, folder: Path, counts: dict) -> Model:
             print(f"slicing: wrote shard {k}/{n}", file=sys.stderr, flush=True)
 
     index_path = job.source / "model.safetensors.index.json"
-    metadata = json.loads(index_path.read_text()).get("metadata") if index_path.is_file() else {}
+    metadata = checkpoint.read_json(index_path).get("metadata") if index_path.is_file() else {}
     metadata = metadata if isinstance(metadata, dict) else {}  # informational: a bad one is dropped
     progress = Progress()
     try:

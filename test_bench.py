@@ -74,7 +74,7 @@ def test_bench_times_a_wrong_kernel_and_fails_after_the_rest(tmp_path, monkeypat
     """A kernel that differs from its torch reference (a GPU's bf16 dots would be the first to
     show one) is measured and written like the others, and the run fails at the end, naming it:
     stopping at it would lose every number after it."""
-    import kernels
+    import nanoelastic_kernels as kernels
     cases = [case for case in bench.kernel_cases(small=True)
              if case[1] in ("rms_norm", "select_experts")]
     monkeypatch.setattr(bench, "kernel_cases", lambda small: cases)
@@ -538,6 +538,6 @@ def test_bench_errors_are_one_line(tmp_path, args, env, message):
 
 
 def test_bench_without_triton_skips_the_kernel_table(monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "kernels", None)  # import kernels raises ImportError
+    monkeypatch.setitem(sys.modules, "nanoelastic_kernels", None)  # its import: ImportError
     assert list(bench.bench_kernels(small=True, ceil={})) == []
     assert "Triton is not installed" in capsys.readouterr().err

@@ -45,7 +45,8 @@ ROOT = Path(__file__).resolve().parent
 BEFORE_HOPPER = (89, 80)
 SPILL_OK = {90: 8, 89: 64, 80: 64}
 SHARED = {90: 227 * 1024, 89: 99 * 1024, 80: 99 * 1024}
-PHASES = {  # name -> (batch, new tokens): each block-size branch of kernels.py, bench.py's batches
+# name -> (batch, new tokens): each block-size branch of nanoelastic_kernels.py, bench.py's batches
+PHASES = {
     "decode": (1, 1), "decode x8": (8, 1), "decode x32": (32, 1), "prefill 40": (1, 40),
     "prefill 1000": (1, 1000), "prefill 2048": (1, 2048)}
 MODES = {  # name -> (FP8 weights, activation dtype name)
@@ -128,8 +129,8 @@ def record_launches() -> list[dict]:
             bound["experts_ptr"].zero_()
 
     JITFunction.run = record
-    import kernels  # made without the interpreter: JITFunctions, GPU dot dtypes
-    os.environ["TRITON_INTERPRET"] = "1"  # lets nanoelastic route CPU tensors to kernels.py
+    import nanoelastic_kernels as kernels  # without the interpreter: JITFunctions, GPU dot dtypes
+    os.environ["TRITON_INTERPRET"] = "1"  # lets nanoelastic route CPU tensors to the kernels
     os.environ["NANOELASTIC_KERNELS"] = "triton"
     import torch
 
@@ -194,7 +195,7 @@ def compile_for_gpu(launch: dict) -> dict:
     from triton.compiler import ASTSource
     from triton.compiler.compiler import make_backend
 
-    import kernels  # this process has no interpreter: JITFunctions
+    import nanoelastic_kernels as kernels  # this process has no interpreter: JITFunctions
     target = GPUTarget("cuda", launch["arch"], 32)
     backend = make_backend(target)
     attrs = {(i,): backend.parse_attr(a) for i, a in launch["attrs"].items()}

@@ -269,15 +269,18 @@ def test_index_naming_the_wrong_shard(source, tmp_path):
 
 
 # ... and JSON that Python's parser refuses: a number of more than 4300 digits, nesting too deep
-@pytest.mark.parametrize("raw", [b"\xff\xfe", b"[1, 2]", b'{"weight_map": [1]}',
-                                 b'{"weight_map": {"a": 3}}', b'{"weight_map": %s}' % (b"9" * 5000),
-                                 b"[" * 100_000 + b"]" * 100_000])
-def test_broken_index(source, tmp_path, raw):
+@pytest.mark.parametrize("raw, says", [
+    (b"\xff\xfe", "is not UTF-8 text"), (b"{", "is not valid JSON: "),
+    (b'{"weight_map": %s}' % (b"9" * 5000), "is not valid JSON: "),
+    (b"[" * 100_000 + b"]" * 100_000, "is not valid JSON: "),
+    (b"[1, 2]", "is not a safetensors index: "),
+    (b'{"weight_map": [1]}', "is not a safetensors index: "),
+    (b'{"weight_map": {"a": 3}}', "is not a safetensors index: ")])
+def test_broken_index(source, tmp_path, raw, says):
     ckpt = broken_copy(source, tmp_path / "ckpt")
     (ckpt / "model.safetensors.index.json").write_bytes(raw)
     error = one_line_error(ne.Model.from_pretrained, ckpt, device="cpu", verbose=False)
-    assert error.startswith(
-        f"{ckpt / 'model.safetensors.index.json'} is not a valid safetensors index (")
+    assert error.startswith(f"{ckpt / 'model.safetensors.index.json'} {says}"), error
 
 
 def test_a_corrupt_one_file_checkpoint_is_named(source, tmp_path):

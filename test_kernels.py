@@ -1,10 +1,10 @@
 """
-Tests of kernels.py: every Triton kernel against its plain-torch reference in nanoelastic.py (the
-function's `.reference`), at awkward shapes (non-multiples of every block size, strided nested
-views, batch > 1, FP8 and BF16 weights), by relative error against an fp32 reference; then the
-whole model with kernels against the model with references. Without CUDA the kernels run on the
-CPU under TRITON_INTERPRET=1 at small shapes; on a GPU the same tests run on CUDA and add the real
-model shapes.
+Tests of nanoelastic_kernels.py: every Triton kernel against its plain-torch reference in
+nanoelastic.py (the function's `.reference`), at awkward shapes (non-multiples of every block size,
+strided nested views, batch > 1, FP8 and BF16 weights), by relative error against an fp32
+reference; then the whole model with kernels against the model with references. Without CUDA
+the kernels run on the CPU under TRITON_INTERPRET=1 at small shapes; on a GPU the same tests run on
+CUDA and add the real model shapes.
 
     TRITON_INTERPRET=1 python -m pytest -q test_kernels.py
 """
@@ -18,7 +18,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 import checkpoint
-import kernels
+import nanoelastic_kernels as kernels
 import nanoelastic as ne
 from test_nanoelastic import CONFIGS, random_config
 

@@ -115,6 +115,17 @@ def release_fp8_linears(config: Config) -> set[str]:
             for name in checkpoint.fp8_recipe(config)}
 
 
+def test_no_module_here_shadows_an_installed_package():
+    """Every script run from this folder imports its .py files ahead of site-packages: a module
+    named like a package (kernels.py did, once transformers 5.25 required Hugging Face's `kernels`)
+    would replace that package for transformers too."""
+    import importlib.metadata
+
+    ours = {path.stem for path in ROOT.glob("*.py")}
+    taken = set(importlib.metadata.packages_distributions()) | set(sys.stdlib_module_names)
+    assert "nanoelastic" in ours and not ours & taken, ours & taken
+
+
 def test_readme_memory_table_is_what_loading_the_release_takes():
     """The README's table of the weights' bytes per size loaded alone: placed_bytes on the real
     config, with the FP8 release's recipe."""
@@ -409,6 +420,9 @@ def to_transformers(model: Model, size: str | None, time_step_min: float = 1e-30
     # path only, and ignores time_step_limit; mamba_ssm, vLLM, mlx-lm and the model's own remote
     # code use time_step_limit, (0, inf). Take that floor out here, unless a test sets one.
     hf_config["time_step_min"] = time_step_min
+    # A forward pass needs no cache, and transformers 5.25's fails when layer 0 keeps no state (a
+    # MoE or MLP layer: its DummyLayer has no get_seq_length). generate() below asks for one.
+    hf_config["use_cache"] = False
     hf = NemotronHForCausalLM(NemotronHConfig(**hf_config)).eval()
     state = {}
     linears = {n: m for n, m in sized.named_modules() if isinstance(m, ne.Linear)}
@@ -437,13 +451,15 @@ def test_matches_transformers(models, key, size):
     with torch.no_grad():
         ref = hf(t).logits
     torch.testing.assert_close(model(t, size=size), ref, rtol=1e-4, atol=1e-4)
-    # Identical greedy generations (transformers with its own hybrid cache).
+    # Identical greedy generations: transformers with its own hybrid cache where its cache works
+    # (layer 0 keeps a state, see to_transformers), else recomputing the sequence at every token.
     prompt = tokens(1, 13, seed=3)
     prompt[0, 5] = 0  # id 0 as well (the pad id below)
     with torch.no_grad():
         # all ones: from pad_token_id alone, transformers would mask any 0 in the prompt
         hf_out = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12,
-                             do_sample=False, eos_token_id=2, pad_token_id=0)
+                             do_sample=False, eos_token_id=2, pad_token_id=0,
+                             use_cache=model.config.layers_block_type[0] in ("mamba", "attention"))
     ours = [tok.id for tok in generate(model, prompt[0], 12, size=size, stop_tokens=(2,))]
     assert ours == hf_out[0, 13:].tolist()
 

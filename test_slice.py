@@ -188,7 +188,7 @@ def hf_logits(path: Path, t: torch.Tensor) -> torch.Tensor:
     # (see the README).
     hf = NemotronHForCausalLM.from_pretrained(path, dtype=torch.float32, time_step_min=1e-30).eval()
     with torch.no_grad():
-        return hf(t).logits
+        return hf(t, use_cache=False).logits  # no cache: 5.25 fails on one whose layer 0 keeps none
 
 
 def test_bf16_from_fp8_dequantizes(sources, tmp_path):

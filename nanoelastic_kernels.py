@@ -1,5 +1,5 @@
 """
-kernels.py: Triton kernels for nanoelastic's hot paths.
+nanoelastic_kernels.py: Triton kernels for nanoelastic's hot paths.
 
 Each public function here has the signature and the result of the plain-torch function of the same
 name in nanoelastic.py, which is the reference (the spec); nanoelastic routes calls here on CUDA
@@ -79,8 +79,8 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # Programmatic dependent launch (Hopper and later): a kernel may start while the one before it
 # finishes, and waits for it (griddepcontrol.wait: its writes visible) before it touches memory.
 # What it can hide is the gap between the ~320 kernels of a decode step. Off until a GPU has
-# measured it (bench.py decodes both ways); `kernels.PDL = True` turns it on for later launches
-# on Hopper and later GPUs (older ones launch without it).
+# measured it (bench.py decodes both ways); `nanoelastic_kernels.PDL = True` turns it on for
+# later launches on Hopper and later GPUs (older ones launch without it).
 PDL = False
 
 
