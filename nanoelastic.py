@@ -50,7 +50,6 @@ if __name__ == "__main__":  # Ctrl-C while torch imports (seconds): nothing to u
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.attention.bias import causal_lower_right
 
 
 class NanoElasticError(ValueError):
@@ -667,6 +666,8 @@ def prefix_causal(T: int, L: int, like: Tensor):
     if (like.is_cuda and like.dtype in (torch.float16, torch.bfloat16)
             and torch.cuda.get_device_capability(like.device) >= (8, 0)
             and torch.backends.cuda.flash_sdp_enabled()):
+        # imported here: the module brings in torch._dynamo, seconds of start-up for every script
+        from torch.nn.attention.bias import causal_lower_right
         return causal_lower_right(T, L)
     positions = torch.arange(L, device=like.device)
     return positions <= positions[L - T:, None]

@@ -323,11 +323,22 @@ def test_prefill_after_a_prefix_with_the_lower_right_causal_bias(models, monkeyp
     t = tokens(2, 29, seed=2)
     bools = model.new_cache(2, 32)
     expected = [model(t[:, :5], bools), model(t[:, 5:29], bools)]
-    monkeypatch.setattr(ne, "prefix_causal", lambda T, L, like: ne.causal_lower_right(T, L))
+    from torch.nn.attention.bias import causal_lower_right
+
+    monkeypatch.setattr(ne, "prefix_causal", lambda T, L, like: causal_lower_right(T, L))
     bias = model.new_cache(2, 32)
     got = [model(t[:, :5], bias), model(t[:, 5:29], bias)]
     torch.testing.assert_close(torch.cat(got, 1), torch.cat(expected, 1), rtol=1e-5, atol=1e-5)
     assert isinstance(ne.prefix_causal(3, 8, torch.zeros(1)), torch.Tensor)  # CPU: the bools
+
+
+def test_the_scripts_start_without_torch_dynamo():
+    """torch.nn.attention.bias imports torch._dynamo (seconds on a CPU): prefix_causal imports it
+    where a GPU prefill needs it, not every script at start-up."""
+    code = "import sys, nanoelastic, chat, slice, bench; print('torch._dynamo' in sys.modules)"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                         timeout=300)
+    assert run.stdout.strip() == "False", run.stderr
 
 
 @pytest.mark.parametrize("T,L", [(100, 300), (300, 300)])
