@@ -29,10 +29,11 @@ All accumulate in fp32. Products of bf16 activations run on tensor cores (bf16 o
 weights convert to bf16 exactly); fp32 operands (the tests' exact mode, the router's
 weight) multiply in full fp32.
 Block sizes are fixed heuristics (no autotuning, so the interpreter stays fast), chosen so that
-nothing spills registers on an H100: test_compile.py compiles every launch the model makes for sm_90
-and checks ptxas' report. Optional inputs are passed as None, which Triton compiles out: no dummy
-pointers, no mode flags. On Hopper and later, every launch can overlap the one before it
-(programmatic dependent launch: PDL below, off by default).
+nothing on the bf16 path (what a GPU runs) spills more than a few bytes on an H100: test_compile.py
+compiles every launch the model makes for sm_90 and checks ptxas' report. Optional inputs are
+passed as None, which Triton compiles out: no dummy pointers, no mode flags. On Hopper and later,
+every launch can overlap the one before it (programmatic dependent launch: PDL below, off by
+default).
 """
 
 from __future__ import annotations
