@@ -9,13 +9,16 @@ import shutil
 
 import pytest
 
-if "TRITON_INTERPRET" not in os.environ:
-    # An import-free check (torch.cuda.is_available() would set CUDA up in pytest's process before
-    # any test asks for it): nvidia-smi, and the driver's device (/dev/dxg: under WSL2)
-    has_gpu = shutil.which("nvidia-smi") is not None and any(
+
+def has_nvidia_gpu() -> bool:
+    """An import-free check (torch.cuda.is_available() would set CUDA up in pytest's process before
+    any test asks for it): nvidia-smi, and the driver's device (/dev/dxg: under WSL2)."""
+    return shutil.which("nvidia-smi") is not None and any(
         os.path.exists(device) for device in ("/dev/nvidiactl", "/dev/dxg"))
-    if not has_gpu:
-        os.environ["TRITON_INTERPRET"] = "1"
+
+
+if "TRITON_INTERPRET" not in os.environ and not has_nvidia_gpu():
+    os.environ["TRITON_INTERPRET"] = "1"
 
 
 def pytest_configure(config):
